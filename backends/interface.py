@@ -1,0 +1,154 @@
+"""What every resolver shares: the data it publishes and the interface it implements.
+
+A *spec* is the value of a route (``10.0.0.5:6379``, ``srv://_redis._tcp.example``,
+``consul:///redis`` ...). It is parsed once, at the edge, into a frozen dataclass whose
+``parse()`` raises :class:`SpecError` quoting the offending text. A spec knows how to make
+its :class:`Resolver`.
+
+A resolver turns a spec into backends. It offers two things:
+
+* ``resolve()``: one answer, now (used by ``ambassadord resolve SPEC`` and by tests);
+* ``watch(publish)``: runs for the daemon's lifetime, calling ``publish`` with a fresh,
+  immutable :class:`BackendSet` whenever the answer changes. It never returns on a
+  discovery outage: it keeps the last good set (republished with ``stale=True``) and retries.
+
+Connections never call a resolver. They read whatever set the route currently holds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+class SpecError(ValueError):
+    """A spec string is malformed. The message quotes the offending text."""
+
+
+class ResolveError(Exception):
+    """A resolver could not produce an answer (source unreachable, bad answer, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """One place a connection can go: an IP literal and a port.
+
+    ``priority`` and ``weight`` follow RFC 2782 (lower priority first; weighted random
+    order within a priority). Sources without such a notion use 0 and 1.
+    ``name`` is what the operator wrote (a hostname, an SRV target), kept for logs.
+    """
+
+    address: str
+    port: int
+    priority: int = 0
+    weight: int = 1
+    name: str | None = field(default=None, compare=False)
+
+    @property
+    def family(self) -> int:
+        import socket
+
+        return socket.AF_INET6 if ":" in self.address else socket.AF_INET
+
+    def __str__(self) -> str:
+        if ":" in self.address:
+            return f"[{self.address}]:{self.port}"
+        return f"{self.address}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSet:
+    """An immutable answer from a resolver.
+
+    ``stale`` is True when the source failed and this is the last good answer kept alive;
+    ``error`` then says why. ``updated`` is the wall-clock time of the last good answer.
+    """
+
+    backends: tuple[Backend, ...]
+    source: str = ""
+    updated: float = field(default_factory=time.time)
+    stale: bool = False
+    error: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.backends)
+
+    def __iter__(self):
+        return iter(self.backends)
+
+
+@dataclass(frozen=True, slots=True)
+class ResolverOptions:
+    """Host-wide resolver settings (flags and env vars), handed to every resolver."""
+
+    # How often a resolver without change notification re-reads its source (seconds).
+    refresh_interval: float = 30.0
+
+
+Publish = Callable[[BackendSet], None]
+
+
+class Resolver(ABC):
+    """Turns one spec into backends; see the module docstring."""
+
+    @abstractmethod
+    async def resolve(self) -> tuple[Backend, ...]:
+        """One answer, now. Raises ResolveError if the source cannot answer."""
+
+    @abstractmethod
+    async def watch(self, publish: Publish) -> None:
+        """Publish a fresh BackendSet whenever the answer changes; runs until cancelled."""
+
+
+class Spec(ABC):
+    """A parsed route value. Subclasses are frozen dataclasses with a ``parse`` classmethod."""
+
+    #: The text the operator wrote, for logs and errors.
+    text: str
+
+    @abstractmethod
+    def resolver(self, options: ResolverOptions) -> Resolver:
+        """Make the resolver that watches this spec's source."""
+
+
+def parse_host_port(item: str, *, context: str) -> tuple[str, int]:
+    """Split ``host:port`` / ``[v6]:port`` and check the port.
+
+    Returns (host, port); host is an IP literal or a hostname. Raises SpecError naming
+    ``item`` and ``context`` (the whole spec) when it is malformed.
+    """
+    item = item.strip()
+    if not item:
+        raise SpecError(f"empty backend in {context!r}")
+    if item.startswith("["):
+        end = item.find("]")
+        if end < 0 or item[end + 1 : end + 2] != ":":
+            raise SpecError(f"bad backend {item!r} in {context!r}: expected [IPv6]:PORT")
+        host, port_text = item[1:end], item[end + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise SpecError(f"bad IPv6 address {host!r} in {context!r}") from None
+    else:
+        host, sep, port_text = item.rpartition(":")
+        if not sep or not host:
+            raise SpecError(f"bad backend {item!r} in {context!r}: expected HOST:PORT")
+        if ":" in host:
+            raise SpecError(
+                f"bad backend {item!r} in {context!r}: IPv6 addresses go in brackets, e.g. [{host}]:{port_text}"
+            )
+    return host, parse_port(port_text, context=f"backend {item!r} in {context!r}")
+
+
+def parse_port(text: str, *, context: str) -> int:
+    """A TCP port 1..65535, or SpecError naming ``context``."""
+    text = str(text).strip()
+    if not text.isdigit():
+        raise SpecError(f"bad port {text!r} in {context}: expected a number 1-65535")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise SpecError(f"bad port {text!r} in {context}: expected a number 1-65535")
+    return port
