@@ -1,0 +1,71 @@
+"""Resolvers, one module per source, and the registry that maps a spec to its parser.
+
+How the pieces fit:
+
+* ``interface.py``: the shared data (``Backend``, ``BackendSet``), the ``Spec`` and
+  ``Resolver`` interfaces, and the ``host:port`` parsing every module uses.
+* ``static.py``: ``host:port[,host:port...]`` lists (hostnames re-resolved periodically).
+* later modules (``dns``, ``consul``, ``etcd``) register their schemes in ``SCHEMES``.
+
+``parse_spec(text)`` is the one entry point the daemon uses: it picks the module by the
+spec's scheme (the part before ``://``) or, for scheme-less values, by its shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .interface import (
+    Backend,
+    BackendSet,
+    Publish,
+    ResolveError,
+    Resolver,
+    ResolverOptions,
+    Spec,
+    SpecError,
+)
+from .static import StaticSpec
+
+__all__ = [
+    "Backend",
+    "BackendSet",
+    "Publish",
+    "ResolveError",
+    "Resolver",
+    "ResolverOptions",
+    "Spec",
+    "SpecError",
+    "parse_spec",
+    "SCHEMES",
+]
+
+#: scheme -> parser of the whole spec text. Scheme-less specs are static lists.
+SCHEMES: dict[str, Callable[[str], Spec]] = {}
+
+# Schemes of the design's grammar whose resolvers are not built yet: a clear "not yet"
+# beats a confusing "bad host:port".
+_PLANNED = {"srv", "dns", "consul", "consul-kv", "etcd"}
+
+
+def parse_spec(text: str) -> Spec:
+    """Parse a route value into its Spec.
+
+    Raises:
+        SpecError: the text names an unknown scheme or is malformed; the message quotes it.
+    """
+    if not isinstance(text, str):
+        raise SpecError(f"a backend spec must be a string, not {type(text).__name__} {text!r}")
+    text = text.strip()
+    if not text:
+        raise SpecError("empty backend spec")
+    scheme, sep, _ = text.partition("://")
+    if sep:
+        parser = SCHEMES.get(scheme)
+        if parser is not None:
+            return parser(text)
+        if scheme in _PLANNED:
+            raise SpecError(f"spec {text!r}: the {scheme}:// resolver is not available in this version")
+        known = ", ".join(sorted(SCHEMES)) or "none"
+        raise SpecError(f"spec {text!r}: unknown scheme {scheme!r} (known schemes: {known}; or HOST:PORT[,HOST:PORT...])")
+    return StaticSpec.parse(text)

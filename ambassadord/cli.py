@@ -1,0 +1,367 @@
+"""Command line: ``ambassadord run | iptables | resolve | check``.
+
+Exit status: 0 success; 1 a runtime failure (no backends, iptables refused, ...);
+2 bad usage or configuration (a bad flag, an unreadable config, a bad spec or port), with
+a message naming the bad value and where it came from. ``run`` starts nothing unless all
+of its configuration is valid, and undoes what it started if a later step fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import sys
+
+import trio
+
+from backends import ResolveError, ResolverOptions, SpecError, parse_spec
+
+from . import logs
+from .balancer import BALANCE_POLICIES
+from .config import ConfigError, load_routes
+from .relay import SPLICE_AVAILABLE
+from .routes import Route, RouteTable
+from .server import ListenAddress, Server, StartupError, bind_listeners, parse_listen
+
+log = logging.getLogger("ambassadord")
+
+DEFAULT_PORT = 10000
+DEFAULT_LISTEN = [ListenAddress("0.0.0.0", DEFAULT_PORT), ListenAddress("::", DEFAULT_PORT, optional=True)]
+
+
+class UsageError(Exception):
+    """Exit 2 with this message."""
+
+
+def _positive_float(flag: str):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected a number of seconds") from None
+        if not v >= 0 or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected a non-negative number of seconds")
+        return v
+
+    return parse
+
+
+def _port(flag: str):
+    def parse(text: str) -> int:
+        if not text.isdigit() or not 0 < int(text) < 65536:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected a port number 1-65535")
+        return int(text)
+
+    return parse
+
+
+def _mark(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--mark {text!r}: expected an integer such as 0x1a3b") from None
+    if not 0 < v < 2**32:
+        raise argparse.ArgumentTypeError(f"--mark {text!r}: expected 1 to 0xffffffff")
+    return v
+
+
+def _dest(text: str):
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--dest {text!r}: expected an IPv4 or IPv6 address") from None
+
+
+def _listen(text: str) -> ListenAddress:
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import netfilter
+
+    p = argparse.ArgumentParser(
+        prog="ambassadord",
+        description="One host-wide service ambassador: consumers connect to a local address and the "
+        "service's usual port; an iptables REDIRECT sends the connection here; ambassadord relays it "
+        "to a live backend.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the proxy", description="Run the proxy.")
+    g = run.add_argument_group("routes")
+    g.add_argument("--map", action="append", default=[], metavar="PORT[@CIDR]=SPEC",
+                   help="route connections for PORT (from sources in CIDR) to SPEC; repeatable")
+    g.add_argument("--config", metavar="FILE", help="TOML file with a [routes] table (and optional [defaults])")
+    g.add_argument("--link-env", action="store_true",
+                   help="also read Docker link variables <ALIAS>_PORT_<PORT>_TCP=tcp://HOST:PORT")
+    g = run.add_argument_group("listening")
+    g.add_argument("--listen", action="append", type=_listen, metavar="ADDR:PORT",
+                   help=f"address to accept on; repeatable (default 0.0.0.0:{DEFAULT_PORT} and [::]:{DEFAULT_PORT})")
+    g = run.add_argument_group("balancing and failover (defaults for every route)")
+    g.add_argument("--balance", choices=BALANCE_POLICIES, help="pick order within a priority (default random)")
+    g.add_argument("--connect-timeout", type=_positive_float("--connect-timeout"), metavar="SECONDS",
+                   help="per-attempt connect timeout before trying the next backend (default 2)")
+    g.add_argument("--idle-timeout", type=_positive_float("--idle-timeout"), metavar="SECONDS",
+                   help="close a connection idle this long both ways (default: never; 0 = never)")
+    g.add_argument("--eject-for", type=_positive_float("--eject-for"), metavar="SECONDS",
+                   help="how long a backend that failed stays at the back of the order (default 10)")
+    g = run.add_argument_group("iptables")
+    g.add_argument("--iptables", action="store_true",
+                   help="install REDIRECT rules for the mapped ports on start, remove them on exit")
+    g.add_argument("--iptables-dest", action="append", type=_dest, default=[], metavar="ADDR",
+                   help="redirect only connections to ADDR (default: any local address); repeatable")
+    g.add_argument("--iptables-interface", action="append", default=[], metavar="IFACE",
+                   help="redirect only connections to IFACE's addresses (e.g. docker0); repeatable")
+    g.add_argument("--mark", type=_mark, default=netfilter.DEFAULT_MARK, metavar="N",
+                   help=f"SO_MARK on upstream connections, exempted from the redirect (default {netfilter.DEFAULT_MARK:#x})")
+    g = run.add_argument_group("process")
+    g.add_argument("--grace", type=_positive_float("--grace"), default=10.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long open connections may take to finish (default 10)")
+    g.add_argument("--splice", choices=("on", "off"), default="off",
+                   help="relay with splice(2) (zero-copy) instead of recv/send (default off)")
+    g.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format (default text)")
+    g.add_argument("--log-level", choices=logs.LEVELS, default="info", help="(default info)")
+
+    ipt = sub.add_parser("iptables", help="install or remove the REDIRECT rules by hand",
+                         description="Install or remove the nat REDIRECT rules that send connections for "
+                         "--port to ambassadord's --to-port. Atomic and idempotent.")
+    ipt.add_argument("action", choices=("install", "remove"))
+    ipt.add_argument("--to-port", type=_port("--to-port"), default=DEFAULT_PORT, help=f"ambassadord's port (default {DEFAULT_PORT})")
+    ipt.add_argument("--port", action="append", type=_port("--port"), default=[], help="a port to redirect; repeatable (install)")
+    ipt.add_argument("--dest", action="append", type=_dest, default=[], metavar="ADDR",
+                     help="redirect only connections to ADDR (default: any local address); repeatable")
+    ipt.add_argument("--interface", action="append", default=[], metavar="IFACE",
+                     help="redirect only connections to IFACE's addresses; repeatable")
+    ipt.add_argument("--mark", type=_mark, default=netfilter.DEFAULT_MARK, metavar="N",
+                     help=f"mark of ambassadord's own connections, never redirected (default {netfilter.DEFAULT_MARK:#x})")
+    fam = ipt.add_mutually_exclusive_group()
+    fam.add_argument("--ipv4-only", action="store_true", help="only iptables, not ip6tables")
+    fam.add_argument("--ipv6-only", action="store_true", help="only ip6tables, not iptables")
+
+    res = sub.add_parser("resolve", help="print the backends a spec resolves to now")
+    res.add_argument("spec", metavar="SPEC")
+
+    chk = sub.add_parser("check", help="validate routes and print the route table")
+    chk.add_argument("--config", metavar="FILE", help="TOML file to check")
+    chk.add_argument("--map", action="append", default=[], metavar="PORT[@CIDR]=SPEC", help="also check these")
+    chk.add_argument("--link-env", action="store_true", help="also read Docker link variables")
+    chk.add_argument("--env", action="store_true", help="also read BACKEND_<PORT> variables")
+    return p
+
+
+# ---- run ---------------------------------------------------------------------------
+
+
+def _route_defaults(args) -> dict:
+    return {"balance": args.balance, "connect_timeout": args.connect_timeout,
+            "idle_timeout": args.idle_timeout, "eject_for": args.eject_for}
+
+
+def _load(args, *, env: bool = True):
+    loaded = load_routes(maps=args.map, config_file=args.config, env=os.environ if env else {},
+                         link_env=args.link_env, flag_defaults=_route_defaults(args) if hasattr(args, "balance") else None)
+    for w in loaded.warnings:
+        log.warning("%s", w)
+    return loaded.routes
+
+
+def cmd_run(args) -> int:
+    logs.setup(args.log_format, args.log_level)
+    try:
+        configs = _load(args)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if not configs:
+        raise UsageError("no routes: give --map PORT=SPEC, --config FILE, or BACKEND_<PORT>=SPEC")
+    if args.splice == "on" and not SPLICE_AVAILABLE:
+        raise UsageError("--splice on: os.splice is not available on this platform")
+    listen = args.listen or DEFAULT_LISTEN
+    listen_ports = sorted({a.port for a in listen})
+
+    plan = None
+    if args.iptables:
+        from . import netfilter
+
+        dests = list(args.iptables_dest)
+        if args.iptables_interface:
+            try:
+                dests += netfilter.interface_addresses(args.iptables_interface)
+            except netfilter.NetfilterError as exc:
+                raise UsageError(f"--iptables-interface: {exc}") from None
+        if len(listen_ports) > 1:
+            log.warning("listeners use ports %s; REDIRECT goes to the first, %d", listen_ports, listen_ports[0])
+        ports = tuple(sorted({c.port for c in configs} - set(listen_ports)))
+        plan = netfilter.RedirectPlan(to_port=listen_ports[0], ports=ports, dests=tuple(dests), mark=args.mark,
+                                      families=_families_for(listen))
+
+    try:
+        sockets = bind_listeners(listen)
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 1
+    server = Server(RouteTable([Route(c) for c in configs]), sockets,
+                    options=ResolverOptions(), grace=args.grace,
+                    mark=args.mark if args.iptables else None, use_splice=args.splice == "on")
+    try:
+        if plan is not None:
+            from . import netfilter
+
+            try:
+                netfilter.install(plan)
+            except netfilter.NetfilterError as exc:
+                log.error("iptables: %s", exc)
+                return 1
+            log.info("iptables: redirecting ports %s to %d", ",".join(map(str, plan.ports)) or "(none)", plan.to_port)
+        try:
+            trio.run(_serve, server, plan)
+        except KeyboardInterrupt:
+            pass
+    finally:
+        for s in sockets:
+            s.close()
+        if plan is not None:
+            _remove_rules(plan)
+    log.info("stopped")
+    return 0
+
+
+def _families_for(listen: list[ListenAddress]) -> tuple[int, ...]:
+    fams = []
+    if any(a.family == 2 for a in listen):
+        fams.append(4)
+    if any(a.family != 2 for a in listen):
+        fams.append(6)
+    return tuple(fams)
+
+
+def _remove_rules(plan) -> None:
+    from . import netfilter
+
+    try:
+        netfilter.remove(plan.to_port, plan.families)
+        log.info("iptables: rules removed")
+    except netfilter.NetfilterError as exc:
+        log.error("iptables: could not remove rules: %s", exc)
+
+
+async def _serve(server: Server, plan) -> None:
+    async def on_signals():
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            first = True
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if first:
+                    log.info("%s: stopping (grace %gs; send again to stop at once)", name, server.grace)
+                    if plan is not None:
+                        # New connections would find no listener anyway; take the rules
+                        # away first, so that nothing lingers if we are killed meanwhile.
+                        await trio.to_thread.run_sync(_remove_rules, plan)
+                    server.shutdown()
+                    first = False
+                else:
+                    log.warning("%s again: closing open connections now", name)
+                    server.abort()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(on_signals)
+        await server.run()  # returns once shutdown() was called and the grace period is over
+        nursery.cancel_scope.cancel()
+
+
+# ---- iptables ----------------------------------------------------------------------
+
+
+def cmd_iptables(args) -> int:
+    from . import netfilter
+
+    logs.setup("text", "info")
+    families = (4,) if args.ipv4_only else (6,) if args.ipv6_only else (4, 6)
+    try:
+        if args.action == "remove":
+            netfilter.remove(args.to_port, families)
+            print(f"removed {netfilter.chain_name(args.to_port)}")
+            return 0
+        if not args.port:
+            raise UsageError("iptables install: give at least one --port P")
+        dests = list(args.dest)
+        if args.interface:
+            dests += netfilter.interface_addresses(args.interface)
+        plan = netfilter.RedirectPlan(to_port=args.to_port, ports=tuple(sorted(set(args.port))), dests=tuple(dests),
+                                      mark=args.mark, families=families)
+        netfilter.install(plan)
+    except netfilter.NetfilterError as exc:
+        print(f"ambassadord iptables: {exc}", file=sys.stderr)
+        return 1
+    print(f"installed {netfilter.chain_name(args.to_port)}: ports {','.join(map(str, plan.ports))} -> {plan.to_port}")
+    return 0
+
+
+# ---- resolve / check ---------------------------------------------------------------
+
+
+def cmd_resolve(args) -> int:
+    logs.setup("text", "warning")
+    try:
+        spec = parse_spec(args.spec)
+    except SpecError as exc:
+        raise UsageError(str(exc)) from None
+
+    async def once():
+        return await spec.resolver(ResolverOptions()).resolve()
+
+    try:
+        backends = trio.run(once)
+    except ResolveError as exc:
+        print(f"ambassadord resolve: {exc}", file=sys.stderr)
+        return 1
+    if not backends:
+        print(f"ambassadord resolve: {args.spec!r} resolves to no backends", file=sys.stderr)
+        return 1
+    for b in backends:
+        print(b)
+    return 0
+
+
+def cmd_check(args) -> int:
+    logs.setup("text", "warning")
+    if not (args.config or args.map or args.env or args.link_env):
+        raise UsageError("check: give --config FILE (and/or --map, --env, --link-env)")
+    args.balance = args.connect_timeout = args.idle_timeout = args.eject_for = None
+    try:
+        routes = load_routes(maps=args.map, config_file=args.config,
+                             env={k: v for k, v in os.environ.items() if args.env or not k.startswith("BACKEND_")},
+                             link_env=args.link_env).routes
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    rows = [("PORT", "SOURCE", "BACKEND", "BALANCE", "CONNECT", "IDLE", "FROM")]
+    for r in sorted(routes, key=lambda r: (r.port, str(r.source))):
+        rows.append((str(r.port), str(r.source or "any"), r.spec.text, r.balance, f"{r.connect_timeout:g}s",
+                     f"{r.idle_timeout:g}s" if r.idle_timeout else "-", r.origin))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    print(f"{len(routes)} route(s) OK")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "iptables": cmd_iptables, "resolve": cmd_resolve, "check": cmd_check}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"ambassadord {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Log set-up: ``--log-format text|json`` and ``--log-level``.
+
+Structured events (one per connection, resolver updates, ...) pass their fields as
+``extra={"fields": {...}}``. The text format appends them as ``key=value``; the JSON format
+makes them top-level keys of one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+LEVELS = ("debug", "info", "warning", "error")
+
+
+def _fmt_value(v) -> str:
+    s = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+    if not s or any(c in s for c in ' "='):
+        return json.dumps(s)
+    return s
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        line = f"{ts} {record.levelname:<7} {record.getMessage()}"
+        fields = getattr(record, "fields", None)
+        if fields:
+            line += " " + " ".join(f"{k}={_fmt_value(v)}" for k, v in fields.items() if v is not None and k != "event")
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            out.update(fields)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup(fmt: str = "text", level: str = "info", stream=None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,110 @@
+"""The route table: (intended port, source address) -> Route. Pure: no sockets, no trio.
+
+A route maps one intended destination port, optionally limited to a source network, to a
+backend spec and its options. Several routes may share a port with different source
+networks; the most specific (longest prefix) match wins, and a route without a source
+network matches everyone.
+
+A Route also carries its live state: the current BackendSet (replaced whole, never
+mutated, by its resolver) and the selection state used by the balancer. Because trio runs
+everything in one thread, swapping the set is a single attribute assignment: a connection
+reads whatever set is current and needs no lock.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from backends.interface import BackendSet, Spec
+
+from .balancer import PickState
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """A route as configured: validated once, at the edge. ``origin`` says where it came from."""
+
+    port: int
+    spec: Spec
+    source: IPNetwork | None = None
+    balance: str = "random"
+    connect_timeout: float = 2.0
+    idle_timeout: float | None = None
+    eject_for: float = 10.0
+    origin: str = ""
+
+    @property
+    def key(self) -> tuple[int, IPNetwork | None]:
+        return (self.port, self.source)
+
+    def describe(self) -> str:
+        src = f" from {self.source}" if self.source else ""
+        return f"{self.port}{src}"
+
+
+@dataclass(eq=False)
+class Route:
+    """A configured route plus its live state."""
+
+    config: RouteConfig
+    backends: BackendSet = field(default_factory=lambda: BackendSet((), source="(not resolved yet)"))
+    resolved: bool = False  # True once the resolver has published its first answer
+    pick: PickState = field(default_factory=PickState)
+
+    @property
+    def port(self) -> int:
+        return self.config.port
+
+    @property
+    def name(self) -> str:
+        return self.config.describe()
+
+    def update(self, new: BackendSet) -> None:
+        """Install a resolver's fresh set (called by the resolver task only)."""
+        self.backends = new
+        self.resolved = True
+        self.pick.ejections.forget_missing(new.backends)
+
+
+class RouteTable:
+    """Routes keyed by port, then by source network (most specific first)."""
+
+    def __init__(self, routes: list[Route]):
+        self.routes = list(routes)
+        by_port: dict[int, list[Route]] = {}
+        for r in self.routes:
+            by_port.setdefault(r.port, []).append(r)
+        # Longest prefix first; the catch-all (source None) last. Within a port, source
+        # networks are unique (config validation guarantees it).
+        self._by_port = {
+            port: sorted(rs, key=lambda r: -1 if r.config.source is None else r.config.source.prefixlen, reverse=True)
+            for port, rs in by_port.items()
+        }
+        # The common case, one route per port and no source limits, is a dict hit.
+        self._only = {port: rs[0] for port, rs in self._by_port.items() if len(rs) == 1 and rs[0].config.source is None}
+
+    def __len__(self) -> int:
+        return len(self.routes)
+
+    def ports(self) -> list[int]:
+        return sorted(self._by_port)
+
+    def lookup(self, port: int, source: str) -> Route | None:
+        """The route for a connection from ``source`` (an IP string) to ``port``, or None."""
+        route = self._only.get(port)
+        if route is not None:
+            return route
+        candidates = self._by_port.get(port)
+        if not candidates:
+            return None
+        addr = ipaddress.ip_address(source)
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        for r in candidates:
+            net = r.config.source
+            if net is None or (addr.version == net.version and addr in net):
+                return r
+        return None

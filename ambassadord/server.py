@@ -1,0 +1,424 @@
+"""The I/O server: listeners, accept loops, one task per connection, resolver tasks.
+
+One connection, in order (see DESIGN.md, "Data flow"):
+
+    accept -> original destination -> route lookup -> pick order -> connect with failover
+           -> relay -> one log line
+
+Concurrency layout (structured, outermost first)::
+
+    resolvers nursery       one watch task per route, for the daemon's lifetime
+      connections nursery   one task per connection; on shutdown it gets a deadline of
+                            now + grace instead of being cancelled at once (as hypercorn does)
+        accept nursery      one accept loop per listener; cancelled first on shutdown
+
+Sockets are plain non-blocking stdlib sockets driven with trio.lowlevel.wait_readable /
+wait_writable (see relay.py for why).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass
+
+import trio
+from trio.lowlevel import checkpoint, wait_readable, wait_writable
+
+from backends.interface import Backend, BackendSet, ResolverOptions
+
+from . import original_dst
+from .balancer import pick_order
+from .relay import RelayResult, relay
+from .routes import Route, RouteTable
+
+log = logging.getLogger("ambassadord")
+conn_log = logging.getLogger("ambassadord.conn")
+
+SO_MARK = getattr(socket, "SO_MARK", 36)
+# IP_BIND_ADDRESS_NO_PORT is not needed: upstream sockets never bind explicitly.
+
+# accept() errors that mean "out of a resource", not "bug": back off and go on, as
+# trio's serve_listeners does. Everything else from accept is a bug and surfaces.
+CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# accept() errors that concern only the one connection being accepted.
+TRANSIENT_ACCEPT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.EHOSTUNREACH,
+                           errno.ENONET, errno.ENETUNREACH, errno.EOPNOTSUPP, errno.ETIMEDOUT}
+CAPACITY_SLEEP = 0.1
+LISTEN_BACKLOG = 4096
+
+
+class StartupError(Exception):
+    """The server cannot start (a listener cannot be bound, ...): message for the user."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str
+    port: int
+    # Added by default rather than asked for: a failure to bind it (no IPv6) is a warning.
+    optional: bool = False
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen(text: str) -> ListenAddress:
+    """``ADDR:PORT`` or ``[V6ADDR]:PORT`` -> ListenAddress; ValueError with the text otherwise."""
+    t = text.strip()
+    if t.startswith("["):
+        host, sep, port = t[1:].partition("]:")
+    else:
+        host, sep, port = t.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad listen address {text!r}: expected ADDR:PORT or [IPV6]:PORT, e.g. 0.0.0.0:10000")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"bad listen address {text!r}: {host!r} is not an IP address") from None
+    if ip.version == 6 and not t.startswith("["):
+        raise ValueError(f"bad listen address {text!r}: IPv6 addresses go in brackets, e.g. [{host}]:{port}")
+    return ListenAddress(str(ip), int(port))
+
+
+def bind_listeners(addresses: list[ListenAddress]) -> list[socket.socket]:
+    """Bind and listen on every address, or none: on failure, close what was bound.
+
+    Raises:
+        StartupError: naming the address and the reason.
+    """
+    socks: list[socket.socket] = []
+    try:
+        for addr in addresses:
+            try:
+                s = socket.socket(addr.family, socket.SOCK_STREAM)
+            except OSError as exc:
+                if addr.optional:
+                    log.warning("not listening on %s: %s", addr, exc.strerror)
+                    continue
+                raise StartupError(f"cannot listen on {addr}: {exc.strerror}") from None
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if addr.family == socket.AF_INET6:
+                    # Separate v4 and v6 listeners: no v4-mapped addresses to untangle.
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind((addr.host, addr.port))
+                s.listen(LISTEN_BACKLOG)
+                s.setblocking(False)
+            except OSError as exc:
+                s.close()
+                if addr.optional and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    log.warning("not listening on %s: %s", addr, exc.strerror)
+                    continue
+                raise StartupError(f"cannot listen on {addr}: {exc.strerror}") from None
+            socks.append(s)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    if not socks:
+        raise StartupError("no listener could be bound")
+    return socks
+
+
+def _addr_str(sockaddr) -> str:
+    host, port = sockaddr[0], sockaddr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Server:
+    """Accepts redirected connections and relays them to the routes' backends.
+
+    Args:
+        table: the routes.
+        listeners: bound, listening, non-blocking sockets (see bind_listeners); the server
+            closes them when it stops accepting.
+        options: handed to every resolver.
+        grace: seconds open connections may take to finish after shutdown() is called.
+        mark: SO_MARK for upstream sockets (so the iptables chain skips them), or None.
+        use_splice: relay with splice(2).
+    """
+
+    def __init__(
+        self,
+        table: RouteTable,
+        listeners: list[socket.socket],
+        *,
+        options: ResolverOptions | None = None,
+        grace: float = 10.0,
+        mark: int | None = None,
+        use_splice: bool = False,
+        rng: random.Random | None = None,
+    ):
+        self.table = table
+        self.listeners = listeners
+        self.options = options or ResolverOptions()
+        self.grace = grace
+        self.mark = mark
+        self.use_splice = use_splice
+        self.rng = rng or random.Random()
+        self.active = 0
+        self.total = 0
+        # Local (ip, port) of every upstream socket of ours now connecting or connected:
+        # a connection arriving *from* one of them is our own, looped back (loop guard).
+        self._own_upstreams: set[tuple[str, int]] = set()
+        self._first_answer: dict[Route, trio.Event] = {r: trio.Event() for r in table.routes}
+        self._listen_addrs = {(s.getsockname()[0], s.getsockname()[1]) for s in listeners}
+        self._accept_scope: trio.CancelScope | None = None
+        self._conn_scope: trio.CancelScope | None = None
+        self.stopping = False
+        self._aborted = False
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until shutdown() and the grace period are over."""
+        try:
+            async with trio.open_nursery() as resolvers:
+                for route in self.table.routes:
+                    resolvers.start_soon(self._watch, route, name=f"resolver {route.name}")
+                with trio.CancelScope() as self._conn_scope:
+                    if self._aborted:
+                        self._conn_scope.cancel()
+                    async with trio.open_nursery() as connections:
+                        with trio.CancelScope() as self._accept_scope:
+                            if self.stopping:  # shutdown() came before we got here
+                                self._accept_scope.cancel()
+                            async with trio.open_nursery() as acceptors:
+                                for sock in self.listeners:
+                                    acceptors.start_soon(self._accept_loop, sock, connections)
+                                for sock in self.listeners:
+                                    log.info("listening on %s", _addr_str(sock.getsockname()))
+                                task_status.started()
+                        self._close_listeners()
+                        if self.active:
+                            log.info("stopped accepting; waiting up to %gs for %d open connection(s)", self.grace, self.active)
+                        self._conn_scope.deadline = trio.current_time() + self.grace
+                if self._conn_scope.cancelled_caught:
+                    log.warning("grace period over: closed the connections still open")
+                resolvers.cancel_scope.cancel()
+        finally:
+            self._close_listeners()
+
+    def shutdown(self) -> None:
+        """Stop accepting; let open connections finish within the grace period."""
+        self.stopping = True
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+
+    def abort(self) -> None:
+        """Stop at once: cancel open connections too."""
+        self.shutdown()
+        self._aborted = True
+        if self._conn_scope is not None:
+            self._conn_scope.cancel()
+
+    def _close_listeners(self) -> None:
+        for sock in self.listeners:
+            sock.close()
+
+    # ---- resolvers -----------------------------------------------------------------
+
+    async def _watch(self, route: Route) -> None:
+        resolver = route.config.spec.resolver(self.options)
+        event = self._first_answer[route]
+
+        def publish(new: BackendSet) -> None:
+            old = route.backends
+            route.update(new)
+            event.set()
+            if new.backends != old.backends or new.stale != old.stale:
+                log.log(
+                    logging.WARNING if new.stale or not new.backends else logging.INFO, "route %s backends", route.name,
+                    extra={"fields": {"event": "backends", "route": route.name, "spec": route.config.spec.text,
+                                      "backends": [str(b) for b in new.backends], "stale": new.stale,
+                                      "error": new.error}},
+                )
+
+        delay = 1.0
+        while True:
+            try:
+                await resolver.watch(publish)
+                return
+            except Exception:  # a resolver bug must not take the route down: retry
+                log.exception("route %s: resolver crashed; keeping the last set, retrying in %.0fs", route.name, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    # ---- accepting -----------------------------------------------------------------
+
+    async def _accept_loop(self, lsock: socket.socket, nursery: trio.Nursery) -> None:
+        accept = lsock.accept
+        handle = self._handle
+        backoff_logged = 0.0
+        while True:
+            try:
+                conn, peer = accept()
+            except BlockingIOError:
+                await wait_readable(lsock)
+                continue
+            except OSError as exc:
+                if exc.errno in CAPACITY_ERRNOS:
+                    now = time.monotonic()
+                    if now - backoff_logged > 1.0:
+                        log.error("accept on %s: %s; backing off", _addr_str(lsock.getsockname()), exc.strerror)
+                        backoff_logged = now
+                    await trio.sleep(CAPACITY_SLEEP)
+                    continue
+                if exc.errno in TRANSIENT_ACCEPT_ERRNOS:
+                    continue
+                raise
+            conn.setblocking(False)
+            nursery.start_soon(handle, conn, peer)
+            await checkpoint()  # fairness: a flood of connections must not starve relays
+
+    # ---- one connection ------------------------------------------------------------
+
+    async def _handle(self, conn: socket.socket, peer) -> None:
+        started = time.monotonic()
+        self.active += 1
+        self.total += 1
+        fields = {"src": _addr_str(peer), "port": None, "backend": None, "up": 0, "down": 0}
+        outcome = "error"
+        upstream: socket.socket | None = None
+        own_key = None
+        result = RelayResult()
+        level = logging.INFO
+        try:
+            local = conn.getsockname()
+            try:
+                dst = original_dst.original_destination(conn)
+            except OSError:
+                dst = None
+            # Not redirected (no conntrack entry, or it reads back our own address): the
+            # connection came to a listen port directly; route it by that port.
+            port = local[1] if dst is None or (dst[0] == local[0] and dst[1] == local[1]) else dst[1]
+            fields["port"] = port
+            if (peer[0], peer[1]) in self._own_upstreams:
+                outcome, level = "loop", logging.ERROR
+                return
+            route = self.table.lookup(port, peer[0])
+            if route is None:
+                outcome, level = "no-route", logging.WARNING
+                return
+            fields["route"] = route.name
+            cfg = route.config
+            if not route.resolved:
+                with trio.move_on_after(cfg.connect_timeout):
+                    await self._first_answer[route].wait()
+            order = pick_order(route.backends.backends, cfg.balance, route.pick, time.monotonic(), self.rng)
+            if not order:
+                outcome, level = "no-backends", logging.WARNING
+                fields["error"] = route.backends.error or "the route has no backends"
+                return
+            failures = []
+            for backend in order:
+                if self._is_own_listener(backend):
+                    failures.append(f"{backend}: is ambassadord's own listener (loop)")
+                    continue
+                sock = self._new_upstream(backend)
+                own_key = None
+                try:
+                    with trio.fail_after(cfg.connect_timeout):
+                        own_key = await self._connect(sock, backend)
+                except (OSError, trio.TooSlowError) as exc:
+                    sock.close()
+                    if own_key is not None:
+                        self._own_upstreams.discard(own_key)
+                    own_key = None
+                    reason = "timeout" if isinstance(exc, trio.TooSlowError) else (exc.strerror or str(exc))
+                    failures.append(f"{backend}: {reason}")
+                    route.pick.ejections.eject(backend, time.monotonic(), cfg.eject_for)
+                    log.warning("route %s: backend %s failed (%s); ejected for %gs", route.name, backend, reason, cfg.eject_for,
+                                extra={"fields": {"event": "backend-failed", "route": route.name, "backend": str(backend), "error": reason}})
+                    continue
+                route.pick.ejections.restore(backend)
+                upstream = sock
+                fields["backend"] = str(backend)
+                break
+            if upstream is None:
+                outcome, level = "all-backends-failed", logging.ERROR
+                fields["error"] = "; ".join(failures)
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await relay(conn, upstream, idle_timeout=cfg.idle_timeout, use_splice=self.use_splice, result=result)
+            outcome = result.outcome
+        except Exception as exc:  # one connection's bug is logged and contained
+            outcome, level = "error", logging.ERROR
+            fields["error"] = repr(exc)
+            log.exception("connection from %s: unexpected error", fields["src"])
+        except BaseException:
+            # Cancelled (the grace period ran out), possibly wrapped in the relay nursery's
+            # BaseExceptionGroup: not this connection's fault; let trio unwind it.
+            outcome = "shutdown"
+            raise
+        finally:
+            self.active -= 1
+            if own_key is not None:
+                self._own_upstreams.discard(own_key)
+            if upstream is not None:
+                upstream.close()
+            conn.close()
+            fields["up"], fields["down"] = result.up, result.down
+            fields["duration"] = round(time.monotonic() - started, 6)
+            fields["outcome"] = outcome
+            if conn_log.isEnabledFor(level):
+                conn_log.log(level, "connection",
+                             extra={"fields": {"event": "connection", **fields}})
+
+    def _new_upstream(self, backend: Backend) -> socket.socket:
+        sock = socket.socket(backend.family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.mark is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            except PermissionError:
+                log.warning("cannot set SO_MARK on upstream sockets (needs CAP_NET_ADMIN); "
+                            "relying on the loop guard alone")
+                self.mark = None
+        return sock
+
+    async def _connect(self, sock: socket.socket, backend: Backend) -> tuple[str, int]:
+        """Connect a non-blocking socket; return its local (ip, port), registered as our own."""
+        err = sock.connect_ex((backend.address, backend.port))
+        # The local port is bound by connect() itself: register it before the first await,
+        # so that if the connection loops back to us, its handler already sees it as ours.
+        local = sock.getsockname()
+        key = (local[0], local[1])
+        self._own_upstreams.add(key)
+        try:
+            if err not in (0, errno.EINPROGRESS):
+                raise OSError(err, os.strerror(err))
+            if err:
+                await wait_writable(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, os.strerror(err))
+        except BaseException:
+            self._own_upstreams.discard(key)
+            raise
+        return key
+
+    def _is_own_listener(self, backend: Backend) -> bool:
+        for host, port in self._listen_addrs:
+            if port != backend.port:
+                continue
+            if host == backend.address:
+                return True
+            if host in ("0.0.0.0", "::") and (":" in host) == (":" in backend.address):
+                try:
+                    if ipaddress.ip_address(backend.address).is_loopback:
+                        return True
+                except ValueError:
+                    pass
+        return False

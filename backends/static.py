@@ -1,0 +1,121 @@
+"""Static backend lists: ``10.0.0.5:6379``, ``a:6379,b:6379``, ``[fd00::5]:6379``.
+
+IP literals are used as they are. Hostnames are resolved to all their A and AAAA
+addresses, and re-resolved every ``refresh_interval`` seconds, so that a name that moves
+is followed; when a re-resolution fails, the last good answer keeps serving (stale).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+
+import trio
+
+from .interface import (
+    Backend,
+    BackendSet,
+    Publish,
+    ResolveError,
+    Resolver,
+    ResolverOptions,
+    Spec,
+    SpecError,
+    parse_host_port,
+)
+
+log = logging.getLogger("ambassadord.resolver.static")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class StaticSpec(Spec):
+    text: str
+    entries: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def parse(cls, text: str) -> "StaticSpec":
+        items = text.split(",")
+        entries = []
+        for item in items:
+            host, port = parse_host_port(item, context=text)
+            if not _is_ip(host):
+                _check_hostname(host, text)
+            entries.append((host, port))
+        return cls(text=text, entries=tuple(dict.fromkeys(entries)))
+
+    @property
+    def literal(self) -> bool:
+        """True when every entry is an IP literal (nothing to resolve, ever)."""
+        return all(_is_ip(h) for h, _ in self.entries)
+
+    def resolver(self, options: ResolverOptions) -> "StaticResolver":
+        return StaticResolver(self, options)
+
+
+def _check_hostname(host: str, context: str) -> None:
+    # RFC 1123 labels: letters, digits, hyphens; no empty labels. Underscores are accepted
+    # because real deployments use them (and getaddrinfo does not mind).
+    labels = host.rstrip(".").split(".")
+    for label in labels:
+        if not label or len(label) > 63 or not all(c.isalnum() or c in "-_" for c in label):
+            raise SpecError(f"bad host {host!r} in {context!r}: not an IP address or a valid hostname")
+
+
+class StaticResolver(Resolver):
+    def __init__(self, spec: StaticSpec, options: ResolverOptions):
+        self.spec = spec
+        self.options = options
+
+    async def resolve(self) -> tuple[Backend, ...]:
+        backends: list[Backend] = []
+        errors: list[str] = []
+        for host, port in self.spec.entries:
+            if _is_ip(host):
+                backends.append(Backend(str(ipaddress.ip_address(host)), port, name=host))
+                continue
+            try:
+                infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                errors.append(f"{host}: {exc}")
+                continue
+            for family, _, _, _, sockaddr in infos:
+                if family in (socket.AF_INET, socket.AF_INET6):
+                    backends.append(Backend(sockaddr[0], port, name=host))
+        backends = list(dict.fromkeys(backends))
+        if not backends:
+            raise ResolveError(f"{self.spec.text!r}: no address for " + "; ".join(errors))
+        for error in errors:  # partial answer: serve what resolved, say what did not
+            log.warning("static spec %r: cannot resolve %s", self.spec.text, error)
+        return tuple(backends)
+
+    async def watch(self, publish: Publish) -> None:
+        if self.spec.literal:
+            publish(BackendSet(await self.resolve(), source=self.spec.text))
+            await trio.sleep_forever()
+        last: BackendSet | None = None
+        while True:
+            try:
+                backends = await self.resolve()
+            except ResolveError as exc:
+                if last is not None:
+                    log.warning("static spec %r: %s; keeping last good set (stale)", self.spec.text, exc)
+                    last = BackendSet(last.backends, source=last.source, updated=last.updated, stale=True, error=str(exc))
+                else:
+                    log.error("static spec %r: %s", self.spec.text, exc)
+                    last = BackendSet((), source=self.spec.text, stale=True, error=str(exc))
+                publish(last)
+            else:
+                if last is None or last.backends != backends or last.stale:
+                    last = BackendSet(backends, source=self.spec.text)
+                    publish(last)
+            await trio.sleep(self.options.refresh_interval)

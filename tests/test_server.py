@@ -1,0 +1,413 @@
+"""The server and relay against real sockets on loopback, in-process under trio.
+
+Listeners are not redirected here, so connections are routed by the port they arrive on
+(the same path a plain ``--listen HOST:PORT`` takes). The iptables path is covered in the
+namespace tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import pytest
+import trio
+
+from ambassadord import server as server_mod
+from ambassadord.routes import Route, RouteConfig, RouteTable
+from ambassadord.server import ListenAddress, Server, bind_listeners
+from backends import parse_spec
+from backends.interface import Backend, BackendSet, Resolver, Spec
+
+MODES = [pytest.param(False, id="copy"), pytest.param(True, id="splice")]
+
+
+# ---- backends: small real TCP servers ------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def tcp_server(handler):
+    """A trio TCP server on 127.0.0.1:<free port> running ``handler(stream)``; yields its port."""
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        yield listeners[0].socket.getsockname()[1]
+        nursery.cancel_scope.cancel()
+
+
+async def echo(stream):
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        async for chunk in stream:
+            await stream.send_all(chunk)
+        await stream.send_eof()
+
+
+def dead_port() -> int:
+    """A loopback port where nothing listens (connect is refused)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@contextlib.contextmanager
+def black_hole():
+    """A loopback port that silently drops new connections: a listen(0) socket whose one
+    accept-queue slot is taken. Further SYNs are ignored, so connects hang (timeout path)."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(0)
+    filler = socket.create_connection(lsock.getsockname())
+    try:
+        yield lsock.getsockname()[1]
+    finally:
+        filler.close()
+        lsock.close()
+
+
+# ---- the proxy under test --------------------------------------------------------------
+
+
+@dataclass
+class Proxy:
+    server: Server
+    port: int
+
+    def route(self) -> Route:
+        return self.server.table.lookup(self.port, "127.0.0.1")
+
+    async def connect(self) -> trio.SocketStream:
+        return await trio.open_tcp_stream("127.0.0.1", self.port)
+
+
+@contextlib.asynccontextmanager
+async def proxy(spec: str | Spec | None, *, use_splice=False, grace=5.0, **route_opts):
+    """Run a Server on 127.0.0.1:<free port>, routing that port to ``spec`` (None: no route)."""
+    sockets = bind_listeners([ListenAddress("127.0.0.1", 0)])
+    port = sockets[0].getsockname()[1]
+    routes = []
+    if spec is not None:
+        spec = parse_spec(spec) if isinstance(spec, str) else spec
+        routes.append(Route(RouteConfig(port=port, spec=spec, origin="test", **route_opts)))
+    srv = Server(RouteTable(routes), sockets, grace=grace, use_splice=use_splice)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        yield Proxy(srv, port)
+        srv.abort()
+
+
+async def recv_all(stream, limit=1 << 30) -> bytes:
+    data = bytearray()
+    async for chunk in stream:
+        data += chunk
+        if len(data) > limit:
+            raise AssertionError("too much data")
+    return bytes(data)
+
+
+def conn_records(caplog):
+    return [r.fields for r in caplog.records if getattr(r, "fields", {}).get("event") == "connection"]
+
+
+async def wait_for_records(caplog, n, timeout=5):
+    with trio.fail_after(timeout):
+        while len(conn_records(caplog)) < n:
+            await trio.sleep(0.01)
+    return conn_records(caplog)
+
+
+@pytest.fixture(autouse=True)
+def _capture_logs(caplog):
+    caplog.set_level(logging.DEBUG)
+
+
+# ---- relay ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_splice", MODES)
+async def test_large_payload_round_trips_intact(use_splice, caplog):
+    payload = os.urandom(8 * 1024 * 1024 + 123)
+    async with tcp_server(echo) as bport, proxy(f"127.0.0.1:{bport}", use_splice=use_splice) as p:
+        stream = await p.connect()
+        got = bytearray()
+
+        async def sender():
+            await stream.send_all(payload)
+            await stream.send_eof()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(sender)
+            got = await recv_all(stream)
+        await stream.aclose()
+        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+        (rec,) = await wait_for_records(caplog, 1)
+        assert rec["up"] == rec["down"] == len(payload) and rec["outcome"] == "ok"
+        assert rec["backend"] == f"127.0.0.1:{bport}" and rec["port"] == p.port
+
+
+@pytest.mark.parametrize("use_splice", MODES)
+async def test_client_half_close_still_gets_whole_reply(use_splice):
+    request = os.urandom(3 * 1024 * 1024)
+
+    async def digest_after_eof(stream):
+        data = await recv_all(stream)  # only returns once the client's EOF came through
+        await stream.send_all(hashlib.sha256(data).digest() * 40000)  # a big reply (1.28 MB)
+        await stream.aclose()
+
+    async with tcp_server(digest_after_eof) as bport, proxy(f"127.0.0.1:{bport}", use_splice=use_splice) as p:
+        stream = await p.connect()
+        await stream.send_all(request)
+        await stream.send_eof()
+        reply = await recv_all(stream)
+        assert reply == hashlib.sha256(request).digest() * 40000
+
+
+@pytest.mark.parametrize("use_splice", MODES)
+async def test_backend_half_close_lets_client_keep_sending(use_splice):
+    received = trio.Event()
+    counted = []
+
+    async def greet_then_listen(stream):
+        await stream.send_all(b"hello")
+        await stream.send_eof()
+        counted.append(len(await recv_all(stream)))
+        received.set()
+
+    async with tcp_server(greet_then_listen) as bport, proxy(f"127.0.0.1:{bport}", use_splice=use_splice) as p:
+        stream = await p.connect()
+        assert await recv_all(stream) == b"hello"  # the backend's EOF reached us
+        await stream.send_all(b"x" * 500_000)  # ... and our direction still works
+        await stream.send_eof()
+        with trio.fail_after(5):
+            await received.wait()
+        assert counted == [500_000]
+
+
+# ---- failover, ejection, refusals ---------------------------------------------------------
+
+
+async def test_failover_skips_dead_backend_and_ejects_it(caplog):
+    dead = dead_port()
+    async with tcp_server(echo) as live, proxy(f"127.0.0.1:{dead},127.0.0.1:{live}", balance="round-robin") as p:
+        for i in range(4):
+            stream = await p.connect()
+            await stream.send_all(b"ping%d" % i)
+            assert await stream.receive_some(100) == b"ping%d" % i
+            await stream.aclose()
+        recs = await wait_for_records(caplog, 4)
+        assert all(r["backend"] == f"127.0.0.1:{live}" and r["outcome"] == "ok" for r in recs)
+        failures = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "backend-failed"]
+        # Round-robin would put the dead backend first every other time; ejection keeps it
+        # last, so it is tried exactly once.
+        assert len(failures) == 1 and failures[0].fields["backend"] == f"127.0.0.1:{dead}"
+        assert Backend("127.0.0.1", dead) in p.route().pick.ejections.until
+
+
+async def test_connect_timeout_moves_on_to_next_backend(caplog):
+    with black_hole() as hole:
+        async with tcp_server(echo) as live, proxy(
+            f"127.0.0.1:{hole},127.0.0.1:{live}", balance="round-robin", connect_timeout=0.3
+        ) as p:
+            t0 = trio.current_time()
+            stream = await p.connect()
+            await stream.send_all(b"x")
+            assert await stream.receive_some(10) == b"x"
+            assert trio.current_time() - t0 >= 0.3  # it did wait for the first attempt
+            (fail,) = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "backend-failed"]
+            assert fail.fields["backend"] == f"127.0.0.1:{hole}" and fail.fields["error"] == "timeout"
+
+
+async def test_all_backends_failing_closes_client_and_logs(caplog):
+    a, b = dead_port(), dead_port()
+    async with proxy(f"127.0.0.1:{a},127.0.0.1:{b}") as p:
+        stream = await p.connect()
+        with trio.fail_after(5):
+            assert await recv_all(stream) == b""
+        (rec,) = await wait_for_records(caplog, 1)
+        assert rec["outcome"] == "all-backends-failed"
+        assert f"127.0.0.1:{a}" in rec["error"] and f"127.0.0.1:{b}" in rec["error"]
+
+
+async def test_port_without_route_is_refused_and_logged(caplog):
+    async with proxy(None) as p:
+        stream = await p.connect()
+        with trio.fail_after(5):
+            assert await recv_all(stream) == b""
+        (rec,) = await wait_for_records(caplog, 1)
+        assert rec["outcome"] == "no-route" and rec["port"] == p.port and rec["src"].startswith("127.0.0.1:")
+        assert rec["backend"] is None
+
+
+async def test_route_to_own_listener_is_a_loop(caplog):
+    sockets = bind_listeners([ListenAddress("127.0.0.1", 0)])
+    port = sockets[0].getsockname()[1]
+    route = Route(RouteConfig(port=port, spec=parse_spec(f"127.0.0.1:{port}"), origin="test"))
+    srv = Server(RouteTable([route]), sockets)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(5):
+            assert await recv_all(stream) == b""
+        (rec,) = await wait_for_records(caplog, 1)
+        assert rec["outcome"] == "all-backends-failed" and "loop" in rec["error"]
+        assert srv.total == 1  # no second, looped connection was ever accepted
+        srv.abort()
+
+
+async def test_one_connection_crashing_does_not_stop_the_server(caplog, monkeypatch):
+    real = server_mod.pick_order
+    calls = []
+
+    def flaky(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected bug")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(server_mod, "pick_order", flaky)
+    async with tcp_server(echo) as bport, proxy(f"127.0.0.1:{bport}") as p:
+        first = await p.connect()
+        with trio.fail_after(5):
+            assert await recv_all(first) == b""
+        second = await p.connect()
+        await second.send_all(b"still here")
+        assert await second.receive_some(100) == b"still here"
+        recs = await wait_for_records(caplog, 1)
+        assert recs[0]["outcome"] == "error" and "injected bug" in recs[0]["error"]
+
+
+# ---- idle timeout and shutdown -----------------------------------------------------------
+
+
+async def test_idle_timeout_closes_quiet_connections(caplog):
+    async with tcp_server(echo) as bport, proxy(f"127.0.0.1:{bport}", idle_timeout=0.3) as p:
+        stream = await p.connect()
+        t0 = trio.current_time()
+        with trio.fail_after(5):
+            assert await recv_all(stream) == b""
+        assert trio.current_time() - t0 >= 0.29
+        (rec,) = await wait_for_records(caplog, 1)
+        assert rec["outcome"] == "idle-timeout"
+
+
+async def test_shutdown_lets_open_connections_finish(caplog):
+    async with tcp_server(echo) as bport:
+        sockets = bind_listeners([ListenAddress("127.0.0.1", 0)])
+        port = sockets[0].getsockname()[1]
+        srv = Server(RouteTable([Route(RouteConfig(port=port, spec=parse_spec(f"127.0.0.1:{bport}")))]), sockets, grace=30)
+        done = trio.Event()
+
+        async def run():
+            await srv.run()
+            done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            with trio.fail_after(5):
+                while srv._accept_scope is None:
+                    await trio.sleep(0.01)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"a")
+            assert await stream.receive_some(10) == b"a"
+            srv.shutdown()
+            with trio.fail_after(5):  # the listener goes away: new connections are refused
+                while True:
+                    try:
+                        (await trio.open_tcp_stream("127.0.0.1", port)).socket.close()
+                    except OSError:
+                        break
+                    await trio.sleep(0.01)
+            await stream.send_all(b"still open")  # the established one keeps working
+            assert await stream.receive_some(100) == b"still open"
+            assert not done.is_set()
+            await stream.aclose()
+            with trio.fail_after(5):  # ... and the server exits as soon as it is done, not after 30 s
+                await done.wait()
+        recs = await wait_for_records(caplog, 1)
+        assert recs[-1]["outcome"] == "ok"
+
+
+async def test_grace_period_expiry_closes_stragglers(caplog):
+    async with tcp_server(echo) as bport:
+        sockets = bind_listeners([ListenAddress("127.0.0.1", 0)])
+        port = sockets[0].getsockname()[1]
+        srv = Server(RouteTable([Route(RouteConfig(port=port, spec=parse_spec(f"127.0.0.1:{bport}")))]), sockets, grace=0.5)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(srv.run)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"a")
+            assert await stream.receive_some(10) == b"a"
+            t0 = trio.current_time()
+            srv.shutdown()
+        # the nursery exited: run() returned after the grace period, not before
+        elapsed = trio.current_time() - t0
+        assert 0.45 <= elapsed < 5, elapsed
+        with trio.fail_after(5):
+            assert await recv_all(stream) == b""
+        recs = await wait_for_records(caplog, 1)
+        assert recs[-1]["outcome"] == "shutdown"
+
+
+# ---- resolvers feeding routes ----------------------------------------------------------------
+
+
+class ScriptedResolver(Resolver):
+    """Publishes the sets sent into its channel: a test seam, not a fake of any real source."""
+
+    def __init__(self, receive):
+        self.receive = receive
+
+    async def resolve(self):
+        raise NotImplementedError
+
+    async def watch(self, publish):
+        async for backends in self.receive:
+            publish(BackendSet(tuple(backends), source="scripted"))
+        await trio.sleep_forever()
+
+
+@dataclass(frozen=True)
+class ScriptedSpec(Spec):
+    text: str
+    receive: object
+
+    def resolver(self, options):
+        return ScriptedResolver(self.receive)
+
+
+async def test_first_connection_waits_for_first_answer_then_follows_updates(caplog):
+    send, receive = trio.open_memory_channel(10)
+    async with tcp_server(echo) as b1, tcp_server(echo) as b2, proxy(ScriptedSpec("scripted", receive)) as p:
+        stream = await p.connect()  # accepted before the resolver has answered
+        await stream.send_all(b"1")
+        await trio.sleep(0.05)  # give the handler a chance to (wrongly) give up early
+        await send.send([Backend("127.0.0.1", b1)])
+        assert await stream.receive_some(10) == b"1"
+        await send.send([Backend("127.0.0.1", b2)])
+        with trio.fail_after(5):
+            while p.route().backends.backends != (Backend("127.0.0.1", b2),):
+                await trio.sleep(0.01)
+        second = await p.connect()
+        await second.send_all(b"2")
+        assert await second.receive_some(10) == b"2"
+        await stream.send_all(b"old")  # the established connection stays on its backend
+        assert await stream.receive_some(10) == b"old"
+        await stream.aclose()
+        await second.aclose()
+        recs = await wait_for_records(caplog, 2)
+        assert {r["backend"] for r in recs} == {f"127.0.0.1:{b1}", f"127.0.0.1:{b2}"}
+
+
+async def test_route_that_never_resolves_refuses_after_connect_timeout(caplog):
+    _, receive = trio.open_memory_channel(1)
+    async with proxy(ScriptedSpec("scripted", receive), connect_timeout=0.2) as p:
+        stream = await p.connect()
+        with trio.fail_after(5):
+            assert await recv_all(stream) == b""
+        (rec,) = await wait_for_records(caplog, 1)
+        assert rec["outcome"] == "no-backends"
