@@ -1,0 +1,25 @@
+"""ambassadord: one host-wide service ambassador.
+
+How the pieces fit (one feature per module):
+
+* ``cli``: the command line (run / iptables / resolve / check); validates everything
+  before starting anything.
+* ``config``: routes from ``--map``, a TOML file, ``BACKEND_<PORT>`` and Docker link env
+  vars, as frozen ``RouteConfig`` values whose errors name their origin.
+* ``routes`` and ``balancer``: the pure core. Route lookup by (intended port, source
+  address), pick order (priority, random/weighted or round-robin, ejected backends last).
+  No sockets, no trio.
+* ``original_dst``: ``SO_ORIGINAL_DST`` / ``IP6T_SO_ORIGINAL_DST``, the one platform call
+  that tells which port a redirected connection was meant for.
+* ``server``: listeners, accept loops, one task per connection, connect with failover,
+  loop guard, graceful shutdown, resolver tasks that keep each route's backend set fresh.
+* ``relay``: bytes both ways, half-close aware, recv/send or splice(2).
+* ``netfilter``: the nat REDIRECT chain (iptables-restore, v4 and v6) and interface
+  addresses (pyroute2).
+* ``logs``: text or JSON log lines, one per connection.
+
+Resolvers live in the sibling package ``backends`` (one module per source, registered
+by spec scheme).
+"""
+
+__version__ = "0.1.0"

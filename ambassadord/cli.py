@@ -123,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = run.add_argument_group("process")
     g.add_argument("--grace", type=_positive_float("--grace"), default=10.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long open connections may take to finish (default 10)")
-    g.add_argument("--splice", choices=("on", "off"), default="off",
-                   help="relay with splice(2) (zero-copy) instead of recv/send (default off)")
+    g.add_argument("--splice", choices=("auto", "on", "off"), default="auto",
+                   help="relay with splice(2) (zero-copy) instead of recv/send; auto = where available (default auto)")
     g.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format (default text)")
     g.add_argument("--log-level", choices=logs.LEVELS, default="info", help="(default info)")
 
@@ -207,7 +207,7 @@ def cmd_run(args) -> int:
         return 1
     server = Server(RouteTable([Route(c) for c in configs]), sockets,
                     options=ResolverOptions(), grace=args.grace,
-                    mark=args.mark if args.iptables else None, use_splice=args.splice == "on")
+                    mark=args.mark if args.iptables else None, use_splice=args.splice == "on" or (args.splice == "auto" and SPLICE_AVAILABLE))
     try:
         if plan is not None:
             from . import netfilter

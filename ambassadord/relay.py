@@ -20,7 +20,10 @@ destination cannot take a chunk at once is the remainder copied into a per-conne
 ``bytes``. So an idle connection costs no user-space buffer at all.
 
 splice(2) moves bytes socket -> pipe -> socket inside the kernel (no copy into Python).
-It needs a pipe per direction; pipes are created per connection when splice is enabled.
+It needs a pipe per direction, made when that direction first has data. Measured here
+(bench/relay_modes.py, loopback, 2 cores): bulk 1964 MiB/s with splice vs 957 MiB/s with
+recv/send; 1-byte ping-pong 12.6k vs 12.8k round trips/s, i.e. no cost for small
+messages. So splice is the default where the platform has it (``--splice auto``).
 """
 
 from __future__ import annotations
@@ -107,6 +110,9 @@ async def _pump_copy(src, dst, result: RelayResult, up: bool, src_name: str, dst
 
 
 async def _pump_splice(src, dst, result: RelayResult, up: bool, src_name: str, dst_name: str, scope, idle) -> None:
+    # The pipe is made only once there is something to move: an idle connection holds no
+    # pipe (two fds and a pipe buffer saved per direction).
+    await wait_readable(src)
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         try:

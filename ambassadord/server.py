@@ -170,7 +170,9 @@ class Server:
         self.total = 0
         # Local (ip, port) of every upstream socket of ours now connecting or connected:
         # a connection arriving *from* one of them is our own, looped back (loop guard).
-        self._own_upstreams: set[tuple[str, int]] = set()
+        # A count, not a set: Linux may reuse one local port for connections to different
+        # destinations, and closing one of them must not forget the other.
+        self._own_upstreams: dict[tuple[str, int], int] = {}
         self._first_answer: dict[Route, trio.Event] = {r: trio.Event() for r in table.routes}
         self._listen_addrs = {(s.getsockname()[0], s.getsockname()[1]) for s in listeners}
         self._accept_scope: trio.CancelScope | None = None
@@ -326,21 +328,20 @@ class Server:
                     failures.append(f"{backend}: is ambassadord's own listener (loop)")
                     continue
                 sock = self._new_upstream(backend)
-                own_key = None
                 try:
                     with trio.fail_after(cfg.connect_timeout):
                         own_key = await self._connect(sock, backend)
                 except (OSError, trio.TooSlowError) as exc:
                     sock.close()
-                    if own_key is not None:
-                        self._own_upstreams.discard(own_key)
-                    own_key = None
                     reason = "timeout" if isinstance(exc, trio.TooSlowError) else (exc.strerror or str(exc))
                     failures.append(f"{backend}: {reason}")
                     route.pick.ejections.eject(backend, time.monotonic(), cfg.eject_for)
                     log.warning("route %s: backend %s failed (%s); ejected for %gs", route.name, backend, reason, cfg.eject_for,
                                 extra={"fields": {"event": "backend-failed", "route": route.name, "backend": str(backend), "error": reason}})
                     continue
+                except BaseException:  # cancelled mid-connect: this socket is nobody else's
+                    sock.close()
+                    raise
                 route.pick.ejections.restore(backend)
                 upstream = sock
                 fields["backend"] = str(backend)
@@ -364,7 +365,7 @@ class Server:
         finally:
             self.active -= 1
             if own_key is not None:
-                self._own_upstreams.discard(own_key)
+                self._forget_upstream(own_key)
             if upstream is not None:
                 upstream.close()
             conn.close()
@@ -395,7 +396,7 @@ class Server:
         # so that if the connection loops back to us, its handler already sees it as ours.
         local = sock.getsockname()
         key = (local[0], local[1])
-        self._own_upstreams.add(key)
+        self._own_upstreams[key] = self._own_upstreams.get(key, 0) + 1
         try:
             if err not in (0, errno.EINPROGRESS):
                 raise OSError(err, os.strerror(err))
@@ -405,9 +406,16 @@ class Server:
                 if err:
                     raise OSError(err, os.strerror(err))
         except BaseException:
-            self._own_upstreams.discard(key)
+            self._forget_upstream(key)
             raise
         return key
+
+    def _forget_upstream(self, key: tuple[str, int]) -> None:
+        n = self._own_upstreams.get(key, 0) - 1
+        if n > 0:
+            self._own_upstreams[key] = n
+        else:
+            self._own_upstreams.pop(key, None)
 
     def _is_own_listener(self, backend: Backend) -> bool:
         for host, port in self._listen_addrs:
