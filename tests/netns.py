@@ -20,7 +20,10 @@ from collections.abc import Iterator, Sequence
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
-REQUIRED_TOOLS = ("ip", "iptables", "ip6tables", "iptables-restore", "redis-server", "redis-cli")
+REQUIRED_TOOLS = (
+    "ip", "ss", "iptables", "ip6tables", "iptables-restore", "iptables-save", "ip6tables-save",
+    "redis-server", "redis-cli",
+)
 
 
 def missing_prerequisites() -> list[str]:
