@@ -240,9 +240,16 @@ def _families_for(listen: list[ListenAddress]) -> tuple[int, ...]:
     return tuple(fams)
 
 
+_removed: set[int] = set()
+
+
 def _remove_rules(plan) -> None:
+    """Remove run --iptables' rules, once (on the first signal, else at exit)."""
     from . import netfilter
 
+    if plan.to_port in _removed:
+        return
+    _removed.add(plan.to_port)
     try:
         netfilter.remove(plan.to_port, plan.families)
         log.info("iptables: rules removed")

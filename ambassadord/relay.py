@@ -29,6 +29,7 @@ messages. So splice is the default where the platform has it (``--splice auto``)
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -113,7 +114,13 @@ async def _pump_splice(src, dst, result: RelayResult, up: bool, src_name: str, d
     # The pipe is made only once there is something to move: an idle connection holds no
     # pipe (two fds and a pipe buffer saved per direction).
     await wait_readable(src)
-    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        # Out of fds: this direction copies instead (it needs no extra fd). The connection
+        # is fine; tearing it down would turn a capacity blip into a reset.
+        _warn_pipe_fallback(exc)
+        return await _pump_copy(src, dst, result, up, src_name, dst_name, scope, idle)
     try:
         try:
             import fcntl
@@ -158,6 +165,17 @@ async def _pump_splice(src, dst, result: RelayResult, up: bool, src_name: str, d
     finally:
         os.close(rfd)
         os.close(wfd)
+
+
+_pipe_warned = False
+
+
+def _warn_pipe_fallback(exc: OSError) -> None:
+    global _pipe_warned
+    if not _pipe_warned:
+        logging.getLogger("ambassadord").warning(
+            "cannot create a pipe for splice (%s); copying instead where that happens", exc.strerror)
+        _pipe_warned = True
 
 
 def _half_close(sock: socket.socket) -> None:

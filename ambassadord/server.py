@@ -53,6 +53,10 @@ CAPACITY_SLEEP = 0.1
 LISTEN_BACKLOG = 4096
 
 
+class OutOfResources(Exception):
+    """No file descriptor (or memory) for a new socket, for longer than we can wait."""
+
+
 class StartupError(Exception):
     """The server cannot start (a listener cannot be bound, ...): message for the user."""
 
@@ -327,7 +331,12 @@ class Server:
                 if self._is_own_listener(backend):
                     failures.append(f"{backend}: is ambassadord's own listener (loop)")
                     continue
-                sock = self._new_upstream(backend)
+                try:
+                    sock = await self._new_upstream(backend, cfg.connect_timeout)
+                except OutOfResources as exc:
+                    outcome, level = "capacity", logging.ERROR
+                    fields["error"] = str(exc)
+                    return
                 try:
                     with trio.fail_after(cfg.connect_timeout):
                         own_key = await self._connect(sock, backend)
@@ -376,8 +385,27 @@ class Server:
                 conn_log.log(level, "connection",
                              extra={"fields": {"event": "connection", **fields}})
 
-    def _new_upstream(self, backend: Backend) -> socket.socket:
-        sock = socket.socket(backend.family, socket.SOCK_STREAM)
+    async def _new_upstream(self, backend: Backend, patience: float) -> socket.socket:
+        """A fresh non-blocking upstream socket.
+
+        Out of file descriptors (or memory) is a passing state, as in accept: wait
+        CAPACITY_SLEEP and retry, for up to ``patience`` seconds, rather than drop a client
+        that was already accepted.
+
+        Raises:
+            OutOfResources: still out of resources after ``patience`` seconds.
+        """
+        deadline = trio.current_time() + patience
+        while True:
+            try:
+                sock = socket.socket(backend.family, socket.SOCK_STREAM)
+                break
+            except OSError as exc:
+                if exc.errno not in CAPACITY_ERRNOS:
+                    raise
+                if trio.current_time() + CAPACITY_SLEEP > deadline:
+                    raise OutOfResources(f"cannot open a socket to {backend}: {exc.strerror}") from None
+                await trio.sleep(CAPACITY_SLEEP)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.mark is not None:

@@ -121,26 +121,27 @@ def parse_host_port(item: str, *, context: str) -> tuple[str, int]:
     ``item`` and ``context`` (the whole spec) when it is malformed.
     """
     item = item.strip()
+    where = "" if item == context.strip() else f" in {context!r}"
     if not item:
         raise SpecError(f"empty backend in {context!r}")
     if item.startswith("["):
         end = item.find("]")
         if end < 0 or item[end + 1 : end + 2] != ":":
-            raise SpecError(f"bad backend {item!r} in {context!r}: expected [IPv6]:PORT")
+            raise SpecError(f"bad backend {item!r}{where}: expected [IPv6]:PORT")
         host, port_text = item[1:end], item[end + 2 :]
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise SpecError(f"bad IPv6 address {host!r} in {context!r}") from None
+            raise SpecError(f"bad IPv6 address {host!r}{where}") from None
     else:
         host, sep, port_text = item.rpartition(":")
         if not sep or not host:
-            raise SpecError(f"bad backend {item!r} in {context!r}: expected HOST:PORT")
+            raise SpecError(f"bad backend {item!r}{where}: expected HOST:PORT")
         if ":" in host:
             raise SpecError(
-                f"bad backend {item!r} in {context!r}: IPv6 addresses go in brackets, e.g. [{host}]:{port_text}"
+                f"bad backend {item!r}{where}: IPv6 addresses go in brackets, e.g. [{host}]:{port_text}"
             )
-    return host, parse_port(port_text, context=f"backend {item!r} in {context!r}")
+    return host, parse_port(port_text, context=f"backend {item!r}{where}")
 
 
 def parse_port(text: str, *, context: str) -> int:

@@ -1,0 +1,408 @@
+"""The command line, run as a real subprocess: usage errors, check, resolve, iptables.
+
+Every bad input must exit 2 with a message on stderr that names the bad value and where
+it came from (flag, file and line, environment variable), and must leave nothing behind:
+no listener, no iptables chain. Tests that touch iptables or need an isolated network run
+inside a fresh network namespace (tests/netns.py), so nothing here can reach the outside
+world or disturb the host's nat table.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import netns
+from tests.daemon import REPO_ROOT, refused
+from tests.netns import Netns, namespaces
+
+CHAIN = "AMBASSADORD-10000"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test's environment without anything that would add routes on its own."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("BACKEND_") and not re.fullmatch(r"[A-Za-z0-9_]+_PORT_\d+_TCP", k)
+    }
+    env.update(extra)
+    return env
+
+
+def cli(*args: str, env: dict[str, str] | None = None, ns: Netns | None = None,
+        timeout: float = 30) -> subprocess.CompletedProcess:
+    """``python -m ambassadord ARGS...``; its status, stdout and stderr as text."""
+    cmd = [sys.executable, "-m", "ambassadord", *args]
+    if ns is not None:
+        cmd = ["ip", "netns", "exec", ns.name, *cmd]
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=clean_env(**(env or {})), capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def assert_usage_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit status 2, no traceback, and every needle on stderr."""
+    shown = f"status {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+    assert proc.returncode == 2, shown
+    assert "Traceback" not in proc.stderr, shown
+    for needle in needles:
+        assert needle in proc.stderr, f"{needle!r} not on stderr; {shown}"
+
+
+@pytest.fixture
+def ns() -> Iterator[Netns]:
+    netns.require_prerequisites()
+    with namespaces("cli") as (made,):
+        yield made
+
+
+def nat_tables(ns: Netns) -> str:
+    return ns.exec(["iptables-save", "-t", "nat"]) + ns.exec(["ip6tables-save", "-t", "nat"])
+
+
+def nat_rules(ns: Netns) -> list[str]:
+    """The nat rules and chains of both families, without comments and counters: comparable
+    before and after."""
+    out = []
+    for tool in ("iptables-save", "ip6tables-save"):
+        for line in ns.exec([tool, "-t", "nat"]).splitlines():
+            if line.startswith("#"):
+                continue
+            out.append(re.sub(r"\[\d+:\d+\]", "", line).strip())
+    return out
+
+
+# ---- bad flags -------------------------------------------------------------------------
+
+BAD_FLAGS = [
+    pytest.param(["--listen", "nonsense", "--map", "6379=1.2.3.4:1"], ["--listen", "nonsense"], id="listen-nonsense"),
+    pytest.param(["--listen", "[::1]10000", "--map", "6379=1.2.3.4:1"], ["--listen", "[::1]10000"], id="listen-v6-no-colon"),
+    pytest.param(["--listen", "::1:10000", "--map", "6379=1.2.3.4:1"], ["--listen", "::1:10000"], id="listen-v6-no-brackets"),
+    pytest.param(["--listen", "127.0.0.1:0", "--map", "6379=1.2.3.4:1"], ["--listen", "127.0.0.1:0"], id="listen-port-0"),
+    pytest.param(["--connect-timeout", "-1", "--map", "6379=1.2.3.4:1"], ["--connect-timeout", "-1"], id="connect-timeout-negative"),
+    pytest.param(["--grace", "soon", "--map", "6379=1.2.3.4:1"], ["--grace", "soon"], id="grace-not-a-number"),
+    pytest.param(["--balance", "fastest", "--map", "6379=1.2.3.4:1"], ["--balance", "fastest"], id="balance-unknown"),
+    pytest.param(["--map", "70000=1.2.3.4:1"], ["--map 70000=1.2.3.4:1", "70000"], id="map-port-too-big"),
+    pytest.param(["--map", "6379=host"], ["--map 6379=host", "'host'"], id="map-spec-no-port"),
+    pytest.param(["--map", "6379=[zz::1]:1"], ["--map 6379=[zz::1]:1", "zz::1"], id="map-bad-ipv6"),
+    pytest.param(["--map", "x=1.2.3.4:1"], ["--map x=1.2.3.4:1", "'x'"], id="map-port-not-a-number"),
+    pytest.param(["--map", "6379"], ["--map 6379"], id="map-no-equals"),
+    pytest.param(["--map", "6379=1.2.3.4:99999"], ["--map 6379=1.2.3.4:99999", "99999"], id="map-backend-port-too-big"),
+    pytest.param(["--map", "6379@10.0.0.0/33=1.2.3.4:1"], ["--map 6379@10.0.0.0/33=1.2.3.4:1", "10.0.0.0/33"], id="map-bad-cidr"),
+    pytest.param(["--map", "6379=1.2.3.4:1", "--iptables-dest", "not-an-ip"], ["--iptables-dest", "not-an-ip"], id="iptables-dest"),
+    pytest.param(["--map", "6379=1.2.3.4:1", "--mark", "0"], ["--mark", "'0'"], id="mark-zero"),
+]
+
+
+@pytest.mark.parametrize("args, needles", BAD_FLAGS)
+def test_bad_flag_exits_2_naming_it(args, needles):
+    assert_usage_error(cli("run", *args), *needles)
+
+
+def test_run_without_routes_says_where_routes_come_from():
+    proc = cli("run")
+    assert_usage_error(proc, "no routes", "--map", "--config", "BACKEND_")
+
+
+# ---- config file -----------------------------------------------------------------------
+
+
+def write(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_missing_config_file_names_the_path(tmp_path):
+    missing = str(tmp_path / "nope.toml")
+    assert_usage_error(cli("run", "--config", missing), missing, "No such file")
+
+
+def test_unreadable_config_file_is_a_directory(tmp_path):
+    assert_usage_error(cli("run", "--config", str(tmp_path)), str(tmp_path))
+
+
+def test_invalid_toml_names_the_file_and_line(tmp_path):
+    path = write(tmp_path, "bad.toml", '[routes]\n6379 = "1.2.3.4:1"\n6380 = \n')
+    assert_usage_error(cli("run", "--config", path), path, "TOML", "line 3")
+
+
+def test_route_key_that_is_not_a_port_names_file_line_and_key(tmp_path):
+    path = write(tmp_path, "key.toml", '[routes]\n6379 = "1.2.3.4:1"\nredis = "1.2.3.4:1"\n')
+    assert_usage_error(cli("run", "--config", path), f"{path}:3", "redis")
+
+
+def test_route_port_out_of_range_in_file(tmp_path):
+    path = write(tmp_path, "range.toml", '[routes]\n65536 = "1.2.3.4:1"\n')
+    assert_usage_error(cli("run", "--config", path), f"{path}:2", "65536")
+
+
+def test_bad_spec_in_file_names_file_line_and_value(tmp_path):
+    path = write(tmp_path, "spec.toml", '# routes\n[routes]\n6379 = "1.2.3.4:1"\n6380 = "1.2.3.4:http"\n')
+    assert_usage_error(cli("run", "--config", path), f"{path}:4", "6380", "1.2.3.4:http")
+
+
+def test_bad_spec_in_route_table_names_file_line_and_value(tmp_path):
+    path = write(tmp_path, "spec.toml", '[routes]\n6379 = { backend = "[zz::1]:6379" }\n')
+    assert_usage_error(cli("run", "--config", path), f"{path}:2", "zz::1")
+
+
+def test_bad_option_value_in_route_table(tmp_path):
+    path = write(tmp_path, "opt.toml", '[routes]\n6379 = { backend = "1.2.3.4:1", balance = "fastest" }\n')
+    assert_usage_error(cli("run", "--config", path), f"{path}:2", "balance", "fastest")
+
+
+def test_unknown_option_in_route_table(tmp_path):
+    path = write(tmp_path, "opt.toml", '[routes]\n6379 = { backend = "1.2.3.4:1", colour = "red" }\n')
+    assert_usage_error(cli("run", "--config", path), f"{path}:2", "colour")
+
+
+def test_route_table_without_backend(tmp_path):
+    path = write(tmp_path, "nobackend.toml", '[routes]\n6379 = { balance = "random" }\n')
+    assert_usage_error(cli("run", "--config", path), f"{path}:2", "backend")
+
+
+def test_unknown_top_level_table(tmp_path):
+    path = write(tmp_path, "top.toml", '[routes]\n6379 = "1.2.3.4:1"\n\n[rootes]\n6380 = "1.2.3.4:2"\n')
+    assert_usage_error(cli("run", "--config", path), path, "rootes")
+
+
+def test_unknown_option_in_defaults(tmp_path):
+    path = write(tmp_path, "defaults.toml", '[defaults]\nretries = 3\n[routes]\n6379 = "1.2.3.4:1"\n')
+    assert_usage_error(cli("run", "--config", path), f"{path}:2", "retries")
+
+
+def test_duplicate_port_across_map_and_file_names_both(tmp_path):
+    path = write(tmp_path, "dup.toml", '[routes]\n6379 = "1.2.3.4:1"\n')
+    proc = cli("run", "--config", path, "--map", "6379=5.6.7.8:1")
+    assert_usage_error(proc, "6379", f"{path}:2", "--map 6379=5.6.7.8:1")
+
+
+def test_duplicate_port_across_map_and_env_names_both():
+    proc = cli("run", "--map", "6379=5.6.7.8:1", env={"BACKEND_6379": "1.2.3.4:1"})
+    assert_usage_error(proc, "6379", "--map 6379=5.6.7.8:1", "BACKEND_6379")
+
+
+# ---- environment -----------------------------------------------------------------------
+
+
+def test_bad_backend_env_names_the_variable():
+    proc = cli("run", env={"BACKEND_6379": "nonsense"})
+    assert_usage_error(proc, "BACKEND_6379", "nonsense")
+
+
+def test_backend_env_port_out_of_range():
+    proc = cli("run", env={"BACKEND_99999": "1.2.3.4:1"})
+    assert_usage_error(proc, "BACKEND_99999", "99999")
+
+
+def test_link_env_not_tcp_names_the_variable():
+    proc = cli("run", "--link-env", env={"REDIS_PORT_6379_TCP": "udp://1.2.3.4:6379"})
+    assert_usage_error(proc, "REDIS_PORT_6379_TCP", "udp://1.2.3.4:6379")
+
+
+def test_link_env_ignored_without_the_flag():
+    # Without --link-env, Docker link variables are not routes: still "no routes".
+    proc = cli("run", env={"REDIS_PORT_6379_TCP": "tcp://1.2.3.4:6379"})
+    assert_usage_error(proc, "no routes")
+
+
+# ---- a failed start leaves nothing behind ---------------------------------------------
+
+
+@pytest.mark.netns
+def test_bad_route_with_iptables_leaves_nothing_behind(ns):
+    before = nat_rules(ns)
+    proc = cli("run", "--iptables", "--listen", "127.0.0.1:10000", "--map", "6379=1.2.3.4:1",
+               "--map", "6380=host", ns=ns)
+    assert_usage_error(proc, "--map 6380=host")
+    assert "AMBASSADORD" not in nat_tables(ns)
+    assert nat_rules(ns) == before
+    assert refused("127.0.0.1", 10000, ns=ns)
+
+
+@pytest.mark.netns
+def test_unknown_iptables_interface_leaves_nothing_behind(ns):
+    proc = cli("run", "--iptables", "--iptables-interface", "nosuch0", "--listen", "127.0.0.1:10000",
+               "--map", "6379=1.2.3.4:1", ns=ns)
+    assert_usage_error(proc, "nosuch0")
+    assert "AMBASSADORD" not in nat_tables(ns)
+    assert refused("127.0.0.1", 10000, ns=ns)
+
+
+@pytest.mark.netns
+def test_listener_that_cannot_bind_leaves_nothing_behind(ns):
+    # The second listen address is taken: the first, already bound, must be closed again,
+    # and the iptables rules must never have been installed.
+    with ns.socket() as taken:
+        taken.bind(("127.0.0.1", 10001))
+        taken.listen(1)
+        proc = cli("run", "--iptables", "--listen", "127.0.0.1:10000", "--listen", "127.0.0.1:10001",
+                   "--map", "6379=1.2.3.4:1", ns=ns)
+    assert proc.returncode == 1, proc.stderr
+    assert "127.0.0.1:10001" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "AMBASSADORD" not in nat_tables(ns)
+    assert refused("127.0.0.1", 10000, ns=ns)
+
+
+# ---- check -----------------------------------------------------------------------------
+
+
+def test_check_prints_every_route(tmp_path):
+    path = write(
+        tmp_path,
+        "good.toml",
+        "[defaults]\nbalance = \"round-robin\"\n\n[routes]\n"
+        "6379 = \"10.0.0.5:6379\"\n"
+        "6380 = { backend = \"10.0.0.6:6380,[fd00::7]:6380\", balance = \"random\", source = \"172.17.0.0/16\" }\n",
+    )
+    proc = cli("check", "--config", path)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if re.match(r"\d+\s+\S+\s+\S+:", line)}
+    assert set(rows) == {"6379", "6380"}, proc.stdout
+    # port, source, spec, balance
+    assert rows["6379"][1:4] == ["any", "10.0.0.5:6379", "round-robin"], proc.stdout
+    assert rows["6380"][1:4] == ["172.17.0.0/16", "10.0.0.6:6380,[fd00::7]:6380", "random"], proc.stdout
+    assert f"{path}:5" in proc.stdout and f"{path}:6" in proc.stdout, proc.stdout
+    assert "2 route(s)" in proc.stdout, proc.stdout
+
+
+def test_check_bad_file_exits_2(tmp_path):
+    path = write(tmp_path, "bad.toml", '[routes]\n6379 = "1.2.3.4"\n')
+    assert_usage_error(cli("check", "--config", path), f"{path}:2", "1.2.3.4")
+
+
+def test_check_without_anything_to_check_exits_2():
+    assert_usage_error(cli("check"), "--config")
+
+
+# ---- resolve ---------------------------------------------------------------------------
+
+
+def test_resolve_prints_one_backend_per_line():
+    proc = cli("resolve", "10.0.0.5:6379,[fd00::5]:6380")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["10.0.0.5:6379", "[fd00::5]:6380"]
+
+
+def test_resolve_bad_spec_exits_2():
+    assert_usage_error(cli("resolve", "10.0.0.5"), "10.0.0.5")
+
+
+@pytest.mark.netns
+def test_resolve_unknown_name_exits_1(ns):
+    # Inside an empty namespace: no DNS packet can leave the machine.
+    proc = cli("resolve", "nosuch.invalid:80", ns=ns)
+    assert proc.returncode == 1, f"{proc.returncode}: {proc.stdout} {proc.stderr}"
+    assert "nosuch.invalid" in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+# ---- help and entry points -------------------------------------------------------------
+
+
+def test_console_script_help():
+    script = Path(sys.executable).with_name("ambassadord")
+    if not script.exists():
+        script = shutil.which("ambassadord")
+    assert script, "console script ambassadord not installed"
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30, env=clean_env())
+    assert proc.returncode == 0, proc.stderr
+    for command in ("run", "iptables", "resolve", "check"):
+        assert command in proc.stdout
+
+
+def test_python_m_help():
+    proc = cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: ambassadord" in proc.stdout
+
+
+def test_run_help_lists_every_flag():
+    proc = cli("run", "--help")
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--map", "--config", "--link-env", "--listen", "--balance", "--connect-timeout", "--idle-timeout",
+                 "--iptables", "--grace", "--log-format", "--log-level"):
+        assert flag in proc.stdout, flag
+
+
+def test_no_command_exits_2():
+    proc = cli()
+    assert proc.returncode == 2
+    assert "COMMAND" in proc.stderr or "required" in proc.stderr, proc.stderr
+
+
+def test_iptables_install_without_port_exits_2():
+    assert_usage_error(cli("iptables", "install"), "--port")
+
+
+def test_iptables_bad_port_exits_2():
+    assert_usage_error(cli("iptables", "install", "--port", "0"), "--port", "'0'")
+
+
+# ---- iptables install / remove ---------------------------------------------------------
+
+
+@pytest.mark.netns
+def test_iptables_install_is_idempotent_and_remove_leaves_no_trace(ns):
+    before = nat_rules(ns)
+    assert "AMBASSADORD" not in "\n".join(before)
+
+    proc = cli("iptables", "install", "--to-port", "10000", "--port", "6379", "--port", "5432", ns=ns)
+    assert proc.returncode == 0, proc.stderr
+    assert CHAIN in proc.stdout
+    for tool in ("iptables-save", "ip6tables-save"):
+        saved = ns.exec([tool, "-t", "nat"])
+        assert f":{CHAIN}" in saved, saved
+        for port in (6379, 5432):
+            assert re.search(rf"-A {CHAIN} .*--dport {port} .*REDIRECT --to-ports 10000", saved), saved
+        assert f"-A OUTPUT -p tcp -j {CHAIN}" in saved, saved
+        assert f"-A PREROUTING -p tcp -j {CHAIN}" in saved, saved
+    once = nat_rules(ns)
+
+    proc = cli("iptables", "install", "--to-port", "10000", "--port", "6379", "--port", "5432", ns=ns)
+    assert proc.returncode == 0, proc.stderr
+    assert nat_rules(ns) == once, "installing twice changed the rules"
+
+    proc = cli("iptables", "remove", "--to-port", "10000", ns=ns)
+    assert proc.returncode == 0, proc.stderr
+    assert nat_rules(ns) == before
+    assert "AMBASSADORD" not in nat_tables(ns)
+
+    # Removing again is a no-op, not an error.
+    proc = cli("iptables", "remove", "--to-port", "10000", ns=ns)
+    assert proc.returncode == 0, proc.stderr
+    assert nat_rules(ns) == before
+
+
+@pytest.mark.netns
+def test_iptables_install_redirects_for_real(ns):
+    # The rule a CLI install leaves really sends 127.0.0.1:6379 to port 10000.
+    proc = cli("iptables", "install", "--port", "6379", "--ipv4-only", ns=ns)
+    assert proc.returncode == 0, proc.stderr
+    assert "AMBASSADORD" not in ns.exec(["ip6tables-save", "-t", "nat"])
+    with ns.socket() as listener:
+        listener.bind(("127.0.0.1", 10000))
+        listener.listen(1)
+        listener.settimeout(5)
+        with ns.socket() as client:
+            client.settimeout(5)
+            client.connect(("127.0.0.1", 6379))
+            conn, _ = listener.accept()
+            conn.close()
+    proc = cli("iptables", "remove", "--ipv4-only", ns=ns)
+    assert proc.returncode == 0, proc.stderr
+    assert "AMBASSADORD" not in nat_tables(ns)
+    with ns.socket() as client:
+        client.settimeout(5)
+        with pytest.raises(ConnectionRefusedError):
+            client.connect(("127.0.0.1", 6379))
