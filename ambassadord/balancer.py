@@ -35,28 +35,42 @@ def weighted_order(group: Sequence[Backend], rng: random.Random) -> list[Backend
     weights ... choose a uniform random number between 0 and the sum computed (inclusive),
     and select the RR whose running sum value is the first in the selected order which is
     greater than or equal to the random number selected."
+
+    That draw gives the first weight-0 record probability 1/(sum+1) and every other record
+    probability weight/(sum+1). Weights here may be fractional (a target with several
+    addresses splits its weight), so this is the same rule in continuous form: a weight-0
+    record (chosen at random among them) goes next with probability 1/(sum+1), otherwise
+    the pick is proportional to weight. With no weight-0 record left, the pick is exactly
+    proportional (the literal integer draw would favour whichever record is listed first
+    by an extra 1/(sum+1)).
     """
     if len(group) <= 1:
         return list(group)
-    weights = [b.weight for b in group]
-    if all(w == weights[0] for w in weights) and weights[0] > 0:
+    w0 = group[0].weight
+    if w0 > 0 and all(b.weight == w0 for b in group):
         out = list(group)
         rng.shuffle(out)  # equal weights: the same distribution, much cheaper
         return out
-    remaining = sorted(group, key=lambda b: b.weight != 0)  # weight 0 first, stable
-    out = []
-    while remaining:
-        total = sum(b.weight for b in remaining)
-        # The RFC's inclusive draw from 0 exists to give weight-0 records (placed first) a
-        # small chance. Without any weight-0 record left it would instead favour whichever
-        # record happens to be first by an extra 1/(total+1), so then draw from 1.
-        draw = rng.randint(0 if remaining[0].weight == 0 else 1, total)
-        running = 0
-        for i, b in enumerate(remaining):
+    zeros = [b for b in group if b.weight <= 0]
+    rng.shuffle(zeros)
+    weighted = [b for b in group if b.weight > 0]
+    out: list[Backend] = []
+    total = sum(b.weight for b in weighted)
+    while weighted:
+        if zeros and rng.random() * (total + 1) < 1:
+            out.append(zeros.pop())
+            continue
+        draw = rng.random() * total
+        running = 0.0
+        for i, b in enumerate(weighted):
             running += b.weight
-            if running >= draw:
-                out.append(remaining.pop(i))
+            if running > draw:
                 break
+        # (float rounding can leave draw == total: i is then the last index, which is right)
+        chosen = weighted.pop(i)
+        total -= chosen.weight
+        out.append(chosen)
+    out.extend(zeros)
     return out
 
 

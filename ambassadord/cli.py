@@ -41,9 +41,9 @@ def _positive_float(flag: str):
         try:
             v = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected a number of seconds") from None
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds") from None
         if not v >= 0 or v == float("inf"):
-            raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected a non-negative number of seconds")
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a non-negative number of seconds")
         return v
 
     return parse
@@ -52,7 +52,7 @@ def _positive_float(flag: str):
 def _port(flag: str):
     def parse(text: str) -> int:
         if not text.isdigit() or not 0 < int(text) < 65536:
-            raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected a port number 1-65535")
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a port number 1-65535")
         return int(text)
 
     return parse
@@ -62,9 +62,9 @@ def _mark(text: str) -> int:
     try:
         v = int(text, 0)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--mark {text!r}: expected an integer such as 0x1a3b") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer such as 0x1a3b") from None
     if not 0 < v < 2**32:
-        raise argparse.ArgumentTypeError(f"--mark {text!r}: expected 1 to 0xffffffff")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 1 to 0xffffffff")
     return v
 
 
@@ -72,7 +72,7 @@ def _dest(text: str):
     try:
         return ipaddress.ip_address(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--dest {text!r}: expected an IPv4 or IPv6 address") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an IPv4 or IPv6 address") from None
 
 
 def _listen(text: str) -> ListenAddress:
@@ -80,6 +80,41 @@ def _listen(text: str) -> ListenAddress:
         return parse_listen(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _dns_server(text: str) -> tuple[str, int]:
+    from backends.dns import parse_dns_server
+
+    try:
+        return parse_dns_server(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_dns_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("DNS (srv://, bare names, dns://)")
+    g.add_argument("--dns-server", action="append", type=_dns_server, default=[], metavar="HOST[:PORT]",
+                   help="DNS server to ask instead of /etc/resolv.conf's; repeatable (e.g. a Consul agent, 127.0.0.1:8600)")
+    g.add_argument("--dns-min-ttl", type=_positive_float("--dns-min-ttl"), default=1.0, metavar="SECONDS",
+                   help="floor of an answer's TTL (default 1)")
+    g.add_argument("--dns-max-ttl", type=_positive_float("--dns-max-ttl"), default=300.0, metavar="SECONDS",
+                   help="ceiling of an answer's TTL (default 300)")
+    g.add_argument("--dns-stale-for", type=_positive_float("--dns-stale-for"), default=3600.0, metavar="SECONDS",
+                   help="how long the last good answer serves while DNS fails (default 3600)")
+    g.add_argument("--dns-timeout", type=_positive_float("--dns-timeout"), default=5.0, metavar="SECONDS",
+                   help="time limit of one look-up, over every server (default 5; per query at most 2)")
+
+
+def resolver_options(args) -> ResolverOptions:
+    if args.dns_min_ttl > args.dns_max_ttl:
+        raise UsageError(f"--dns-min-ttl {args.dns_min_ttl:g} is above --dns-max-ttl {args.dns_max_ttl:g}")
+    if args.dns_timeout <= 0:
+        raise UsageError("--dns-timeout must be above 0")
+    if args.dns_min_ttl <= 0:
+        raise UsageError("--dns-min-ttl must be above 0 (a TTL-0 answer would be looked up in a busy loop)")
+    return ResolverOptions(dns_servers=tuple(args.dns_server), dns_min_ttl=args.dns_min_ttl,
+                           dns_max_ttl=args.dns_max_ttl, dns_stale_for=args.dns_stale_for,
+                           dns_timeout=args.dns_timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close a connection idle this long both ways (default: never; 0 = never)")
     g.add_argument("--eject-for", type=_positive_float("--eject-for"), metavar="SECONDS",
                    help="how long a backend that failed stays at the back of the order (default 10)")
+    _add_dns_flags(run)
     g = run.add_argument_group("iptables")
     g.add_argument("--iptables", action="store_true",
                    help="install REDIRECT rules for the mapped ports on start, remove them on exit")
@@ -146,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     res = sub.add_parser("resolve", help="print the backends a spec resolves to now")
     res.add_argument("spec", metavar="SPEC")
+    _add_dns_flags(res)
 
     chk = sub.add_parser("check", help="validate routes and print the route table")
     chk.add_argument("--config", metavar="FILE", help="TOML file to check")
@@ -181,6 +218,7 @@ def cmd_run(args) -> int:
         raise UsageError("no routes: give --map PORT=SPEC, --config FILE, or BACKEND_<PORT>=SPEC")
     if args.splice == "on" and not SPLICE_AVAILABLE:
         raise UsageError("--splice on: os.splice is not available on this platform")
+    options = resolver_options(args)
     listen = args.listen or DEFAULT_LISTEN
     listen_ports = sorted({a.port for a in listen})
 
@@ -206,7 +244,7 @@ def cmd_run(args) -> int:
         log.error("%s", exc)
         return 1
     server = Server(RouteTable([Route(c) for c in configs]), sockets,
-                    options=ResolverOptions(), grace=args.grace,
+                    options=options, grace=args.grace,
                     mark=args.mark if args.iptables else None, use_splice=args.splice == "on" or (args.splice == "auto" and SPLICE_AVAILABLE))
     try:
         if plan is not None:
@@ -319,8 +357,10 @@ def cmd_resolve(args) -> int:
     except SpecError as exc:
         raise UsageError(str(exc)) from None
 
+    options = resolver_options(args)
+
     async def once():
-        return await spec.resolver(ResolverOptions()).resolve()
+        return await spec.resolver(options).resolve()
 
     try:
         backends = trio.run(once)
@@ -330,7 +370,7 @@ def cmd_resolve(args) -> int:
     if not backends:
         print(f"ambassadord resolve: {args.spec!r} resolves to no backends", file=sys.stderr)
         return 1
-    for b in backends:
+    for b in sorted(backends, key=lambda b: (b.priority, -b.weight)):  # the order of preference
         print(b)
     return 0
 

@@ -53,6 +53,9 @@ class Route:
     backends: BackendSet = field(default_factory=lambda: BackendSet((), source="(not resolved yet)"))
     resolved: bool = False  # True once the resolver has published its first answer
     pick: PickState = field(default_factory=PickState)
+    # Resolver counters: answers published, failed look-ups (published with an error).
+    updates: int = 0
+    errors: int = 0
 
     @property
     def port(self) -> int:
@@ -66,6 +69,9 @@ class Route:
         """Install a resolver's fresh set (called by the resolver task only)."""
         self.backends = new
         self.resolved = True
+        self.updates += 1
+        if new.error:
+            self.errors += 1
         self.pick.ejections.forget_missing(new.backends)
 
 

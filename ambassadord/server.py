@@ -242,7 +242,7 @@ class Server:
             old = route.backends
             route.update(new)
             event.set()
-            if new.backends != old.backends or new.stale != old.stale:
+            if new.backends != old.backends or new.stale != old.stale or new.error != old.error:
                 log.log(
                     logging.WARNING if new.stale or not new.backends else logging.INFO, "route %s backends", route.name,
                     extra={"fields": {"event": "backends", "route": route.name, "spec": route.config.spec.text,

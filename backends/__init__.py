@@ -5,6 +5,7 @@ How the pieces fit:
 * ``interface.py``: the shared data (``Backend``, ``BackendSet``), the ``Spec`` and
   ``Resolver`` interfaces, and the ``host:port`` parsing every module uses.
 * ``static.py``: ``host:port[,host:port...]`` lists (hostnames re-resolved periodically).
+* ``dns.py``: ``srv://NAME`` and bare names (SRV, RFC 2782), ``dns://NAME:PORT`` (A/AAAA).
 * later modules (``dns``, ``consul``, ``etcd``) register their schemes in ``SCHEMES``.
 
 ``parse_spec(text)`` is the one entry point the daemon uses: it picks the module by the
@@ -25,6 +26,7 @@ from .interface import (
     Spec,
     SpecError,
 )
+from .dns import DnsSpec, SrvSpec
 from .static import StaticSpec
 
 __all__ = [
@@ -41,11 +43,14 @@ __all__ = [
 ]
 
 #: scheme -> parser of the whole spec text. Scheme-less specs are static lists.
-SCHEMES: dict[str, Callable[[str], Spec]] = {}
+SCHEMES: dict[str, Callable[[str], Spec]] = {
+    "srv": SrvSpec.parse,
+    "dns": DnsSpec.parse,
+}
 
 # Schemes of the design's grammar whose resolvers are not built yet: a clear "not yet"
 # beats a confusing "bad host:port".
-_PLANNED = {"srv", "dns", "consul", "consul-kv", "etcd"}
+_PLANNED = {"consul", "consul-kv", "etcd"}
 
 
 def parse_spec(text: str) -> Spec:
@@ -68,4 +73,7 @@ def parse_spec(text: str) -> Spec:
             raise SpecError(f"spec {text!r}: the {scheme}:// resolver is not available in this version")
         known = ", ".join(sorted(SCHEMES)) or "none"
         raise SpecError(f"spec {text!r}: unknown scheme {scheme!r} (known schemes: {known}; or HOST:PORT[,HOST:PORT...])")
+    if ":" not in text and "," not in text:
+        # A bare name with no port: a DNS SRV name, as in ambassadord (redis.service.consul).
+        return SrvSpec.parse(text)
     return StaticSpec.parse(text)

@@ -86,6 +86,15 @@ class ResolverOptions:
 
     # How often a resolver without change notification re-reads its source (seconds).
     refresh_interval: float = 30.0
+    # DNS: servers to ask instead of /etc/resolv.conf's, as (ip, port).
+    dns_servers: tuple[tuple[str, int], ...] = ()
+    # DNS: an answer's TTL is clamped to [dns_min_ttl, dns_max_ttl] seconds.
+    dns_min_ttl: float = 1.0
+    dns_max_ttl: float = 300.0
+    # DNS: how long the last good answer keeps serving while the servers fail.
+    dns_stale_for: float = 3600.0
+    # DNS: how long one look-up may take, over every server and retry.
+    dns_timeout: float = 5.0
 
 
 Publish = Callable[[BackendSet], None]
@@ -134,6 +143,12 @@ def parse_host_port(item: str, *, context: str) -> tuple[str, int]:
         except ValueError:
             raise SpecError(f"bad IPv6 address {host!r}{where}") from None
     else:
+        try:
+            ipaddress.IPv6Address(item)
+        except ValueError:
+            pass
+        else:  # a whole IPv6 address: the port is missing, not part of it
+            raise SpecError(f"bad backend {item!r}{where}: IPv6 addresses go in brackets with a port, e.g. [{item}]:6379")
         host, sep, port_text = item.rpartition(":")
         if not sep or not host:
             raise SpecError(f"bad backend {item!r}{where}: expected HOST:PORT")

@@ -90,7 +90,10 @@ BAD_FLAGS = [
     pytest.param(["--grace", "soon", "--map", "6379=1.2.3.4:1"], ["--grace", "soon"], id="grace-not-a-number"),
     pytest.param(["--balance", "fastest", "--map", "6379=1.2.3.4:1"], ["--balance", "fastest"], id="balance-unknown"),
     pytest.param(["--map", "70000=1.2.3.4:1"], ["--map 70000=1.2.3.4:1", "70000"], id="map-port-too-big"),
-    pytest.param(["--map", "6379=host"], ["--map 6379=host", "'host'"], id="map-spec-no-port"),
+    pytest.param(["--map", "6379=host:redis"], ["--map 6379=host:redis", "'redis'"], id="map-spec-bad-port"),
+    pytest.param(["--map", "6379=srv://bad name"], ["--map 6379=srv://bad name", "'bad name'"], id="map-srv-bad-name"),
+    pytest.param(["--map", "6379=dns://redis.example"], ["--map 6379=dns://redis.example", "dns://NAME:PORT"],
+                 id="map-dns-no-port"),
     pytest.param(["--map", "6379=[zz::1]:1"], ["--map 6379=[zz::1]:1", "zz::1"], id="map-bad-ipv6"),
     pytest.param(["--map", "x=1.2.3.4:1"], ["--map x=1.2.3.4:1", "'x'"], id="map-port-not-a-number"),
     pytest.param(["--map", "6379"], ["--map 6379"], id="map-no-equals"),
@@ -194,8 +197,8 @@ def test_duplicate_port_across_map_and_env_names_both():
 
 
 def test_bad_backend_env_names_the_variable():
-    proc = cli("run", env={"BACKEND_6379": "nonsense"})
-    assert_usage_error(proc, "BACKEND_6379", "nonsense")
+    proc = cli("run", env={"BACKEND_6379": "non sense"})
+    assert_usage_error(proc, "BACKEND_6379", "non sense")
 
 
 def test_backend_env_port_out_of_range():
@@ -221,7 +224,7 @@ def test_link_env_ignored_without_the_flag():
 def test_bad_route_with_iptables_leaves_nothing_behind(ns):
     before = nat_rules(ns)
     proc = cli("run", "--iptables", "--listen", "127.0.0.1:10000", "--map", "6379=1.2.3.4:1",
-               "--map", "6380=host", ns=ns)
+               "--map", "6380=host:port", ns=ns)
     assert_usage_error(proc, "--map 6380=host")
     assert "AMBASSADORD" not in nat_tables(ns)
     assert nat_rules(ns) == before

@@ -36,7 +36,8 @@ def test_static_spec_parses(text, entries):
     "text, fragment",
     [
         ("", "empty"),
-        ("host", "expected HOST:PORT"),
+        ("host:1,other", "expected HOST:PORT"),  # a bare name is SRV, but not inside a list
+        ("bad name!", "bad DNS name 'bad name!'"),
         ("host:", "bad port ''"),
         ("host:0", "bad port '0'"),
         ("host:65536", "bad port '65536'"),
@@ -212,7 +213,7 @@ def test_routes_from_every_source(tmp_path):
 @pytest.mark.parametrize(
     "content, fragment",
     [
-        ("[routes]\n6379 = 'nope'\n", ":2: [routes] 6379: bad backend 'nope'"),
+        ("[routes]\n6379 = 'nope:http'\n", ":2: [routes] 6379: bad port 'http'"),
         ("[routes]\nredis = '1.2.3.4:1'\n", ":2: [routes] redis"),
         ("[routes]\n6379 = { backend = '1.2.3.4:1', speed = 3 }\n", "unknown option(s) speed"),
         ("[routes]\n6379 = { balance = 'random' }\n", "missing backend"),
@@ -239,7 +240,7 @@ def test_config_file_errors_name_file_line_and_value(tmp_path, content, fragment
         (dict(maps=["6379"]), "--map 6379: expected PORT=SPEC"),
         (dict(maps=["6379@nope=1.2.3.4:1"]), "bad source 'nope'"),
         (dict(maps=["1=1.1.1.1:1", "1=1.1.1.1:2"]), "port 1 is mapped twice: by --map 1=1.1.1.1:1 and by --map 1=1.1.1.1:2"),
-        (dict(env={"BACKEND_6379": "x"}), "env BACKEND_6379=x"),
+        (dict(env={"BACKEND_6379": "x:y"}), "env BACKEND_6379=x:y"),
         (dict(env={"BACKEND_0": "1.2.3.4:1"}), "env BACKEND_0"),
         (dict(env={"R_PORT_1_TCP": "udp://1.2.3.4:1"}, link_env=True), "env R_PORT_1_TCP=udp://1.2.3.4:1 (--link-env)"),
         (dict(config_file="/nonexistent/routes.toml"), "cannot read config file /nonexistent/routes.toml"),

@@ -10,7 +10,7 @@
 # `step_consul` below and append `consul` to the list. A plain Debian package needs no step
 # at all: add `package:command` to APT_PACKAGES (e.g. `dnsmasq-base:dnsmasq`).
 
-PREREQUISITE_STEPS=(apt_packages venv)
+PREREQUISITE_STEPS=(apt_packages consul venv)
 
 # package:command pairs. A package counts as present when its command is on PATH or dpkg
 # says it is installed (iptables lives in /usr/sbin, which a non-root PATH may lack).
@@ -21,7 +21,14 @@ APT_PACKAGES=(
   redis-tools:redis-cli
   libcap2-bin:setcap
   procps:pkill
+  dnsmasq-base:dnsmasq
 )
+
+# Consul is not in bookworm; bullseye's package (1.8.7) carries one static binary. It is
+# extracted into the project's cache, never installed system-wide. Tests find it here (or
+# at $AMBASSADORD_CONSUL).
+CONSUL_DIR=.cache/consul
+CONSUL_BIN=$CONSUL_DIR/bin/consul
 
 VENV=.venv
 VENV_STAMP=$VENV/.ambassadord-install.sha256 # hash of the pyproject.toml last installed
@@ -136,6 +143,45 @@ step_venv() {
     fi
     echo "$want" >"$VENV_STAMP"
   fi
+}
+
+# The Debian mirror the system's own apt sources name (deb822 or one-line format).
+debian_mirror() {
+  local uri
+  uri=$(grep -hoE '^URIs:[[:space:]]*[^[:space:]]+/debian/?$' /etc/apt/sources.list.d/*.sources 2>/dev/null \
+        | awk '{print $2}' | head -n1)
+  [ -n "$uri" ] || uri=$(grep -hoE '^deb[[:space:]]+(\[[^]]*\][[:space:]]+)?[^[:space:]]+/debian/?[[:space:]]' \
+        /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | awk '{print $NF}' | head -n1)
+  [ -n "$uri" ] && echo "${uri%/}"
+}
+
+step_consul() {
+  if [ -x "$CONSUL_BIN" ] && "$CONSUL_BIN" version >/dev/null 2>&1; then
+    return 0
+  fi
+  command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null \
+    || die "Consul for the tests comes from Debian bullseye's package: needs apt-get and dpkg-deb"
+  local mirror work keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+  mirror=$(debian_mirror) || die "cannot find the Debian mirror in /etc/apt/sources.list(.d) to fetch consul from"
+  [ -f "$keyring" ] || die "missing $keyring (Debian package debian-archive-keyring)"
+  say "fetching consul (Debian bullseye package) from $mirror into $CONSUL_DIR"
+  work=$(mktemp -d)
+  # A private source list, package lists and cache: the system's apt state is not touched.
+  mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/parts"
+  echo "deb [signed-by=$keyring] $mirror bullseye main" >"$work/sources.list"
+  local opts=(-o "Dir::Etc::SourceList=$work/sources.list" -o "Dir::Etc::SourceParts=$work/parts"
+              -o "Dir::State::Lists=$work/lists" -o "Dir::Cache=$work/cache" -o "APT::Sandbox::User=root")
+  if ! { apt-get -qq "${opts[@]}" update </dev/null >"$work/log" 2>&1 \
+         && (cd "$work" && apt-get -qq "${opts[@]}" download consul </dev/null >>"$work/log" 2>&1) \
+         && dpkg-deb -x "$work"/consul_*.deb "$work/x"; }; then
+    cat "$work/log" >&2
+    rm -rf "$work"
+    die "could not fetch consul from Debian bullseye (log above)"
+  fi
+  mkdir -p "$CONSUL_DIR/bin"
+  install -m 0755 "$work/x/usr/bin/consul" "$CONSUL_BIN"
+  rm -rf "$work"
+  "$CONSUL_BIN" version >/dev/null 2>&1 || die "$CONSUL_BIN does not run"
 }
 
 prerequisites_install() {

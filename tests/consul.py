@@ -1,0 +1,435 @@
+"""A real Consul agent for tests: ``consul agent -dev`` on loopback, every port chosen free.
+
+Use :func:`consul_binary` to find the binary (``$AMBASSADORD_CONSUL``, else the project's
+cache ``.cache/consul/bin/consul`` that ``scripts/lib/prerequisites.sh`` (``step_consul``)
+fills from Debian bullseye's package, consul 1.8.7). Missing: a skip, or a failure under
+``CI``, where a skip would hide a gap.
+
+:class:`ConsulAgent` starts ``consul agent -dev -client 127.0.0.1 -bind 127.0.0.1`` with
+its HTTP, DNS, Serf LAN, Serf WAN, server (RPC) and gRPC ports all picked free (each free
+on TCP and UDP alike, since Serf and DNS use both), and waits until it is ready: it has
+elected itself leader, lists its own node in the catalog, and its DNS port answers for
+that node. It talks to the HTTP API with urllib (no extra dependency) and offers what the
+resolver tests need: register / deregister services (optionally with a TTL check to turn
+critical or passing at will), KV put / get / delete, and the passing instances of a
+service. The agent makes no traffic beyond loopback: no ``-join``, no DNS recursors, and
+the update check and anonymous signature are disabled (``-hcl``).
+
+Restart (``stop()`` then ``start()``) reuses the same ports, so a client pointed at the
+agent reaches the new one, but a ``-dev`` agent keeps everything in memory: **a restarted
+agent has lost every service, check and key**, and its Raft index starts again from a low
+number (a client's blocking-query index goes backwards). Re-register what a test needs.
+
+Its output (``-log-level warn`` by default) goes to a file in a temporary directory;
+failures quote its tail, and tests/conftest.py shows it when a test fails.
+
+Example::
+
+    with ConsulAgent(node="dns-test") as agent:
+        check = agent.register("redis", "redis-1", "127.0.0.2", 6379, tags=("primary",), ttl_check=True)
+        agent.wait_for_health("redis", 1)
+        agent.check_fail(check)          # the instance leaves DNS and ?passing answers
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE_BINARY = REPO_ROOT / ".cache" / "consul" / "bin" / "consul"
+HOST = "127.0.0.1"
+READY_TIMEOUT = 20.0
+HTTP_TIMEOUT = 10.0
+
+# The names of consul agent's port flags (consul 1.8.7), in the order ports are picked.
+PORT_NAMES = ("http", "dns", "serf-lan", "serf-wan", "server", "grpc")
+
+
+def consul_binary() -> str:
+    """The consul binary to test against: ``$AMBASSADORD_CONSUL``, else the project's cache.
+
+    Missing or not runnable: ``pytest.fail`` when ``CI`` is set (as tests/netns.py's
+    require_prerequisites does), ``pytest.skip`` otherwise.
+    """
+    env = os.environ.get("AMBASSADORD_CONSUL")
+    path = Path(env) if env else CACHE_BINARY
+    where = "$AMBASSADORD_CONSUL" if env else "the project's cache"
+    if path.is_file() and os.access(path, os.X_OK):
+        return str(path)
+    import pytest
+
+    message = (f"consul binary missing at {path} ({where}); scripts/lib/prerequisites.sh (step_consul) "
+               f"extracts Debian bullseye's consul 1.8.7 there")
+    if os.environ.get("CI"):
+        pytest.fail(message + " (CI=true: this is a failure, not a skip)", pytrace=False)
+    pytest.skip(message)
+
+
+def free_ports(count: int, host: str = HOST) -> list[int]:
+    """``count`` distinct ports, each free right now on ``host`` for both TCP and UDP."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(tcp)
+            tcp.bind((host, 0))
+            port = tcp.getsockname()[1]
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            held.append(udp)
+            try:
+                udp.bind((host, port))
+            except OSError:
+                continue  # taken for UDP: keep the TCP socket held so it is not offered again
+            ports.append(port)
+    finally:
+        for s in held:
+            s.close()
+    return ports
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"(cannot read {path}: {exc})"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
+
+
+def _topology_hook(name: str, *args) -> None:
+    """Tell tests/topology.py about the log, so tests/conftest.py shows it on failure."""
+    with contextlib.suppress(Exception):
+        from tests import topology
+
+        hook = getattr(topology, name, None)
+        if hook is not None:
+            hook(*args)
+
+
+class ConsulError(RuntimeError):
+    """The agent did not start, died, or its HTTP API answered with an error."""
+
+
+class ConsulAgent:
+    """One ``consul agent -dev`` on 127.0.0.1; see the module docstring.
+
+    Args:
+        node: the node name (``-node``); also the DNS name ``NODE.node.consul``.
+        binary: the consul binary (default :func:`consul_binary`).
+        log_level: ``-log-level`` (default ``warn``).
+        start: start now (default) or leave it to :meth:`start`.
+        extra_args: more ``consul agent`` flags.
+
+    Attributes:
+        ports: flag name (``http``, ``dns``, ``serf-lan``, ``serf-wan``, ``server``,
+            ``grpc``) -> port, fixed for the object's life (restarts reuse them).
+        http_port, dns_port: the two a client needs.
+        http_addr, dns_addr: ``"127.0.0.1:PORT"`` (``CONSUL_HTTP_ADDR`` / ``--dns-server`` form).
+        dns_server: ``("127.0.0.1", dns_port)``, the form of ``ResolverOptions.dns_servers``.
+        log: the file with the agent's stdout and stderr (kept across restarts).
+    """
+
+    def __init__(self, node: str = "amb-consul-test", *, binary: str | None = None, log_level: str = "warn",
+                 start: bool = True, extra_args: Iterable[str] = ()):
+        self.binary = binary or consul_binary()
+        self.node = node
+        self.log_level = log_level
+        self.extra_args = list(extra_args)
+        self.ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES))))
+        self._dir = tempfile.TemporaryDirectory(prefix="amb-consul-")
+        self.log = Path(self._dir.name) / "consul.log"
+        self.proc: subprocess.Popen | None = None
+        if start:
+            try:
+                self.start()
+            except BaseException:
+                self.close()
+                raise
+
+    # ---- addresses ------------------------------------------------------------------
+
+    @property
+    def http_port(self) -> int:
+        return self.ports["http"]
+
+    @property
+    def dns_port(self) -> int:
+        return self.ports["dns"]
+
+    @property
+    def http_addr(self) -> str:
+        return f"{HOST}:{self.http_port}"
+
+    @property
+    def dns_addr(self) -> str:
+        return f"{HOST}:{self.dns_port}"
+
+    @property
+    def dns_server(self) -> tuple[str, int]:
+        return HOST, self.dns_port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.http_addr}"
+
+    # ---- life cycle -----------------------------------------------------------------
+
+    def command(self) -> list[str]:
+        cmd = [self.binary, "agent", "-dev", "-client", HOST, "-bind", HOST, "-node", self.node,
+               "-log-level", self.log_level,
+               # no traffic beyond loopback: no update check, no anonymous signature
+               "-hcl", "disable_update_check = true", "-hcl", "disable_anonymous_signature = true"]
+        for name in PORT_NAMES:
+            cmd += [f"-{name}-port", str(self.ports[name])]
+        return cmd + self.extra_args
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = READY_TIMEOUT) -> None:
+        """Start the agent (on this object's ports) and wait until it is ready.
+
+        A ``-dev`` agent starts empty: after a restart, nothing registered before exists.
+
+        Raises:
+            ConsulError: it exited, or was not ready within ``timeout``; quotes its log.
+        """
+        if self.running:
+            raise ConsulError(f"consul agent {self.node} is already running (pid {self.proc.pid})")
+        with open(self.log, "ab") as out:
+            out.write(f"---- {' '.join(self.command())}\n".encode())
+            out.flush()
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        _topology_hook("_started", self.log, f"consul agent {self.node} (http {self.http_addr}, dns {self.dns_addr})")
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last = "no answer yet"
+        while True:
+            if self.proc.poll() is not None:
+                raise ConsulError(f"consul agent {self.node} exited {self.proc.returncode} while starting:\n"
+                                  f"{_tail(self.log)}")
+            try:
+                step = self._ready_step()
+            except (OSError, ConsulError, ValueError) as exc:
+                step = str(exc)
+            if step is None:
+                return
+            last = step
+            if time.monotonic() > deadline:
+                raise ConsulError(f"consul agent {self.node} not ready within {timeout:g}s ({last}):\n"
+                                  f"{_tail(self.log)}")
+            time.sleep(0.05)
+
+    def _ready_step(self) -> str | None:
+        """None when ready, else what is still missing."""
+        if not self.get("/v1/status/leader", timeout=2):
+            return "no leader yet"
+        if self.node not in [n.get("Node") for n in self.get("/v1/catalog/nodes", timeout=2) or []]:
+            return f"node {self.node} not in the catalog yet"
+        if not self._dns_answers():
+            return "DNS port not answering yet"
+        return None
+
+    def _dns_answers(self) -> bool:
+        import dns.message
+        import dns.query
+        import dns.rcode
+
+        q = dns.message.make_query(f"{self.node}.node.consul", "A")
+        try:
+            r = dns.query.udp(q, HOST, port=self.dns_port, timeout=0.5)
+        except Exception:
+            return False
+        return r.rcode() == dns.rcode.NOERROR and bool(r.answer)
+
+    def stop(self, timeout: float = 10) -> int | None:
+        """SIGTERM, wait up to ``timeout``, then SIGKILL. Returns the exit status (None if not started).
+
+        Consul 1.8 exits 1 on SIGTERM (a server does not leave the cluster on terminate):
+        that is its normal stop, not a failure.
+        """
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        _topology_hook("_finished", self.log)
+        return self.proc.returncode
+
+    def restart(self, timeout: float = READY_TIMEOUT) -> None:
+        """stop() then start() on the same ports; the new agent is empty (``-dev``)."""
+        self.stop()
+        self.start(timeout)
+
+    def close(self) -> None:
+        self.stop()
+        self._dir.cleanup()
+
+    def __enter__(self) -> ConsulAgent:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return _tail(self.log, lines)
+
+    # ---- HTTP API -------------------------------------------------------------------
+
+    def request(self, method: str, path: str, *, body: Any = None, data: bytes | None = None,
+                query: dict | None = None, timeout: float = HTTP_TIMEOUT) -> tuple[int, dict, bytes]:
+        """One HTTP call to the agent. ``body`` is sent as JSON, ``data`` as is.
+
+        Returns (status, headers, body bytes) for 2xx and 404; raises ConsulError for
+        other statuses (quoting Consul's message), OSError when the agent is unreachable.
+        """
+        url = self.url + path
+        if query:
+            url += "?" + urllib.parse.urlencode({k: ("" if v is True else v) for k, v in query.items()
+                                                 if v is not None and v is not False})
+        if body is not None:
+            data = json.dumps(body).encode()
+        req = urllib.request.Request(url, data=data, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as exc:
+            text = exc.read()
+            if exc.code == 404:
+                return 404, dict(exc.headers), text
+            raise ConsulError(f"{method} {path}: HTTP {exc.code}: {text.decode(errors='replace').strip()}") from None
+
+    def get(self, path: str, *, query: dict | None = None, timeout: float = HTTP_TIMEOUT) -> Any:
+        """GET, parsed JSON; None on 404."""
+        status, _, text = self.request("GET", path, query=query, timeout=timeout)
+        return None if status == 404 else json.loads(text or b"null")
+
+    def put(self, path: str, *, body: Any = None, data: bytes | None = None, query: dict | None = None) -> Any:
+        status, _, text = self.request("PUT", path, body=body, data=data, query=query)
+        if status == 404:
+            raise ConsulError(f"PUT {path}: HTTP 404: {text.decode(errors='replace').strip()}")
+        return json.loads(text) if text.strip() else None
+
+    # ---- services and checks ------------------------------------------------------------
+
+    def register(self, service: str, id: str, address: str | None, port: int, tags: Iterable[str] = (),
+                 ttl_check: bool = False, *, meta: dict | None = None, ttl: str = "30s") -> str | None:
+        """Register a service instance with the agent (PUT /v1/agent/service/register).
+
+        ``address`` None or "" registers no Service.Address: Consul then uses the node's
+        address (127.0.0.1). With ``ttl_check``, the instance gets a TTL check that starts
+        passing; its id (``service:ID``) is returned for :meth:`check_pass` /
+        :meth:`check_fail`. Registering an existing id replaces it.
+        """
+        body: dict[str, Any] = {"Name": service, "ID": id, "Port": port, "Tags": list(tags)}
+        if address:
+            body["Address"] = address
+        if meta:
+            body["Meta"] = dict(meta)
+        check_id = None
+        if ttl_check:
+            check_id = f"service:{id}"
+            body["Check"] = {"CheckID": check_id, "Name": f"{service} {id} TTL", "TTL": ttl, "Status": "passing"}
+        self.put("/v1/agent/service/register", body=body)
+        return check_id
+
+    def deregister(self, id: str) -> None:
+        """Remove a service instance (and its checks) from the agent."""
+        self.put(f"/v1/agent/service/deregister/{_seg(id)}")
+
+    def check_pass(self, check_id: str, note: str = "") -> None:
+        self.put(f"/v1/agent/check/pass/{_seg(check_id)}", query={"note": note or None})
+
+    def check_warn(self, check_id: str, note: str = "") -> None:
+        self.put(f"/v1/agent/check/warn/{_seg(check_id)}", query={"note": note or None})
+
+    def check_fail(self, check_id: str, note: str = "") -> None:
+        """Turn a TTL check critical: the instance leaves ?passing answers and DNS."""
+        self.put(f"/v1/agent/check/fail/{_seg(check_id)}", query={"note": note or None})
+
+    def services(self) -> dict:
+        """The agent's local services (GET /v1/agent/services): id -> service."""
+        return self.get("/v1/agent/services") or {}
+
+    def health(self, service: str, *, tag: str | None = None, dc: str | None = None,
+               passing: bool = True) -> list[dict]:
+        """Instances of ``service`` (GET /v1/health/service/SERVICE), passing only by default.
+
+        Each entry is Consul's {"Node": ..., "Service": ..., "Checks": [...]}.
+        """
+        return self.get(f"/v1/health/service/{_seg(service)}",
+                        query={"passing": passing, "tag": tag, "dc": dc}) or []
+
+    def health_addresses(self, service: str, **kw) -> set[tuple[str, int]]:
+        """(address, port) of each passing instance, the service address or else the node's."""
+        return {(e["Service"].get("Address") or e["Node"]["Address"], e["Service"]["Port"])
+                for e in self.health(service, **kw)}
+
+    def wait_for_health(self, service: str, expected: int | Callable[[list[dict]], bool], *,
+                        timeout: float = 10, **kw) -> list[dict]:
+        """Poll :meth:`health` until it has ``expected`` instances (or ``expected(entries)`` is true)."""
+        ok = expected if callable(expected) else (lambda entries: len(entries) == expected)
+        deadline = time.monotonic() + timeout
+        while True:
+            entries = self.health(service, **kw)
+            if ok(entries):
+                return entries
+            if time.monotonic() > deadline:
+                got = sorted(f"{e['Service']['ID']}@{e['Service'].get('Address')}:{e['Service']['Port']}"
+                             for e in entries)
+                raise TimeoutError(f"health of {service!r} not as expected ({expected}) within {timeout:g}s: {got}")
+            time.sleep(0.05)
+
+    # ---- KV -----------------------------------------------------------------------------
+
+    def kv_put(self, key: str, value: str | bytes) -> None:
+        data = value.encode() if isinstance(value, str) else value
+        if self.put(f"/v1/kv/{_key(key)}", data=data) is not True:
+            raise ConsulError(f"PUT /v1/kv/{key}: not stored")
+
+    def kv_get(self, key: str) -> str | None:
+        """The value of ``key`` as text, or None when it does not exist."""
+        status, _, text = self.request("GET", f"/v1/kv/{_key(key)}", query={"raw": True})
+        return None if status == 404 else text.decode()
+
+    def kv_keys(self, prefix: str = "") -> list[str]:
+        return self.get(f"/v1/kv/{_key(prefix)}", query={"keys": True}) or []
+
+    def kv_delete(self, key: str, recurse: bool = False) -> None:
+        self.request("DELETE", f"/v1/kv/{_key(key)}", query={"recurse": recurse})
+
+
+def _seg(text: str) -> str:
+    """One URL path segment (ids may hold ':', which Consul accepts as is)."""
+    return urllib.parse.quote(text, safe=":")
+
+
+def _key(key: str) -> str:
+    """A KV key as a URL path (its '/' separators kept)."""
+    return urllib.parse.quote(key.lstrip("/"), safe="/:")
