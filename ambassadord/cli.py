@@ -105,6 +105,46 @@ def _add_dns_flags(parser: argparse.ArgumentParser) -> None:
                    help="time limit of one look-up, over every server (default 5; per query at most 2)")
 
 
+def _add_consul_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Consul (consul://, consul-kv://)")
+    g.add_argument("--consul", metavar="[SCHEME://]HOST[:PORT]",
+                   help="agent for specs that name none (default: env CONSUL_HTTP_ADDR, else 127.0.0.1:8500); "
+                   "https://HOST:PORT for TLS")
+    g.add_argument("--consul-token", metavar="TOKEN", help="ACL token (default: env CONSUL_HTTP_TOKEN)")
+    g.add_argument("--consul-ca", metavar="FILE", help="CA certificate for an https agent (default: env CONSUL_CACERT)")
+
+
+def consul_options(args, env) -> dict:
+    """Consul settings from flags, else the consul CLI's env vars. Raises UsageError naming the source."""
+    text, where = (args.consul, "--consul") if args.consul else (env.get("CONSUL_HTTP_ADDR"), "env CONSUL_HTTP_ADDR")
+    scheme = "https" if env.get("CONSUL_HTTP_SSL", "").lower() in ("1", "true", "yes") else "http"
+    addr = ("127.0.0.1", 8500)
+    if text:
+        rest = text.strip()
+        if "://" in rest:
+            scheme, rest = rest.split("://", 1)
+            if scheme not in ("http", "https"):
+                raise UsageError(f"{where} {text!r}: scheme must be http or https (unix sockets are not supported)")
+        rest = rest.rstrip("/")
+        from backends.consul import _agent
+
+        try:
+            addr = _agent(rest, text)
+        except SpecError as exc:
+            raise UsageError(f"{where}: {exc}") from None
+        if addr is None or "/" in rest:
+            raise UsageError(f"{where} {text!r}: expected [http(s)://]HOST[:PORT]")
+    token = args.consul_token or env.get("CONSUL_HTTP_TOKEN") or None
+    ca, ca_where = (args.consul_ca, "--consul-ca") if args.consul_ca else (env.get("CONSUL_CACERT"), "env CONSUL_CACERT")
+    if ca:
+        try:
+            with open(ca, "rb"):
+                pass
+        except OSError as exc:
+            raise UsageError(f"{ca_where}: cannot read CA file {ca}: {exc.strerror}") from None
+    return dict(consul_addr=addr, consul_scheme=scheme, consul_token=token, consul_ca=ca or None)
+
+
 def resolver_options(args) -> ResolverOptions:
     if args.dns_min_ttl > args.dns_max_ttl:
         raise UsageError(f"--dns-min-ttl {args.dns_min_ttl:g} is above --dns-max-ttl {args.dns_max_ttl:g}")
@@ -114,7 +154,7 @@ def resolver_options(args) -> ResolverOptions:
         raise UsageError("--dns-min-ttl must be above 0 (a TTL-0 answer would be looked up in a busy loop)")
     return ResolverOptions(dns_servers=tuple(args.dns_server), dns_min_ttl=args.dns_min_ttl,
                            dns_max_ttl=args.dns_max_ttl, dns_stale_for=args.dns_stale_for,
-                           dns_timeout=args.dns_timeout)
+                           dns_timeout=args.dns_timeout, **consul_options(args, os.environ))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eject-for", type=_positive_float("--eject-for"), metavar="SECONDS",
                    help="how long a backend that failed stays at the back of the order (default 10)")
     _add_dns_flags(run)
+    _add_consul_flags(run)
     g = run.add_argument_group("iptables")
     g.add_argument("--iptables", action="store_true",
                    help="install REDIRECT rules for the mapped ports on start, remove them on exit")
@@ -183,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     res = sub.add_parser("resolve", help="print the backends a spec resolves to now")
     res.add_argument("spec", metavar="SPEC")
     _add_dns_flags(res)
+    _add_consul_flags(res)
 
     chk = sub.add_parser("check", help="validate routes and print the route table")
     chk.add_argument("--config", metavar="FILE", help="TOML file to check")

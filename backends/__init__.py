@@ -6,6 +6,8 @@ How the pieces fit:
   ``Resolver`` interfaces, and the ``host:port`` parsing every module uses.
 * ``static.py``: ``host:port[,host:port...]`` lists (hostnames re-resolved periodically).
 * ``dns.py``: ``srv://NAME`` and bare names (SRV, RFC 2782), ``dns://NAME:PORT`` (A/AAAA).
+* ``consul.py``: ``consul://[AGENT]/SERVICE`` (passing instances) and
+  ``consul-kv://[AGENT]/PATH``, watched with blocking queries.
 * later modules (``dns``, ``consul``, ``etcd``) register their schemes in ``SCHEMES``.
 
 ``parse_spec(text)`` is the one entry point the daemon uses: it picks the module by the
@@ -26,6 +28,7 @@ from .interface import (
     Spec,
     SpecError,
 )
+from .consul import ConsulKVSpec, ConsulServiceSpec
 from .dns import DnsSpec, SrvSpec
 from .static import StaticSpec
 
@@ -46,11 +49,13 @@ __all__ = [
 SCHEMES: dict[str, Callable[[str], Spec]] = {
     "srv": SrvSpec.parse,
     "dns": DnsSpec.parse,
+    "consul": ConsulServiceSpec.parse,
+    "consul-kv": ConsulKVSpec.parse,
 }
 
 # Schemes of the design's grammar whose resolvers are not built yet: a clear "not yet"
 # beats a confusing "bad host:port".
-_PLANNED = {"consul", "consul-kv", "etcd"}
+_PLANNED = {"etcd"}
 
 
 def parse_spec(text: str) -> Spec:

@@ -95,6 +95,13 @@ class ResolverOptions:
     dns_stale_for: float = 3600.0
     # DNS: how long one look-up may take, over every server and retry.
     dns_timeout: float = 5.0
+    # Consul: the agent when a spec names none, "http" or "https", ACL token, CA file for
+    # HTTPS, and the wait of a blocking query.
+    consul_addr: tuple[str, int] = ("127.0.0.1", 8500)
+    consul_scheme: str = "http"
+    consul_token: str | None = None
+    consul_ca: str | None = None
+    consul_wait: float = 30.0
 
 
 Publish = Callable[[BackendSet], None]

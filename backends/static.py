@@ -71,27 +71,37 @@ def _check_hostname(host: str, context: str) -> None:
             raise SpecError(f"bad host {host!r} in {context!r}: not an IP address or a valid hostname")
 
 
+async def backends_of(entries, *, priority: int = 0, weight: float = 1) -> tuple[list[Backend], list[str]]:
+    """Backends for (host, port) pairs: IP literals as they are, hostnames via getaddrinfo.
+
+    Returns (backends, errors): one error string per hostname that did not resolve.
+    Shared by every resolver whose source may hold hostnames (static lists, Consul
+    addresses, KV values).
+    """
+    backends: list[Backend] = []
+    errors: list[str] = []
+    for host, port in entries:
+        if _is_ip(host):
+            backends.append(Backend(str(ipaddress.ip_address(host)), port, priority, weight, name=host))
+            continue
+        try:
+            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            errors.append(f"{host}: {exc}")
+            continue
+        for family, _, _, _, sockaddr in infos:
+            if family in (socket.AF_INET, socket.AF_INET6):
+                backends.append(Backend(sockaddr[0], port, priority, weight, name=host))
+    return list(dict.fromkeys(backends)), errors
+
+
 class StaticResolver(Resolver):
     def __init__(self, spec: StaticSpec, options: ResolverOptions):
         self.spec = spec
         self.options = options
 
     async def resolve(self) -> tuple[Backend, ...]:
-        backends: list[Backend] = []
-        errors: list[str] = []
-        for host, port in self.spec.entries:
-            if _is_ip(host):
-                backends.append(Backend(str(ipaddress.ip_address(host)), port, name=host))
-                continue
-            try:
-                infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except OSError as exc:
-                errors.append(f"{host}: {exc}")
-                continue
-            for family, _, _, _, sockaddr in infos:
-                if family in (socket.AF_INET, socket.AF_INET6):
-                    backends.append(Backend(sockaddr[0], port, name=host))
-        backends = list(dict.fromkeys(backends))
+        backends, errors = await backends_of(self.spec.entries)
         if not backends:
             raise ResolveError(f"{self.spec.text!r}: no address for " + "; ".join(errors))
         for error in errors:  # partial answer: serve what resolved, say what did not

@@ -1,0 +1,380 @@
+"""Consul resolvers: healthy service instances and KV values, watched with blocking queries.
+
+Specs:
+
+* ``consul://[AGENT]/SERVICE[?tag=T&dc=DC]``: the passing instances of SERVICE from the
+  health API (``/v1/health/service/SERVICE?passing``). A backend is the instance's
+  Service.Address, else its node's Address, with the service port, weighted by the
+  instance's ``Weights.Passing``.
+* ``consul-kv://[AGENT]/PATH``: the values of the keys under ``PATH/`` (each
+  ``host:port``), and PATH's own value split on commas (progrium/ambassadord's format).
+  A malformed value is skipped with a log line naming its key; the rest keep serving.
+
+AGENT is ``host[:port]`` (port 8500); without it, the host-wide agent from
+``--consul`` / ``CONSUL_HTTP_ADDR`` (default 127.0.0.1:8500) is used.
+
+Watching follows Consul's blocking-query rules
+(https://developer.hashicorp.com/consul/api-docs/features/blocking):
+
+* each query passes the last ``X-Consul-Index`` and a ``wait``; the agent answers as soon
+  as the result changes, so a change reaches the route in well under a second;
+* an index that goes backwards (an agent or server restart, a snapshot restore) resets
+  the index to 0, restarting the loop with a non-blocking read, as the docs require;
+  an index below 1 is set to 1 (the docs: it otherwise causes a busy loop);
+* queries are rate-limited to one per ``MIN_QUERY_INTERVAL`` per route;
+* on an error (agent down, ACL denial, unknown datacenter, ...) the last known set keeps
+  serving, marked stale; the failure is logged and counted, the index is reset (the agent
+  may return with a lower one), and the query retried with exponential backoff and jitter.
+  There is no time limit on this stale set: a Consul outage says nothing about the
+  backends themselves.
+
+Client: python-consul (synchronous, requests-based). Its calls run in worker threads
+(``trio.to_thread.run_sync`` with ``abandon_on_cancel=True``, so shutdown and route
+removal never wait on them) on a dedicated CapacityLimiter, so that long-blocking
+queries cannot starve trio's default thread pool. python-consul sets no HTTP timeout;
+our client subclass (python-consul's own extension point, ``Consul.connect``) bounds every
+request by the blocking wait plus Consul's jitter (wait/16) plus a margin, so an
+abandoned thread always ends, even across a network partition.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import re
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+import consul
+import consul.base
+import consul.std
+import requests
+import trio
+
+from .interface import (
+    Backend,
+    BackendSet,
+    Publish,
+    ResolveError,
+    Resolver,
+    ResolverOptions,
+    Spec,
+    SpecError,
+    parse_host_port,
+    parse_port,
+)
+from .static import backends_of
+
+log = logging.getLogger("ambassadord.resolver.consul")
+
+MIN_QUERY_INTERVAL = 0.1
+BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
+# Extra time allowed to an HTTP request beyond the blocking wait and Consul's wait/16 jitter.
+HTTP_MARGIN = 5.0
+# Blocking queries hold a thread each for up to `wait`: give them their own pool.
+_limiter = trio.CapacityLimiter(256)
+
+_SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class TemporaryFailure(ResolveError):
+    """The agent could not answer (down, refused, denied, ...): keep the last known set."""
+
+
+# ---- specs ----------------------------------------------------------------------------
+
+
+def _agent(netloc: str, text: str) -> tuple[str, int] | None:
+    if not netloc:
+        return None
+    host, port = netloc, "8500"
+    if netloc.startswith("["):
+        host, _, rest = netloc[1:].partition("]")
+        port = rest.removeprefix(":") or "8500"
+    elif netloc.count(":") == 1:
+        host, port = netloc.split(":")
+    if not host:
+        raise SpecError(f"spec {text!r}: bad agent address {netloc!r}")
+    return host, parse_port(port, context=f"agent address {netloc!r} in {text!r}")
+
+
+def _split(text: str, scheme: str) -> urllib.parse.SplitResult:
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme != scheme or parts.fragment:
+        raise SpecError(f"spec {text!r}: expected {scheme}://[AGENT]/...")
+    return parts
+
+
+@dataclass(frozen=True, slots=True)
+class ConsulServiceSpec(Spec):
+    text: str
+    agent: tuple[str, int] | None
+    service: str
+    tag: str | None = None
+    dc: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "ConsulServiceSpec":
+        parts = _split(text, "consul")
+        service = parts.path.strip("/")
+        if not service or "/" in service or not _SERVICE_NAME.match(service):
+            raise SpecError(f"spec {text!r}: expected consul://[AGENT]/SERVICE[?tag=T&dc=DC], "
+                            f"with a service name of letters, digits, '-', '_' and '.'")
+        try:
+            query = urllib.parse.parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+        except ValueError:
+            raise SpecError(f"spec {text!r}: bad query {parts.query!r}") from None
+        unknown = set(query) - {"tag", "dc"}
+        if unknown:
+            raise SpecError(f"spec {text!r}: unknown parameter(s) {', '.join(sorted(unknown))}; known: tag, dc")
+        for key, values in query.items():
+            if len(values) != 1 or not values[0]:
+                raise SpecError(f"spec {text!r}: give {key} exactly once, with a value")
+        return cls(text=text, agent=_agent(parts.netloc, text), service=service,
+                   tag=query.get("tag", [None])[0], dc=query.get("dc", [None])[0])
+
+    def resolver(self, options: ResolverOptions) -> "ConsulServiceResolver":
+        return ConsulServiceResolver(self, options)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsulKVSpec(Spec):
+    text: str
+    agent: tuple[str, int] | None
+    path: str
+
+    @classmethod
+    def parse(cls, text: str) -> "ConsulKVSpec":
+        parts = _split(text, "consul-kv")
+        path = parts.path.strip("/")
+        if not path or parts.query:
+            raise SpecError(f"spec {text!r}: expected consul-kv://[AGENT]/PATH, e.g. consul-kv:///services/redis")
+        return cls(text=text, agent=_agent(parts.netloc, text), path=path)
+
+    def resolver(self, options: ResolverOptions) -> "ConsulKVResolver":
+        return ConsulKVResolver(self, options)
+
+
+# ---- answers -> backends (pure) ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    host: str
+    port: int
+    weight: float
+
+
+def service_instances(entries: list[dict]) -> tuple[list[Instance], list[str]]:
+    """Instances from /v1/health/service entries. Returns (instances, notes on skipped ones)."""
+    out, notes = [], []
+    for entry in entries or []:
+        svc = entry.get("Service") or {}
+        node = entry.get("Node") or {}
+        sid = svc.get("ID") or svc.get("Service") or "?"
+        where = f"instance {sid!r} on node {node.get('Node', '?')!r}"
+        host = (svc.get("Address") or node.get("Address") or "").strip()
+        port = svc.get("Port")
+        if not host:
+            notes.append(f"{where}: no address (neither Service.Address nor Node.Address); skipped")
+            continue
+        if not isinstance(port, int) or not 0 < port < 65536:
+            notes.append(f"{where}: bad port {port!r}; skipped")
+            continue
+        weight = ((svc.get("Weights") or {}).get("Passing"))
+        weight = weight if isinstance(weight, int) and weight >= 0 else 1
+        out.append(Instance(host.strip("[]"), port, weight))
+    return out, notes
+
+
+def kv_entries(path: str, items: list[dict] | None) -> tuple[list[tuple[str, int]], list[str]]:
+    """(host, port) pairs from a recursive KV read of ``path``. Returns (pairs, notes).
+
+    PATH's own value is split on commas; every key below ``PATH/`` contributes its value
+    (commas allowed too). Keys that merely share the prefix (``PATHX``), folders and empty
+    values are ignored; a malformed value is skipped with a note naming its key.
+    """
+    pairs, notes = [], []
+    base = path.strip("/")
+    for item in items or []:
+        key = item.get("Key", "")
+        if key != base and not key.startswith(base + "/"):
+            continue
+        raw = item.get("Value")
+        if raw is None or key.endswith("/"):
+            continue
+        try:
+            value = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        except UnicodeDecodeError:
+            notes.append(f"key {key!r}: value is not UTF-8 text; skipped")
+            continue
+        for part in value.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                pairs.append(parse_host_port(part, context=part))
+            except SpecError as exc:
+                notes.append(f"key {key!r}: {exc}; skipped")
+    return list(dict.fromkeys(pairs)), notes
+
+
+# ---- the client -----------------------------------------------------------------------------
+
+
+class _HTTPClient(consul.std.HTTPClient):
+    """python-consul's requests client, with a timeout on every request."""
+
+    timeout: float = 10.0
+
+    def get(self, callback, path, params=None):
+        uri = self.uri(path, params)
+        wait = next((v for k, v in (params or []) if k == "wait"), None)
+        timeout = self.timeout
+        if wait:
+            w = float(str(wait).rstrip("s"))
+            timeout = w + w / 16 + HTTP_MARGIN
+        return callback(self.response(self.session.get(uri, verify=self.verify, cert=self.cert, timeout=timeout)))
+
+
+class _Consul(consul.Consul):
+    def connect(self, host, port, scheme, verify=True, cert=None):
+        return _HTTPClient(host, port, scheme, verify, cert)
+
+
+def _client(agent: tuple[str, int] | None, options: ResolverOptions) -> tuple[_Consul, str]:
+    host, port = agent or options.consul_addr
+    verify = options.consul_ca or True
+    client = _Consul(host=host, port=port, token=options.consul_token, scheme=options.consul_scheme, verify=verify)
+    hostpart = f"[{host}]" if ":" in host else host
+    return client, f"{options.consul_scheme}://{hostpart}:{port}"
+
+
+class _ConsulResolver(Resolver):
+    """The blocking-query watch loop shared by the service and KV resolvers."""
+
+    def __init__(self, spec, options: ResolverOptions):
+        self.spec = spec
+        self.options = options
+        self.client, self.agent_url = _client(spec.agent, options)
+        self.failures = 0
+        self.rng = random.Random()
+
+    async def _call(self, fn, **kw):
+        try:
+            return await trio.to_thread.run_sync(functools.partial(fn, **kw), abandon_on_cancel=True, limiter=_limiter)
+        except consul.ACLPermissionDenied as exc:
+            raise TemporaryFailure(f"{self.agent_url}: permission denied ({exc or 'HTTP 403'}): "
+                                   "the ACL token (--consul-token / CONSUL_HTTP_TOKEN) lacks read access") from None
+        except consul.base.ConsulException as exc:
+            raise TemporaryFailure(f"{self.agent_url}: {str(exc).strip() or type(exc).__name__}") from None
+        except requests.exceptions.SSLError as exc:
+            raise TemporaryFailure(f"{self.agent_url}: TLS error ({_reason(exc)}); is --consul-ca right?") from None
+        except requests.exceptions.RequestException as exc:
+            raise TemporaryFailure(f"{self.agent_url}: {_reason(exc)}") from None
+        except (ValueError, KeyError, TypeError) as exc:  # a malformed answer
+            raise TemporaryFailure(f"{self.agent_url}: bad answer ({exc!r})") from None
+
+    async def fetch(self, index: int, wait: float | None):
+        """(index, raw result) of one (blocking) query."""
+        raise NotImplementedError
+
+    async def to_backends(self, raw) -> tuple[Backend, ...]:
+        raise NotImplementedError
+
+    async def resolve(self) -> tuple[Backend, ...]:
+        _, raw = await self.fetch(0, None)
+        return await self.to_backends(raw)
+
+    async def watch(self, publish: Publish) -> None:
+        source = self.spec.text
+        index = 0
+        last_good: BackendSet | None = None
+        last_published: BackendSet | None = None
+        backoff = BACKOFF_FIRST
+        last_query = -MIN_QUERY_INTERVAL
+        while True:
+            pause = last_query + MIN_QUERY_INTERVAL - trio.current_time()
+            if pause > 0:
+                await trio.sleep(pause)  # rate limit: at most one query per interval
+            last_query = trio.current_time()
+            try:
+                new_index, raw = await self.fetch(index, self.options.consul_wait if index else None)
+                backends = await self.to_backends(raw)
+            except TemporaryFailure as exc:
+                self.failures += 1
+                index = 0  # the agent may come back with a lower index: start over
+                if last_good is not None:
+                    log.warning("%s: %s; keeping the last known set (stale), retrying in %.1fs", source, exc, backoff)
+                    last_published = BackendSet(last_good.backends, source=source, updated=last_good.updated,
+                                                stale=True, error=str(exc))
+                else:
+                    log.error("%s: %s; no backends known yet, retrying in %.1fs", source, exc, backoff)
+                    last_published = BackendSet((), source=source, stale=True, error=str(exc))
+                publish(last_published)
+                await trio.sleep(backoff * (0.5 + self.rng.random()))
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            backoff = BACKOFF_FIRST
+            if new_index < index:
+                log.info("%s: index went backwards (%d -> %d): restarting the blocking loop", source, index, new_index)
+                index = 0
+            else:
+                index = max(new_index, 1)
+            if last_published is None or last_published.backends != backends or last_published.stale:
+                last_published = BackendSet(backends, source=source)
+                publish(last_published)
+            last_good = last_published
+
+
+def _reason(exc: Exception) -> str:
+    # requests nests the interesting part (e.g. "Connection refused") deep in its message
+    text = str(exc)
+    m = re.search(r"\[Errno \d+\] ([^'\")]+)", text)
+    if m:
+        return m.group(1).strip()
+    if isinstance(exc, requests.exceptions.Timeout):
+        return "timed out"
+    return text if len(text) < 200 else text[:200] + "..."
+
+
+class ConsulServiceResolver(_ConsulResolver):
+    async def fetch(self, index, wait):
+        spec = self.spec
+        kw = dict(service=spec.service, passing=True, tag=spec.tag, dc=spec.dc)
+        if index:
+            kw.update(index=index, wait=f"{int(wait)}s")
+        new_index, entries = await self._call(self.client.health.service, **kw)
+        return int(new_index or 0), entries
+
+    async def to_backends(self, entries) -> tuple[Backend, ...]:
+        instances, notes = service_instances(entries)
+        for note in notes:
+            log.warning("%s: %s", self.spec.text, note)
+        backends: list[Backend] = []
+        for inst in instances:
+            got, errors = await backends_of([(inst.host, inst.port)], weight=inst.weight)
+            backends += got
+            for error in errors:
+                log.warning("%s: cannot resolve instance address %s", self.spec.text, error)
+        return tuple(dict.fromkeys(backends))
+
+
+class ConsulKVResolver(_ConsulResolver):
+    async def fetch(self, index, wait):
+        kw = dict(key=self.spec.path, recurse=True)
+        if index:
+            kw.update(index=index, wait=f"{int(wait)}s")
+        new_index, items = await self._call(self.client.kv.get, **kw)
+        return int(new_index or 0), items
+
+    async def to_backends(self, items) -> tuple[Backend, ...]:
+        pairs, notes = kv_entries(self.spec.path, items)
+        for note in notes:
+            log.warning("%s: %s", self.spec.text, note)
+        backends, errors = await backends_of(pairs)
+        for error in errors:
+            log.warning("%s: cannot resolve %s", self.spec.text, error)
+        return tuple(backends)
