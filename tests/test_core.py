@@ -48,7 +48,10 @@ def test_static_spec_parses(text, entries):
         ("a:1,,b:2", "empty backend"),
         ("bad host:1", "bad host 'bad host'"),
         ("gopher://x", "unknown scheme 'gopher'"),
-        ("consul:///redis", "not available in this version"),
+        ("etcd:///redis", "not available in this version"),
+        ("consul:///a/b", "expected consul://[AGENT]/SERVICE"),
+        ("consul:///redis?near=_agent", "unknown parameter(s) near"),
+        ("consul-kv://", "expected consul-kv://[AGENT]/PATH"),
     ],
 )
 def test_bad_specs_say_what_is_wrong(text, fragment):
