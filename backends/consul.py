@@ -233,13 +233,45 @@ class _HTTPClient(consul.std.HTTPClient):
         uri = self.uri(path, params)
         wait = next((v for k, v in (params or []) if k == "wait"), None)
         timeout = self.timeout
-        if wait:
-            w = float(str(wait).rstrip("s"))
+        if wait:  # always written in milliseconds by _wait()
+            w = int(str(wait).removesuffix("ms")) / 1000
             timeout = w + w / 16 + HTTP_MARGIN
         return callback(self.response(self.session.get(uri, verify=self.verify, cert=self.cert, timeout=timeout)))
 
 
+def _wait(seconds: float) -> str:
+    # Milliseconds: "0s" would mean "the default" (5 minutes) to Consul, so a sub-second
+    # wait must not be rounded down to whole seconds.
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
 class _Consul(consul.Consul):
+    """python-consul's client without its environment handling.
+
+    python-consul's own __init__ lets CONSUL_HTTP_ADDR / _SSL / _SSL_VERIFY / _TOKEN
+    override the arguments it is given (and raises on CONSUL_HTTP_ADDR with a scheme).
+    ambassadord has already weighed flags against those variables (cli.consul_options),
+    and a spec's own agent must win over both, so this sets the same attributes itself.
+    The token travels in the X-Consul-Token header rather than as ?token= in the URL,
+    so that it never appears in an error message or a log line.
+    """
+
+    def __init__(self, host: str, port: int, token: str | None, scheme: str, verify):
+        self.http = self.connect(host, port, scheme, verify, None)
+        if token:
+            self.http.session.headers["X-Consul-Token"] = token
+        self.token = None
+        self.scheme = scheme
+        self.dc = None
+        self.consistency = "default"
+        for name, cls in (("event", consul.Consul.Event), ("kv", consul.Consul.KV), ("txn", consul.Consul.Txn),
+                          ("agent", consul.Consul.Agent), ("catalog", consul.Consul.Catalog),
+                          ("health", consul.Consul.Health), ("session", consul.Consul.Session),
+                          ("acl", consul.Consul.ACL), ("status", consul.Consul.Status),
+                          ("query", consul.Consul.Query), ("coordinate", consul.Consul.Coordinate),
+                          ("operator", consul.Consul.Operator)):
+            setattr(self, name, cls(self))
+
     def connect(self, host, port, scheme, verify=True, cert=None):
         return _HTTPClient(host, port, scheme, verify, cert)
 
@@ -247,8 +279,8 @@ class _Consul(consul.Consul):
 def _client(agent: tuple[str, int] | None, options: ResolverOptions) -> tuple[_Consul, str]:
     host, port = agent or options.consul_addr
     verify = options.consul_ca or True
-    client = _Consul(host=host, port=port, token=options.consul_token, scheme=options.consul_scheme, verify=verify)
-    hostpart = f"[{host}]" if ":" in host else host
+    hostpart = f"[{host}]" if ":" in host else host  # python-consul writes scheme://host:port
+    client = _Consul(hostpart, port, options.consul_token, options.consul_scheme, verify)
     return client, f"{options.consul_scheme}://{hostpart}:{port}"
 
 
@@ -324,7 +356,16 @@ class _ConsulResolver(Resolver):
             else:
                 index = max(new_index, 1)
             if last_published is None or last_published.backends != backends or last_published.stale:
-                last_published = BackendSet(backends, source=source)
+                if not backends:
+                    # Consul does not refuse a token-less read under a default-deny ACL: it
+                    # filters the answer to nothing. Say so, or a forgotten token looks
+                    # exactly like a service without instances.
+                    hint = "" if self.options.consul_token else (
+                        " (if the agent enforces ACLs, a missing --consul-token / CONSUL_HTTP_TOKEN hides them)")
+                    log.warning("%s: %s on %s; the route has no backends%s", source, self.empty_answer,
+                                self.agent_url, hint)
+                last_published = BackendSet(backends, source=source,
+                                            error=None if backends else self.empty_answer)
                 publish(last_published)
             last_good = last_published
 
@@ -341,11 +382,15 @@ def _reason(exc: Exception) -> str:
 
 
 class ConsulServiceResolver(_ConsulResolver):
+    @property
+    def empty_answer(self) -> str:
+        return f"no passing instance of service {self.spec.service!r}"
+
     async def fetch(self, index, wait):
         spec = self.spec
         kw = dict(service=spec.service, passing=True, tag=spec.tag, dc=spec.dc)
         if index:
-            kw.update(index=index, wait=f"{int(wait)}s")
+            kw.update(index=index, wait=_wait(wait))
         new_index, entries = await self._call(self.client.health.service, **kw)
         return int(new_index or 0), entries
 
@@ -363,10 +408,14 @@ class ConsulServiceResolver(_ConsulResolver):
 
 
 class ConsulKVResolver(_ConsulResolver):
+    @property
+    def empty_answer(self) -> str:
+        return f"no backend under KV path {self.spec.path!r}"
+
     async def fetch(self, index, wait):
         kw = dict(key=self.spec.path, recurse=True)
         if index:
-            kw.update(index=index, wait=f"{int(wait)}s")
+            kw.update(index=index, wait=_wait(wait))
         new_index, items = await self._call(self.client.kv.get, **kw)
         return int(new_index or 0), items
 

@@ -20,6 +20,15 @@ agent reaches the new one, but a ``-dev`` agent keeps everything in memory: **a 
 agent has lost every service, check and key**, and its Raft index starts again from a low
 number (a client's blocking-query index goes backwards). Re-register what a test needs.
 
+In a network namespace: ``ConsulAgent(ns=netns)`` starts the agent inside a
+:class:`tests.netns.Netns` (``ip netns exec``), with its ports picked free there, and makes
+every HTTP and DNS request of this object over a socket created in that namespace, so the
+test process drives an agent that lives on another "host". ``client`` / ``bind`` set the
+agent's ``-client`` (HTTP and DNS; may be a space-separated list, the first one is where
+this object talks to it) and ``-bind`` addresses; ``ports`` overrides some of the picked
+ports, e.g. ``ports={"http": 8500}`` for an agent on the default address that a client
+finds without being told.
+
 Its output (``-log-level warn`` by default) goes to a file in a temporary directory;
 failures quote its tail, and tests/conftest.py shows it when a test fails.
 
@@ -34,6 +43,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -46,7 +56,10 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tests.netns import Netns
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_BINARY = REPO_ROOT / ".cache" / "consul" / "bin" / "consul"
@@ -78,17 +91,23 @@ def consul_binary() -> str:
     pytest.skip(message)
 
 
-def free_ports(count: int, host: str = HOST) -> list[int]:
-    """``count`` distinct ports, each free right now on ``host`` for both TCP and UDP."""
+def free_ports(count: int, host: str = HOST, *, ns: Netns | None = None) -> list[int]:
+    """``count`` distinct ports, each free right now on ``host`` for both TCP and UDP
+    (in the network namespace ``ns`` if given)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    def make(kind: int) -> socket.socket:
+        return ns.socket(family, kind) if ns is not None else socket.socket(family, kind)
+
     held: list[socket.socket] = []
     ports: list[int] = []
     try:
         while len(ports) < count:
-            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            tcp = make(socket.SOCK_STREAM)
             held.append(tcp)
             tcp.bind((host, 0))
             port = tcp.getsockname()[1]
-            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp = make(socket.SOCK_DGRAM)
             held.append(udp)
             try:
                 udp.bind((host, port))
@@ -123,8 +142,27 @@ class ConsulError(RuntimeError):
     """The agent did not start, died, or its HTTP API answered with an error."""
 
 
+class _NetnsHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection whose socket is created inside a network namespace."""
+
+    def __init__(self, ns: Netns, host: str, port: int, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self._ns = ns
+
+    def connect(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = self._ns.socket(family)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect((self.host, self.port))
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
 class ConsulAgent:
-    """One ``consul agent -dev`` on 127.0.0.1; see the module docstring.
+    """One ``consul agent -dev`` (on 127.0.0.1 by default); see the module docstring.
 
     Args:
         node: the node name (``-node``); also the DNS name ``NODE.node.consul``.
@@ -132,23 +170,42 @@ class ConsulAgent:
         log_level: ``-log-level`` (default ``warn``).
         start: start now (default) or leave it to :meth:`start`.
         extra_args: more ``consul agent`` flags.
+        ns: run the agent inside this network namespace; this object's HTTP and DNS
+            requests then go over sockets made in it (default: the test's own namespace).
+        client: ``-client``: the address(es) HTTP and DNS listen on, space-separated;
+            the first is the one this object uses (default 127.0.0.1).
+        bind: ``-bind``: the cluster (Serf, RPC) address (default 127.0.0.1).
+        ports: flag name -> port, overriding the ports otherwise picked free.
 
     Attributes:
         ports: flag name (``http``, ``dns``, ``serf-lan``, ``serf-wan``, ``server``,
             ``grpc``) -> port, fixed for the object's life (restarts reuse them).
         http_port, dns_port: the two a client needs.
-        http_addr, dns_addr: ``"127.0.0.1:PORT"`` (``CONSUL_HTTP_ADDR`` / ``--dns-server`` form).
-        dns_server: ``("127.0.0.1", dns_port)``, the form of ``ResolverOptions.dns_servers``.
+        http_addr, dns_addr: ``"HOST:PORT"`` (``CONSUL_HTTP_ADDR`` / ``--dns-server`` form),
+            HOST being the first ``client`` address (127.0.0.1 by default).
+        dns_server: ``(HOST, dns_port)``, the form of ``ResolverOptions.dns_servers``.
         log: the file with the agent's stdout and stderr (kept across restarts).
     """
 
     def __init__(self, node: str = "amb-consul-test", *, binary: str | None = None, log_level: str = "warn",
-                 start: bool = True, extra_args: Iterable[str] = ()):
+                 start: bool = True, extra_args: Iterable[str] = (), ns: Netns | None = None,
+                 client: str = HOST, bind: str = HOST, ports: dict[str, int] | None = None):
         self.binary = binary or consul_binary()
         self.node = node
         self.log_level = log_level
         self.extra_args = list(extra_args)
-        self.ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES))))
+        self.ns = ns
+        self.client = client
+        self.bind = bind
+        self.host = client.split()[0]
+        unknown = set(ports or {}) - set(PORT_NAMES)
+        if unknown:
+            raise ValueError(f"unknown port name(s) {sorted(unknown)}; known: {', '.join(PORT_NAMES)}")
+        fixed = dict(ports or {})
+        # free_ports gives distinct ports; at most len(fixed) of them collide with the fixed ones
+        picked = iter([p for p in free_ports(len(PORT_NAMES) + len(fixed), self.host, ns=ns)
+                       if p not in fixed.values()])
+        self.ports = {name: fixed[name] if name in fixed else next(picked) for name in PORT_NAMES}
         self._dir = tempfile.TemporaryDirectory(prefix="amb-consul-")
         self.log = Path(self._dir.name) / "consul.log"
         self.proc: subprocess.Popen | None = None
@@ -170,16 +227,20 @@ class ConsulAgent:
         return self.ports["dns"]
 
     @property
+    def _host_url(self) -> str:
+        return f"[{self.host}]" if ":" in self.host else self.host
+
+    @property
     def http_addr(self) -> str:
-        return f"{HOST}:{self.http_port}"
+        return f"{self._host_url}:{self.http_port}"
 
     @property
     def dns_addr(self) -> str:
-        return f"{HOST}:{self.dns_port}"
+        return f"{self._host_url}:{self.dns_port}"
 
     @property
     def dns_server(self) -> tuple[str, int]:
-        return HOST, self.dns_port
+        return self.host, self.dns_port
 
     @property
     def url(self) -> str:
@@ -188,7 +249,7 @@ class ConsulAgent:
     # ---- life cycle -----------------------------------------------------------------
 
     def command(self) -> list[str]:
-        cmd = [self.binary, "agent", "-dev", "-client", HOST, "-bind", HOST, "-node", self.node,
+        cmd = [self.binary, "agent", "-dev", "-client", self.client, "-bind", self.bind, "-node", self.node,
                "-log-level", self.log_level,
                # no traffic beyond loopback: no update check, no anonymous signature
                "-hcl", "disable_update_check = true", "-hcl", "disable_anonymous_signature = true"]
@@ -213,9 +274,13 @@ class ConsulAgent:
         with open(self.log, "ab") as out:
             out.write(f"---- {' '.join(self.command())}\n".encode())
             out.flush()
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        _topology_hook("_started", self.log, f"consul agent {self.node} (http {self.http_addr}, dns {self.dns_addr})")
+            kw = dict(stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            # `ip netns exec` execs the command: the Popen is the agent itself, signals reach it
+            self.proc = (self.ns.popen(self.command(), **kw) if self.ns is not None
+                         else subprocess.Popen(self.command(), **kw))
+        where = f" in {self.ns.name}" if self.ns is not None else ""
+        _topology_hook("_started", self.log,
+                       f"consul agent {self.node}{where} (http {self.http_addr}, dns {self.dns_addr})")
         try:
             self._wait_ready(timeout)
         except BaseException:
@@ -257,10 +322,16 @@ class ConsulAgent:
         import dns.rcode
 
         q = dns.message.make_query(f"{self.node}.node.consul", "A")
+        sock = None
         try:
-            r = dns.query.udp(q, HOST, port=self.dns_port, timeout=0.5)
+            if self.ns is not None:
+                sock = self.ns.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_DGRAM)
+            r = dns.query.udp(q, self.host, port=self.dns_port, timeout=0.5, sock=sock)
         except Exception:
             return False
+        finally:
+            if sock is not None:
+                sock.close()
         return r.rcode() == dns.rcode.NOERROR and bool(r.answer)
 
     def stop(self, timeout: float = 10) -> int | None:
@@ -315,6 +386,8 @@ class ConsulAgent:
                                                  if v is not None and v is not False})
         if body is not None:
             data = json.dumps(body).encode()
+        if self.ns is not None:
+            return self._request_in_ns(method, path, url[len(self.url):], data, timeout)
         req = urllib.request.Request(url, data=data, method=method)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -324,6 +397,22 @@ class ConsulAgent:
             if exc.code == 404:
                 return 404, dict(exc.headers), text
             raise ConsulError(f"{method} {path}: HTTP {exc.code}: {text.decode(errors='replace').strip()}") from None
+
+    def _request_in_ns(self, method: str, path: str, target: str, data: bytes | None,
+                       timeout: float) -> tuple[int, dict, bytes]:
+        """:meth:`request` over a socket made in the agent's namespace (same contract)."""
+        conn = _NetnsHTTPConnection(self.ns, self.host, self.http_port, timeout)
+        try:
+            conn.request(method, target, body=data)
+            resp = conn.getresponse()
+            status, headers, text = resp.status, dict(resp.getheaders()), resp.read()
+        except http.client.HTTPException as exc:  # a broken answer: as unreachable as a refusal
+            raise OSError(f"{method} {path}: {exc!r}") from None
+        finally:
+            conn.close()
+        if 200 <= status < 300 or status == 404:
+            return status, headers, text
+        raise ConsulError(f"{method} {path}: HTTP {status}: {text.decode(errors='replace').strip()}")
 
     def get(self, path: str, *, query: dict | None = None, timeout: float = HTTP_TIMEOUT) -> Any:
         """GET, parsed JSON; None on 404."""
