@@ -145,6 +145,55 @@ def consul_options(args, env) -> dict:
     return dict(consul_addr=addr, consul_scheme=scheme, consul_token=token, consul_ca=ca or None)
 
 
+def _add_etcd_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("etcd (etcd://)")
+    g.add_argument("--etcd", action="append", default=[], metavar="[http(s)://]HOST[:PORT]",
+                   help="etcd endpoint for specs that name none; repeatable for a cluster "
+                   "(default: env ETCDCTL_ENDPOINTS, else 127.0.0.1:2379)")
+    g.add_argument("--etcd-user", metavar="USER:PASSWORD", help="etcd authentication (default: env ETCDCTL_USER)")
+    g.add_argument("--etcd-ca", metavar="FILE", help="CA certificate for TLS to etcd (default: env ETCDCTL_CACERT)")
+    g.add_argument("--etcd-cert", metavar="FILE", help="client certificate for etcd (default: env ETCDCTL_CERT)")
+    g.add_argument("--etcd-key", metavar="FILE", help="client key for etcd (default: env ETCDCTL_KEY)")
+
+
+def etcd_options(args, env) -> dict:
+    """etcd settings from flags, else etcdctl's env vars. Raises UsageError naming the source."""
+    from backends.etcd import parse_endpoint
+
+    if args.etcd:
+        texts, where = args.etcd, "--etcd"
+    elif env.get("ETCDCTL_ENDPOINTS"):
+        texts, where = [t for t in env["ETCDCTL_ENDPOINTS"].split(",") if t.strip()], "env ETCDCTL_ENDPOINTS"
+    else:
+        texts, where = [], ""
+    try:
+        endpoints = tuple(parse_endpoint(t, context=where) for t in texts) or (("127.0.0.1", 2379),)
+    except SpecError as exc:
+        raise UsageError(str(exc)) from None
+    secure = any(t.strip().startswith("https://") for t in texts)
+    files = {}
+    for name, envvar in (("ca", "ETCDCTL_CACERT"), ("cert", "ETCDCTL_CERT"), ("key", "ETCDCTL_KEY")):
+        value, src = (getattr(args, f"etcd_{name}"), f"--etcd-{name}")
+        if not value and env.get(envvar):
+            value, src = env[envvar], f"env {envvar}"
+        if value:
+            try:
+                with open(value, "rb"):
+                    pass
+            except OSError as exc:
+                raise UsageError(f"{src}: cannot read {value}: {exc.strerror}") from None
+        files[name] = value or None
+    if bool(files["cert"]) != bool(files["key"]):
+        raise UsageError("--etcd-cert and --etcd-key (or ETCDCTL_CERT and ETCDCTL_KEY) go together")
+    if (secure or files["cert"]) and not files["ca"]:
+        raise UsageError(f"{where or '--etcd-cert'}: TLS to etcd needs --etcd-ca FILE (or ETCDCTL_CACERT)")
+    user, user_src = (args.etcd_user, "--etcd-user") if args.etcd_user else (env.get("ETCDCTL_USER"), "env ETCDCTL_USER")
+    if user and ":" not in user:
+        raise UsageError(f"{user_src}: expected USER:PASSWORD")
+    return dict(etcd_endpoints=endpoints, etcd_user=user or None, etcd_ca=files["ca"], etcd_cert=files["cert"],
+                etcd_key=files["key"])
+
+
 def resolver_options(args) -> ResolverOptions:
     if args.dns_min_ttl > args.dns_max_ttl:
         raise UsageError(f"--dns-min-ttl {args.dns_min_ttl:g} is above --dns-max-ttl {args.dns_max_ttl:g}")
@@ -154,7 +203,8 @@ def resolver_options(args) -> ResolverOptions:
         raise UsageError("--dns-min-ttl must be above 0 (a TTL-0 answer would be looked up in a busy loop)")
     return ResolverOptions(dns_servers=tuple(args.dns_server), dns_min_ttl=args.dns_min_ttl,
                            dns_max_ttl=args.dns_max_ttl, dns_stale_for=args.dns_stale_for,
-                           dns_timeout=args.dns_timeout, **consul_options(args, os.environ))
+                           dns_timeout=args.dns_timeout, **consul_options(args, os.environ),
+                           **etcd_options(args, os.environ))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a backend that failed stays at the back of the order (default 10)")
     _add_dns_flags(run)
     _add_consul_flags(run)
+    _add_etcd_flags(run)
     g = run.add_argument_group("iptables")
     g.add_argument("--iptables", action="store_true",
                    help="install REDIRECT rules for the mapped ports on start, remove them on exit")
@@ -225,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("spec", metavar="SPEC")
     _add_dns_flags(res)
     _add_consul_flags(res)
+    _add_etcd_flags(res)
 
     chk = sub.add_parser("check", help="validate routes and print the route table")
     chk.add_argument("--config", metavar="FILE", help="TOML file to check")

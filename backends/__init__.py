@@ -8,6 +8,8 @@ How the pieces fit:
 * ``dns.py``: ``srv://NAME`` and bare names (SRV, RFC 2782), ``dns://NAME:PORT`` (A/AAAA).
 * ``consul.py``: ``consul://[AGENT]/SERVICE`` (passing instances) and
   ``consul-kv://[AGENT]/PATH``, watched with blocking queries.
+* ``etcd.py``: ``etcd://[ENDPOINT]/PREFIX``, read then watched, resumed after restarts.
+* ``keyvalues.py``: the value format shared by Consul KV and etcd.
 * later modules (``dns``, ``consul``, ``etcd``) register their schemes in ``SCHEMES``.
 
 ``parse_spec(text)`` is the one entry point the daemon uses: it picks the module by the
@@ -30,6 +32,7 @@ from .interface import (
 )
 from .consul import ConsulKVSpec, ConsulServiceSpec
 from .dns import DnsSpec, SrvSpec
+from .etcd import EtcdSpec
 from .static import StaticSpec
 
 __all__ = [
@@ -51,11 +54,12 @@ SCHEMES: dict[str, Callable[[str], Spec]] = {
     "dns": DnsSpec.parse,
     "consul": ConsulServiceSpec.parse,
     "consul-kv": ConsulKVSpec.parse,
+    "etcd": EtcdSpec.parse,
 }
 
 # Schemes of the design's grammar whose resolvers are not built yet: a clear "not yet"
 # beats a confusing "bad host:port".
-_PLANNED = {"etcd"}
+_PLANNED: set[str] = set()
 
 
 def parse_spec(text: str) -> Spec:

@@ -62,9 +62,9 @@ from .interface import (
     ResolverOptions,
     Spec,
     SpecError,
-    parse_host_port,
     parse_port,
 )
+from .keyvalues import pairs_from_keys
 from .static import backends_of
 
 log = logging.getLogger("ambassadord.resolver.consul")
@@ -190,35 +190,8 @@ def service_instances(entries: list[dict]) -> tuple[list[Instance], list[str]]:
 
 
 def kv_entries(path: str, items: list[dict] | None) -> tuple[list[tuple[str, int]], list[str]]:
-    """(host, port) pairs from a recursive KV read of ``path``. Returns (pairs, notes).
-
-    PATH's own value is split on commas; every key below ``PATH/`` contributes its value
-    (commas allowed too). Keys that merely share the prefix (``PATHX``), folders and empty
-    values are ignored; a malformed value is skipped with a note naming its key.
-    """
-    pairs, notes = [], []
-    base = path.strip("/")
-    for item in items or []:
-        key = item.get("Key", "")
-        if key != base and not key.startswith(base + "/"):
-            continue
-        raw = item.get("Value")
-        if raw is None or key.endswith("/"):
-            continue
-        try:
-            value = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-        except UnicodeDecodeError:
-            notes.append(f"key {key!r}: value is not UTF-8 text; skipped")
-            continue
-        for part in value.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            try:
-                pairs.append(parse_host_port(part, context=part))
-            except SpecError as exc:
-                notes.append(f"key {key!r}: {exc}; skipped")
-    return list(dict.fromkeys(pairs)), notes
+    """(host, port) pairs from a recursive KV read of ``path`` (see keyvalues.pairs_from_keys)."""
+    return pairs_from_keys(path.strip("/"), ((item.get("Key", ""), item.get("Value")) for item in items or []))
 
 
 # ---- the client -----------------------------------------------------------------------------

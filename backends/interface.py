@@ -102,6 +102,15 @@ class ResolverOptions:
     consul_token: str | None = None
     consul_ca: str | None = None
     consul_wait: float = 30.0
+    # etcd: endpoints when a spec names none (tried in turn), "user:password", TLS files,
+    # the timeout of one call, and how often the range is read again anyway.
+    etcd_endpoints: tuple[tuple[str, int], ...] = (("127.0.0.1", 2379),)
+    etcd_user: str | None = None
+    etcd_ca: str | None = None
+    etcd_cert: str | None = None
+    etcd_key: str | None = None
+    etcd_timeout: float = 5.0
+    etcd_resync: float = 30.0
 
 
 Publish = Callable[[BackendSet], None]

@@ -1,0 +1,357 @@
+"""etcd v3 resolver: the values of the keys under a prefix, watched, surviving restarts.
+
+Spec: ``etcd://[ENDPOINT]/PREFIX`` (progrium/ambassadord's form). The key is the path as
+written, leading slash included: ``etcd:///services/redis`` reads the key
+``/services/redis`` (its value split on commas) and every key below ``/services/redis/``
+(each value ``host:port``). A malformed value is skipped with a log line naming its key.
+
+Endpoints: the spec's, else ``--etcd`` (repeatable, a cluster), else ETCDCTL_ENDPOINTS,
+else 127.0.0.1:2379. After a failure the next endpoint is tried.
+
+How the watch stays correct (no update lost, no deleted key lingering):
+
+1. Read the range under the prefix; its header revision R is the state we hold.
+2. Watch the prefix from R + 1: every put and delete after the read arrives, in order.
+3. When the watch breaks (etcd restarted, network error), reconnect (every ~0.5 s for the
+   first 10 s of an outage, then with exponential backoff to 30 s, always jittered) and *resume* the watch from the last revision seen + 1: etcd replays
+   what happened meanwhile, deletes included. The last known set keeps serving (stale)
+   until then.
+4. If that revision has been compacted away, etcd refuses the resume: read the range
+   again (step 1) instead. A compaction is not an outage: no backoff.
+5. Every ``etcd_resync`` seconds (30), read the range again and restart the watch anyway,
+   so that a watch stream that died silently (a partition that never resets the TCP
+   connection) cannot freeze a route for longer than that.
+
+Client: etcd3 (the design card's choice; synchronous gRPC). Unary calls run in worker
+threads (``abandon_on_cancel``) and are bounded by the client timeout; the watch callback
+runs in etcd3's gRPC thread and hands each response to trio through
+``TrioToken.run_sync_soon`` (thread-safe, never blocks that thread) into an unbounded
+channel, so events keep their order.
+
+etcd3 0.12 is built against old protobuf: with protobuf >= 4 its generated modules fail
+to import unless protobuf's pure-Python implementation is used, which must be chosen
+before protobuf is first imported. Hence the environment default below; etcd traffic is
+small, so the slower implementation costs nothing that matters.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import threading
+import urllib.parse
+from dataclasses import dataclass
+
+os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+
+import trio  # noqa: E402
+
+from .interface import (  # noqa: E402
+    Backend,
+    BackendSet,
+    Publish,
+    ResolveError,
+    Resolver,
+    ResolverOptions,
+    Spec,
+    SpecError,
+    parse_port,
+)
+from .keyvalues import pairs_from_keys  # noqa: E402
+from .static import backends_of  # noqa: E402
+
+log = logging.getLogger("ambassadord.resolver.etcd")
+
+BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
+# For this long into an outage, retry every BACKOFF_FIRST (jittered) instead of backing off:
+# an etcd restart takes a second or two, and the route should catch up within the next.
+FAST_RETRY_WINDOW = 10.0
+_limiter = trio.CapacityLimiter(64)
+
+
+class TemporaryFailure(ResolveError):
+    """etcd could not answer: keep the last known set."""
+
+
+class _Compacted(Exception):
+    """The revision to resume from has been compacted: read the range again."""
+
+
+def _quiet_closed_watch_threads(args) -> None:
+    """threading.excepthook: silence etcd3's watch thread dying of our own client.close().
+
+    etcd3's Watcher runs ``while True: open a stream ...`` in a thread with no way to stop
+    it; after its channel is closed the next attempt raises ValueError("... Channel
+    closed!") and the thread ends. That is the intended end of a session's thread here,
+    not an error worth a traceback on stderr. Everything else goes to the previous hook.
+    """
+    if (args.thread is not None and args.thread.name.startswith("etcd3_watch_")
+            and isinstance(args.exc_value, ValueError) and "Channel closed" in str(args.exc_value)):
+        log.debug("etcd3 watch thread %s ended with its closed channel", args.thread.name)
+        return
+    _previous_excepthook(args)
+
+
+_previous_excepthook = threading.excepthook
+threading.excepthook = _quiet_closed_watch_threads
+
+
+def _etcd3():
+    try:
+        import etcd3
+        import etcd3.events
+        import etcd3.exceptions
+    except Exception as exc:  # protobuf chose its C implementation before we could say otherwise
+        raise TemporaryFailure(
+            f"cannot load the etcd3 client ({type(exc).__name__}: {exc}); set "
+            "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python in the environment") from None
+    return etcd3
+
+
+# ---- spec -----------------------------------------------------------------------------------
+
+
+def parse_endpoint(text: str, *, context: str) -> tuple[str, int]:
+    """``host[:port]`` / ``[v6]:port``, optionally with http:// (port 2379 by default)."""
+    t = text.strip()
+    if "://" in t:
+        scheme, t = t.split("://", 1)
+        if scheme not in ("http", "https"):
+            raise SpecError(f"bad etcd endpoint {text!r} in {context}: scheme must be http or https")
+    t = t.rstrip("/")
+    host, port = t, "2379"
+    if t.startswith("["):
+        host, _, rest = t[1:].partition("]")
+        port = rest.removeprefix(":") or "2379"
+    elif t.count(":") == 1:
+        host, port = t.split(":")
+    if not host or "/" in host:
+        raise SpecError(f"bad etcd endpoint {text!r} in {context}: expected HOST[:PORT]")
+    return host, parse_port(port, context=f"etcd endpoint {text!r} in {context}")
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdSpec(Spec):
+    text: str
+    endpoint: tuple[str, int] | None
+    prefix: str
+
+    @classmethod
+    def parse(cls, text: str) -> "EtcdSpec":
+        parts = urllib.parse.urlsplit(text)
+        prefix = parts.path.rstrip("/")
+        if parts.scheme != "etcd" or not prefix.strip("/") or parts.query or parts.fragment:
+            raise SpecError(f"spec {text!r}: expected etcd://[ENDPOINT]/PREFIX, e.g. etcd:///services/redis")
+        endpoint = parse_endpoint(parts.netloc, context=f"spec {text!r}") if parts.netloc else None
+        return cls(text=text, endpoint=endpoint, prefix=prefix)
+
+    def resolver(self, options: ResolverOptions) -> "EtcdResolver":
+        return EtcdResolver(self, options)
+
+
+# ---- resolver ---------------------------------------------------------------------------------
+
+
+class EtcdResolver(Resolver):
+    def __init__(self, spec: EtcdSpec, options: ResolverOptions):
+        self.spec = spec
+        self.options = options
+        self.endpoints = [spec.endpoint] if spec.endpoint else list(options.etcd_endpoints)
+        self._turn = 0
+        self.failures = 0
+        self.compactions = 0
+        # The state: key -> value, as of revision self.revision.
+        self.values: dict[str, bytes] = {}
+        self.revision = 0
+        self.rng = random.Random()
+
+    # -- blocking etcd3 calls, in threads --
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        return self.endpoints[self._turn % len(self.endpoints)]
+
+    def _where(self) -> str:
+        host, port = self.endpoint
+        return f"etcd {'[' + host + ']' if ':' in host else host}:{port}"
+
+    async def _thread(self, fn, *args, **kw):
+        etcd3 = _etcd3()
+        try:
+            return await trio.to_thread.run_sync(lambda: fn(*args, **kw), abandon_on_cancel=True, limiter=_limiter)
+        except etcd3.exceptions.Etcd3Exception as exc:
+            raise TemporaryFailure(f"{self._where()}: {_describe(exc)}") from None
+        except Exception as exc:  # grpc errors, auth failures, bad TLS files ...
+            raise TemporaryFailure(f"{self._where()}: {_describe(exc)}") from None
+
+    def _connect(self):
+        etcd3 = _etcd3()
+        o = self.options
+        host, port = self.endpoint
+        user = password = None
+        if o.etcd_user:
+            user, _, password = o.etcd_user.partition(":")
+        return etcd3.client(host=host, port=port, timeout=o.etcd_timeout, user=user, password=password,
+                            ca_cert=o.etcd_ca, cert_key=o.etcd_key, cert_cert=o.etcd_cert)
+
+    async def _read_range(self, client) -> None:
+        resp = await self._thread(client.get_prefix_response, self.spec.prefix)
+        self.values = {kv.key.decode("utf-8", "replace"): kv.value for kv in resp.kvs}
+        self.revision = resp.header.revision
+
+    # -- answers --
+
+    async def _backends(self) -> tuple[Backend, ...]:
+        pairs, notes = pairs_from_keys(self.spec.prefix, sorted(self.values.items()))
+        for note in notes:
+            log.warning("%s: %s", self.spec.text, note)
+        backends, errors = await backends_of(pairs)
+        for error in errors:
+            log.warning("%s: cannot resolve %s", self.spec.text, error)
+        return tuple(backends)
+
+    async def resolve(self) -> tuple[Backend, ...]:
+        client = await self._thread(self._connect)
+        try:
+            await self._read_range(client)
+        finally:
+            client.close()
+        return await self._backends()
+
+    # -- the watch loop --
+
+    async def watch(self, publish: Publish) -> None:
+        source = self.spec.text
+        state = {"last": None}
+
+        async def publish_current() -> None:
+            backends = await self._backends()
+            last = state["last"]
+            if last is None or last.backends != backends or last.stale:
+                if not backends:
+                    log.warning("%s: no backend under %r; the route has no backends", source, self.spec.prefix)
+                state["last"] = BackendSet(backends, source=source,
+                                           error=None if backends else f"no backend under etcd key {self.spec.prefix!r}")
+                publish(state["last"])
+
+        backoff = BACKOFF_FIRST
+        outage_since = None
+        while True:
+            try:
+                await self._session(publish_current)
+            except TemporaryFailure as exc:
+                self.failures += 1
+                now = trio.current_time()
+                outage_since = outage_since if outage_since is not None else now
+                if now - outage_since < FAST_RETRY_WINDOW:
+                    backoff = BACKOFF_FIRST
+                last = state["last"]
+                if last is not None and last.backends:
+                    log.warning("%s: %s; keeping the last known set (stale), retrying in %.1fs", source, exc, backoff)
+                    state["last"] = BackendSet(last.backends, source=source, updated=last.updated, stale=True,
+                                               error=str(exc))
+                else:
+                    log.error("%s: %s; no backends known, retrying in %.1fs", source, exc, backoff)
+                    state["last"] = BackendSet((), source=source, stale=True, error=str(exc))
+                publish(state["last"])
+                self._turn += 1  # next endpoint of a cluster
+                await trio.sleep(backoff * (0.5 + self.rng.random()))
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            backoff = BACKOFF_FIRST  # a session ended by the resync timer or a compaction: all was well
+            outage_since = None
+
+    async def _session(self, publish_current) -> None:
+        """Connect, catch up (resume or read), then follow the watch until the resync timer."""
+        etcd3 = _etcd3()
+        client = await self._thread(self._connect)
+        watch_id = None
+        try:
+            send, receive = trio.open_memory_channel(math.inf)
+            token = trio.lowlevel.current_trio_token()
+
+            def callback(response) -> None:  # etcd3's gRPC thread
+                try:
+                    token.run_sync_soon(send.send_nowait, response)
+                except (trio.RunFinishedError, trio.ClosedResourceError, trio.BrokenResourceError):
+                    pass
+
+            if self.revision == 0:
+                await self._read_range(client)
+                await publish_current()
+            # (when resuming, what we hold is published only once etcd has accepted the
+            # watch below: until then it stays marked stale)
+            while watch_id is None:
+                try:
+                    watch_id = await self._start_watch(client, callback, self.revision + 1)
+                except _Compacted:
+                    self.compactions += 1
+                    log.info("%s: revision %d was compacted; reading %r again", self.spec.text,
+                             self.revision + 1, self.spec.prefix)
+                    await self._read_range(client)
+                    await publish_current()
+            await publish_current()
+            with trio.move_on_after(self.options.etcd_resync):
+                async for response in receive:
+                    if isinstance(response, etcd3.exceptions.RevisionCompactedError):
+                        # resumed from a revision compacted away: not an outage, read again now
+                        self.compactions += 1
+                        log.info("%s: revision %d was compacted; reading %r again", self.spec.text,
+                                 self.revision + 1, self.spec.prefix)
+                        self.revision = 0
+                        return
+                    if isinstance(response, Exception):
+                        raise TemporaryFailure(f"{self._where()}: watch broke: {_describe(response)}")
+                    for event in response.events:
+                        key = event.key.decode("utf-8", "replace")
+                        if isinstance(event, etcd3.events.DeleteEvent):
+                            self.values.pop(key, None)
+                        else:
+                            self.values[key] = event.value
+                        self.revision = max(self.revision, event.mod_revision)
+                    if response.header.revision > self.revision:
+                        self.revision = response.header.revision
+                    await publish_current()
+            # Resync: read everything again on the next session (see step 5).
+            self.revision = 0
+        finally:
+            send.close()
+            if watch_id is not None:
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(1):
+                        try:
+                            await self._thread(client.cancel_watch, watch_id)
+                        except TemporaryFailure:
+                            pass
+            client.close()
+
+    async def _start_watch(self, client, callback, start_revision: int):
+        etcd3 = _etcd3()
+
+        def start():
+            try:
+                return client.add_watch_prefix_callback(self.spec.prefix, callback, start_revision=start_revision)
+            except etcd3.exceptions.RevisionCompactedError:
+                raise _Compacted() from None
+
+        try:
+            return await trio.to_thread.run_sync(start, abandon_on_cancel=True, limiter=_limiter)
+        except _Compacted:
+            raise
+        except Exception as exc:
+            raise TemporaryFailure(f"{self._where()}: cannot start the watch: {_describe(exc)}") from None
+
+
+def _describe(exc: BaseException) -> str:
+    # grpc errors carry their status and details; etcd3's own exceptions are often empty
+    code = getattr(exc, "code", None)
+    details = getattr(exc, "details", None)
+    if callable(code) and callable(details):
+        try:
+            return f"{code().name}: {details()}"
+        except Exception:
+            pass
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
