@@ -22,6 +22,8 @@ APT_PACKAGES=(
   libcap2-bin:setcap
   procps:pkill
   dnsmasq-base:dnsmasq
+  etcd-server:etcd
+  etcd-client:etcdctl
 )
 
 # Consul is not in bookworm; bullseye's package (1.8.7) carries one static binary. It is
