@@ -91,7 +91,9 @@ def _agent(netloc: str, text: str) -> tuple[str, int] | None:
         return None
     host, port = netloc, "8500"
     if netloc.startswith("["):
-        host, _, rest = netloc[1:].partition("]")
+        host, closed, rest = netloc[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise SpecError(f"spec {text!r}: bad agent address {netloc!r}: expected [IPV6]:PORT")
         port = rest.removeprefix(":") or "8500"
     elif netloc.count(":") == 1:
         host, port = netloc.split(":")
@@ -101,7 +103,10 @@ def _agent(netloc: str, text: str) -> tuple[str, int] | None:
 
 
 def _split(text: str, scheme: str) -> urllib.parse.SplitResult:
-    parts = urllib.parse.urlsplit(text)
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError as exc:  # e.g. an unclosed [ of an IPv6 agent
+        raise SpecError(f"spec {text!r}: {exc}") from None
     if parts.scheme != scheme or parts.fragment:
         raise SpecError(f"spec {text!r}: expected {scheme}://[AGENT]/...")
     return parts

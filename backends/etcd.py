@@ -123,7 +123,9 @@ def parse_endpoint(text: str, *, context: str) -> tuple[str, int]:
     t = t.rstrip("/")
     host, port = t, "2379"
     if t.startswith("["):
-        host, _, rest = t[1:].partition("]")
+        host, closed, rest = t[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise SpecError(f"bad etcd endpoint {text!r} in {context}: expected [IPV6]:PORT")
         port = rest.removeprefix(":") or "2379"
     elif t.count(":") == 1:
         host, port = t.split(":")
@@ -140,7 +142,10 @@ class EtcdSpec(Spec):
 
     @classmethod
     def parse(cls, text: str) -> "EtcdSpec":
-        parts = urllib.parse.urlsplit(text)
+        try:
+            parts = urllib.parse.urlsplit(text)
+        except ValueError as exc:  # e.g. an unclosed [ of an IPv6 endpoint
+            raise SpecError(f"spec {text!r}: {exc}") from None
         prefix = parts.path.rstrip("/")
         if parts.scheme != "etcd" or not prefix.strip("/") or parts.query or parts.fragment:
             raise SpecError(f"spec {text!r}: expected etcd://[ENDPOINT]/PREFIX, e.g. etcd:///services/redis")
@@ -193,8 +198,15 @@ class EtcdResolver(Resolver):
         user = password = None
         if o.etcd_user:
             user, _, password = o.etcd_user.partition(":")
-        return etcd3.client(host=host, port=port, timeout=o.etcd_timeout, user=user, password=password,
-                            ca_cert=o.etcd_ca, cert_key=o.etcd_key, cert_cert=o.etcd_cert)
+        client = etcd3.client(host=host, port=port, timeout=o.etcd_timeout, user=user, password=password,
+                              ca_cert=o.etcd_ca, cert_key=o.etcd_key, cert_cert=o.etcd_cert)
+        if user and not o.etcd_ca:
+            # etcd3 0.12 hands the auth token to gRPC twice: as call credentials, which current
+            # grpcio refuses on a plain-text channel (UNAUTHENTICATED: "insufficient security
+            # level"), and as request metadata, which is all etcd needs. Keep only the latter.
+            client.call_credentials = None
+            client.watcher._credentials = None
+        return client
 
     async def _read_range(self, client) -> None:
         resp = await self._thread(client.get_prefix_response, self.spec.prefix)
@@ -213,12 +225,19 @@ class EtcdResolver(Resolver):
         return tuple(backends)
 
     async def resolve(self) -> tuple[Backend, ...]:
-        client = await self._thread(self._connect)
-        try:
-            await self._read_range(client)
-        finally:
-            client.close()
-        return await self._backends()
+        errors = []
+        for _ in self.endpoints:  # a cluster: the next member when one fails
+            try:
+                client = await self._thread(self._connect)
+                try:
+                    await self._read_range(client)
+                finally:
+                    client.close()
+                return await self._backends()
+            except TemporaryFailure as exc:
+                errors.append(str(exc))
+                self._turn += 1
+        raise TemporaryFailure("; ".join(errors))
 
     # -- the watch loop --
 
@@ -239,11 +258,14 @@ class EtcdResolver(Resolver):
         backoff = BACKOFF_FIRST
         outage_since = None
         while True:
+            self._up = False
             try:
                 await self._session(publish_current)
             except TemporaryFailure as exc:
                 self.failures += 1
                 now = trio.current_time()
+                if self._up:  # the session had been working: this is a new outage
+                    outage_since, backoff = None, BACKOFF_FIRST
                 outage_since = outage_since if outage_since is not None else now
                 if now - outage_since < FAST_RETRY_WINDOW:
                     backoff = BACKOFF_FIRST
@@ -292,6 +314,7 @@ class EtcdResolver(Resolver):
                              self.revision + 1, self.spec.prefix)
                     await self._read_range(client)
                     await publish_current()
+            self._up = True
             await publish_current()
             with trio.move_on_after(self.options.etcd_resync):
                 async for response in receive:
