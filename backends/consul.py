@@ -63,6 +63,7 @@ from .interface import (
     Spec,
     SpecError,
     parse_port,
+    split_host_port,
 )
 from .keyvalues import pairs_from_keys
 from .static import backends_of
@@ -89,14 +90,10 @@ class TemporaryFailure(ResolveError):
 def _agent(netloc: str, text: str) -> tuple[str, int] | None:
     if not netloc:
         return None
-    host, port = netloc, "8500"
-    if netloc.startswith("["):
-        host, closed, rest = netloc[1:].partition("]")
-        if not closed or (rest and not rest.startswith(":")):
-            raise SpecError(f"spec {text!r}: bad agent address {netloc!r}: expected [IPV6]:PORT")
-        port = rest.removeprefix(":") or "8500"
-    elif netloc.count(":") == 1:
-        host, port = netloc.split(":")
+    try:
+        host, port = split_host_port(netloc, 8500)
+    except ValueError as exc:
+        raise SpecError(f"spec {text!r}: bad agent address {netloc!r}: {exc}") from None
     if not host:
         raise SpecError(f"spec {text!r}: bad agent address {netloc!r}")
     return host, parse_port(port, context=f"agent address {netloc!r} in {text!r}")

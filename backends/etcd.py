@@ -58,6 +58,7 @@ from .interface import (  # noqa: E402
     Spec,
     SpecError,
     parse_port,
+    split_host_port,
 )
 from .keyvalues import pairs_from_keys  # noqa: E402
 from .static import backends_of  # noqa: E402
@@ -121,14 +122,10 @@ def parse_endpoint(text: str, *, context: str) -> tuple[str, int]:
         if scheme not in ("http", "https"):
             raise SpecError(f"bad etcd endpoint {text!r} in {context}: scheme must be http or https")
     t = t.rstrip("/")
-    host, port = t, "2379"
-    if t.startswith("["):
-        host, closed, rest = t[1:].partition("]")
-        if not closed or (rest and not rest.startswith(":")):
-            raise SpecError(f"bad etcd endpoint {text!r} in {context}: expected [IPV6]:PORT")
-        port = rest.removeprefix(":") or "2379"
-    elif t.count(":") == 1:
-        host, port = t.split(":")
+    try:
+        host, port = split_host_port(t, 2379)
+    except ValueError as exc:
+        raise SpecError(f"bad etcd endpoint {text!r} in {context}: {exc}") from None
     if not host or "/" in host:
         raise SpecError(f"bad etcd endpoint {text!r} in {context}: expected HOST[:PORT]")
     return host, parse_port(port, context=f"etcd endpoint {text!r} in {context}")

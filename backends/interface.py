@@ -175,6 +175,24 @@ def parse_host_port(item: str, *, context: str) -> tuple[str, int]:
     return host, parse_port(port_text, context=f"backend {item!r}{where}")
 
 
+def split_host_port(text: str, default_port: int) -> tuple[str, str]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` -> (host, port text, not yet checked).
+
+    Shared by every address whose port may be left out (a Consul agent, an etcd
+    endpoint). Raises ValueError("expected [IPV6]:PORT") for an unclosed or malformed
+    bracket; callers turn it into a SpecError naming where the text came from.
+    """
+    if text.startswith("["):
+        host, closed, rest = text[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise ValueError("expected [IPV6]:PORT")
+        return host, rest.removeprefix(":") or str(default_port)
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return host, port
+    return text, str(default_port)
+
+
 def parse_port(text: str, *, context: str) -> int:
     """A TCP port 1..65535, or SpecError naming ``context``."""
     text = str(text).strip()
