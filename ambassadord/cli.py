@@ -1,4 +1,4 @@
-"""Command line: ``ambassadord run | iptables | resolve | check``.
+"""Command line: ``ambassadord run | status | iptables | resolve | check``.
 
 Exit status: 0 success; 1 a runtime failure (no backends, iptables refused, ...);
 2 bad usage or configuration (a bad flag, an unreadable config, a bad spec or port), with
@@ -19,7 +19,7 @@ import trio
 
 from backends import ResolveError, ResolverOptions, SpecError, parse_spec
 
-from . import logs
+from . import logs, sdnotify
 from .balancer import BALANCE_POLICIES
 from .config import ConfigError, load_routes
 from .relay import SPLICE_AVAILABLE
@@ -29,6 +29,8 @@ from .server import ListenAddress, Server, StartupError, bind_listeners, parse_l
 log = logging.getLogger("ambassadord")
 
 DEFAULT_PORT = 10000
+DEFAULT_ADMIN_TEXT = "127.0.0.1:10001"
+DEFAULT_ADMIN = ListenAddress("127.0.0.1", 10001)
 DEFAULT_LISTEN = [ListenAddress("0.0.0.0", DEFAULT_PORT), ListenAddress("::", DEFAULT_PORT, optional=True)]
 
 
@@ -80,6 +82,28 @@ def _listen(text: str) -> ListenAddress:
         return parse_listen(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _admin(text: str):
+    from .admin import parse_admin
+
+    try:
+        return parse_admin(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds_or_zero(flag: str):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag}: {text!r} is not a number of seconds") from None
+        if not (v >= 0 and v != float("inf")):
+            raise argparse.ArgumentTypeError(f"{flag}: {text!r}: expected 0 or a positive number of seconds")
+        return v
+
+    return parse
 
 
 def _dns_server(text: str) -> tuple[str, int]:
@@ -222,7 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = run.add_argument_group("routes")
     g.add_argument("--map", action="append", default=[], metavar="PORT[@CIDR]=SPEC",
                    help="route connections for PORT (from sources in CIDR) to SPEC; repeatable")
-    g.add_argument("--config", metavar="FILE", help="TOML file with a [routes] table (and optional [defaults])")
+    g.add_argument("--config", metavar="FILE", help="TOML file with a [routes] table (and optional [defaults]); "
+                   "re-read on SIGHUP and when it changes")
+    g.add_argument("--config-poll", type=_seconds_or_zero("--config-poll"), default=1.0, metavar="SECONDS",
+                   help="how often to check --config for changes (default 1; 0 = only on SIGHUP)")
     g.add_argument("--link-env", action="store_true",
                    help="also read Docker link variables <ALIAS>_PORT_<PORT>_TCP=tcp://HOST:PORT")
     g = run.add_argument_group("listening")
@@ -248,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="redirect only connections to IFACE's addresses (e.g. docker0); repeatable")
     g.add_argument("--mark", type=_mark, default=netfilter.DEFAULT_MARK, metavar="N",
                    help=f"SO_MARK on upstream connections, exempted from the redirect (default {netfilter.DEFAULT_MARK:#x})")
+    g.add_argument("--admin", type=_admin, default=DEFAULT_ADMIN, metavar="ADDR:PORT|off",
+                   help=f"admin HTTP API: /, /healthz, /routes, /metrics (default {DEFAULT_ADMIN_TEXT}; off = none)")
     g = run.add_argument_group("process")
     g.add_argument("--grace", type=_positive_float("--grace"), default=10.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long open connections may take to finish (default 10)")
@@ -255,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="relay with splice(2) (zero-copy) instead of recv/send; auto = where available (default auto)")
     g.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format (default text)")
     g.add_argument("--log-level", choices=logs.LEVELS, default="info", help="(default info)")
+
+    st = sub.add_parser("status", help="print a running daemon's routes and backends (from its admin API)",
+                        description="Print the route table of a running ambassadord, read from its admin API.")
+    st.add_argument("--admin", type=_admin, default=DEFAULT_ADMIN, metavar="ADDR:PORT",
+                    help=f"the daemon's admin address (default {DEFAULT_ADMIN_TEXT})")
+    st.add_argument("--json", action="store_true", help="print the admin API's /routes JSON as it is")
+    st.add_argument("--timeout", type=_positive_float("--timeout"), default=5.0, metavar="SECONDS",
+                    help="how long to wait for the daemon (default 5)")
 
     ipt = sub.add_parser("iptables", help="install or remove the REDIRECT rules by hand",
                          description="Install or remove the nat REDIRECT rules that send connections for "
@@ -314,7 +351,8 @@ def cmd_run(args) -> int:
         raise UsageError("--splice on: os.splice is not available on this platform")
     options = resolver_options(args)
     listen = args.listen or DEFAULT_LISTEN
-    listen_ports = sorted({a.port for a in listen})
+    if args.admin is not None and any(a.port == args.admin.port for a in listen):
+        raise UsageError(f"--admin {args.admin}: port {args.admin.port} is also a --listen port")
 
     plan = None
     if args.iptables:
@@ -326,14 +364,19 @@ def cmd_run(args) -> int:
                 dests += netfilter.interface_addresses(args.iptables_interface)
             except netfilter.NetfilterError as exc:
                 raise UsageError(f"--iptables-interface: {exc}") from None
+        listen_ports = sorted({a.port for a in listen})
         if len(listen_ports) > 1:
             log.warning("listeners use ports %s; REDIRECT goes to the first, %d", listen_ports, listen_ports[0])
-        ports = tuple(sorted({c.port for c in configs} - set(listen_ports)))
-        plan = netfilter.RedirectPlan(to_port=listen_ports[0], ports=ports, dests=tuple(dests), mark=args.mark,
-                                      families=_families_for(listen))
+        plan = netfilter.RedirectPlan(to_port=listen_ports[0], ports=_redirect_ports(configs, listen), dests=tuple(dests),
+                                      mark=args.mark, families=_families_for(listen))
 
+    admin_sock = None
     try:
         sockets = bind_listeners(listen)
+        if args.admin is not None:
+            from .admin import bind_admin
+
+            admin_sock = bind_admin(args.admin)
     except StartupError as exc:
         log.error("%s", exc)
         return 1
@@ -350,17 +393,25 @@ def cmd_run(args) -> int:
                 log.error("iptables: %s", exc)
                 return 1
             log.info("iptables: redirecting ports %s to %d", ",".join(map(str, plan.ports)) or "(none)", plan.to_port)
+        daemon = _Daemon(args, server, plan, admin_sock)
+        admin_sock = None  # the daemon's now
         try:
-            trio.run(_serve, server, plan)
+            trio.run(daemon.serve)
         except KeyboardInterrupt:
             pass
     finally:
+        if admin_sock is not None:
+            admin_sock.close()
         for s in sockets:
             s.close()
         if plan is not None:
             _remove_rules(plan)
     log.info("stopped")
     return 0
+
+
+def _redirect_ports(configs, listen: list[ListenAddress]) -> tuple[int, ...]:
+    return tuple(sorted({c.port for c in configs} - {a.port for a in listen}))
 
 
 def _families_for(listen: list[ListenAddress]) -> tuple[int, ...]:
@@ -389,28 +440,141 @@ def _remove_rules(plan) -> None:
         log.error("iptables: could not remove rules: %s", exc)
 
 
-async def _serve(server: Server, plan) -> None:
-    async def on_signals():
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+class _Daemon:
+    """``run`` once everything is bound: the server, the admin API, signals and reloads."""
+
+    def __init__(self, args, server: Server, plan, admin_sock):
+        from .admin import ConfigState
+
+        self.args = args
+        self.server = server
+        self.plan = plan
+        self.admin_sock = admin_sock
+        self.config = ConfigState(file=os.path.abspath(args.config) if args.config else None)
+        self._reload_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+        self.stopping = False
+
+    async def serve(self) -> None:
+        server = self.server
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._on_signals)
+            await nursery.start(self._run_server)
+            if self.admin_sock is not None:
+                from .admin import admin_url, make_app, serve_admin
+
+                sock, self.admin_sock = self.admin_sock, None
+                await nursery.start(serve_admin, make_app(server, self.config), sock)
+                log.info("admin API on %s", admin_url(self.args.admin))
+            if self.args.config and self.args.config_poll > 0:
+                nursery.start_soon(self._watch_config_file)
+            sdnotify.ready(f"serving {len(server.table)} route(s)")
+
+    async def _run_server(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        # Returns once shutdown() was called and the grace period is over; then the admin
+        # API, the file watch and the signal handler go too.
+        await self.server.run(task_status=task_status)
+        self._nursery.cancel_scope.cancel()
+
+    async def _on_signals(self) -> None:
+        server, plan = self.server, self.plan
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             first = True
             async for signum in signals:
                 name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    if first:
+                        self._nursery.start_soon(self.reload, "SIGHUP")
+                    continue
                 if first:
+                    first = False
                     log.info("%s: stopping (grace %gs; send again to stop at once)", name, server.grace)
+                    sdnotify.stopping()
+                    self.stopping = True
                     if plan is not None:
                         # New connections would find no listener anyway; take the rules
                         # away first, so that nothing lingers if we are killed meanwhile.
-                        await trio.to_thread.run_sync(_remove_rules, plan)
+                        # After any reload in progress, which may be installing rules.
+                        async with self._reload_lock:
+                            await trio.to_thread.run_sync(_remove_rules, self.plan)
                     server.shutdown()
-                    first = False
                 else:
                     log.warning("%s again: closing open connections now", name)
                     server.abort()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(on_signals)
-        await server.run()  # returns once shutdown() was called and the grace period is over
-        nursery.cancel_scope.cancel()
+    async def _watch_config_file(self) -> None:
+        """Reload when --config changes: (device, inode, size, mtime) is polled, and a change
+        must hold still for one more poll (a file being written is not read half-way)."""
+        path, interval = self.args.config, self.args.config_poll
+        seen = _file_signature(path)
+        while True:
+            await trio.sleep(interval)
+            now = _file_signature(path)
+            if now == seen:
+                continue
+            while True:  # settle: wait until two looks agree
+                await trio.sleep(min(interval, 0.25))
+                again = _file_signature(path)
+                if again == now:
+                    break
+                now = again
+            seen = now
+            await self.reload(f"{path} changed")
+
+    async def reload(self, why: str) -> None:
+        """Re-read the routes; apply them all, or none if anything is wrong."""
+        from . import netfilter
+
+        async with self._reload_lock:
+            if self.stopping:
+                return
+            sdnotify.reloading()
+            try:
+                try:
+                    configs = await trio.to_thread.run_sync(_load, self.args)
+                except ConfigError as exc:
+                    raise _Rejected(str(exc)) from None
+                if not configs:
+                    raise _Rejected("no routes in the new configuration")
+                new_plan = None
+                if self.plan is not None:
+                    from dataclasses import replace
+
+                    new_plan = replace(self.plan, ports=_redirect_ports(configs, self.args.listen or DEFAULT_LISTEN))
+                    if new_plan.ports != self.plan.ports:
+                        try:
+                            await trio.to_thread.run_sync(netfilter.install, new_plan)
+                        except netfilter.NetfilterError as exc:
+                            raise _Rejected(f"iptables: {exc}") from None
+                        log.info("iptables: redirecting ports %s to %d",
+                                 ",".join(map(str, new_plan.ports)) or "(none)", new_plan.to_port)
+                        self.plan = new_plan
+                summary = self.server.reload(configs)
+            except _Rejected as exc:
+                self.config.failed(str(exc))
+                log.error("reload (%s) rejected: %s; still serving the previous configuration", why, exc,
+                          extra={"fields": {"event": "reload", "ok": False, "error": str(exc)}})
+            else:
+                self.config.succeeded(str(summary))
+                log.info("reloaded (%s): %s", why, summary,
+                         extra={"fields": {"event": "reload", "ok": True, "added": summary.added,
+                                           "removed": summary.removed, "changed": summary.changed}})
+            finally:
+                if not self.stopping:
+                    sdnotify.ready(f"serving {len(self.server.table)} route(s)")
+
+
+class _Rejected(Exception):
+    pass
+
+
+def _file_signature(path: str):
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return ("missing", exc.errno)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 # ---- iptables ----------------------------------------------------------------------
@@ -491,7 +655,99 @@ def cmd_check(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "iptables": cmd_iptables, "resolve": cmd_resolve, "check": cmd_check}
+# ---- status ------------------------------------------------------------------------
+
+
+def cmd_status(args) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    from .admin import admin_url
+
+    if args.admin is None:
+        raise UsageError("--admin off: status needs the daemon's admin address")
+    url = admin_url(args.admin) + "/routes"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as exc:
+        print(f"ambassadord status: {url}: HTTP {exc.code} {exc.reason}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        reason = getattr(reason, "strerror", None) or reason
+        print(f"ambassadord status: cannot reach the admin API at {url}: {reason} "
+              f"(is ambassadord running with --admin {args.admin}?)", file=sys.stderr)
+        return 1
+    try:
+        data = json.loads(body)
+        routes = data["routes"]
+    except (ValueError, KeyError, TypeError):
+        print(f"ambassadord status: {url} did not answer with ambassadord's /routes JSON", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(render_status(data))
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def _ago(ts, now) -> str:
+    if ts is None:
+        return "never"
+    d = max(0.0, now - ts)
+    return f"{d:.0f}s ago" if d < 120 else f"{d / 60:.0f}m ago" if d < 7200 else f"{d / 3600:.0f}h ago"
+
+
+def render_status(data: dict) -> str:
+    """The /routes JSON as a table: one line per backend, route columns on its first line."""
+    now = data.get("now") or 0
+    head = ("ROUTE", "SPEC", "BACKEND", "STATE", "ACTIVE", "CONNS", "FAILS", "UP", "DOWN", "UPDATED")
+    rows = [head]
+    notes = []
+    for r in data["routes"]:
+        route_cols = (r["name"], r["spec"])
+        backends = r["backends"]
+        if not backends:
+            state = "not resolved" if not r["resolved"] else "no backends"
+            rows.append((*route_cols, "-", state, str(r["active"]), str(r["connections"]), "-",
+                         _size(r["bytes_up"]), _size(r["bytes_down"]), _ago(r["updated_at"], now)))
+        for i, b in enumerate(backends):
+            state = b["state"]
+            if state == "ejected" and b.get("ejected_for") is not None:
+                state = f"ejected {b['ejected_for']:.0f}s"
+            if r["stale"] and b["in_set"]:
+                state += " (stale)"
+            rows.append((*(route_cols if i == 0 else ("", "")), b["name"], state, str(b["active"]),
+                         str(b["connections"]), str(b["failures"]), _size(b["bytes_up"]), _size(b["bytes_down"]),
+                         _ago(r["updated_at"], now) if i == 0 else ""))
+        if r["error"]:
+            notes.append(f"route {r['name']}: {'stale: ' if r['stale'] else ''}{r['error']}")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    conns = data.get("connections", {})
+    cfg = data.get("config", {})
+    lines.append("")
+    lines.append(f"{len(data['routes'])} route(s), {conns.get('active', 0)} open connection(s), "
+                 f"{conns.get('total', 0)} since start; config loaded {_ago(cfg.get('loaded_at'), now)}"
+                 + (f" from {cfg['file']}" if cfg.get("file") else ""))
+    last = cfg.get("last_reload")
+    if last and not last.get("ok"):
+        notes.append(f"last reload ({_ago(last.get('at'), now)}) was rejected: {last.get('error')}")
+    lines += notes
+    return "\n".join(lines)
+
+
+COMMANDS = {"run": cmd_run, "status": cmd_status, "iptables": cmd_iptables, "resolve": cmd_resolve, "check": cmd_check}
 
 
 def main(argv: list[str] | None = None) -> int:

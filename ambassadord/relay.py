@@ -48,11 +48,12 @@ _F_SETPIPE_SZ = 1031
 _PIPE_SIZE = 1024 * 1024
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # eq=False: hashable by identity (kept in a set while open)
 class RelayResult:
     up: int = 0  # bytes client -> backend
     down: int = 0  # bytes backend -> client
     outcome: str | None = None  # None while running; "ok", "idle-timeout", "client-reset", ...
+    backend: str | None = None  # which backend (for the admin API's live per-backend bytes)
 
 
 class _Broken(Exception):

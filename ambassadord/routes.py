@@ -14,11 +14,13 @@ reads whatever set is current and needs no lock.
 from __future__ import annotations
 
 import ipaddress
+import time
 from dataclasses import dataclass, field
 
 from backends.interface import BackendSet, Spec
 
 from .balancer import PickState
+from .stats import RouteStats
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -44,6 +46,12 @@ class RouteConfig:
         src = f" from {self.source}" if self.source else ""
         return f"{self.port}{src}"
 
+    def same_route(self, other: RouteConfig) -> bool:
+        """Equal in everything that matters for serving (``origin`` is only where it was read)."""
+        return (self.port, self.spec, self.source, self.balance, self.connect_timeout, self.idle_timeout,
+                self.eject_for) == (other.port, other.spec, other.source, other.balance, other.connect_timeout,
+                                    other.idle_timeout, other.eject_for)
+
 
 @dataclass(eq=False)
 class Route:
@@ -56,6 +64,9 @@ class Route:
     # Resolver counters: answers published, failed look-ups (published with an error).
     updates: int = 0
     errors: int = 0
+    updated_at: float | None = None  # wall clock of the last answer (time.time())
+    changed_at: float | None = None  # wall clock of the last answer that changed the set
+    stats: RouteStats = field(default_factory=RouteStats)
 
     @property
     def port(self) -> int:
@@ -67,12 +78,17 @@ class Route:
 
     def update(self, new: BackendSet) -> None:
         """Install a resolver's fresh set (called by the resolver task only)."""
+        old = self.backends
         self.backends = new
         self.resolved = True
         self.updates += 1
+        self.updated_at = time.time()
+        if new.backends != old.backends or self.changed_at is None:
+            self.changed_at = self.updated_at
         if new.error:
             self.errors += 1
         self.pick.ejections.forget_missing(new.backends)
+        self.stats.prune({str(b) for b in new.backends})
 
 
 class RouteTable:

@@ -25,7 +25,7 @@ import os
 import random
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
@@ -35,7 +35,7 @@ from backends.interface import Backend, BackendSet, ResolverOptions
 from . import original_dst
 from .balancer import pick_order
 from .relay import RelayResult, relay
-from .routes import Route, RouteTable
+from .routes import Route, RouteConfig, RouteTable
 
 log = logging.getLogger("ambassadord")
 conn_log = logging.getLogger("ambassadord.conn")
@@ -51,6 +51,19 @@ TRANSIENT_ACCEPT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.
                            errno.ENONET, errno.ENETUNREACH, errno.EOPNOTSUPP, errno.ETIMEDOUT}
 CAPACITY_SLEEP = 0.1
 LISTEN_BACKLOG = 4096
+
+
+@dataclass(slots=True)
+class ReloadSummary:
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        parts = [f"{what} {', '.join(names)}" for what, names in
+                 (("added", self.added), ("removed", self.removed), ("changed", self.changed)) if names]
+        return "; ".join(parts) or "no route changed"
 
 
 class OutOfResources(Exception):
@@ -172,6 +185,9 @@ class Server:
         self.rng = rng or random.Random()
         self.active = 0
         self.total = 0
+        self.unrouted: dict[str, int] = {}  # connections closed before a route was found, by outcome
+        self.started_at = time.time()
+        self.listening = False  # True from the first accept loop's start until shutdown
         # Local (ip, port) of every upstream socket of ours now connecting or connected:
         # a connection arriving *from* one of them is our own, looped back (loop guard).
         # A count, not a set: Linux may reuse one local port for connections to different
@@ -180,6 +196,8 @@ class Server:
         self._first_answer: dict[Route, trio.Event] = {r: trio.Event() for r in table.routes}
         self._listen_addrs = {(s.getsockname()[0], s.getsockname()[1]) for s in listeners}
         self._accept_scope: trio.CancelScope | None = None
+        self._resolvers: trio.Nursery | None = None
+        self._resolver_scopes: dict[Route, trio.CancelScope] = {}
         self._conn_scope: trio.CancelScope | None = None
         self.stopping = False
         self._aborted = False
@@ -190,8 +208,9 @@ class Server:
         """Serve until shutdown() and the grace period are over."""
         try:
             async with trio.open_nursery() as resolvers:
+                self._resolvers = resolvers
                 for route in self.table.routes:
-                    resolvers.start_soon(self._watch, route, name=f"resolver {route.name}")
+                    self._start_resolver(route)
                 with trio.CancelScope() as self._conn_scope:
                     if self._aborted:
                         self._conn_scope.cancel()
@@ -204,7 +223,9 @@ class Server:
                                     acceptors.start_soon(self._accept_loop, sock, connections)
                                 for sock in self.listeners:
                                     log.info("listening on %s", _addr_str(sock.getsockname()))
+                                self.listening = True
                                 task_status.started()
+                        self.listening = False
                         self._close_listeners()
                         if self.active:
                             log.info("stopped accepting; waiting up to %gs for %d open connection(s)", self.grace, self.active)
@@ -232,11 +253,72 @@ class Server:
         for sock in self.listeners:
             sock.close()
 
+    # ---- reload --------------------------------------------------------------------
+
+    def reload(self, configs: list[RouteConfig]) -> ReloadSummary:
+        """Serve ``configs`` from now on, without dropping anything.
+
+        A route whose configuration did not change keeps its Route object, its resolver and
+        its state (ejections, round-robin position). A changed route gets a new resolver;
+        one that is gone has its resolver cancelled. Established connections hold their own
+        sockets and are not touched: they go on with the backend they have. Counters are
+        kept per route name, so a changed route keeps its history.
+
+        Synchronous and atomic as seen from the connections: they see the old table or the
+        new one, never a mix. Call only while run() is running.
+        """
+        if self._resolvers is None:
+            raise RuntimeError("reload() before run()")
+        old_by_key = {r.config.key: r for r in self.table.routes}
+        routes: list[Route] = []
+        summary = ReloadSummary()
+        retired: list[Route] = []
+        for cfg in configs:
+            old = old_by_key.pop(cfg.key, None)
+            if old is not None and old.config.same_route(cfg):
+                old.config = cfg  # where it was read may have moved
+                routes.append(old)
+                summary.kept.append(old.name)
+                continue
+            route = Route(cfg)
+            if old is not None:
+                route.stats = old.stats
+                retired.append(old)
+                summary.changed.append(route.name)
+            else:
+                summary.added.append(route.name)
+            self._first_answer[route] = trio.Event()
+            routes.append(route)
+        retired.extend(old_by_key.values())
+        summary.removed.extend(r.name for r in old_by_key.values())
+        self.table = RouteTable(routes)
+        for route in routes:
+            if route not in self._resolver_scopes:
+                self._start_resolver(route)
+        for route in retired:
+            scope = self._resolver_scopes.pop(route, None)
+            if scope is not None:
+                scope.cancel()
+            self._first_answer.pop(route, None)
+        return summary
+
     # ---- resolvers -----------------------------------------------------------------
 
-    async def _watch(self, route: Route) -> None:
+    def _start_resolver(self, route: Route) -> None:
+        # The scope exists before the task starts, so reload() can cancel a resolver that
+        # has not run yet.
+        scope = self._resolver_scopes[route] = trio.CancelScope()
+        self._resolvers.start_soon(self._watch, route, scope, name=f"resolver {route.name}")
+
+    async def _watch(self, route: Route, scope: trio.CancelScope) -> None:
+        with scope:
+            await self._watch_route(route)
+
+    async def _watch_route(self, route: Route) -> None:
         resolver = route.config.spec.resolver(self.options)
-        event = self._first_answer[route]
+        event = self._first_answer.get(route)
+        if event is None:
+            event = trio.Event()
 
         def publish(new: BackendSet) -> None:
             old = route.backends
@@ -299,6 +381,8 @@ class Server:
         own_key = None
         result = RelayResult()
         level = logging.INFO
+        stats = None  # the route's RouteStats, once there is a route
+        bstats = None  # the backend's BackendStats, once connected
         try:
             local = conn.getsockname()
             try:
@@ -318,9 +402,11 @@ class Server:
                 return
             fields["route"] = route.name
             cfg = route.config
-            if not route.resolved:
+            stats = route.stats
+            stats.active += 1
+            if not route.resolved and (first := self._first_answer.get(route)) is not None:
                 with trio.move_on_after(cfg.connect_timeout):
-                    await self._first_answer[route].wait()
+                    await first.wait()
             order = pick_order(route.backends.backends, cfg.balance, route.pick, time.monotonic(), self.rng)
             if not order:
                 outcome, level = "no-backends", logging.WARNING
@@ -337,6 +423,7 @@ class Server:
                     outcome, level = "capacity", logging.ERROR
                     fields["error"] = str(exc)
                     return
+                connect_started = time.monotonic()
                 try:
                     with trio.fail_after(cfg.connect_timeout):
                         own_key = await self._connect(sock, backend)
@@ -344,6 +431,9 @@ class Server:
                     sock.close()
                     reason = "timeout" if isinstance(exc, trio.TooSlowError) else (exc.strerror or str(exc))
                     failures.append(f"{backend}: {reason}")
+                    b = stats.backend(str(backend))
+                    b.failures += 1
+                    b.last_error, b.last_failure = reason, time.time()
                     route.pick.ejections.eject(backend, time.monotonic(), cfg.eject_for)
                     log.warning("route %s: backend %s failed (%s); ejected for %gs", route.name, backend, reason, cfg.eject_for,
                                 extra={"fields": {"event": "backend-failed", "route": route.name, "backend": str(backend), "error": reason}})
@@ -352,8 +442,13 @@ class Server:
                     sock.close()
                     raise
                 route.pick.ejections.restore(backend)
+                stats.observe_connect(time.monotonic() - connect_started)
                 upstream = sock
-                fields["backend"] = str(backend)
+                result.backend = fields["backend"] = str(backend)
+                bstats = stats.backend(result.backend)
+                bstats.active += 1
+                bstats.connections += 1
+                stats.open.add(result)
                 break
             if upstream is None:
                 outcome, level = "all-backends-failed", logging.ERROR
@@ -373,6 +468,18 @@ class Server:
             raise
         finally:
             self.active -= 1
+            if stats is not None:
+                stats.active -= 1
+                stats.count(outcome)
+                if bstats is not None:
+                    stats.open.discard(result)
+                    stats.up += result.up
+                    stats.down += result.down
+                    bstats.active -= 1
+                    bstats.up += result.up
+                    bstats.down += result.down
+            else:
+                self.unrouted[outcome] = self.unrouted.get(outcome, 0) + 1
             if own_key is not None:
                 self._forget_upstream(own_key)
             if upstream is not None:

@@ -209,7 +209,9 @@ class Daemon:
                  ready_timeout: float = 15, wait: bool = True):
         self.ns = ns
         self.listen = listen
-        self.args = ["run", *args, "--log-format", log_format]
+        # No admin API unless a test asks for one: the default port would collide.
+        admin = () if any(a == "--admin" or a.startswith("--admin=") for a in args) else ("--admin", "off")
+        self.args = ["run", *args, *admin, "--log-format", log_format]
         fd, name = tempfile.mkstemp(prefix="ambassadord-", suffix=".log", dir=workdir)
         self.log = Path(name)  # stderr: the log
         out_fd, out_name = tempfile.mkstemp(prefix="ambassadord-", suffix=".out", dir=workdir)

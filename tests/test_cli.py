@@ -245,12 +245,12 @@ def test_listener_that_cannot_bind_leaves_nothing_behind(ns):
     # The second listen address is taken: the first, already bound, must be closed again,
     # and the iptables rules must never have been installed.
     with ns.socket() as taken:
-        taken.bind(("127.0.0.1", 10001))
+        taken.bind(("127.0.0.1", 10002))
         taken.listen(1)
-        proc = cli("run", "--iptables", "--listen", "127.0.0.1:10000", "--listen", "127.0.0.1:10001",
+        proc = cli("run", "--iptables", "--listen", "127.0.0.1:10000", "--listen", "127.0.0.1:10002",
                    "--map", "6379=1.2.3.4:1", ns=ns)
     assert proc.returncode == 1, proc.stderr
-    assert "127.0.0.1:10001" in proc.stderr, proc.stderr
+    assert "127.0.0.1:10002" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert "AMBASSADORD" not in nat_tables(ns)
     assert refused("127.0.0.1", 10000, ns=ns)

@@ -300,7 +300,9 @@ class AmbassadordProcess:
                  listening: Sequence[str] = (f"0.0.0.0:{AMBASSADORD_PORT}", f"[::]:{AMBASSADORD_PORT}"),
                  ready_timeout: float = 15):
         self.ns = ns
-        self.args = ["run", *args, "--log-format", "json", "--log-level", "debug"]
+        # No admin API unless a test asks for one: the default port would collide.
+        admin = () if any(a == "--admin" or a.startswith("--admin=") for a in args) else ("--admin", "off")
+        self.args = ["run", *args, *admin, "--log-format", "json", "--log-level", "debug"]
         self.log = workdir / f"ambassadord-{ns.name}-{time.monotonic_ns()}.log"
         self.listening = set(listening)
         self._stopped = False

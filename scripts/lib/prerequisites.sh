@@ -24,6 +24,8 @@ APT_PACKAGES=(
   dnsmasq-base:dnsmasq
   etcd-server:etcd
   etcd-client:etcdctl
+  chromium:chromium
+  systemd:systemd-analyze
 )
 
 # Consul is not in bookworm; bullseye's package (1.8.7) carries one static binary. It is

@@ -1,0 +1,340 @@
+"""The admin HTTP API: /healthz, /routes (JSON), /metrics (Prometheus) and the status page.
+
+Served under trio, in the daemon's own event loop, by hypercorn (HTTP/1.1 on h11) with a
+small Starlette app: no hand-written HTTP. Every endpoint is ``async`` so it runs on the
+trio thread and reads the live state (route table, counters) without locks, exactly as
+the connection handlers see it. None of this is on the relay path: the relay only bumps
+integers (see stats.py), and the numbers are assembled here when someone asks.
+
+Metric names (all prefixed ``ambassadord_``) are listed in README, "Operations".
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import socket
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+
+import trio
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import choose_encoder
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route as HTTPRoute
+
+from . import __version__
+from .server import ListenAddress, Server, StartupError, parse_listen
+
+log = logging.getLogger("ambassadord.admin")
+
+DEFAULT_ADMIN = "127.0.0.1:10001"
+
+
+@dataclass
+class ConfigState:
+    """What the admin API says about configuration and reloads (written by cli.py)."""
+
+    file: str | None = None
+    loaded_at: float = field(default_factory=time.time)
+    reloads_ok: int = 0
+    reloads_failed: int = 0
+    last_reload_at: float | None = None
+    last_reload_ok: bool = True
+    last_reload_error: str | None = None
+    last_reload_summary: str | None = None
+
+    def succeeded(self, summary: str) -> None:
+        self.loaded_at = self.last_reload_at = time.time()
+        self.reloads_ok += 1
+        self.last_reload_ok, self.last_reload_error, self.last_reload_summary = True, None, summary
+
+    def failed(self, error: str) -> None:
+        self.last_reload_at = time.time()
+        self.reloads_failed += 1
+        self.last_reload_ok, self.last_reload_error, self.last_reload_summary = False, error, None
+
+
+def parse_admin(text: str) -> ListenAddress | None:
+    """``--admin`` value: ``ADDR:PORT``, ``[V6]:PORT`` or ``off`` (None)."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("listen address", "admin address").replace(
+            "e.g. 0.0.0.0:10000", f"e.g. {DEFAULT_ADMIN}, or off")) from None
+
+
+def bind_admin(addr: ListenAddress) -> socket.socket:
+    """Bind the admin listener now (so a busy port fails startup with a clear message)."""
+    try:
+        s = socket.socket(addr.family, socket.SOCK_STREAM)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if addr.family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((addr.host, addr.port))
+            s.listen(128)
+        except BaseException:
+            s.close()
+            raise
+    except OSError as exc:
+        hint = " (use --admin ADDR:PORT for another, or --admin off)" if exc.errno == errno.EADDRINUSE else ""
+        raise StartupError(f"cannot listen on admin address {addr}: {exc.strerror}{hint}") from None
+    return s
+
+
+# ---- the view of the live state ---------------------------------------------------------
+
+
+def _backend_view(route, key: str, backend, now_mono: float) -> dict:
+    st = route.stats
+    b = st.backends.get(key)
+    up, down = st.backend_bytes(key)
+    view = {
+        "name": key,
+        "address": backend.address if backend else None,
+        "port": backend.port if backend else None,
+        "host": (backend.name if backend else None),
+        "priority": backend.priority if backend else None,
+        "weight": backend.weight if backend else None,
+        "in_set": backend is not None,
+        "state": "up",
+        "ejected_for": None,
+        "active": b.active if b else 0,
+        "connections": b.connections if b else 0,
+        "failures": b.failures if b else 0,
+        "bytes_up": up,
+        "bytes_down": down,
+        "last_error": b.last_error if b else None,
+        "last_failure": b.last_failure if b else None,
+    }
+    if backend is None:
+        view["state"] = "gone"  # left the set; connections still open on it
+    else:
+        until = route.pick.ejections.until.get(backend)
+        if until is not None and until > now_mono:
+            view["state"] = "ejected"
+            view["ejected_for"] = round(until - now_mono, 3)
+    return view
+
+
+def route_view(route) -> dict:
+    cfg, st, bset = route.config, route.stats, route.backends
+    now_mono = time.monotonic()
+    backends = [_backend_view(route, str(b), b, now_mono) for b in bset.backends]
+    in_set = {str(b) for b in bset.backends}
+    backends += [_backend_view(route, k, None, now_mono) for k, b in st.backends.items()
+                 if k not in in_set and b.active > 0]
+    up, down = st.bytes()
+    hist, total = st.connect_histogram()
+    return {
+        "name": route.name,
+        "port": cfg.port,
+        "source": str(cfg.source) if cfg.source else None,
+        "spec": cfg.spec.text,
+        "origin": cfg.origin,
+        "balance": cfg.balance,
+        "connect_timeout": cfg.connect_timeout,
+        "idle_timeout": cfg.idle_timeout,
+        "eject_for": cfg.eject_for,
+        "resolved": route.resolved,
+        "stale": bset.stale,
+        "error": bset.error,
+        "answered_by": bset.source,
+        "updated_at": route.updated_at,
+        "changed_at": route.changed_at,
+        "updates": route.updates,
+        "errors": route.errors,
+        "active": st.active,
+        "connections": st.total(),
+        "outcomes": dict(sorted(st.outcomes.items())),
+        "bytes_up": up,
+        "bytes_down": down,
+        "connect_seconds": {"count": hist[-1][1], "sum": round(total, 6)},
+        "backends": backends,
+    }
+
+
+def snapshot(server: Server, config: ConfigState) -> dict:
+    """Everything /routes shows: the daemon, its configuration, and every route."""
+    return {
+        "version": __version__,
+        "started_at": server.started_at,
+        "now": time.time(),
+        "listening": server.listening,
+        "stopping": server.stopping,
+        "listen": [_sockname(s) for s in server.listeners if s.fileno() >= 0],
+        "connections": {"active": server.active, "total": server.total, "unrouted": dict(sorted(server.unrouted.items()))},
+        "config": {
+            "file": config.file,
+            "loaded_at": config.loaded_at,
+            "reloads": config.reloads_ok,
+            "reloads_failed": config.reloads_failed,
+            "last_reload": None if config.last_reload_at is None else {
+                "at": config.last_reload_at, "ok": config.last_reload_ok,
+                "error": config.last_reload_error, "summary": config.last_reload_summary},
+        },
+        "routes": [route_view(r) for r in sorted(server.table.routes, key=_route_order)],
+    }
+
+
+def _route_order(route):
+    src = route.config.source
+    return (route.port, src is not None, str(src) if src else "")
+
+
+def _sockname(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# ---- Prometheus ---------------------------------------------------------------------
+
+
+class DaemonCollector:
+    """Reads the live counters at scrape time (no per-connection cost; see stats.py)."""
+
+    def __init__(self, server: Server, config: ConfigState):
+        self.server = server
+        self.config = config
+
+    def collect(self):
+        server, now = self.server, time.time()
+        conns = CounterMetricFamily("ambassadord_connections", "Connections closed, by route and outcome "
+                                    "(route is empty for connections that found no route).", labels=["route", "outcome"])
+        active = GaugeMetricFamily("ambassadord_connections_active", "Connections open now, by route.", labels=["route"])
+        nbytes = CounterMetricFamily("ambassadord_bytes", "Bytes relayed, by route and direction "
+                                     "(up: client to backend, down: backend to client), open connections included.",
+                                     labels=["route", "direction"])
+        connect = HistogramMetricFamily("ambassadord_connect_seconds", "Time to connect to a backend (successful "
+                                        "connects), by route.", labels=["route"])
+        bconns = CounterMetricFamily("ambassadord_backend_connections", "Successful connects, by route and backend.",
+                                     labels=["route", "backend"])
+        bactive = GaugeMetricFamily("ambassadord_backend_connections_active", "Connections open now, by route and "
+                                    "backend.", labels=["route", "backend"])
+        bfail = CounterMetricFamily("ambassadord_backend_failures", "Failed connects (refused, timeout, ...), by route "
+                                    "and backend.", labels=["route", "backend"])
+        ejected = GaugeMetricFamily("ambassadord_backend_ejected", "1 while a backend is ejected after a failure.",
+                                    labels=["route", "backend"])
+        nback = GaugeMetricFamily("ambassadord_route_backends", "Backends in the route's current set.", labels=["route"])
+        updates = CounterMetricFamily("ambassadord_resolver_updates", "Answers published by the route's resolver.",
+                                      labels=["route"])
+        errors = CounterMetricFamily("ambassadord_resolver_errors", "Failed look-ups of the route's resolver.",
+                                     labels=["route"])
+        stale = GaugeMetricFamily("ambassadord_route_stale", "1 while the route serves a stale set (its source "
+                                  "fails).", labels=["route"])
+        age = GaugeMetricFamily("ambassadord_route_last_update_age_seconds", "Seconds since the resolver's last answer "
+                                "(NaN before the first).", labels=["route"])
+        now_mono = time.monotonic()
+        for route in server.table.routes:
+            name, st = route.name, route.stats
+            for outcome, n in sorted(st.outcomes.items()):
+                conns.add_metric([name, outcome], n)
+            active.add_metric([name], st.active)
+            up, down = st.bytes()
+            nbytes.add_metric([name, "up"], up)
+            nbytes.add_metric([name, "down"], down)
+            hist, total = st.connect_histogram()
+            connect.add_metric([name], hist, total)
+            for key, b in st.backends.items():
+                bconns.add_metric([name, key], b.connections)
+                bactive.add_metric([name, key], b.active)
+                bfail.add_metric([name, key], b.failures)
+            for b in route.backends.backends:
+                until = route.pick.ejections.until.get(b)
+                ejected.add_metric([name, str(b)], 1 if until is not None and until > now_mono else 0)
+            nback.add_metric([name], len(route.backends.backends))
+            updates.add_metric([name], route.updates)
+            errors.add_metric([name], route.errors)
+            stale.add_metric([name], 1 if route.backends.stale else 0)
+            age.add_metric([name], now - route.updated_at if route.updated_at else math.nan)
+        for outcome, n in sorted(server.unrouted.items()):
+            conns.add_metric(["", outcome], n)
+        reloads = CounterMetricFamily("ambassadord_config_reloads", "Configuration reloads, by result.",
+                                      labels=["result"])
+        reloads.add_metric(["ok"], self.config.reloads_ok)
+        reloads.add_metric(["error"], self.config.reloads_failed)
+        last_ok = GaugeMetricFamily("ambassadord_config_last_reload_successful",
+                                    "1 if the last reload (or the start) loaded its configuration.")
+        last_ok.add_metric([], 1 if self.config.last_reload_ok else 0)
+        loaded = GaugeMetricFamily("ambassadord_config_loaded_timestamp_seconds",
+                                   "When the configuration now serving was loaded (Unix time).")
+        loaded.add_metric([], self.config.loaded_at)
+        routes = GaugeMetricFamily("ambassadord_routes", "Routes configured.")
+        routes.add_metric([], len(server.table.routes))
+        info = GaugeMetricFamily("ambassadord_build_info", "Always 1; the version in a label.", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield from (conns, active, nbytes, connect, bconns, bactive, bfail, ejected, nback, updates, errors, stale, age,
+                    reloads, last_ok, loaded, routes, info)
+
+
+def make_registry(server: Server, config: ConfigState) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DaemonCollector(server, config))
+    ProcessCollector(registry=registry)  # process_resident_memory_bytes, process_open_fds, ...
+    PlatformCollector(registry=registry)
+    return registry
+
+
+# ---- the HTTP app -------------------------------------------------------------------
+
+
+def make_app(server: Server, config: ConfigState) -> Starlette:
+    registry = make_registry(server, config)
+    page = resources.files("ambassadord").joinpath("static/status.html").read_text(encoding="utf-8")
+
+    async def healthz(request: Request) -> Response:
+        if server.stopping:
+            return PlainTextResponse("stopping\n", status_code=503)
+        if not server.listening:
+            return PlainTextResponse("not listening yet\n", status_code=503)
+        if not server.table.routes:
+            return PlainTextResponse("no routes loaded\n", status_code=503)
+        return PlainTextResponse("ok\n")
+
+    async def routes(request: Request) -> Response:
+        return JSONResponse(snapshot(server, config), headers={"cache-control": "no-store"})
+
+    async def metrics(request: Request) -> Response:
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encoder(registry), media_type=content_type)
+
+    async def status_page(request: Request) -> Response:
+        return HTMLResponse(page, headers={"cache-control": "no-store"})
+
+    return Starlette(routes=[
+        HTTPRoute("/", status_page, methods=["GET", "HEAD"]),
+        HTTPRoute("/healthz", healthz, methods=["GET", "HEAD"]),
+        HTTPRoute("/routes", routes, methods=["GET", "HEAD"]),
+        HTTPRoute("/metrics", metrics, methods=["GET", "HEAD"]),
+    ])
+
+
+async def serve_admin(app: Starlette, sock: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``app`` on the bound socket ``sock`` (which it takes over) until cancelled."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    config = Config()
+    config.bind = [f"fd://{sock.detach()}"]
+    config.accesslog = None
+    # hypercorn's own info lines ("Running on ...") would duplicate ours: warnings only.
+    http_log = logging.getLogger("ambassadord.admin.http")
+    http_log.setLevel(logging.WARNING)
+    config.errorlog = http_log
+    config.include_server_header = False
+    config.graceful_timeout = 1.0
+    await serve(app, config, task_status=task_status, mode="asgi")
+
+
+def admin_url(addr: ListenAddress) -> str:
+    """Where a local client reaches the admin API bound at ``addr``."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(addr.host, addr.host)
+    return f"http://[{host}]:{addr.port}" if ":" in host else f"http://{host}:{addr.port}"
