@@ -550,6 +550,8 @@ class _Daemon:
                         log.info("iptables: redirecting ports %s to %d",
                                  ",".join(map(str, new_plan.ports)) or "(none)", new_plan.to_port)
                         self.plan = new_plan
+                if self.stopping:  # SIGTERM came while the file was being read
+                    return
                 summary = self.server.reload(configs)
             except _Rejected as exc:
                 self.config.failed(str(exc))

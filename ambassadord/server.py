@@ -267,8 +267,8 @@ class Server:
         Synchronous and atomic as seen from the connections: they see the old table or the
         new one, never a mix. Call only while run() is running.
         """
-        if self._resolvers is None:
-            raise RuntimeError("reload() before run()")
+        if self._resolvers is None or self.stopping:
+            raise RuntimeError("reload() while the server is not running")
         old_by_key = {r.config.key: r for r in self.table.routes}
         routes: list[Route] = []
         summary = ReloadSummary()
