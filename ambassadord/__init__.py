@@ -2,8 +2,9 @@
 
 How the pieces fit (one feature per module):
 
-* ``cli``: the command line (run / iptables / resolve / check); validates everything
-  before starting anything.
+* ``cli``: the command line (run / status / iptables / resolve / check); validates
+  everything before starting anything; in ``run``, signals, sd_notify (``sdnotify``) and
+  reloads (SIGHUP or a changed ``--config``: validated whole, then swapped in).
 * ``config``: routes from ``--map``, a TOML file, ``BACKEND_<PORT>`` and Docker link env
   vars, as frozen ``RouteConfig`` values whose errors name their origin.
 * ``routes`` and ``balancer``: the pure core. Route lookup by (intended port, source
@@ -12,7 +13,11 @@ How the pieces fit (one feature per module):
 * ``original_dst``: ``SO_ORIGINAL_DST`` / ``IP6T_SO_ORIGINAL_DST``, the one platform call
   that tells which port a redirected connection was meant for.
 * ``server``: listeners, accept loops, one task per connection, connect with failover,
-  loop guard, graceful shutdown, resolver tasks that keep each route's backend set fresh.
+  loop guard, graceful shutdown, resolver tasks that keep each route's backend set fresh,
+  and ``reload`` (swap the route table; unchanged routes keep their resolver and state).
+* ``stats``: per-route and per-backend counters, plain integers bumped by the connection
+  handler; ``admin`` reads them for ``/routes``, ``/metrics`` and the status page
+  (hypercorn + Starlette in the same trio loop; prometheus_client for the exposition).
 * ``relay``: bytes both ways, half-close aware, recv/send or splice(2).
 * ``netfilter``: the nat REDIRECT chain (iptables-restore, v4 and v6) and interface
   addresses (pyroute2).

@@ -93,19 +93,6 @@ def _admin(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _seconds_or_zero(flag: str):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag}: {text!r} is not a number of seconds") from None
-        if not (v >= 0 and v != float("inf")):
-            raise argparse.ArgumentTypeError(f"{flag}: {text!r}: expected 0 or a positive number of seconds")
-        return v
-
-    return parse
-
-
 def _dns_server(text: str) -> tuple[str, int]:
     from backends.dns import parse_dns_server
 
@@ -248,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="route connections for PORT (from sources in CIDR) to SPEC; repeatable")
     g.add_argument("--config", metavar="FILE", help="TOML file with a [routes] table (and optional [defaults]); "
                    "re-read on SIGHUP and when it changes")
-    g.add_argument("--config-poll", type=_seconds_or_zero("--config-poll"), default=1.0, metavar="SECONDS",
+    g.add_argument("--config-poll", type=_positive_float("--config-poll"), default=1.0, metavar="SECONDS",
                    help="how often to check --config for changes (default 1; 0 = only on SIGHUP)")
     g.add_argument("--link-env", action="store_true",
                    help="also read Docker link variables <ALIAS>_PORT_<PORT>_TCP=tcp://HOST:PORT")
