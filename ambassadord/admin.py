@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -97,19 +98,21 @@ def _backend_view(route, key: str, backend, now_mono: float) -> dict:
     st = route.stats
     b = st.backends.get(key)
     up, down = st.backend_bytes(key)
+    known = backend or (b.backend if b else None)  # a backend gone from the set: as it was
     view = {
         "name": key,
-        "address": backend.address if backend else None,
-        "port": backend.port if backend else None,
-        "host": (backend.name if backend else None),
-        "priority": backend.priority if backend else None,
-        "weight": backend.weight if backend else None,
+        "address": known.address if known else None,
+        "port": known.port if known else None,
+        "host": known.name if known else None,
+        "priority": known.priority if known else None,
+        "weight": known.weight if known else None,
         "in_set": backend is not None,
         "state": "up",
         "ejected_for": None,
         "active": b.active if b else 0,
         "connections": b.connections if b else 0,
         "failures": b.failures if b else 0,
+        "last_connect": b.last_connect if b else None,
         "bytes_up": up,
         "bytes_down": down,
         "last_error": b.last_error if b else None,
@@ -154,6 +157,7 @@ def route_view(route) -> dict:
         "errors": route.errors,
         "active": st.active,
         "connections": st.total(),
+        "failures": st.failures,
         "outcomes": dict(sorted(st.outcomes.items())),
         "bytes_up": up,
         "bytes_down": down,
@@ -166,6 +170,8 @@ def snapshot(server: Server, config: ConfigState) -> dict:
     """Everything /routes shows: the daemon, its configuration, and every route."""
     return {
         "version": __version__,
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
         "started_at": server.started_at,
         "now": time.time(),
         "listening": server.listening,

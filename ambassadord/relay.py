@@ -77,37 +77,34 @@ async def _send_all(dst: socket.socket, data, dst_name: str) -> None:
 async def _pump_copy(src, dst, result: RelayResult, up: bool, src_name: str, dst_name: str, scope, idle) -> None:
     recv_into, send = src.recv_into, dst.send
     buf, view = _scratch, _scratch_view
-    total = 0
-    try:
-        while True:
-            try:
-                n = recv_into(buf)
-            except BlockingIOError:
-                await wait_readable(src)
-                continue
-            except OSError as exc:
-                raise _Broken(f"{src_name}-reset") from exc
-            if n == 0:
-                break
-            total += n
-            if idle is not None:
-                scope.deadline = trio.current_time() + idle
-            try:
-                sent = send(view[:n])
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                raise _Broken(f"{dst_name}-reset") from exc
-            if sent < n:
-                # Backpressure: keep the rest in a private copy; the scratch buffer is shared.
-                await _send_all(dst, bytes(view[sent:n]), dst_name)
-            else:
-                await checkpoint()
-    finally:
+    while True:
+        try:
+            n = recv_into(buf)
+        except BlockingIOError:
+            await wait_readable(src)
+            continue
+        except OSError as exc:
+            raise _Broken(f"{src_name}-reset") from exc
+        if n == 0:
+            break
+        # Counted as it flows (not at the end), so the admin API sees a long-lived connection's bytes.
         if up:
-            result.up += total
+            result.up += n
         else:
-            result.down += total
+            result.down += n
+        if idle is not None:
+            scope.deadline = trio.current_time() + idle
+        try:
+            sent = send(view[:n])
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise _Broken(f"{dst_name}-reset") from exc
+        if sent < n:
+            # Backpressure: keep the rest in a private copy; the scratch buffer is shared.
+            await _send_all(dst, bytes(view[sent:n]), dst_name)
+        else:
+            await checkpoint()
     _half_close(dst)
 
 
@@ -131,37 +128,34 @@ async def _pump_splice(src, dst, result: RelayResult, up: bool, src_name: str, d
             pass  # fine: default pipe size, more syscalls
         splice = os.splice
         sfd, dfd = src.fileno(), dst.fileno()
-        total = 0
-        try:
-            while True:
-                try:
-                    n = splice(sfd, wfd, _PIPE_SIZE, flags=_SPLICE_FLAGS)
-                except BlockingIOError:
-                    await wait_readable(src)
-                    continue
-                except OSError as exc:
-                    raise _Broken(f"{src_name}-reset") from exc
-                if n == 0:
-                    break
-                total += n
-                if idle is not None:
-                    scope.deadline = trio.current_time() + idle
-                waited = False
-                while n:
-                    try:
-                        n -= splice(rfd, dfd, n, flags=_SPLICE_FLAGS)
-                    except BlockingIOError:
-                        waited = True
-                        await wait_writable(dst)
-                    except OSError as exc:
-                        raise _Broken(f"{dst_name}-reset") from exc
-                if not waited:
-                    await checkpoint()
-        finally:
+        while True:
+            try:
+                n = splice(sfd, wfd, _PIPE_SIZE, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                await wait_readable(src)
+                continue
+            except OSError as exc:
+                raise _Broken(f"{src_name}-reset") from exc
+            if n == 0:
+                break
+            # Counted when read from the source, as the copy pump does (see there).
             if up:
-                result.up += total
+                result.up += n
             else:
-                result.down += total
+                result.down += n
+            if idle is not None:
+                scope.deadline = trio.current_time() + idle
+            waited = False
+            while n:
+                try:
+                    n -= splice(rfd, dfd, n, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    waited = True
+                    await wait_writable(dst)
+                except OSError as exc:
+                    raise _Broken(f"{dst_name}-reset") from exc
+            if not waited:
+                await checkpoint()
         _half_close(dst)
     finally:
         os.close(rfd)

@@ -282,7 +282,10 @@ class Server:
                 continue
             route = Route(cfg)
             if old is not None:
+                # Counters and ejections carry over: a backend that just failed and is
+                # still in the new set stays at the back of the order.
                 route.stats = old.stats
+                route.pick.ejections = old.pick.ejections
                 retired.append(old)
                 summary.changed.append(route.name)
             else:
@@ -431,8 +434,9 @@ class Server:
                     sock.close()
                     reason = "timeout" if isinstance(exc, trio.TooSlowError) else (exc.strerror or str(exc))
                     failures.append(f"{backend}: {reason}")
-                    b = stats.backend(str(backend))
+                    b = stats.backend(str(backend), backend)
                     b.failures += 1
+                    stats.failures += 1
                     b.last_error, b.last_failure = reason, time.time()
                     route.pick.ejections.eject(backend, time.monotonic(), cfg.eject_for)
                     log.warning("route %s: backend %s failed (%s); ejected for %gs", route.name, backend, reason, cfg.eject_for,
@@ -445,9 +449,10 @@ class Server:
                 stats.observe_connect(time.monotonic() - connect_started)
                 upstream = sock
                 result.backend = fields["backend"] = str(backend)
-                bstats = stats.backend(result.backend)
+                bstats = stats.backend(result.backend, backend)
                 bstats.active += 1
                 bstats.connections += 1
+                bstats.last_connect = time.time()
                 stats.open.add(result)
                 break
             if upstream is None:

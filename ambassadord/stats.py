@@ -24,9 +24,11 @@ CONNECT_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
 class BackendStats:
     """One backend of one route."""
 
+    backend: object = None  # the Backend (address, port, priority, weight, host name)
     active: int = 0
     connections: int = 0  # successful connects
     failures: int = 0  # failed connects (refused, timeout, ...)
+    last_connect: float | None = None  # wall clock of the last successful connect
     up: int = 0  # bytes client -> backend, closed connections
     down: int = 0
     last_error: str | None = None
@@ -36,6 +38,7 @@ class BackendStats:
 @dataclass(slots=True, eq=False)
 class RouteStats:
     active: int = 0
+    failures: int = 0  # failed connects to any backend (including ones since gone from the set)
     outcomes: dict[str, int] = field(default_factory=dict)  # closed connections by outcome
     up: int = 0  # closed connections' bytes
     down: int = 0
@@ -45,10 +48,12 @@ class RouteStats:
     connect_counts: list[int] = field(default_factory=lambda: [0] * (len(CONNECT_BUCKETS) + 1))
     connect_sum: float = 0.0
 
-    def backend(self, key: str) -> BackendStats:
+    def backend(self, key: str, backend=None) -> BackendStats:
         b = self.backends.get(key)
         if b is None:
-            b = self.backends[key] = BackendStats()
+            b = self.backends[key] = BackendStats(backend)
+        elif backend is not None:
+            b.backend = backend
         return b
 
     def count(self, outcome: str) -> None:

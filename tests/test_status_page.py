@@ -1,0 +1,341 @@
+"""The status page at ``/`` (ambassadord/static/status.html), in real headless Chromium.
+
+A real daemon (``python -m ambassadord run --admin ...``) with real ``redis-server``
+backends behind it, and Debian's ``/usr/bin/chromium`` driven by Playwright (its Python
+package only: no browser download, ``executable_path`` points at the system one). The
+page polls ``/routes`` every second; every check waits for the page to show something
+with a deadline (Playwright's ``expect``), never with a fixed sleep. Everything talks
+over loopback only.
+
+The page's hooks: ``section[data-route=NAME]`` per route, ``tr[data-backend=ADDR]`` per
+backend row (with ``data-state``), ``[data-field=KEY]`` cells named after the JSON keys
+(raw numbers in ``data-value``), ``#daemon`` for the header and ``[data-banner=...]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import REPO_ROOT, Daemon, RedisProcess, connect, free_port, ping, wait_until
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # the test extra is missing: the browser fixture fails and says so
+    expect = sync_playwright = None
+
+CHROMIUM = Path("/usr/bin/chromium")
+# --no-proxy-server: loopback only, even where a proxy is configured in the environment.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-proxy-server"]
+PAGE = REPO_ROOT / "ambassadord" / "static" / "status.html"
+WAIT_MS = 10_000  # how long the page gets to show something (it polls every second)
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
+                                reason=f"Debian's chromium is not installed ({CHROMIUM} missing)")
+
+if expect is not None:
+    expect.set_options(timeout=WAIT_MS)
+
+
+# ---- browser, daemon, configuration ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if sync_playwright is None:
+        pytest.fail("the Python package 'playwright' is needed (test extra); it drives /usr/bin/chromium, "
+                    "no browser is downloaded")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=30_000)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page; fails the test on any uncaught JavaScript error."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        yield page
+    finally:
+        context.close()
+    assert not errors, f"JavaScript errors on the status page: {errors}"
+
+
+def write_config(path: Path, routes: dict[int, str | dict]) -> Path:
+    """Write a ``[routes]`` TOML file atomically (temporary file + rename), as an editor
+    or a config manager would: the daemon never reads half a file."""
+    lines = ["[routes]"]
+    for port, spec in routes.items():
+        if isinstance(spec, dict):
+            spec = "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in spec.items()) + " }"
+        else:
+            spec = json.dumps(spec)
+        lines.append(f"{port} = {spec}")
+    write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an http_proxy
+
+
+def get_routes(admin: int) -> dict:
+    with _DIRECT.open(f"http://127.0.0.1:{admin}/routes", timeout=5) as res:
+        return json.load(res)
+
+
+@contextlib.contextmanager
+def running_daemon(tmp_path: Path, config: Path, listen: int, admin: int) -> Iterator[Daemon]:
+    """The daemon on 127.0.0.1:``listen``, admin API on 127.0.0.1:``admin``, reading
+    ``config`` (polled every 0.2 s). Killed on the way out, whatever happens; its log is
+    printed (shown by pytest) if the test fails inside."""
+    args = ["--listen", f"127.0.0.1:{listen}", "--config", str(config), "--config-poll", "0.2",
+            "--admin", f"127.0.0.1:{admin}"]
+    # listen=None: no readiness probe through the listener, which would count as a
+    # connection of the route whose port is the listen port. Ready: /routes answers.
+    with Daemon(args, listen=None, workdir=tmp_path) as daemon:
+        try:
+            wait_until(lambda: get_routes(admin), timeout=10, what=daemon.describe)
+            yield daemon
+        except BaseException:
+            print(daemon.describe())
+            raise
+
+
+def route_field(page, route: int | str, field: str):
+    """A route-level cell (title, info or total row) of the route's table."""
+    return page.locator(f'section[data-route="{route}"] tr:not([data-backend]) [data-field="{field}"]')
+
+
+def backend_row(page, route: int | str, backend: str):
+    return page.locator(f'section[data-route="{route}"] tr[data-backend="{backend}"]')
+
+
+def backend_field(page, route: int | str, backend: str, field: str):
+    return backend_row(page, route, backend).locator(f'[data-field="{field}"]')
+
+
+def header(page, field: str):
+    return page.locator(f'#daemon [data-field="{field}"]')
+
+
+def json_backend(admin: int, route: int, backend: str) -> dict | None:
+    r = next(r for r in get_routes(admin)["routes"] if r["name"] == str(route))
+    return next((b for b in r["backends"] if b["name"] == backend), None)
+
+
+PONG = b"+PONG\r\n"
+
+
+# ---- the tests -----------------------------------------------------------------
+
+
+def test_page_is_self_contained_and_never_parses_text_as_html():
+    html = PAGE.read_text()
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+        assert sink not in html, f"status.html uses {sink}: daemon text must go in as text"
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html), "status.html loads something external"
+
+
+def test_page_shows_routes_backends_and_live_counts(page, tmp_path):
+    listen, admin, other = free_port(), free_port(), free_port()
+    with RedisProcess(free_port()) as r1, RedisProcess(free_port()) as r2:
+        b1, b2 = f"127.0.0.1:{r1.port}", f"127.0.0.1:{r2.port}"
+        nowhere = f"127.0.0.1:{free_port()}"  # a second route, never used
+        config = write_config(tmp_path / "routes.toml", {
+            listen: f"{b1},{b2}", other: {"backend": nowhere, "balance": "round-robin"}})
+        with running_daemon(tmp_path, config, listen, admin):
+            snapshot = get_routes(admin)
+            page.goto(f"http://127.0.0.1:{admin}/")
+
+            # the route, its settings and both backends, up
+            expect(page.locator(f'section[data-route="{listen}"] tr[data-backend]')).to_have_count(2)
+            for b in (b1, b2):
+                expect(backend_field(page, listen, b, "state")).to_have_text("up")
+                expect(backend_row(page, listen, b)).to_have_attribute("data-state", "up")
+                expect(backend_field(page, listen, b, "active")).to_have_text("0")
+            expect(route_field(page, listen, "name")).to_have_text(str(listen))
+            expect(route_field(page, listen, "state")).to_have_text("resolved")
+            expect(route_field(page, listen, "spec")).to_have_text(f"{b1},{b2}")
+            expect(route_field(page, listen, "balance")).to_have_text("random")
+            expect(route_field(page, listen, "source")).to_have_text("any")
+            expect(route_field(page, listen, "backends")).to_have_text("2 backends")
+            expect(route_field(page, other, "balance")).to_have_text("round-robin")
+            expect(backend_row(page, other, nowhere)).to_have_count(1)
+            # the header
+            expect(header(page, "version")).to_have_text(snapshot["version"])
+            expect(header(page, "listen")).to_have_text(f"127.0.0.1:{listen}")
+            expect(header(page, "routes")).to_have_text("2")
+            expect(header(page, "config")).to_have_text(str(config))
+            expect(header(page, "last_reload")).to_have_text("none")
+            expect(page.locator("[data-banner]:visible")).to_have_count(0)
+
+            # One connection held open: active 1, and its bytes show while it is open.
+            with contextlib.closing(connect("127.0.0.1", listen)) as held:
+                assert ping(held) == PONG
+                expect(route_field(page, listen, "active")).to_have_text("1")
+                expect(header(page, "active")).to_have_text("1")
+                served = next(b for b in (b1, b2) if json_backend(admin, listen, b)["active"] == 1)
+                expect(backend_field(page, listen, served, "active")).to_have_text("1")
+                expect(backend_field(page, listen, served, "connections")).to_have_text("1")
+                expect(route_field(page, listen, "bytes_up")).to_have_text("6 B")  # PING\r\n, still open
+                expect(route_field(page, listen, "bytes_down")).to_have_attribute("data-value", "7")  # +PONG\r\n
+                expect(backend_field(page, listen, served, "bytes_down")).to_have_attribute("data-value", "7")
+                expect(route_field(page, listen, "outcomes")).not_to_contain_text("ok")
+
+                with contextlib.closing(connect("127.0.0.1", listen)) as second:
+                    assert ping(second) == PONG
+                expect(route_field(page, listen, "outcomes")).to_have_text("closed: ok 1")
+                expect(route_field(page, listen, "connections")).to_have_text("2")
+                expect(route_field(page, listen, "active")).to_have_text("1")
+                expect(route_field(page, listen, "bytes_up")).to_have_text("12 B")
+                expect(route_field(page, listen, "bytes_down")).to_have_attribute("data-value", "14")
+                backend_bytes = sum(int(backend_field(page, listen, b, "bytes_down").get_attribute("data-value"))
+                                    for b in (b1, b2))
+                assert backend_bytes == 14
+
+            # both closed: nothing active, two connections closed ok, all their bytes counted
+            expect(route_field(page, listen, "active")).to_have_text("0")
+            expect(route_field(page, listen, "outcomes")).to_have_text("closed: ok 2")
+            expect(route_field(page, listen, "bytes_up")).to_have_text("12 B")
+            expect(route_field(page, listen, "bytes_down")).to_have_attribute("data-value", "14")
+            expect(backend_field(page, listen, served, "active")).to_have_text("0")
+            expect(header(page, "total")).to_have_text("2")
+            expect(header(page, "active")).to_have_text("0")
+
+
+def test_page_follows_a_change_of_backends(page, tmp_path):
+    listen, admin = free_port(), free_port()
+    with RedisProcess(free_port()) as r1, RedisProcess(free_port()) as r2:
+        b1, b2 = f"127.0.0.1:{r1.port}", f"127.0.0.1:{r2.port}"
+        config = write_config(tmp_path / "routes.toml", {listen: b1})
+        with running_daemon(tmp_path, config, listen, admin):
+            page.goto(f"http://127.0.0.1:{admin}/")
+            expect(backend_field(page, listen, b1, "state")).to_have_text("up")
+            expect(backend_row(page, listen, b2)).to_have_count(0)
+
+            with contextlib.closing(connect("127.0.0.1", listen)) as held:
+                assert ping(held) == PONG
+                expect(backend_field(page, listen, b1, "active")).to_have_text("1")
+
+                write_config(config, {listen: b2})
+                expect(backend_field(page, listen, b2, "state")).to_have_text("up")
+                expect(route_field(page, listen, "spec")).to_have_text(b2)
+                # b1 left the set but still carries the held connection: shown as gone
+                expect(backend_row(page, listen, b1)).to_have_attribute("data-state", "gone")
+                expect(backend_field(page, listen, b1, "state")).to_have_text("gone")
+                expect(backend_field(page, listen, b1, "active")).to_have_text("1")
+                expect(route_field(page, listen, "backends")).to_have_text("1 backend")
+                expect(header(page, "reloads")).to_have_text("1 / 0")
+                expect(header(page, "last_reload")).to_contain_text("ok")
+                expect(header(page, "last_reload")).to_contain_text(f"changed {listen}")
+
+            # the held connection closed: b1's row goes; new connections count on b2
+            expect(backend_row(page, listen, b1)).to_have_count(0)
+            with contextlib.closing(connect("127.0.0.1", listen)) as s:
+                assert ping(s) == PONG
+            expect(backend_field(page, listen, b2, "connections")).to_have_text("1")
+            expect(page.locator(f'section[data-route="{listen}"] tr[data-backend]')).to_have_count(1)
+
+
+def test_page_shows_an_ejected_backend(page, tmp_path):
+    listen, admin = free_port(), free_port()
+    with contextlib.ExitStack() as stack:
+        r1 = stack.enter_context(RedisProcess(free_port()))
+        r2 = stack.enter_context(RedisProcess(free_port()))
+        b1, b2 = f"127.0.0.1:{r1.port}", f"127.0.0.1:{r2.port}"
+        config = write_config(tmp_path / "routes.toml", {
+            listen: {"backend": f"{b1},{b2}", "balance": "round-robin", "eject_for": 60}})
+        stack.enter_context(running_daemon(tmp_path, config, listen, admin))
+        page.goto(f"http://127.0.0.1:{admin}/")
+        expect(backend_field(page, listen, b2, "state")).to_have_text("up")
+
+        r2.stop()
+        # Round-robin: within two connections one tries b2 first. Its connect is refused,
+        # b2 is ejected and the client is served by b1 all the same.
+        for _ in range(4):
+            with contextlib.closing(connect("127.0.0.1", listen)) as s:
+                assert ping(s) == PONG
+            if json_backend(admin, listen, b2)["failures"]:
+                break
+        else:
+            pytest.fail(f"no connection tried {b2}: {get_routes(admin)}")
+
+        expect(backend_row(page, listen, b2)).to_have_attribute("data-state", "ejected")
+        expect(backend_field(page, listen, b2, "state")).to_have_text(re.compile(r"^ejected \d+s$"))
+        expect(backend_field(page, listen, b2, "failures")).to_have_text("1")
+        expect(backend_field(page, listen, b2, "last_error")).to_contain_text(re.compile("refused", re.I))
+        expect(backend_field(page, listen, b1, "state")).to_have_text("up")
+        expect(route_field(page, listen, "failures")).to_have_text("1")
+        expect(route_field(page, listen, "outcomes")).to_contain_text("ok")
+        # and it is coloured apart from an up backend
+        colour = "el => getComputedStyle(el).backgroundColor"
+        assert (backend_field(page, listen, b2, "state").evaluate(colour)
+                != backend_field(page, listen, b1, "state").evaluate(colour))
+
+
+def test_page_shows_a_rejected_reload_and_a_daemon_that_stops_answering(page, tmp_path):
+    # The config file's name comes back in the header and in the reload error: markup in
+    # it must show as text, not become an element.
+    folder = tmp_path / '<img src=x onerror="window.pwned=1">'
+    folder.mkdir()
+    route, backend = free_port(), f"127.0.0.1:{free_port()}"
+    listen, admin = free_port(), free_port()
+    config = write_config(folder / "routes.toml", {route: backend})
+    with running_daemon(tmp_path, config, listen, admin) as daemon:
+        page.goto(f"http://127.0.0.1:{admin}/")
+        expect(backend_field(page, route, backend, "state")).to_have_text("up")
+        expect(header(page, "config")).to_have_text(str(config))
+        reload_banner = page.locator('[data-banner="reload"]')
+        expect(reload_banner).to_be_hidden()
+
+        write_text(config, f'[routes]\n{route} = "127.0.0.1:1\n')  # unterminated string
+        expect(reload_banner).to_be_visible()
+        expect(reload_banner).to_contain_text("reload rejected")
+        expect(reload_banner).to_contain_text("not valid TOML")
+        expect(reload_banner).to_contain_text(str(config))
+        expect(header(page, "reloads")).to_have_text("0 / 1")
+        expect(header(page, "last_reload")).to_contain_text("REJECTED")
+        expect(backend_row(page, route, backend)).to_have_count(1)  # still serving the old one
+        assert page.locator("img").count() == 0
+        assert page.evaluate("window.pwned") is None
+
+        write_config(config, {route: backend})
+        expect(reload_banner).to_be_hidden()
+        expect(header(page, "reloads")).to_have_text("1 / 1")
+
+        # the daemon goes away: a banner says so, the last answer stays on the page
+        down_banner = page.locator('[data-banner="down"]')
+        expect(down_banner).to_be_hidden()
+        daemon.stop()
+        expect(down_banner).to_be_visible()
+        expect(down_banner).to_contain_text("not answering")
+        expect(backend_row(page, route, backend)).to_have_count(1)
+
+    # a daemon on the same admin address again: the page recovers by itself
+    write_config(config, {route: backend, listen: backend})
+    with running_daemon(tmp_path, config, free_port(), admin):
+        expect(down_banner).to_be_hidden()
+        expect(header(page, "reloads")).to_have_text("0 / 0")
+        expect(route_field(page, listen, "spec")).to_have_text(backend)
