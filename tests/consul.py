@@ -30,7 +30,8 @@ ports, e.g. ``ports={"http": 8500}`` for an agent on the default address that a 
 finds without being told.
 
 Its output (``-log-level warn`` by default) goes to a file in a temporary directory;
-failures quote its tail, and tests/conftest.py shows it when a test fails.
+failures quote its tail, and tests/conftest.py shows it when a test fails (the process
+handling is tests/server_process.py's, shared with tests/etcd_server.py).
 
 Example::
 
@@ -42,14 +43,10 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
-import signal
 import socket
-import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -58,13 +55,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tests.server_process import READY_TIMEOUT, ServerProcess, url_host
+
 if TYPE_CHECKING:
     from tests.netns import Netns
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_BINARY = REPO_ROOT / ".cache" / "consul" / "bin" / "consul"
 HOST = "127.0.0.1"
-READY_TIMEOUT = 20.0
 HTTP_TIMEOUT = 10.0
 
 # The names of consul agent's port flags (consul 1.8.7), in the order ports are picked.
@@ -120,24 +118,6 @@ def free_ports(count: int, host: str = HOST, *, ns: Netns | None = None) -> list
     return ports
 
 
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as exc:
-        return f"(cannot read {path}: {exc})"
-    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
-
-
-def _topology_hook(name: str, *args) -> None:
-    """Tell tests/topology.py about the log, so tests/conftest.py shows it on failure."""
-    with contextlib.suppress(Exception):
-        from tests import topology
-
-        hook = getattr(topology, name, None)
-        if hook is not None:
-            hook(*args)
-
-
 class ConsulError(RuntimeError):
     """The agent did not start, died, or its HTTP API answered with an error."""
 
@@ -161,8 +141,13 @@ class _NetnsHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-class ConsulAgent:
+class ConsulAgent(ServerProcess):
     """One ``consul agent -dev`` (on 127.0.0.1 by default); see the module docstring.
+
+    Life cycle (tests/server_process.py): ``start()``, ``stop()`` (SIGTERM, then SIGKILL;
+    consul 1.8 exits 1 on SIGTERM, since a server does not leave the cluster on terminate:
+    that is its normal stop, not a failure), ``restart()`` (on the same ports; the new
+    agent is empty), ``close()`` (also removes the log), ``running``, ``log_tail()``.
 
     Args:
         node: the node name (``-node``); also the DNS name ``NODE.node.consul``.
@@ -187,6 +172,8 @@ class ConsulAgent:
         log: the file with the agent's stdout and stderr (kept across restarts).
     """
 
+    error = ConsulError
+
     def __init__(self, node: str = "amb-consul-test", *, binary: str | None = None, log_level: str = "warn",
                  start: bool = True, extra_args: Iterable[str] = (), ns: Netns | None = None,
                  client: str = HOST, bind: str = HOST, ports: dict[str, int] | None = None):
@@ -206,15 +193,9 @@ class ConsulAgent:
         picked = iter([p for p in free_ports(len(PORT_NAMES) + len(fixed), self.host, ns=ns)
                        if p not in fixed.values()])
         self.ports = {name: fixed[name] if name in fixed else next(picked) for name in PORT_NAMES}
-        self._dir = tempfile.TemporaryDirectory(prefix="amb-consul-")
-        self.log = Path(self._dir.name) / "consul.log"
-        self.proc: subprocess.Popen | None = None
+        super().__init__("consul")
         if start:
-            try:
-                self.start()
-            except BaseException:
-                self.close()
-                raise
+            self._start_or_close(READY_TIMEOUT)
 
     # ---- addresses ------------------------------------------------------------------
 
@@ -227,16 +208,12 @@ class ConsulAgent:
         return self.ports["dns"]
 
     @property
-    def _host_url(self) -> str:
-        return f"[{self.host}]" if ":" in self.host else self.host
-
-    @property
     def http_addr(self) -> str:
-        return f"{self._host_url}:{self.http_port}"
+        return f"{url_host(self.host)}:{self.http_port}"
 
     @property
     def dns_addr(self) -> str:
-        return f"{self._host_url}:{self.dns_port}"
+        return f"{url_host(self.host)}:{self.dns_port}"
 
     @property
     def dns_server(self) -> tuple[str, int]:
@@ -258,62 +235,24 @@ class ConsulAgent:
         return cmd + self.extra_args
 
     @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+    def label(self) -> str:
+        return f"consul agent {self.node}"
 
-    def start(self, timeout: float = READY_TIMEOUT) -> None:
-        """Start the agent (on this object's ports) and wait until it is ready.
-
-        A ``-dev`` agent starts empty: after a restart, nothing registered before exists.
-
-        Raises:
-            ConsulError: it exited, or was not ready within ``timeout``; quotes its log.
-        """
-        if self.running:
-            raise ConsulError(f"consul agent {self.node} is already running (pid {self.proc.pid})")
-        with open(self.log, "ab") as out:
-            out.write(f"---- {' '.join(self.command())}\n".encode())
-            out.flush()
-            kw = dict(stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-            # `ip netns exec` execs the command: the Popen is the agent itself, signals reach it
-            self.proc = (self.ns.popen(self.command(), **kw) if self.ns is not None
-                         else subprocess.Popen(self.command(), **kw))
-        where = f" in {self.ns.name}" if self.ns is not None else ""
-        _topology_hook("_started", self.log,
-                       f"consul agent {self.node}{where} (http {self.http_addr}, dns {self.dns_addr})")
-        try:
-            self._wait_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last = "no answer yet"
-        while True:
-            if self.proc.poll() is not None:
-                raise ConsulError(f"consul agent {self.node} exited {self.proc.returncode} while starting:\n"
-                                  f"{_tail(self.log)}")
-            try:
-                step = self._ready_step()
-            except (OSError, ConsulError, ValueError) as exc:
-                step = str(exc)
-            if step is None:
-                return
-            last = step
-            if time.monotonic() > deadline:
-                raise ConsulError(f"consul agent {self.node} not ready within {timeout:g}s ({last}):\n"
-                                  f"{_tail(self.log)}")
-            time.sleep(0.05)
+    def _addresses(self) -> str:
+        return f"http {self.http_addr}, dns {self.dns_addr}"
 
     def _ready_step(self) -> str | None:
-        """None when ready, else what is still missing."""
-        if not self.get("/v1/status/leader", timeout=2):
-            return "no leader yet"
-        if self.node not in [n.get("Node") for n in self.get("/v1/catalog/nodes", timeout=2) or []]:
-            return f"node {self.node} not in the catalog yet"
-        if not self._dns_answers():
-            return "DNS port not answering yet"
+        """None when ready (a leader, its own node in the catalog, DNS answering), else what
+        is still missing."""
+        try:
+            if not self.get("/v1/status/leader", timeout=2):
+                return "no leader yet"
+            if self.node not in [n.get("Node") for n in self.get("/v1/catalog/nodes", timeout=2) or []]:
+                return f"node {self.node} not in the catalog yet"
+            if not self._dns_answers():
+                return "DNS port not answering yet"
+        except (OSError, ConsulError, ValueError) as exc:
+            return str(exc)
         return None
 
     def _dns_answers(self) -> bool:
@@ -333,43 +272,6 @@ class ConsulAgent:
             if sock is not None:
                 sock.close()
         return r.rcode() == dns.rcode.NOERROR and bool(r.answer)
-
-    def stop(self, timeout: float = 10) -> int | None:
-        """SIGTERM, wait up to ``timeout``, then SIGKILL. Returns the exit status (None if not started).
-
-        Consul 1.8 exits 1 on SIGTERM (a server does not leave the cluster on terminate):
-        that is its normal stop, not a failure.
-        """
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        _topology_hook("_finished", self.log)
-        return self.proc.returncode
-
-    def restart(self, timeout: float = READY_TIMEOUT) -> None:
-        """stop() then start() on the same ports; the new agent is empty (``-dev``)."""
-        self.stop()
-        self.start(timeout)
-
-    def close(self) -> None:
-        self.stop()
-        self._dir.cleanup()
-
-    def __enter__(self) -> ConsulAgent:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def log_tail(self, lines: int = 40) -> str:
-        return _tail(self.log, lines)
 
     # ---- HTTP API -------------------------------------------------------------------
 

@@ -17,7 +17,9 @@ The test process drives it with ``etcdctl`` (API v3, ``-w json``): :meth:`put`, 
 :meth:`revision`. Each returns once etcd has committed the change, and the write methods
 return the revision it made, so a test can time a change from the moment it exists.
 ``ETCDCTL_*`` variables of the test process never reach etcdctl (``env -u``), and
-``ETCD_*`` variables never reach etcd.
+``ETCD_*`` variables never reach etcd. Its output goes to a log in the temporary directory,
+which failures quote and tests/conftest.py shows when a test fails (the process handling
+is tests/server_process.py's, shared with tests/consul.py).
 
 Options:
 
@@ -48,24 +50,20 @@ Example::
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tests.daemon import free_port
+from tests.server_process import READY_TIMEOUT, ServerProcess, url_host
 
 if TYPE_CHECKING:
     from tests.netns import Netns
 
-READY_TIMEOUT = 20.0
 CALL_TIMEOUT = 15.0
 
 
@@ -90,28 +88,6 @@ def require_etcd() -> None:
 
 class EtcdError(RuntimeError):
     """etcd did not start or died, or an etcdctl call failed (the message quotes its stderr)."""
-
-
-def _topology_hook(name: str, *args) -> None:
-    """Tell tests/topology.py about the log, so tests/conftest.py shows it on failure."""
-    with contextlib.suppress(Exception):
-        from tests import topology
-
-        hook = getattr(topology, name, None)
-        if hook is not None:
-            hook(*args)
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as exc:
-        return f"(cannot read {path}: {exc})"
-    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 # ---- TLS ------------------------------------------------------------------------------------
@@ -171,8 +147,14 @@ def make_tls(directory: str | Path, *, ips: tuple[str, ...] = ("127.0.0.1",), dn
 # ---- the server -------------------------------------------------------------------------------
 
 
-class EtcdServer:
-    """One etcd member; see the module docstring."""
+class EtcdServer(ServerProcess):
+    """One etcd member; see the module docstring. Life cycle (tests/server_process.py):
+    ``start()``, ``stop(kill=...)``, ``restart(kill=...)`` (same ports, same data directory:
+    keys and revisions survive), ``close()`` (also removes the data and the log),
+    ``running``, ``log_tail()``."""
+
+    error = EtcdError
+    ready_word = "healthy"
 
     def __init__(self, *, ns: Netns | None = None, host: str = "127.0.0.1", listen_hosts: tuple[str, ...] = (),
                  client_port: int | None = None, peer_port: int | None = None, password: str | None = None,
@@ -189,17 +171,11 @@ class EtcdServer:
         self.tls = tls
         self.client_cert_auth = client_cert_auth
         self.name = name
-        self._dir = tempfile.TemporaryDirectory(prefix="amb-etcd-")
+        super().__init__("etcd")
         self.data_dir = Path(self._dir.name) / "data"
-        self.log = Path(self._dir.name) / "etcd.log"
-        self.proc: subprocess.Popen | None = None
         self._auth_enabled = False
         if start:
-            try:
-                self.start(ready_timeout)
-            except BaseException:
-                self.close()
-                raise
+            self._start_or_close(ready_timeout)
 
     def _other_free_port(self) -> int:
         for _ in range(20):
@@ -222,18 +198,18 @@ class EtcdServer:
     @property
     def addr(self) -> str:
         """``HOST:PORT`` (IPv6 in brackets), as --etcd / ETCDCTL_ENDPOINTS / a spec's netloc take it."""
-        return f"{_url_host(self.host)}:{self.client_port}"
+        return f"{url_host(self.host)}:{self.client_port}"
 
     @property
     def url(self) -> str:
         return f"{self.scheme}://{self.addr}"
 
     def client_urls(self) -> list[str]:
-        return [f"{self.scheme}://{_url_host(h)}:{self.client_port}" for h in (self.host, *self.listen_hosts)]
+        return [f"{self.scheme}://{url_host(h)}:{self.client_port}" for h in (self.host, *self.listen_hosts)]
 
     @property
     def peer_url(self) -> str:
-        return f"http://{_url_host(self.host)}:{self.peer_port}"
+        return f"http://{url_host(self.host)}:{self.peer_port}"
 
     @property
     def user(self) -> str | None:
@@ -257,88 +233,29 @@ class EtcdServer:
         return cmd
 
     @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+    def label(self) -> str:
+        return f"etcd {self.name}"
 
-    def start(self, timeout: float = READY_TIMEOUT) -> None:
-        """Start etcd on this object's ports and data directory; wait until it is healthy.
+    def _addresses(self) -> str:
+        return self.url
 
-        On the first start with ``password``, also add the root user and enable auth.
-        Raises EtcdError (quoting its log) if it exits or is not ready within ``timeout``.
-        """
-        if self.running:
-            raise EtcdError(f"etcd {self.name} is already running (pid {self.proc.pid})")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
-        with open(self.log, "ab") as out:
-            out.write(f"---- {' '.join(self.command())}\n".encode())
-            out.flush()
-            kw = dict(stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                      env=env)
-            # `ip netns exec` execs the command: the Popen is etcd itself, signals reach it
-            self.proc = self.ns.popen(self.command(), **kw) if self.ns is not None else subprocess.Popen(
-                self.command(), **kw)
-        where = f" in {self.ns.name}" if self.ns is not None else ""
-        _topology_hook("_started", self.log, f"etcd {self.name}{where} ({self.url})")
+    def _env(self) -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
+
+    def _ready_step(self) -> str | None:
+        """None once ``etcdctl endpoint health`` succeeds, else its error."""
         try:
-            self._wait_ready(timeout)
-            if self.password and not self._auth_enabled:
-                self.etcdctl("user", "add", f"root:{self.password}", "--interactive=false", auth=False)
-                self.etcdctl("auth", "enable", auth=False)
-                self._auth_enabled = True
-        except BaseException:
-            self.stop()
-            raise
+            self.etcdctl("endpoint", "health", timeout=5, dial_timeout="0.5s", command_timeout="1s")
+        except EtcdError as exc:
+            return str(exc)
+        return None
 
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last = "no answer yet"
-        while True:
-            if self.proc.poll() is not None:
-                raise EtcdError(f"etcd {self.name} exited {self.proc.returncode} while starting:\n{_tail(self.log)}")
-            try:
-                self.etcdctl("endpoint", "health", timeout=5, dial_timeout="0.5s", command_timeout="1s")
-                return
-            except EtcdError as exc:
-                last = str(exc)
-            if time.monotonic() > deadline:
-                raise EtcdError(f"etcd {self.name} not healthy within {timeout:g}s ({last}):\n{_tail(self.log)}")
-            time.sleep(0.05)  # polling interval, not synchronisation
-
-    def stop(self, timeout: float = 10, *, kill: bool = False) -> int | None:
-        """SIGTERM (SIGKILL with ``kill``), wait up to ``timeout``, then SIGKILL. Returns the exit status."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        _topology_hook("_finished", self.log)
-        return self.proc.returncode
-
-    def restart(self, timeout: float = READY_TIMEOUT, *, kill: bool = False) -> None:
-        """stop() then start(): same ports, same data directory (keys and revisions survive)."""
-        self.stop(kill=kill)
-        self.start(timeout)
-
-    def close(self) -> None:
-        """Stop etcd and remove its temporary directory (data and log)."""
-        try:
-            self.stop()
-        finally:
-            self._dir.cleanup()
-
-    def __enter__(self) -> EtcdServer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def log_tail(self, lines: int = 40) -> str:
-        return _tail(self.log, lines)
+    def _on_ready(self) -> None:
+        """On the first start with ``password``: add the root user and enable auth."""
+        if self.password and not self._auth_enabled:
+            self.etcdctl("user", "add", f"root:{self.password}", "--interactive=false", auth=False)
+            self.etcdctl("auth", "enable", auth=False)
+            self._auth_enabled = True
 
     # ---- etcdctl --------------------------------------------------------------------
 

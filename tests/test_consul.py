@@ -26,6 +26,7 @@ of the token had to be bypassed (backends/consul.py, _Consul).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -48,6 +49,8 @@ from backends.consul import (
     service_instances,
 )
 from tests.consul import ConsulAgent, consul_binary, free_ports
+from tests.watch import Watch as BaseWatch
+from tests.watch import addrs, call
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0  # deadline of every wait on the agent or on the watch
@@ -60,15 +63,6 @@ def no_consul_env(monkeypatch):
     """python-consul reads CONSUL_HTTP_* from the process environment: none must leak in."""
     for name in CONSUL_ENV:
         monkeypatch.delenv(name, raising=False)
-
-
-def addrs(backends) -> set[tuple[str, int]]:
-    return {(b.address, b.port) for b in backends}
-
-
-async def call(fn, *args, **kw):
-    """A blocking agent call (urllib) from a trio test, in a worker thread."""
-    return await trio.to_thread.run_sync(lambda: fn(*args, **kw))
 
 
 def opts(agent: ConsulAgent, **kw) -> ResolverOptions:
@@ -85,60 +79,23 @@ def service_index(agent: ConsulAgent, service: str) -> int:
     return int(headers["X-Consul-Index"])
 
 
-class Watch:
-    """Runs ``resolver.watch`` and records what it publishes, with trio timestamps."""
-
-    def __init__(self, resolver, name: str):
-        self.resolver = resolver
-        self.name = name
-        self.published: list[tuple[float, BackendSet]] = []
-        self._event = trio.Event()
-        self.latencies: list[tuple[str, float]] = []
-
-    def publish(self, backend_set: BackendSet) -> None:
-        self.published.append((trio.current_time(), backend_set))
-        event, self._event = self._event, trio.Event()
-        event.set()
-
-    @property
-    def last(self) -> BackendSet:
-        return self.published[-1][1]
-
-    def history(self) -> str:
-        return "\n".join(f"  {t:9.3f} {sorted(addrs(s))} stale={s.stale} error={s.error!r}" for t, s in self.published)
-
-    async def until(self, pred, what: str, *, start: int = 0, timeout: float = TIMEOUT) -> tuple[float, BackendSet]:
-        """The first set published at position ``start`` or later for which ``pred`` holds."""
-        i = start
-        with trio.move_on_after(timeout):
-            while True:
-                while i < len(self.published):
-                    t, s = self.published[i]
-                    i += 1
-                    if pred(s):
-                        return t, s
-                await self._event.wait()
-        pytest.fail(f"{self.name}: no published set {what} within {timeout:g}s; failures="
-                    f"{self.resolver.failures}; published:\n{self.history()}")
-
-    async def fresh(self, expected: set, what: str, *, start: int = 0, timeout: float = TIMEOUT):
-        # a fresh set has no error, except the explanation an empty one carries
-        return await self.until(lambda s: addrs(s) == expected and not s.stale
-                                and (s.error is None if expected else s.error.startswith("no ")),
-                                f"{sorted(expected)} (fresh) after {what}", start=start, timeout=timeout)
+class Watch(BaseWatch):
+    """tests/watch.py's, its change() timed from the agent call's return."""
 
     async def change(self, what: str, expected: set, fn, *args, **kw) -> float:
         """Run the agent call ``fn``; wait for the fresh set ``expected``; return the latency
         from the call's return to the publish, and check it against CHANGE_WITHIN."""
-        mark = len(self.published)
-        await call(fn, *args, **kw)
-        returned = trio.current_time()
-        t, _ = await self.fresh(expected, what, start=mark)
-        latency = t - returned
+        latency, _ = await self.timed_change(what, expected, [functools.partial(fn, *args, **kw)])
         self.latencies.append((what, latency))
         print(f"{self.name}: {what}: published {latency * 1000:.0f} ms after the agent call returned")
         assert latency < CHANGE_WITHIN, f"{what}: took {latency:.2f}s\n{self.history()}"
         return latency
+
+
+def watching(spec: str, options: ResolverOptions, name: str | None = None):
+    """``async with watching(SPEC, OPTIONS) as watch``: a Watch (named ``name``, else SPEC)
+    of SPEC's resolver, its watch() running for the block."""
+    return Watch(parse_spec(spec).resolver(options), name or spec).running()
 
 
 # ---- specs (pure) ----------------------------------------------------------------------------
@@ -417,9 +374,7 @@ async def test_watch_follows_registrations_deregistrations_and_failing_checks(ag
     }
     try:
         agent.wait_for_health("web", 2, timeout=TIMEOUT)
-        watch = Watch(parse_spec("consul:///web").resolver(opts(agent, consul_wait=30)), "consul:///web")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch.resolver.watch, watch.publish)
+        async with watching("consul:///web", opts(agent, consul_wait=30)) as watch:
             await watch.fresh({w1, w2}, "start")
             check["w3"] = await call(agent.register, "web", "web-3", *w3, ttl_check=True)
             await watch.fresh({w1, w2, w3}, "registering web-3")  # (its registration is not timed: see below)
@@ -428,7 +383,6 @@ async def test_watch_follows_registrations_deregistrations_and_failing_checks(ag
             await watch.change("TTL check critical", {w3, w4}, agent.check_fail, check["w2"])
             await watch.change("TTL check passing again", {w2, w3, w4}, agent.check_pass, check["w2"])
             await watch.change("TTL check warning (not passing)", {w3, w4}, agent.check_warn, check["w2"])
-            nursery.cancel_scope.cancel()
         assert watch.resolver.failures == 0
         assert all(not s.stale for _, s in watch.published)
     finally:
@@ -452,24 +406,18 @@ async def test_tag_and_datacenter_filters(agent):
         assert await resolve("consul:///tagged?tag=nosuchtag") == set()
 
         # the tag filter in a watch: a new primary appears, a new replica does not
-        watch = Watch(parse_spec("consul:///tagged?tag=primary").resolver(opts(agent, consul_wait=30)), "tag=primary")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch.resolver.watch, watch.publish)
+        async with watching("consul:///tagged?tag=primary", opts(agent, consul_wait=30), "tag=primary") as watch:
             await watch.fresh({("127.0.0.2", 7101)}, "start")
             await call(agent.register, "tagged", "tagged-3", "127.0.0.4", 7103, tags=("replica",))
             await watch.change("register a primary", {("127.0.0.2", 7101), ("127.0.0.5", 7104)},
                                agent.register, "tagged", "tagged-4", "127.0.0.5", 7104, tags=("primary",))
-            nursery.cancel_scope.cancel()
         assert not any(("127.0.0.4", 7103) in addrs(s) for _, s in watch.published)
 
         # an unknown datacenter: one-shot -> TemporaryFailure; watch -> stale, empty, retrying
         with pytest.raises(TemporaryFailure, match="(?i)datacenter"):
             await parse_spec("consul:///tagged?dc=nowhere").resolver(opts(agent)).resolve()
-        watch = Watch(parse_spec("consul:///tagged?dc=nowhere").resolver(opts(agent)), "dc=nowhere")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch.resolver.watch, watch.publish)
+        async with watching("consul:///tagged?dc=nowhere", opts(agent), "dc=nowhere") as watch:
             await watch.until(lambda s: watch.resolver.failures >= 3, "after 3 failures")
-            nursery.cancel_scope.cancel()
         assert all(s.stale and s.backends == () and "datacenter" in s.error.lower() for _, s in watch.published), \
             watch.history()
         assert len(watch.published) >= 3
@@ -487,15 +435,12 @@ async def test_weights_and_node_address_fallback(agent):
         backends = await resolver.resolve()
         assert {(b.address, b.port, b.weight) for b in backends} == {("127.0.0.2", 7201, 7), ("127.0.0.1", 7202, 1)}
         # a weight change alone is a change of the set
-        watch = Watch(resolver, "consul:///weighted")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch.resolver.watch, watch.publish)
+        async with Watch(resolver, "consul:///weighted").running() as watch:
             t, first = await watch.fresh({("127.0.0.2", 7201), ("127.0.0.1", 7202)}, "start")
             mark = len(watch.published)
             await call(register_weighted, agent, "weighted", "weighted-1", "127.0.0.2", 7201, passing=3)
             await watch.until(lambda s: {(b.port, b.weight) for b in s} == {(7201, 3), (7202, 1)},
                               "with weight 3", start=mark)
-            nursery.cancel_scope.cancel()
     finally:
         agent.deregister("weighted-1")
         agent.deregister("weighted-2")
@@ -545,9 +490,7 @@ async def test_kv_watch(agent, caplog):
     agent.kv_put(f"{P}/bad", "not-a-backend")  # malformed: skipped, logged with its key
     agent.kv_put(f"{P}/bin", b"\xff\xfe\x00")  # not UTF-8: skipped, logged with its key
     try:
-        watch = Watch(parse_spec(f"consul-kv:///{P}").resolver(opts(agent, consul_wait=30)), f"consul-kv:///{P}")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch.resolver.watch, watch.publish)
+        async with watching(f"consul-kv:///{P}", opts(agent, consul_wait=30)) as watch:
             await watch.fresh({a, b, c, d}, "start")
             messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
             assert any(f"'{P}/bad'" in m for m in messages), messages
@@ -566,7 +509,6 @@ async def test_kv_watch(agent, caplog):
             assert not watch.last.stale and watch.last.backends == ()
             assert watch.last.error == "no backend under KV path 'kvw/svc/redis'"
             await watch.change("a key again", {a}, agent.kv_put, f"{P}/a", "127.0.0.2:7401")
-            nursery.cancel_scope.cancel()
         assert watch.resolver.failures == 0
     finally:
         agent.kv_delete("kvw", recurse=True)
@@ -595,9 +537,7 @@ async def test_agent_outage_keeps_the_last_set_stale_and_recovers(restartable, s
     agent.register("outage", "outage-1", *r1)
     agent.register("outage", "outage-2", *r2)
     agent.wait_for_health("outage", 2, timeout=TIMEOUT)
-    watch = Watch(parse_spec("consul:///outage").resolver(opts(agent, consul_wait=30)), "consul:///outage")
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch.resolver.watch, watch.publish)
+    async with watching("consul:///outage", opts(agent, consul_wait=30)) as watch:
         _, good = await watch.fresh({r1, r2}, "start")
         mark = len(watch.published)
         await call(agent.stop)
@@ -614,7 +554,6 @@ async def test_agent_outage_keeps_the_last_set_stale_and_recovers(restartable, s
         await call(agent.start)
         await watch.fresh(set(), "the agent restarted empty", start=mark)
         await watch.change("register after the restart", {r3}, agent.register, "outage", "outage-3", *r3)
-        nursery.cancel_scope.cancel()
 
 
 async def test_index_going_backwards_after_restart(restartable, short_backoff):
@@ -631,9 +570,7 @@ async def test_index_going_backwards_after_restart(restartable, short_backoff):
         agent.deregister("idx-tmp")
     agent.wait_for_health("idx", 1, timeout=TIMEOUT)
     before = service_index(agent, "idx")
-    watch = Watch(parse_spec("consul:///idx").resolver(opts(agent, consul_wait=30)), "consul:///idx")
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch.resolver.watch, watch.publish)
+    async with watching("consul:///idx", opts(agent, consul_wait=30)) as watch:
         await watch.fresh({s1}, "start")
         mark = len(watch.published)
         await call(agent.restart)
@@ -644,7 +581,6 @@ async def test_index_going_backwards_after_restart(restartable, short_backoff):
         after = service_index(agent, "idx")
         assert after < before, f"the scenario needs the index to go backwards: {before} -> {after}"
         await watch.change("register again", {s2, s3}, agent.register, "idx", "idx-3", *s3)
-        nursery.cancel_scope.cancel()
 
 
 async def test_sub_second_wait_is_not_a_failure(agent, monkeypatch):
@@ -743,29 +679,20 @@ async def test_acl_token(acl_agent, caplog):
     assert await parse_spec("consul-kv:///acl/redis").resolver(opts(agent)).resolve() == ()
 
     # ... which a token-less watch points out, rather than looking like a service without instances
-    watch = Watch(parse_spec("consul:///secret").resolver(opts(agent)), "no token")
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch.resolver.watch, watch.publish)
+    async with watching("consul:///secret", opts(agent), "no token") as watch:
         _, s = await watch.until(lambda s: True, "an answer")
-        nursery.cancel_scope.cancel()
     assert s.backends == () and not s.stale and s.error == "no passing instance of service 'secret'"
     assert any("missing --consul-token" in r.getMessage() for r in caplog.records), caplog.records
 
     # in a watch: a refused token keeps the last set (none yet: empty), stale, with the error
-    watch = Watch(parse_spec("consul:///secret").resolver(opts(agent, consul_token="wrong")), "wrong token")
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch.resolver.watch, watch.publish)
+    async with watching("consul:///secret", opts(agent, consul_token="wrong"), "wrong token") as watch:
         _, s = await watch.until(lambda s: s.stale, "stale")
-        nursery.cancel_scope.cancel()
     assert s.backends == () and "permission denied" in s.error.lower() and "ACL" in s.error
     # ... and with the token it watches
-    watch = Watch(parse_spec("consul:///secret").resolver(opts(agent, consul_token="root", consul_wait=30)), "token")
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch.resolver.watch, watch.publish)
+    async with watching("consul:///secret", opts(agent, consul_token="root", consul_wait=30), "token") as watch:
         await watch.fresh({("127.0.0.2", 7901)}, "start")
         await watch.change("register with ACLs on", {("127.0.0.2", 7901), ("127.0.0.4", 7903)},
                            agent.register, "secret", "secret-2", "127.0.0.4", 7903)
-        nursery.cancel_scope.cancel()
     agent.deregister("secret-2")
 
 
@@ -818,13 +745,10 @@ async def test_https_agent(tls_agent):
     with pytest.raises(TemporaryFailure, match="HTTPS"):
         await parse_spec("consul:///tlssvc").resolver(ResolverOptions(consul_addr=("127.0.0.1", port))).resolve()
     # a watch over https follows changes
-    watch = Watch(parse_spec("consul:///tlssvc").resolver(tls_opts(port, consul_ca=ca, consul_wait=30)), "https")
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch.resolver.watch, watch.publish)
+    async with watching("consul:///tlssvc", tls_opts(port, consul_ca=ca, consul_wait=30), "https") as watch:
         await watch.fresh({("127.0.0.2", 8001)}, "start")
         await watch.change("register over https", {("127.0.0.2", 8001), ("127.0.0.4", 8003)},
                            agent.register, "tlssvc", "tlssvc-2", "127.0.0.4", 8003)
-        nursery.cancel_scope.cancel()
     agent.deregister("tlssvc-2")
 
 

@@ -35,20 +35,24 @@ Bugs found while writing this file (unclosed IPv6 brackets, one-shot resolve not
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
 
-from backends import BackendSet, ResolverOptions, SpecError, parse_spec
+from backends import ResolverOptions, SpecError, parse_spec
 from backends.etcd import EtcdResolver, EtcdSpec, TemporaryFailure, parse_endpoint
 from tests.daemon import free_port
 from tests.etcd_server import EtcdServer, make_tls, require_etcd
+from tests.watch import Watch as BaseWatch
+from tests.watch import addrs, call
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0  # deadline of every wait on etcd or on the watch
@@ -77,15 +81,6 @@ def no_etcdctl_env(monkeypatch):
             monkeypatch.delenv(name)
 
 
-def addrs(backends) -> set[tuple[str, int]]:
-    return {(b.address, b.port) for b in backends}
-
-
-async def call(fn, *args, **kw):
-    """A blocking etcdctl call from a trio test, in a worker thread."""
-    return await trio.to_thread.run_sync(lambda: fn(*args, **kw))
-
-
 def opts(*endpoints: tuple[str, int], **kw) -> ResolverOptions:
     return ResolverOptions(etcd_endpoints=tuple(endpoints), **kw)
 
@@ -94,47 +89,12 @@ def resolver(*endpoints: tuple[str, int], spec: str = SPEC, **kw) -> EtcdResolve
     return parse_spec(spec).resolver(opts(*endpoints, **kw))
 
 
-class Watch:
-    """Runs ``resolver.watch`` and records what it publishes, with trio timestamps."""
+class Watch(BaseWatch):
+    """tests/watch.py's, named SPEC by default, its change() timed from the first etcdctl
+    call's start."""
 
     def __init__(self, resolver, name: str = SPEC):
-        self.resolver = resolver
-        self.name = name
-        self.published: list[tuple[float, BackendSet]] = []
-        self._event = trio.Event()
-        self.latencies: list[tuple[str, float, float]] = []
-
-    def publish(self, backend_set: BackendSet) -> None:
-        self.published.append((trio.current_time(), backend_set))
-        event, self._event = self._event, trio.Event()
-        event.set()
-
-    @property
-    def last(self) -> BackendSet:
-        return self.published[-1][1]
-
-    def history(self) -> str:
-        return "\n".join(f"  {t:9.3f} {sorted(addrs(s))} stale={s.stale} error={s.error!r}" for t, s in self.published)
-
-    async def until(self, pred, what: str, *, start: int = 0, timeout: float = TIMEOUT) -> tuple[float, BackendSet]:
-        """The first set published at position ``start`` or later for which ``pred`` holds."""
-        i = start
-        with trio.move_on_after(timeout):
-            while True:
-                while i < len(self.published):
-                    t, s = self.published[i]
-                    i += 1
-                    if pred(s):
-                        return t, s
-                await self._event.wait()
-        pytest.fail(f"{self.name}: no published set {what} within {timeout:g}s; failures="
-                    f"{self.resolver.failures}, compactions={self.resolver.compactions}; published:\n{self.history()}")
-
-    async def fresh(self, expected: set, what: str, *, start: int = 0, timeout: float = TIMEOUT):
-        # a fresh set has no error, except the explanation an empty one carries
-        return await self.until(lambda s: addrs(s) == expected and not s.stale
-                                and (s.error is None if expected else s.error.startswith("no ")),
-                                f"{sorted(expected)} (fresh) after {what}", start=start, timeout=timeout)
+        super().__init__(resolver, name)
 
     async def change(self, what: str, expected: set, *steps, within: float = CHANGE_WITHIN) -> float:
         """Run the etcdctl calls ``steps`` ((fn, *args) tuples); wait for the fresh set ``expected``.
@@ -142,13 +102,8 @@ class Watch:
         Returns the latency from the last call's return to the publish; asserts that the
         publish came within ``within`` of the first call's *start* (the conservative figure).
         """
-        mark = len(self.published)
-        started = trio.current_time()
-        for fn, *args in steps:
-            await call(fn, *args)
-        returned = trio.current_time()
-        t, _ = await self.fresh(expected, what, start=mark)
-        latency, conservative = t - returned, t - started
+        latency, conservative = await self.timed_change(what, expected,
+                                                        [functools.partial(fn, *args) for fn, *args in steps])
         self.latencies.append((what, latency, conservative))
         # (from the return, the figure can be slightly negative: etcd had committed and the
         # watch had published before the etcdctl process was done exiting)
@@ -172,6 +127,14 @@ class Proxy:
     @property
     def endpoint(self) -> tuple[str, int]:
         return "127.0.0.1", self.port
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Proxy]:
+        """The proxy, serving for the block."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.run)
+            yield self
+            nursery.cancel_scope.cancel()
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -338,9 +301,7 @@ async def test_watch_follows_puts_and_deletes_within_1s(etcd):
     etcd.put(P, f"{hp(C)}, {hp(D)}")  # the prefix key's own value: a comma list
     etcd.put(f"{P}X", hp(SIBLING))  # only shares the prefix: ignored
     etcd.put(f"{P}X/a", hp(SIBLING))
-    watch = Watch(resolver(etcd.endpoint, etcd_resync=30))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch.resolver.watch, watch.publish)
+    async with Watch(resolver(etcd.endpoint, etcd_resync=30)).running() as watch:
         await watch.fresh({A, B, C, D}, "start")
         await watch.change("put a key", {A, B, C, D, E}, (etcd.put, f"{P}/e", hp(E)))
         await watch.change("delete a key", {B, C, D, E}, (etcd.delete, f"{P}/a"))
@@ -355,7 +316,6 @@ async def test_watch_follows_puts_and_deletes_within_1s(etcd):
         assert [addrs(s) for _, s in watch.published[mark:]] == [set()], watch.history()
         assert watch.last.error == f"no backend under etcd key {P!r}"
         await watch.change("a key again", {B}, (etcd.put, f"{P}/b", hp(B)))
-        nursery.cancel_scope.cancel()
     assert not any(SIBLING in addrs(s) for _, s in watch.published), watch.history()
     assert watch.resolver.failures == 0 and watch.resolver.compactions == 0
     assert not any(s.stale for _, s in watch.published)
@@ -372,9 +332,7 @@ async def test_malformed_values_are_skipped_and_logged_with_their_key(etcd, capl
     etcd.put(f"{P}/badport", "127.0.0.1:99999")
     etcd.put(f"{P}/bin", b"\xff\xfe127.0.0.1:1")
     etcd.put(P, f"{hp(B)},oops")  # the good part of a comma list is kept
-    watch = Watch(resolver(etcd.endpoint))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch.resolver.watch, watch.publish)
+    async with Watch(resolver(etcd.endpoint)).running() as watch:
         await watch.fresh({A, B}, "start")
         messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         for key, words in ((f"{P}/bad", "not-a-backend"), (f"{P}/badport", "99999"), (f"{P}/bin", "UTF-8"),
@@ -386,7 +344,6 @@ async def test_malformed_values_are_skipped_and_logged_with_their_key(etcd, capl
         assert any(f"key '{P}/a'" in r.getMessage() and "port" in r.getMessage() for r in caplog.records), \
             [r.getMessage() for r in caplog.records]
         await watch.change("and good again", {A, B, C}, (etcd.put, f"{P}/a", hp(A)))
-        nursery.cancel_scope.cancel()
     assert watch.resolver.failures == 0
 
 
@@ -394,9 +351,7 @@ async def test_malformed_values_are_skipped_and_logged_with_their_key(etcd, capl
 async def test_etcd_restart_keeps_the_last_set_and_converges_within_2s(etcd, signal_name):
     etcd.put(f"{P}/a", hp(A))
     etcd.put(f"{P}/b", hp(B))
-    watch = Watch(resolver(etcd.endpoint))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch.resolver.watch, watch.publish)
+    async with Watch(resolver(etcd.endpoint)).running() as watch:
         _, good = await watch.fresh({A, B}, "start")
 
         # etcd goes away: the last set keeps serving, republished stale with the error
@@ -417,11 +372,29 @@ async def test_etcd_restart_keeps_the_last_set_and_converges_within_2s(etcd, sig
         # no deleted key lingers: once converged, every later set is without it
         assert f"{P}/a" not in watch.resolver.values
         await watch.change("a change after the restart", {B, C, D}, (etcd.put, f"{P}/d", hp(D)))
-        nursery.cancel_scope.cancel()
     after = [s for _, s in watch.published[mark:]]
     first_right = next(i for i, s in enumerate(after) if addrs(s) == {B, C})
     assert not any(A in addrs(s) for s in after[first_right:]), watch.history()
     assert not watch.last.stale and watch.resolver.revision == etcd.revision()
+
+
+async def cut_off(proxy: Proxy, watch: Watch) -> None:
+    """Cut the resolver off etcd (``proxy.cut()``); return once the watch has republished
+    its set stale."""
+    mark = len(watch.published)
+    proxy.cut()
+    await watch.until(lambda s: s.stale, "stale after the cut", start=mark)
+
+
+async def restore_converges(proxy: Proxy, watch: Watch, expected: set, what: str) -> None:
+    """Let the resolver reach etcd again (``proxy.restore()``): the fresh set ``expected``
+    must be published within CONVERGE_WITHIN."""
+    mark = len(watch.published)
+    proxy.restore()
+    t_restored = trio.current_time()
+    t, _ = await watch.fresh(expected, f"the {what}", start=mark)
+    print(f"{what}: converged {(t - t_restored) * 1000:.0f} ms after the proxy was restored")
+    assert t - t_restored < CONVERGE_WITHIN, watch.history()
 
 
 async def test_resume_after_a_break_replays_what_changed_meanwhile(etcd):
@@ -430,30 +403,18 @@ async def test_resume_after_a_break_replays_what_changed_meanwhile(etcd):
     no re-read needed) and etcd replays the changes, deletes included."""
     etcd.put(f"{P}/a", hp(A))
     etcd.put(f"{P}/b", hp(B))
-    async with trio.open_nursery() as nursery:
-        proxy = Proxy(etcd.endpoint)
-        await nursery.start(proxy.run)
-        watch = Watch(resolver(proxy.endpoint))
-        nursery.start_soon(watch.resolver.watch, watch.publish)
+    async with Proxy(etcd.endpoint).running() as proxy, Watch(resolver(proxy.endpoint)).running() as watch:
         await watch.fresh({A, B}, "start")
         seen = watch.resolver.revision
-        mark = len(watch.published)
-        proxy.cut()
-        await watch.until(lambda s: s.stale, "stale after the cut", start=mark)
+        await cut_off(proxy, watch)
         await call(etcd.put, f"{P}/c", hp(C))
         await call(etcd.delete, f"{P}/a")
         await call(etcd.put, f"{P}/d", hp(D))
         await call(etcd.delete, f"{P}/d")
         assert watch.resolver.revision == seen  # it saw none of that
-        mark = len(watch.published)
-        proxy.restore()
-        t_restored = trio.current_time()
-        t, _ = await watch.fresh({B, C}, "the break healed", start=mark)
-        print(f"resume after a break: converged {(t - t_restored) * 1000:.0f} ms after the proxy was restored")
-        assert t - t_restored < CONVERGE_WITHIN, watch.history()
+        await restore_converges(proxy, watch, {B, C}, "resume after a break")
         assert watch.resolver.compactions == 0
         await watch.change("a change after the break", {B, C, E}, (etcd.put, f"{P}/e", hp(E)))
-        nursery.cancel_scope.cancel()
     assert watch.resolver.failures >= 1
     assert watch.resolver.revision == etcd.revision()
 
@@ -465,34 +426,22 @@ async def test_watch_resuming_from_a_compacted_revision_reads_again_and_recovers
     etcd.put(f"{P}/a", hp(A))
     etcd.put(f"{P}/b", hp(B))
     etcd.put(f"{P}/c", hp(C))
-    async with trio.open_nursery() as nursery:
-        proxy = Proxy(etcd.endpoint)
-        await nursery.start(proxy.run)
-        watch = Watch(resolver(proxy.endpoint))
-        nursery.start_soon(watch.resolver.watch, watch.publish)
+    async with Proxy(etcd.endpoint).running() as proxy, Watch(resolver(proxy.endpoint)).running() as watch:
         await watch.fresh({A, B, C}, "start")
         seen = watch.resolver.revision
-        mark = len(watch.published)
-        proxy.cut()
-        await watch.until(lambda s: s.stale, "stale after the cut", start=mark)
+        await cut_off(proxy, watch)
         await call(etcd.delete, f"{P}/a")
         await call(etcd.put, f"{P}/d", hp(D))
         await call(etcd.put, f"{P}/b", hp(E))
         now = await call(etcd.revision)
         await call(etcd.compact, now)
         assert watch.resolver.revision == seen and seen + 1 < now, (seen, now)  # the resume point is gone
-        mark = len(watch.published)
-        proxy.restore()
-        t_restored = trio.current_time()
-        t, _ = await watch.fresh({C, D, E}, "the compacted resume", start=mark)
-        print(f"compacted resume: converged {(t - t_restored) * 1000:.0f} ms after the proxy was restored")
-        assert t - t_restored < CONVERGE_WITHIN, watch.history()
+        await restore_converges(proxy, watch, {C, D, E}, "compacted resume")
         assert watch.resolver.compactions >= 1, watch.history()
         assert watch.resolver.values == {f"{P}/c": hp(C).encode(), f"{P}/d": hp(D).encode(), f"{P}/b": hp(E).encode()}
         assert watch.resolver.revision >= now
         # the watch is live again after the re-read
         await watch.change("a change after the re-read", {C, D}, (etcd.delete, f"{P}/b"))
-        nursery.cancel_scope.cancel()
     assert addrs(watch.last) == {C, D} and not watch.last.stale
 
 
@@ -503,11 +452,8 @@ async def test_resync_reads_again_periodically_and_rescues_a_frozen_watch(etcd):
     died silently): a change still arrives, by the next resync."""
     resync = 1.0
     etcd.put(f"{P}/a", hp(A))
-    async with trio.open_nursery() as nursery:
-        proxy = Proxy(etcd.endpoint)
-        await nursery.start(proxy.run)
-        watch = Watch(resolver(proxy.endpoint, etcd_resync=resync))
-        nursery.start_soon(watch.resolver.watch, watch.publish)
+    async with (Proxy(etcd.endpoint).running() as proxy,
+                Watch(resolver(proxy.endpoint, etcd_resync=resync)).running() as watch):
         await watch.fresh({A}, "start")
         first = proxy.accepted
         with trio.fail_after(TIMEOUT):
@@ -522,7 +468,6 @@ async def test_resync_reads_again_periodically_and_rescues_a_frozen_watch(etcd):
         latency = await watch.change("put while the watch stream is frozen", {B, C},
                                      (etcd.put, f"{P}/c", hp(C)), within=resync + 1.0)
         print(f"frozen stream: change published after {latency * 1000:.0f} ms (resync every {resync:g}s)")
-        nursery.cancel_scope.cancel()
     assert watch.resolver.failures == 0
     assert not any(s.stale for _, s in watch.published)
 
@@ -530,12 +475,9 @@ async def test_resync_reads_again_periodically_and_rescues_a_frozen_watch(etcd):
 async def test_cluster_failover_to_the_next_endpoint(etcd):
     dead = ("127.0.0.1", free_port())
     etcd.put(f"{P}/a", hp(A))
-    watch = Watch(resolver(dead, etcd.endpoint))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch.resolver.watch, watch.publish)
+    async with Watch(resolver(dead, etcd.endpoint)).running() as watch:
         await watch.fresh({A}, "failing over to the live endpoint")
         await watch.change("a change on the live endpoint", {A, B}, (etcd.put, f"{P}/b", hp(B)))
-        nursery.cancel_scope.cancel()
     # the dead one was tried first: nothing known yet, so an empty stale set naming it
     first = watch.published[0][1]
     assert first.stale and first.backends == () and f"127.0.0.1:{dead[1]}" in first.error, watch.history()
@@ -583,11 +525,8 @@ def other_ca(tmp_path_factory):
 
 async def _no_answer_watch(r: EtcdResolver, failures: int = 2) -> Watch:
     """Run watch() until ``failures`` failures; every set published must be empty and stale."""
-    watch = Watch(r)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch.resolver.watch, watch.publish)
+    async with Watch(r).running() as watch:
         await watch.until(lambda s: r.failures >= failures, f"after {failures} failures")
-        nursery.cancel_scope.cancel()
     assert all(s.stale and s.backends == () and s.error for _, s in watch.published), watch.history()
     return watch
 
@@ -610,12 +549,9 @@ async def test_auth_with_user_and_password_over_http():
         etcd.put(f"{P}/a", hp(A))
         r = resolver(etcd.endpoint, etcd_user=etcd.user, etcd_timeout=2)
         assert addrs(await r.resolve()) == {A}
-        watch = Watch(r)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch.resolver.watch, watch.publish)
+        async with Watch(r).running() as watch:
             await watch.fresh({A}, "start", timeout=5)
             await watch.change("put with auth", {A, B}, (etcd.put, f"{P}/b", hp(B)))
-            nursery.cancel_scope.cancel()
 
 
 async def test_tls_server_needs_the_ca(tls, other_ca):
@@ -624,12 +560,9 @@ async def test_tls_server_needs_the_ca(tls, other_ca):
         etcd.put(f"{P}/a", hp(A))
         r = resolver(etcd.endpoint, etcd_ca=tls.ca)
         assert addrs(await r.resolve()) == {A}
-        watch = Watch(r)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch.resolver.watch, watch.publish)
+        async with Watch(r).running() as watch:
             await watch.fresh({A}, "start")
             await watch.change("put over TLS", {A, B}, (etcd.put, f"{P}/b", hp(B)))
-            nursery.cancel_scope.cancel()
         # no CA: the client speaks plain HTTP/2 to a TLS port; a CA that did not sign the
         # server's certificate: the handshake fails. Either way: an error, nothing served.
         for kw in ({}, {"etcd_ca": other_ca.ca}):
@@ -643,12 +576,9 @@ async def test_tls_client_certificate(tls):
         etcd.put(f"{P}/a", hp(A))
         r = resolver(etcd.endpoint, etcd_ca=tls.ca, etcd_cert=tls.client_cert, etcd_key=tls.client_key)
         assert addrs(await r.resolve()) == {A}
-        watch = Watch(r)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch.resolver.watch, watch.publish)
+        async with Watch(r).running() as watch:
             await watch.fresh({A}, "start")
             await watch.change("put with a client certificate", {B}, (etcd.put, f"{P}/a", hp(B)))
-            nursery.cancel_scope.cancel()
         with pytest.raises(TemporaryFailure, match=f"127.0.0.1:{etcd.client_port}"):
             await resolver(etcd.endpoint, etcd_ca=tls.ca, etcd_timeout=2).resolve()
 
@@ -659,16 +589,13 @@ async def test_auth_over_tls(tls):
         etcd.put(f"{P}/a", hp(A))
         r = resolver(etcd.endpoint, etcd_ca=tls.ca, etcd_user=etcd.user)
         assert addrs(await r.resolve()) == {A}
-        watch = Watch(r)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch.resolver.watch, watch.publish)
+        async with Watch(r).running() as watch:
             await watch.fresh({A}, "start")
             await watch.change("put with auth over TLS", {A, B}, (etcd.put, f"{P}/b", hp(B)))
             # auth survives a restart (it lives in the data directory); so does the watch
             await call(etcd.restart)
             await watch.change("put after a restart", {A, B, C}, (etcd.put, f"{P}/c", hp(C)),
                                within=CONVERGE_WITHIN)
-            nursery.cancel_scope.cancel()
         with pytest.raises(TemporaryFailure, match="(?i)user name is empty|permission denied"):
             await resolver(etcd.endpoint, etcd_ca=tls.ca).resolve()
 
