@@ -54,7 +54,10 @@ import requests
 import trio
 
 from .interface import (
+    BACKOFF_FIRST,
+    BACKOFF_MAX,
     Backend,
+    Backoff,
     BackendSet,
     Publish,
     ResolveError,
@@ -62,6 +65,7 @@ from .interface import (
     ResolverOptions,
     Spec,
     SpecError,
+    failed_set,
     parse_port,
     split_host_port,
 )
@@ -71,7 +75,6 @@ from .static import backends_of
 log = logging.getLogger("ambassadord.resolver.consul")
 
 MIN_QUERY_INTERVAL = 0.1
-BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 # Extra time allowed to an HTTP request beyond the blocking wait and Consul's wait/16 jitter.
 HTTP_MARGIN = 5.0
 # Blocking queries hold a thread each for up to `wait`: give them their own pool.
@@ -300,7 +303,7 @@ class _ConsulResolver(Resolver):
         index = 0
         last_good: BackendSet | None = None
         last_published: BackendSet | None = None
-        backoff = BACKOFF_FIRST
+        backoff = Backoff(self.rng, BACKOFF_FIRST, BACKOFF_MAX)
         last_query = -MIN_QUERY_INTERVAL
         while True:
             pause = last_query + MIN_QUERY_INTERVAL - trio.current_time()
@@ -314,17 +317,14 @@ class _ConsulResolver(Resolver):
                 self.failures += 1
                 index = 0  # the agent may come back with a lower index: start over
                 if last_good is not None:
-                    log.warning("%s: %s; keeping the last known set (stale), retrying in %.1fs", source, exc, backoff)
-                    last_published = BackendSet(last_good.backends, source=source, updated=last_good.updated,
-                                                stale=True, error=str(exc))
+                    log.warning("%s: %s; keeping the last known set (stale), retrying in %.1fs", source, exc, backoff.step)
                 else:
-                    log.error("%s: %s; no backends known yet, retrying in %.1fs", source, exc, backoff)
-                    last_published = BackendSet((), source=source, stale=True, error=str(exc))
+                    log.error("%s: %s; no backends known yet, retrying in %.1fs", source, exc, backoff.step)
+                last_published = failed_set(last_good, source, str(exc))
                 publish(last_published)
-                await trio.sleep(backoff * (0.5 + self.rng.random()))
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                await trio.sleep(backoff.next_delay())
                 continue
-            backoff = BACKOFF_FIRST
+            backoff.reset()
             if new_index < index:
                 log.info("%s: index went backwards (%d -> %d): restarting the blocking loop", source, index, new_index)
                 index = 0

@@ -48,7 +48,10 @@ import dns.resolver
 import trio
 
 from .interface import (
+    BACKOFF_FIRST,
+    BACKOFF_MAX,
     Backend,
+    Backoff,
     BackendSet,
     Publish,
     ResolveError,
@@ -56,6 +59,7 @@ from .interface import (
     ResolverOptions,
     Spec,
     SpecError,
+    failed_set,
     parse_port,
 )
 
@@ -63,7 +67,6 @@ log = logging.getLogger("ambassadord.resolver.dns")
 
 NEGATIVE_REFRESH = 5.0
 REFRESH_FRACTION = 0.8
-BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 # Per-query time limit (dnspython's timeout); the whole look-up's is options.dns_timeout.
 QUERY_TIMEOUT = 2.0
 
@@ -324,12 +327,12 @@ class _DnsResolver(Resolver):
         last_good: BackendSet | None = None
         last_good_at = 0.0
         last_published: BackendSet | None = None
-        backoff = BACKOFF_FIRST
+        backoff = Backoff(self.rng, BACKOFF_FIRST, BACKOFF_MAX)
         while True:
             try:
                 backends, ttl = await self.lookup()
             except NotFound as exc:
-                backoff = BACKOFF_FIRST
+                backoff.reset()
                 last_good = None
                 if last_published is None or last_published.backends or last_published.error != str(exc):
                     log.warning("%s: %s; the route has no backends", source, exc)
@@ -341,19 +344,16 @@ class _DnsResolver(Resolver):
                 age = time.monotonic() - last_good_at
                 if last_good is not None and age <= self.options.dns_stale_for:
                     log.warning("%s: %s; serving the last good answer (stale, %.0fs old), retrying in %.1fs",
-                                source, exc, age, backoff)
-                    last_published = BackendSet(last_good.backends, source=source, updated=last_good.updated,
-                                                stale=True, error=str(exc))
+                                source, exc, age, backoff.step)
                 else:
                     why = "the last good answer is too old" if last_good is not None else "no answer yet"
-                    log.error("%s: %s; %s: the route has no backends, retrying in %.1fs", source, exc, why, backoff)
+                    log.error("%s: %s; %s: the route has no backends, retrying in %.1fs", source, exc, why, backoff.step)
                     last_good = None
-                    last_published = BackendSet((), source=source, stale=True, error=str(exc))
+                last_published = failed_set(last_good, source, str(exc))
                 publish(last_published)  # every failure is published, so it is counted
-                delay = backoff * (0.5 + self.rng.random())  # jitter: do not retry in lock-step
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                delay = backoff.next_delay()
             else:
-                backoff = BACKOFF_FIRST
+                backoff.reset()
                 if last_published is None or last_published.backends != backends or last_published.stale \
                         or last_published.error:
                     last_published = BackendSet(backends, source=source)

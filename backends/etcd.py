@@ -49,7 +49,10 @@ os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
 import trio  # noqa: E402
 
 from .interface import (  # noqa: E402
+    BACKOFF_FIRST,
+    BACKOFF_MAX,
     Backend,
+    Backoff,
     BackendSet,
     Publish,
     ResolveError,
@@ -57,6 +60,7 @@ from .interface import (  # noqa: E402
     ResolverOptions,
     Spec,
     SpecError,
+    failed_set,
     parse_port,
     split_host_port,
 )
@@ -65,7 +69,6 @@ from .static import backends_of  # noqa: E402
 
 log = logging.getLogger("ambassadord.resolver.etcd")
 
-BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 # For this long into an outage, retry every BACKOFF_FIRST (jittered) instead of backing off:
 # an etcd restart takes a second or two, and the route should catch up within the next.
 FAST_RETRY_WINDOW = 10.0
@@ -252,7 +255,7 @@ class EtcdResolver(Resolver):
                                            error=None if backends else f"no backend under etcd key {self.spec.prefix!r}")
                 publish(state["last"])
 
-        backoff = BACKOFF_FIRST
+        backoff = Backoff(self.rng, BACKOFF_FIRST, BACKOFF_MAX)
         outage_since = None
         while True:
             self._up = False
@@ -262,24 +265,22 @@ class EtcdResolver(Resolver):
                 self.failures += 1
                 now = trio.current_time()
                 if self._up:  # the session had been working: this is a new outage
-                    outage_since, backoff = None, BACKOFF_FIRST
+                    outage_since = None
+                    backoff.reset()
                 outage_since = outage_since if outage_since is not None else now
                 if now - outage_since < FAST_RETRY_WINDOW:
-                    backoff = BACKOFF_FIRST
+                    backoff.reset()
                 last = state["last"]
                 if last is not None and last.backends:
-                    log.warning("%s: %s; keeping the last known set (stale), retrying in %.1fs", source, exc, backoff)
-                    state["last"] = BackendSet(last.backends, source=source, updated=last.updated, stale=True,
-                                               error=str(exc))
+                    log.warning("%s: %s; keeping the last known set (stale), retrying in %.1fs", source, exc, backoff.step)
                 else:
-                    log.error("%s: %s; no backends known, retrying in %.1fs", source, exc, backoff)
-                    state["last"] = BackendSet((), source=source, stale=True, error=str(exc))
+                    log.error("%s: %s; no backends known, retrying in %.1fs", source, exc, backoff.step)
+                state["last"] = failed_set(last, source, str(exc))
                 publish(state["last"])
                 self._turn += 1  # next endpoint of a cluster
-                await trio.sleep(backoff * (0.5 + self.rng.random()))
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                await trio.sleep(backoff.next_delay())
                 continue
-            backoff = BACKOFF_FIRST  # a session ended by the resync timer or a compaction: all was well
+            backoff.reset()  # a session ended by the resync timer or a compaction: all was well
             outage_since = None
 
     async def _session(self, publish_current) -> None:

@@ -115,6 +115,39 @@ class ResolverOptions:
 
 Publish = Callable[[BackendSet], None]
 
+# Retry policy of a resolver whose source fails (DNS, Consul, etcd): the first retry after
+# about BACKOFF_FIRST seconds, doubling up to BACKOFF_MAX.
+BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
+
+
+class Backoff:
+    """Exponential backoff with jitter, shared by the resolvers.
+
+    ``step`` is the current base (what a log line reports as "retrying in"); each wait is
+    drawn from [0.5, 1.5) x step, so that many routes (and many hosts) that lost the same
+    source do not retry in lock-step. ``reset()`` after a success.
+    """
+
+    def __init__(self, rng, first: float = BACKOFF_FIRST, maximum: float = BACKOFF_MAX):
+        self.rng, self.first, self.maximum = rng, first, maximum
+        self.step = first
+
+    def reset(self) -> None:
+        self.step = self.first
+
+    def next_delay(self) -> float:
+        delay = self.step * (0.5 + self.rng.random())
+        self.step = min(self.step * 2, self.maximum)
+        return delay
+
+
+def failed_set(last_good: BackendSet | None, source: str, error: str) -> BackendSet:
+    """What a resolver publishes when its source fails: the last good backends marked stale
+    (with the error), or, with none to keep, an empty stale set (the route refuses)."""
+    if last_good is not None and last_good.backends:
+        return BackendSet(last_good.backends, source=source, updated=last_good.updated, stale=True, error=error)
+    return BackendSet((), source=source, stale=True, error=error)
+
 
 class Resolver(ABC):
     """Turns one spec into backends; see the module docstring."""
