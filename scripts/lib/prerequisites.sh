@@ -24,6 +24,7 @@ APT_PACKAGES=(
   dnsmasq-base:dnsmasq
   etcd-server:etcd
   etcd-client:etcdctl
+  docker-compose:docker-compose
   chromium:chromium
   systemd:systemd-analyze
 )
