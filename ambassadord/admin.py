@@ -151,7 +151,7 @@ def route_view(route) -> dict:
         "stale": bset.stale,
         "error": bset.error,
         "answered_by": bset.source,
-        "updated_at": route.updated_at,
+        "updated_at": route.answered_at,
         "changed_at": route.changed_at,
         "updates": route.updates,
         "errors": route.errors,
@@ -236,8 +236,8 @@ class DaemonCollector:
                                      labels=["route"])
         stale = GaugeMetricFamily("ambassadord_route_stale", "1 while the route serves a stale set (its source "
                                   "fails).", labels=["route"])
-        age = GaugeMetricFamily("ambassadord_route_last_update_age_seconds", "Seconds since the resolver's last answer "
-                                "(NaN before the first).", labels=["route"])
+        age = GaugeMetricFamily("ambassadord_route_last_update_age_seconds", "Seconds since the route's source last "
+                                "gave a good answer, changed or not (NaN before the first).", labels=["route"])
         now_mono = time.monotonic()
         for route in server.table.routes:
             name, st = route.name, route.stats
@@ -260,7 +260,8 @@ class DaemonCollector:
             updates.add_metric([name], route.updates)
             errors.add_metric([name], route.errors)
             stale.add_metric([name], 1 if route.backends.stale else 0)
-            age.add_metric([name], now - route.updated_at if route.updated_at else math.nan)
+            answered = route.answered_at
+            age.add_metric([name], now - answered if answered else math.nan)
         for outcome, n in sorted(server.unrouted.items()):
             conns.add_metric(["", outcome], n)
         reloads = CounterMetricFamily("ambassadord_config_reloads", "Configuration reloads, by result.",

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from functools import partial
 
 import trio
 
@@ -29,6 +30,7 @@ from .server import ListenAddress, Server, StartupError, bind_listeners, parse_l
 log = logging.getLogger("ambassadord")
 
 DEFAULT_PORT = 10000
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 DEFAULT_ADMIN_TEXT = "127.0.0.1:10001"
 DEFAULT_ADMIN = ListenAddress("127.0.0.1", 10001)
 DEFAULT_LISTEN = [ListenAddress("0.0.0.0", DEFAULT_PORT), ListenAddress("::", DEFAULT_PORT, optional=True)]
@@ -357,6 +359,10 @@ def cmd_run(args) -> int:
         plan = netfilter.RedirectPlan(to_port=listen_ports[0], ports=_redirect_ports(configs, listen), dests=tuple(dests),
                                       mark=args.mark, families=_families_for(listen))
 
+    # From here until the event loop's signal handler is up, SIGTERM/SIGINT/SIGHUP wait
+    # (blocked, not lost): a stop that arrives while the rules are being installed must
+    # still remove them, and a SIGHUP must not kill the process with its default action.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     admin_sock = None
     try:
         sockets = bind_listeners(listen)
@@ -366,6 +372,7 @@ def cmd_run(args) -> int:
             admin_sock = bind_admin(args.admin)
     except StartupError as exc:
         log.error("%s", exc)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         return 1
     server = Server(RouteTable([Route(c) for c in configs]), sockets,
                     options=options, grace=args.grace,
@@ -393,6 +400,7 @@ def cmd_run(args) -> int:
             s.close()
         if plan is not None:
             _remove_rules(plan)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     log.info("stopped")
     return 0
 
@@ -466,7 +474,10 @@ class _Daemon:
 
     async def _on_signals(self) -> None:
         server, plan = self.server, self.plan
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
+            # Blocked since before the rules went in (cmd_run): any that came meanwhile
+            # are delivered now, to this receiver.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
             first = True
             async for signum in signals:
                 name = signal.Signals(signum).name
@@ -531,7 +542,7 @@ class _Daemon:
                     new_plan = replace(self.plan, ports=_redirect_ports(configs, self.args.listen or DEFAULT_LISTEN))
                     if new_plan.ports != self.plan.ports:
                         try:
-                            await trio.to_thread.run_sync(netfilter.install, new_plan)
+                            await trio.to_thread.run_sync(partial(netfilter.install, new_plan, previous=self.plan))
                         except netfilter.NetfilterError as exc:
                             raise _Rejected(f"iptables: {exc}") from None
                         log.info("iptables: redirecting ports %s to %d",

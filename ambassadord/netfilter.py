@@ -217,7 +217,7 @@ def render_remove(to_port: int, existing_jumps: set[str], chain_exists: bool) ->
     return "\n".join(["*nat", *lines, "COMMIT"]) + "\n"
 
 
-def install(plan: RedirectPlan, *, netns: str | None = None) -> None:
+def install(plan: RedirectPlan, *, previous: RedirectPlan | None = None, netns: str | None = None) -> None:
     """Install (or replace) the redirect rules of ``plan``, for each of its families.
 
     Idempotent: installing the same plan twice leaves each rule once; installing another
@@ -225,6 +225,8 @@ def install(plan: RedirectPlan, *, netns: str | None = None) -> None:
 
     Args:
       plan: what to redirect.
+      previous: the plan installed now, if any (a reload): what a family that this call
+        already changed goes back to if a later family fails.
       netns: run the tools in this named network namespace (``ip netns exec``) instead
         of the current one. For tests, and for daemons that serve a namespace.
 
@@ -232,8 +234,9 @@ def install(plan: RedirectPlan, *, netns: str | None = None) -> None:
       Each family is one atomic transaction: a family that fails keeps whatever it had
       before. If a later family fails, the families that this call already installed are
       removed again (best effort), so that a daemon that cannot start does not leave
-      rules behind that send connections to a port nobody listens on. (They are removed,
-      not restored to an earlier plan: a failed re-install leaves no rules there.)
+      rules behind that send connections to a port nobody listens on. With ``previous``
+      (a daemon that is running and changes its ports), they are put back to ``previous``
+      instead, so a failed change changes nothing.
 
     Raises:
       NetfilterError: tools missing, no CAP_NET_ADMIN (see :func:`check_available`), or a
@@ -250,14 +253,19 @@ def install(plan: RedirectPlan, *, netns: str | None = None) -> None:
             undo_failures = []
             for installed in done:
                 try:
-                    _remove_family(plan.to_port, installed, netns)
+                    if previous is not None:
+                        back = _nat_state(installed, chain, netns)
+                        _restore(installed, render_install(previous, installed, back.jumps), netns)
+                    else:
+                        _remove_family(plan.to_port, installed, netns)
                 except NetfilterError as undo_exc:
                     undo_failures.append(str(undo_exc))
             message = f"installing the IPv{family} redirect rules (chain {chain}) failed: {exc}"
             if undo_failures:
                 message += f"; undoing the other families failed too: {'; '.join(undo_failures)}"
             elif done:
-                message += f"; the IPv{' and IPv'.join(map(str, done))} rules were removed again"
+                undone = "put back as they were" if previous is not None else "removed again"
+                message += f"; the IPv{' and IPv'.join(map(str, done))} rules were {undone}"
             raise NetfilterError(message) from exc
         done.append(family)
 

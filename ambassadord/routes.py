@@ -64,9 +64,16 @@ class Route:
     # Resolver counters: answers published, failed look-ups (published with an error).
     updates: int = 0
     errors: int = 0
-    updated_at: float | None = None  # wall clock of the last answer (time.time())
-    changed_at: float | None = None  # wall clock of the last answer that changed the set
+    updated_at: float | None = None  # wall clock of the last publish (a change or a failure)
+    changed_at: float | None = None  # wall clock of the last publish that changed the set
     stats: RouteStats = field(default_factory=RouteStats)
+    resolver: object = None  # the running Resolver (set by the server), for answered_at
+
+    @property
+    def answered_at(self) -> float | None:
+        """When the source last gave a good answer, changed or not (None: never)."""
+        at = getattr(self.resolver, "answered_at", None)
+        return at if at is not None else (None if self.backends.stale else self.updated_at)
 
     @property
     def port(self) -> int:

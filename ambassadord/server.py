@@ -318,7 +318,7 @@ class Server:
             await self._watch_route(route)
 
     async def _watch_route(self, route: Route) -> None:
-        resolver = route.config.spec.resolver(self.options)
+        resolver = route.resolver = route.config.spec.resolver(self.options)
         event = self._first_answer.get(route)
         if event is None:
             event = trio.Event()
@@ -483,6 +483,7 @@ class Server:
                     bstats.active -= 1
                     bstats.up += result.up
                     bstats.down += result.down
+                    stats.closed(result.backend, bstats)
             else:
                 self.unrouted[outcome] = self.unrouted.get(outcome, 0) + 1
             if own_key is not None:

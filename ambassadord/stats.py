@@ -47,6 +47,7 @@ class RouteStats:
     # Connect latency histogram: per-bucket (not cumulative) counts, +Inf last.
     connect_counts: list[int] = field(default_factory=lambda: [0] * (len(CONNECT_BUCKETS) + 1))
     connect_sum: float = 0.0
+    current: frozenset = frozenset()  # str() of the backends in the route's current set
 
     def backend(self, key: str, backend=None) -> BackendStats:
         b = self.backends.get(key)
@@ -93,5 +94,12 @@ class RouteStats:
 
     def prune(self, current: set[str]) -> None:
         """Forget backends that left the set and have nothing open (called on publish)."""
+        self.current = frozenset(current)
         for key in [k for k, b in self.backends.items() if k not in current and b.active == 0]:
             del self.backends[key]
+
+    def closed(self, key: str, b: BackendStats) -> None:
+        """A connection to backend ``key`` closed: forget it if it was the last one to a
+        backend that has left the set."""
+        if b.active == 0 and key not in self.current:
+            self.backends.pop(key, None)

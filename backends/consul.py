@@ -313,6 +313,7 @@ class _ConsulResolver(Resolver):
             try:
                 new_index, raw = await self.fetch(index, self.options.consul_wait if index else None)
                 backends = await self.to_backends(raw)
+                self.answered_at = time.time()
             except TemporaryFailure as exc:
                 self.failures += 1
                 index = 0  # the agent may come back with a lower index: start over

@@ -354,6 +354,7 @@ class _DnsResolver(Resolver):
                 delay = backoff.next_delay()
             else:
                 backoff.reset()
+                self.answered_at = time.time()
                 if last_published is None or last_published.backends != backends or last_published.stale \
                         or last_published.error:
                     last_published = BackendSet(backends, source=source)

@@ -41,6 +41,7 @@ import math
 import os
 import random
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass
 
@@ -247,6 +248,7 @@ class EtcdResolver(Resolver):
 
         async def publish_current() -> None:
             backends = await self._backends()
+            self.answered_at = time.time()
             last = state["last"]
             if last is None or last.backends != backends or last.stale:
                 if not backends:

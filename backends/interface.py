@@ -152,6 +152,11 @@ def failed_set(last_good: BackendSet | None, source: str, error: str) -> Backend
 class Resolver(ABC):
     """Turns one spec into backends; see the module docstring."""
 
+    # Wall-clock time (time.time()) of the last good answer from the source, whether or not
+    # it changed the set: a watch publishes changes only, and this says the source is alive
+    # (the admin API's ``updated_at``). None before the first answer.
+    answered_at: float | None = None
+
     @abstractmethod
     async def resolve(self) -> tuple[Backend, ...]:
         """One answer, now. Raises ResolveError if the source cannot answer."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import time
 from dataclasses import dataclass
 
 import trio
@@ -23,6 +24,7 @@ from .interface import (
     ResolverOptions,
     Spec,
     SpecError,
+    failed_set,
     parse_host_port,
 )
 
@@ -110,21 +112,23 @@ class StaticResolver(Resolver):
 
     async def watch(self, publish: Publish) -> None:
         if self.spec.literal:
-            publish(BackendSet(await self.resolve(), source=self.spec.text))
+            backends = await self.resolve()
+            self.answered_at = time.time()
+            publish(BackendSet(backends, source=self.spec.text))
             await trio.sleep_forever()
         last: BackendSet | None = None
         while True:
             try:
                 backends = await self.resolve()
             except ResolveError as exc:
-                if last is not None:
+                if last is not None and last.backends:
                     log.warning("static spec %r: %s; keeping last good set (stale)", self.spec.text, exc)
-                    last = BackendSet(last.backends, source=last.source, updated=last.updated, stale=True, error=str(exc))
                 else:
                     log.error("static spec %r: %s", self.spec.text, exc)
-                    last = BackendSet((), source=self.spec.text, stale=True, error=str(exc))
+                last = failed_set(last, self.spec.text, str(exc))
                 publish(last)
             else:
+                self.answered_at = time.time()
                 if last is None or last.backends != backends or last.stale:
                     last = BackendSet(backends, source=self.spec.text)
                     publish(last)
