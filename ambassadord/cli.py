@@ -340,8 +340,8 @@ def cmd_run(args) -> int:
         raise UsageError("--splice on: os.splice is not available on this platform")
     options = resolver_options(args)
     listen = args.listen or DEFAULT_LISTEN
-    if args.admin is not None and any(a.port == args.admin.port for a in listen):
-        raise UsageError(f"--admin {args.admin}: port {args.admin.port} is also a --listen port")
+    if args.admin is not None and any(_overlap(a, args.admin) for a in listen):
+        raise UsageError(f"--admin {args.admin}: the same address and port as a --listen address")
 
     plan = None
     if args.iptables:
@@ -403,6 +403,12 @@ def cmd_run(args) -> int:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     log.info("stopped")
     return 0
+
+
+def _overlap(a: ListenAddress, b: ListenAddress) -> bool:
+    """Would binding both fail? Same port, same family, and the same or a wildcard address."""
+    return a.port == b.port and a.family == b.family and (a.host == b.host or a.host in ("0.0.0.0", "::")
+                                                          or b.host in ("0.0.0.0", "::"))
 
 
 def _redirect_ports(configs, listen: list[ListenAddress]) -> tuple[int, ...]:
@@ -534,7 +540,7 @@ class _Daemon:
                 except ConfigError as exc:
                     raise _Rejected(str(exc)) from None
                 if not configs:
-                    raise _Rejected("no routes in the new configuration")
+                    raise _Rejected(f"{self.args.config or 'the configuration'}: no routes in the new configuration")
                 new_plan = None
                 if self.plan is not None:
                     from dataclasses import replace

@@ -617,8 +617,22 @@ def test_admin_port_equal_to_a_listen_port_is_a_usage_error():
     proc = cli("run", "--listen", f"127.0.0.1:{other}", "--listen", f"127.0.0.1:{port}",
                "--map", f"{port}=127.0.0.1:1", "--admin", f"127.0.0.1:{port}", timeout=15)
     assert proc.returncode == 2, shown(proc)
-    assert f"--admin 127.0.0.1:{port}: port {port} is also a --listen port" in proc.stderr, shown(proc)
+    assert f"--admin 127.0.0.1:{port}: the same address and port as a --listen address" in proc.stderr, shown(proc)
     assert refused("127.0.0.1", port) and refused("127.0.0.1", other)
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0", "127.0.0.1"])
+def test_admin_overlapping_a_wildcard_listener_is_a_usage_error_but_another_address_is_not(listen):
+    port = free_port()
+    proc = cli("run", "--listen", f"{listen}:{port}", "--map", f"{port}=127.0.0.1:1", "--admin", f"127.0.0.1:{port}",
+               timeout=15)
+    assert proc.returncode == 2 and "same address and port" in proc.stderr, shown(proc)
+    # Another address (127.0.0.2 is loopback too) or another family: both can be bound.
+    from ambassadord.cli import _overlap
+    from ambassadord.server import ListenAddress
+    assert not _overlap(ListenAddress("127.0.0.1", port), ListenAddress("127.0.0.2", port))
+    assert not _overlap(ListenAddress("0.0.0.0", port), ListenAddress("::1", port))
+    assert _overlap(ListenAddress("::", port), ListenAddress("::1", port))
 
 
 @pytest.mark.netns
