@@ -62,6 +62,15 @@ def _port(flag: str):
     return parse
 
 
+def _count(flag: str, maximum: int):
+    def parse(text: str) -> int:
+        if not text.isdigit() or not 0 < int(text) <= maximum:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number from 1 to {maximum}")
+        return int(text)
+
+    return parse
+
+
 def _mark(text: str) -> int:
     try:
         v = int(text, 0)
@@ -271,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM/SIGINT, how long open connections may take to finish (default 10)")
     g.add_argument("--splice", choices=("auto", "on", "off"), default="auto",
                    help="relay with splice(2) (zero-copy) instead of recv/send; auto = where available (default auto)")
+    g.add_argument("--sockmap", choices=("auto", "on", "off"), default="auto",
+                   help="relay established connections inside the kernel with a BPF sockmap (needs CAP_BPF "
+                   "or CAP_SYS_ADMIN); auto = where the kernel allows it (default auto)")
+    g.add_argument("--sockmap-size", type=_count("--sockmap-size", 1_000_000), default=32768, metavar="CONNECTIONS",
+                   help="connections the kernel relays at once; more are relayed here (default 32768)")
     g.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format (default text)")
     g.add_argument("--log-level", choices=logs.LEVELS, default="info", help="(default info)")
 
@@ -374,8 +388,25 @@ def cmd_run(args) -> int:
         log.error("%s", exc)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         return 1
+    sockmap = None
+    if args.sockmap != "off":
+        from .sockmap import Sockmap, SockmapError
+
+        try:
+            sockmap = Sockmap(2 * args.sockmap_size)
+            log.info("sockmap: established connections are relayed in the kernel")
+        except SockmapError as exc:
+            if args.sockmap == "on":
+                log.error("--sockmap on: %s", exc)
+                for s in sockets:
+                    s.close()
+                if admin_sock is not None:
+                    admin_sock.close()
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+                return 1
+            log.info("sockmap not available (%s); relaying in user space", exc)
     server = Server(RouteTable([Route(c) for c in configs]), sockets,
-                    options=options, grace=args.grace,
+                    options=options, grace=args.grace, sockmap=sockmap,
                     mark=args.mark if args.iptables else None, use_splice=args.splice == "on" or (args.splice == "auto" and SPLICE_AVAILABLE))
     try:
         if plan is not None:

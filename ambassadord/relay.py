@@ -1,41 +1,56 @@
 """Relay bytes both ways between two connected sockets, half-close aware.
 
-Per connection: one nursery, two pumps (client->backend "up", backend->client "down").
+Three ways, fastest first (``relay`` picks):
+
+1. **In the kernel** (``--sockmap``, the default where the kernel allows it): both sockets
+   join a BPF sockmap (sockmap.py) before anything has been read from them, and the
+   kernel redirects every chunk from one to the other. The connection's task only waits
+   for news from the sockmap Watcher: EOF, errors, data the kernel passed up. Bytes are
+   counted from the sockets (TCP_INFO). Not used with an idle timeout (no byte passes
+   here to reset it).
+2. **recv/send** through one shared scratch buffer, one task per direction.
+3. **splice(2)**, socket -> pipe -> socket, which a recv/send direction switches to once
+   it has moved SPLICE_AFTER bytes or filled the whole buffer in one read (bulk): small
+   request/response traffic never pays for a pipe.
+
+Semantics, the same for all three:
 
 * EOF on one side becomes ``shutdown(SHUT_WR)`` of the other (as in mitmproxy's TCP
   layer): a client that sends its request and shuts its write side still gets the whole
-  reply. The relay ends when both directions have seen EOF.
+  reply. The relay ends when both directions have seen EOF. In the kernel, the FIN is
+  passed on only once every byte before it has been written into the other socket.
 * A reset or any other socket error in either direction ends both directions at once.
 * An optional idle timeout ends the relay when no byte moved either way for that long.
 * The caller owns the sockets and closes them (``finally``); the relay never closes them.
 
 Why raw non-blocking stdlib sockets rather than trio's socket wrappers: the hot loop tries
-the syscall first and only waits for readiness when the kernel says EAGAIN, and it skips
-the wrappers' two checkpoints per call. Fairness is kept by an explicit checkpoint after
-every chunk that did not have to wait.
+the syscall first and only waits for readiness when the kernel says EAGAIN (or, after a
+short read, at once: the socket is drained), and it skips the wrappers' checkpoints.
+Fairness: a direction that keeps filling the buffer yields every _STREAK chunks.
 
 Memory: the copy path reads into one process-wide scratch buffer (trio runs one task at a
 time, and a chunk is handed to the kernel before the next await). Only when the
 destination cannot take a chunk at once is the remainder copied into a per-connection
 ``bytes``. So an idle connection costs no user-space buffer at all.
 
-splice(2) moves bytes socket -> pipe -> socket inside the kernel (no copy into Python).
-It needs a pipe per direction, made when that direction first has data. Measured here
-(bench/relay_modes.py, loopback, 2 cores): bulk 1964 MiB/s with splice vs 957 MiB/s with
-recv/send; 1-byte ping-pong 12.6k vs 12.8k round trips/s, i.e. no cost for small
-messages. So splice is the default where the platform has it (``--splice auto``).
+Measured: bench/compare.py (README, "Performance").
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
+import select
 import socket
+import struct
 from dataclasses import dataclass
 
 import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
+
+from .sockmap import Flow, SockmapError
 
 CHUNK = 256 * 1024
 _scratch = bytearray(CHUNK)
@@ -46,6 +61,12 @@ SPLICE_AVAILABLE = hasattr(os, "splice")
 # Pipe capacity for splice: 1 MiB lets one syscall move a large chunk (default is 64 KiB).
 _F_SETPIPE_SZ = 1031
 _PIPE_SIZE = 1024 * 1024
+# With splice on, a direction starts with recv/send and moves to splice once it has moved
+# this much, or once one read filled the whole buffer: small request/response traffic
+# never pays for a pipe (pipe2 + fcntl + two closes), bulk gets zero-copy within a chunk.
+SPLICE_AFTER = 1024 * 1024
+# Full-buffer chunks moved in a row before the copy pump yields to other tasks.
+_STREAK = 4
 
 
 @dataclass(slots=True, eq=False)  # eq=False: hashable by identity (kept in a set while open)
@@ -54,6 +75,9 @@ class RelayResult:
     down: int = 0  # bytes backend -> client
     outcome: str | None = None  # None while running; "ok", "idle-timeout", "client-reset", ...
     backend: str | None = None  # which backend (for the admin API's live per-backend bytes)
+    # While the kernel relays (sockmap), no byte passes through here: this reads the
+    # counts from the sockets (TCP_INFO) when someone asks (stats.py).
+    refresh: object = None
 
 
 class _Broken(Exception):
@@ -74,9 +98,14 @@ async def _send_all(dst: socket.socket, data, dst_name: str) -> None:
         view = view[sent:]
 
 
-async def _pump_copy(src, dst, result: RelayResult, up: bool, src_name: str, dst_name: str, scope, idle) -> None:
+async def _pump_copy(src, dst, result: RelayResult, up: bool, src_name: str, dst_name: str, scope, idle,
+                     splice_after: int | None = None) -> None:
+    """recv/send until EOF. With ``splice_after``, hand over to the splice pump once this
+    direction has moved that many bytes or a read filled the whole buffer (bulk)."""
     recv_into, send = src.recv_into, dst.send
     buf, view = _scratch, _scratch_view
+    moved = 0
+    streak = 0  # chunks in a row that did not wait (fairness, see below)
     while True:
         try:
             n = recv_into(buf)
@@ -103,8 +132,25 @@ async def _pump_copy(src, dst, result: RelayResult, up: bool, src_name: str, dst
         if sent < n:
             # Backpressure: keep the rest in a private copy; the scratch buffer is shared.
             await _send_all(dst, bytes(view[sent:n]), dst_name)
+            streak = 0
+        elif n < CHUNK:
+            # A short read drained the socket: the next recv would only say EAGAIN. Wait
+            # for readiness straight away (one syscall and one scheduler pass saved per
+            # message, which is most of request/response traffic).
+            await wait_readable(src)
+            streak = 0
+            continue
         else:
-            await checkpoint()
+            # A full buffer: more is probably queued. Go on without waiting, but let the
+            # other tasks run every few chunks.
+            streak += 1
+            if streak >= _STREAK:
+                streak = 0
+                await checkpoint()
+        if splice_after is not None:
+            moved += n
+            if n == CHUNK or moved >= splice_after:
+                return await _pump_splice(src, dst, result, up, src_name, dst_name, scope, idle)
     _half_close(dst)
 
 
@@ -121,8 +167,6 @@ async def _pump_splice(src, dst, result: RelayResult, up: bool, src_name: str, d
         return await _pump_copy(src, dst, result, up, src_name, dst_name, scope, idle)
     try:
         try:
-            import fcntl
-
             fcntl.fcntl(wfd, _F_SETPIPE_SZ, _PIPE_SIZE)
         except OSError:
             pass  # fine: default pipe size, more syscalls
@@ -181,12 +225,109 @@ def _half_close(sock: socket.socket) -> None:
             raise
 
 
+# ---- in the kernel: sockmap -------------------------------------------------------------
+
+_TCP_INFO_BYTES = struct.Struct("<QQ")  # tcpi_bytes_acked, tcpi_bytes_received at offset 120
+_TIOCOUTQ = 0x5411
+
+
+# TCP's byte counters count sequence numbers: tcpi_bytes_received includes the peer's FIN
+# once it came, and on the side that connected, tcpi_bytes_acked includes its SYN.
+def _bytes_received(sock: socket.socket, fin: bool) -> int:
+    return _TCP_INFO_BYTES.unpack_from(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 136), 120)[1] - fin
+
+
+def _bytes_written(sock: socket.socket, syn: bool) -> int:
+    """Bytes handed to this socket so far: acknowledged by the peer plus still queued."""
+    acked = _TCP_INFO_BYTES.unpack_from(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 136), 120)[0]
+    queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), _TIOCOUTQ, b"\0\0\0\0"))[0]
+    return acked - syn + queued
+
+
+async def _drained(src: socket.socket, dst: socket.socket, dst_connected: bool) -> None:
+    """Wait until every byte ``src`` received (its FIN has come) has been written into
+    ``dst``. The kernel sends redirected data from a work queue; a FIN sent before it would
+    cut it off."""
+    delay = 0.0005
+    while _bytes_written(dst, dst_connected) < _bytes_received(src, True):
+        await trio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+async def _relay_kernel(client, backend, sockmap, watcher, result: RelayResult) -> None:
+    """Let the kernel move the bytes (sockmap.py); this task only sees EOF, errors and any
+    data the kernel passed up, as told by the Watcher. One task per connection, no nursery."""
+    handle = sockmap.add_pair(client, backend)  # SockmapError: the caller relays itself
+    ends = {client.fileno(): (client, backend, "client", "backend"),
+            backend.fileno(): (backend, client, "backend", "client")}
+
+    def refresh() -> None:
+        try:
+            result.up = _bytes_received(client, client.fileno() not in ends)
+            result.down = _bytes_received(backend, backend.fileno() not in ends)
+        except OSError:
+            pass
+
+    flow = Flow()
+    watcher.register(flow, client, backend)
+    result.refresh = refresh
+    try:
+        while ends:
+            news = await flow.wait()
+            for fd, mask in news.items():
+                if fd not in ends:
+                    continue
+                src, dst, src_name, dst_name = ends[fd]
+                if mask & select.EPOLLERR:
+                    # Reading SO_ERROR clears it. EPIPE is what the kernel reports on a
+                    # socket when a FIN it redirected could not be "sent" as data: not an
+                    # error of the connection (the FIN itself is read as EOF below).
+                    err = src.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err and err != errno.EPIPE:
+                        result.outcome = f"{src_name}-reset"
+                        return
+                eof = False
+                while True:  # what the kernel passed up (if anything), then EOF or not
+                    try:
+                        data = src.recv(CHUNK)
+                    except BlockingIOError:
+                        break
+                    except OSError:
+                        result.outcome = f"{src_name}-reset"
+                        return
+                    if not data:
+                        eof = True
+                        break
+                    await _send_all(dst, data, dst_name)
+                if eof:
+                    await _drained(src, dst, dst is backend)
+                    try:
+                        _half_close(dst)
+                    except OSError:
+                        result.outcome = f"{dst_name}-reset"
+                        return
+                    del ends[fd]
+                else:
+                    watcher.rearm(src)
+    except _Broken as exc:
+        result.outcome = exc.outcome
+    finally:
+        watcher.unregister(client, backend)
+        sockmap.remove_pair(handle)
+        refresh()
+        result.refresh = None
+
+
+_sockmap_warned = False
+
+
 async def relay(
     client: socket.socket,
     backend: socket.socket,
     *,
     idle_timeout: float | None = None,
     use_splice: bool = False,
+    sockmap=None,
     result: RelayResult | None = None,
 ) -> RelayResult:
     """Copy bytes both ways until both directions reach EOF, one breaks, or idle expires.
@@ -204,14 +345,36 @@ async def relay(
     """
     if result is None:
         result = RelayResult()
-    pump = _pump_splice if use_splice else _pump_copy
+    if sockmap is not None and idle_timeout is None:
+        # From the first byte: the sockets join the sockmap before this process has read
+        # anything from them. (A hand-over after a user-space start was tried and
+        # duplicated data: the verdict takes whole skbs from the receive queue, including
+        # one that recv() had already read part of.)
+        try:
+            await _relay_kernel(client, backend, *sockmap, result)
+        except SockmapError as exc:  # full, or the kernel refused this pair: relay here
+            global _sockmap_warned
+            # EOPNOTSUPP: a socket no longer established (the client already left): normal.
+            if not _sockmap_warned and exc.errno != errno.EOPNOTSUPP:
+                logging.getLogger("ambassadord").warning("sockmap: %s; relaying in user space where that happens", exc)
+                _sockmap_warned = True
+        else:
+            if result.outcome is None:
+                result.outcome = "ok"
+            return result
+    return await _relay_user(client, backend, idle_timeout, use_splice, result)
+
+
+async def _relay_user(client, backend, idle_timeout, use_splice, result: RelayResult) -> RelayResult:
+    """Both directions in this process: recv/send, or splice once a direction is bulky."""
+    splice_after = SPLICE_AFTER if use_splice else None
     with trio.CancelScope() as scope:
         if idle_timeout is not None:
             scope.deadline = trio.current_time() + idle_timeout
 
         async def guarded(src, dst, up, src_name, dst_name):
             try:
-                await pump(src, dst, result, up, src_name, dst_name, scope, idle_timeout)
+                await _pump_copy(src, dst, result, up, src_name, dst_name, scope, idle_timeout, splice_after)
             except _Broken as exc:
                 if result.outcome is None:
                     result.outcome = exc.outcome
@@ -222,8 +385,9 @@ async def relay(
                 scope.cancel()
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(guarded, client, backend, True, "client", "backend")
+            # One task per direction; the upward one is this task itself (a spawn saved).
             nursery.start_soon(guarded, backend, client, False, "backend", "client")
+            await guarded(client, backend, True, "client", "backend")
     if result.outcome is None:
         result.outcome = "idle-timeout" if scope.cancelled_caught else "ok"
     return result

@@ -174,6 +174,7 @@ class Server:
         grace: float = 10.0,
         mark: int | None = None,
         use_splice: bool = False,
+        sockmap=None,
         rng: random.Random | None = None,
     ):
         self.table = table
@@ -182,6 +183,13 @@ class Server:
         self.grace = grace
         self.mark = mark
         self.use_splice = use_splice
+        self.sockmap = sockmap  # a sockmap.Sockmap: established flows relayed in the kernel
+        if sockmap is not None:
+            from .sockmap import Watcher
+
+            self._kernel_relay = (sockmap, Watcher())
+        else:
+            self._kernel_relay = None
         self.rng = rng or random.Random()
         self.active = 0
         self.total = 0
@@ -209,6 +217,8 @@ class Server:
         try:
             async with trio.open_nursery() as resolvers:
                 self._resolvers = resolvers
+                if self._kernel_relay is not None:
+                    resolvers.start_soon(self._kernel_relay[1].run, name="sockmap watcher")
                 for route in self.table.routes:
                     self._start_resolver(route)
                 with trio.CancelScope() as self._conn_scope:
@@ -460,7 +470,8 @@ class Server:
                 fields["error"] = "; ".join(failures)
                 return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await relay(conn, upstream, idle_timeout=cfg.idle_timeout, use_splice=self.use_splice, result=result)
+            await relay(conn, upstream, idle_timeout=cfg.idle_timeout, use_splice=self.use_splice,
+                        sockmap=self._kernel_relay, result=result)
             outcome = result.outcome
         except Exception as exc:  # one connection's bug is logged and contained
             outcome, level = "error", logging.ERROR

@@ -71,6 +71,8 @@ class RouteStats:
         """(up, down) including the connections still open."""
         up, down = self.up, self.down
         for r in self.open:
+            if r.refresh is not None:
+                r.refresh()
             up += r.up
             down += r.down
         return up, down
@@ -80,6 +82,8 @@ class RouteStats:
         up, down = (b.up, b.down) if b else (0, 0)
         for r in self.open:
             if r.backend == key:
+                if r.refresh is not None:
+                    r.refresh()
                 up += r.up
                 down += r.down
         return up, down

@@ -1,4 +1,5 @@
-"""Relay data-path comparison: recv/send copy vs splice(2), through a real ambassadord.
+"""Relay data-path comparison: recv/send, splice(2) and the kernel (BPF sockmap), through a
+real ambassadord.
 
 Loopback only, bounded in size and time. Runs the modes interleaved (A B A B ...) and
 prints medians of:
@@ -6,7 +7,7 @@ prints medians of:
   * ping-pong: one connection, 1-byte request / 1-byte reply round trips per second.
 
 Usage: .venv/bin/python bench/relay_modes.py [--rounds 5] [--mib 1024]
-The full side-by-side benchmark against socat/HAProxy/nginx is the job of bench/ later on.
+The side-by-side benchmark against socat, HAProxy and nginx is bench/compare.py.
 """
 
 from __future__ import annotations
@@ -51,10 +52,17 @@ def sink_and_echo_server(lsock: socket.socket) -> None:
         threading.Thread(target=serve, args=(c,), daemon=True).start()
 
 
+MODES = {
+    "copy": ["--sockmap", "off", "--splice", "off"],
+    "splice": ["--sockmap", "off", "--splice", "on"],
+    "sockmap": ["--sockmap", "on"],
+}
+
+
 def start_proxy(mode: str, port: int, backend: int) -> subprocess.Popen:
     p = subprocess.Popen(
         [sys.executable, "-m", "ambassadord", "run", "--listen", f"127.0.0.1:{port}", "--map", f"{port}=127.0.0.1:{backend}",
-         "--splice", mode, "--log-level", "warning"],
+         *MODES[mode], "--log-level", "warning"],
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10
@@ -108,12 +116,12 @@ def main() -> None:
     lsock.listen(16)
     backend = lsock.getsockname()[1]
     threading.Thread(target=sink_and_echo_server, args=(lsock,), daemon=True).start()
-    results = {m: {"bulk": [], "pingpong": []} for m in ("off", "on")}
+    results = {m: {"bulk": [], "pingpong": []} for m in MODES}
     direct = {"bulk": [], "pingpong": []}
     for _ in range(args.rounds):
         direct["bulk"].append(bulk(backend, args.mib))
         direct["pingpong"].append(pingpong(backend))
-        for mode in ("off", "on"):
+        for mode in MODES:
             port = free_port()
             proc = start_proxy(mode, port, backend)
             try:
@@ -124,8 +132,8 @@ def main() -> None:
                 proc.wait()
     print(f"{'path':<22}{'bulk MiB/s':>12}{'ping-pong rt/s':>16}")
     print(f"{'direct (no proxy)':<22}{statistics.median(direct['bulk']):>12.0f}{statistics.median(direct['pingpong']):>16.0f}")
-    for mode, name in (("off", "ambassadord copy"), ("on", "ambassadord splice")):
-        r = results[mode]
+    for mode in MODES:
+        r, name = results[mode], f"ambassadord {mode}"
         print(f"{name:<22}{statistics.median(r['bulk']):>12.0f}{statistics.median(r['pingpong']):>16.0f}")
 
 

@@ -1,0 +1,262 @@
+"""Kernel-side relaying with a BPF sockmap (experimental): established flows leave Python.
+
+How it works. A BPF_MAP_TYPE_SOCKMAP ``socks`` holds both sockets of every relayed
+connection, and an ``sk_skb`` stream-verdict program attached to it runs for every chunk
+of data that arrives on any socket in it. The program looks up the peer of the socket the
+data arrived on (``peers``, a hash map from the socket's cookie to the peer's slot) and
+redirects the data to the peer's egress with ``bpf_sk_redirect_map`` into ``targets``, a
+second sockmap without a program: the bytes go from one TCP socket to the other inside
+the kernel, without a wake-up, a syscall or a copy in the daemon.
+
+Why two sockmaps: a pair cannot join a map atomically. If the redirect target were
+``socks`` itself, data arriving on the first socket of a pair before the second had
+joined would find no target and be dropped. Both sockets join ``targets`` (which runs
+nothing) first, then ``socks``; by then every redirect has its target. Data that arrived
+before a socket joined ``socks`` waits in its receive queue; setting SO_RCVLOWAT after
+joining makes TCP signal it, so the verdict takes it, in order.
+
+Written with raw ``bpf(2)`` calls through ctypes and a hand-assembled program of 17
+instructions: no compiler, no libbpf, nothing to install. Needs CAP_BPF (or
+CAP_SYS_ADMIN) and CAP_NET_ADMIN.
+
+The program, in BPF assembly (r1 = the skb)::
+
+    r6 = r1
+    call bpf_get_socket_cookie          ; r0 = cookie of the socket the data arrived on
+    *(u64 *)(r10 - 8) = r0
+    r1 = map[peers] ll                  ; cookie -> peer slot
+    r2 = r10
+    r2 += -8
+    call bpf_map_lookup_elem
+    if r0 == 0 goto pass
+    r3 = *(u32 *)(r0 + 0)               ; the peer's slot
+    r1 = r6
+    r2 = map[targets] ll
+    r4 = 0                              ; flags 0: the peer's egress (send it)
+    call bpf_sk_redirect_map            ; SK_PASS if redirected
+    exit
+  pass:
+    r0 = 1                              ; SK_PASS: to this socket's receive queue
+    exit
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import socket
+import struct
+
+import trio
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_NR_BPF = 321  # x86_64
+
+BPF_MAP_CREATE, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_PROG_LOAD, BPF_PROG_ATTACH = 0, 2, 3, 5, 8
+BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_SOCKMAP = 1, 15
+BPF_PROG_TYPE_SK_SKB = 14
+BPF_SK_SKB_STREAM_VERDICT = 5
+BPF_PSEUDO_MAP_FD = 1
+SO_COOKIE = 57
+BPF_ANY = 0
+
+_FN_MAP_LOOKUP_ELEM, _FN_GET_SOCKET_COOKIE, _FN_SK_REDIRECT_MAP = 1, 46, 52
+
+
+class SockmapError(OSError):
+    """The kernel refused (no BPF, no capability, verifier, ...): relay in user space."""
+
+
+def _bpf(cmd: int, attr: bytes) -> int:
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    ret = _libc.syscall(_NR_BPF, cmd, buf, len(attr))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise SockmapError(err, f"bpf(cmd {cmd}): {os.strerror(err)}")
+    return ret
+
+
+def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
+
+
+def _ld_map(dst: int, fd: int) -> bytes:
+    return _insn(0x18, dst, BPF_PSEUDO_MAP_FD, 0, fd) + _insn(0, 0, 0, 0, 0)
+
+
+def _program(peers_fd: int, socks_fd: int) -> bytes:
+    return b"".join([
+        _insn(0xBF, 6, 1),                        # r6 = r1
+        _insn(0x85, imm=_FN_GET_SOCKET_COOKIE),   # call
+        _insn(0x7B, 10, 0, -8),                   # *(u64 *)(r10 - 8) = r0
+        _ld_map(1, peers_fd),                     # r1 = peers (2 slots)
+        _insn(0xBF, 2, 10),                       # r2 = r10
+        _insn(0x07, 2, imm=-8),                   # r2 += -8
+        _insn(0x85, imm=_FN_MAP_LOOKUP_ELEM),     # call
+        _insn(0x15, 0, off=7, imm=0),             # if r0 == 0 goto pass (+7 slots)
+        _insn(0x61, 3, 0, 0),                     # r3 = *(u32 *)(r0 + 0)
+        _insn(0xBF, 1, 6),                        # r1 = r6
+        _ld_map(2, socks_fd),                     # r2 = targets (2 slots)
+        _insn(0xB7, 4, imm=0),                    # r4 = 0
+        _insn(0x85, imm=_FN_SK_REDIRECT_MAP),     # call
+        _insn(0x95),                              # exit
+        _insn(0xB7, 0, imm=1),                    # pass: r0 = SK_PASS
+        _insn(0x95),                              # exit
+    ])
+
+
+def cookie(sock: socket.socket) -> int:
+    return struct.unpack("<Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+
+
+class Sockmap:
+    """The maps and the attached program; ``capacity`` sockets (two per connection)."""
+
+    def __init__(self, capacity: int = 65536):
+        self.capacity = capacity
+        self._fds: list[int] = []
+        try:
+            self.socks = self._map(BPF_MAP_TYPE_SOCKMAP, 4, 4, capacity)
+            self.targets = self._map(BPF_MAP_TYPE_SOCKMAP, 4, 4, capacity)
+            self.peers = self._map(BPF_MAP_TYPE_HASH, 8, 4, capacity)
+            prog = _program(self.peers, self.targets)
+            license_ = ctypes.create_string_buffer(b"GPL")
+            log = ctypes.create_string_buffer(65536)
+            insns = ctypes.create_string_buffer(prog, len(prog))
+            attr = struct.pack("<IIQQIIQII16sII", BPF_PROG_TYPE_SK_SKB, len(prog) // 8, ctypes.addressof(insns),
+                               ctypes.addressof(license_), 1, len(log), ctypes.addressof(log), 0, 0,
+                               b"ambassadord", 0, BPF_SK_SKB_STREAM_VERDICT)
+            try:
+                self.prog = _bpf(BPF_PROG_LOAD, attr + bytes(128 - len(attr)))
+            except SockmapError as exc:
+                raise SockmapError(exc.errno, f"{exc.strerror}; verifier: {log.value.decode(errors='replace')[-500:]}")
+            self._fds.append(self.prog)
+            _bpf(BPF_PROG_ATTACH, struct.pack("<IIII", self.socks, self.prog, BPF_SK_SKB_STREAM_VERDICT, 0) + bytes(112))
+        except BaseException:
+            self.close()
+            raise
+        self._free = list(range(capacity - 1, -1, -1))
+
+    def _map(self, kind: int, key: int, value: int, entries: int) -> int:
+        fd = _bpf(BPF_MAP_CREATE, struct.pack("<IIII", kind, key, value, entries) + bytes(112))
+        self._fds.append(fd)
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+    def add_pair(self, a: socket.socket, b: socket.socket) -> tuple[int, int, int, int]:
+        """Put two connected sockets in the map, each redirecting to the other."""
+        if len(self._free) < 2:
+            raise SockmapError(0, "sockmap full")
+        ia, ib = self._free.pop(), self._free.pop()
+        ca, cb = cookie(a), cookie(b)
+        ka, kb = struct.pack("<I", ia), struct.pack("<I", ib)
+        fa, fb = struct.pack("<I", a.fileno()), struct.pack("<I", b.fileno())
+        try:
+            self._update(self.targets, ka, fa)
+            self._update(self.targets, kb, fb)
+            self._update(self.peers, struct.pack("<Q", ca), kb)
+            self._update(self.peers, struct.pack("<Q", cb), ka)
+            for key, fd, sock in ((ka, fa, a), (kb, fb, b)):
+                self._update(self.socks, key, fd)
+                # Data that arrived before the socket joined waits in its receive queue
+                # until more comes: setting SO_RCVLOWAT makes TCP signal it now
+                # (tcp_set_rcvlowat -> data_ready), so the verdict takes it, in order.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        except BaseException:
+            self.remove_pair((ia, ib, ca, cb))
+            raise
+        return ia, ib, ca, cb
+
+    def remove_pair(self, handle: tuple[int, int, int, int]) -> None:
+        ia, ib, ca, cb = handle
+        ka, kb = struct.pack("<I", ia), struct.pack("<I", ib)
+        for fd, key in ((self.socks, ka), (self.socks, kb), (self.targets, ka), (self.targets, kb),
+                        (self.peers, struct.pack("<Q", ca)), (self.peers, struct.pack("<Q", cb))):
+            try:
+                self._delete(fd, key)
+            except SockmapError:
+                pass
+        self._free += (ia, ib)
+
+    @staticmethod
+    def _update(fd: int, key: bytes, value: bytes) -> None:
+        k, v = ctypes.create_string_buffer(key, len(key)), ctypes.create_string_buffer(value, len(value))
+        _bpf(BPF_MAP_UPDATE_ELEM, struct.pack("<IIQQQ", fd, 0, ctypes.addressof(k), ctypes.addressof(v), BPF_ANY)
+             + bytes(96))
+
+    @staticmethod
+    def _delete(fd: int, key: bytes) -> None:
+        k = ctypes.create_string_buffer(key, len(key))
+        _bpf(BPF_MAP_DELETE_ELEM, struct.pack("<IIQ", fd, 0, ctypes.addressof(k)) + bytes(112))
+
+
+# ---- end-of-stream watching ------------------------------------------------------------------
+
+class Watcher:
+    """Tells relays when a socket in the sockmap has news: EOF, an error, or data that the
+    kernel passed up instead of redirecting.
+
+    Not trio's wait_readable: a socket in the sockmap looks readable for an instant every
+    time data arrives (before the verdict moves it), so waiting for EPOLLIN would wake the
+    daemon once per message and give back most of what the kernel relay saves. Here one
+    epoll set of our own asks only for EPOLLRDHUP (the peer's FIN), errors and hang-ups,
+    and one trio task waits on that epoll fd and hands events to the relays.
+    """
+
+    MASK = select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP | select.EPOLLONESHOT
+
+    def __init__(self):
+        self._ep = select.epoll()
+        self._waiters: dict[int, Flow] = {}
+
+    def close(self) -> None:
+        self._ep.close()
+
+    def register(self, flow: Flow, *socks: socket.socket) -> None:
+        for s in socks:
+            self._waiters[s.fileno()] = flow
+            self._ep.register(s.fileno(), self.MASK)
+
+    def rearm(self, sock: socket.socket) -> None:
+        self._ep.modify(sock.fileno(), self.MASK)
+
+    def unregister(self, *socks: socket.socket) -> None:
+        for s in socks:
+            fd = s.fileno()
+            if self._waiters.pop(fd, None) is not None:
+                try:
+                    self._ep.unregister(fd)
+                except OSError:
+                    pass
+
+    async def run(self) -> None:
+        """Deliver events until cancelled (one task for the whole daemon)."""
+        poll, waiters = self._ep.poll, self._waiters
+        while True:
+            await trio.lowlevel.wait_readable(self._ep.fileno())
+            for fd, mask in poll(0):
+                flow = waiters.get(fd)
+                if flow is not None:
+                    flow.pending[fd] = flow.pending.get(fd, 0) | mask
+                    flow.event.set()
+
+
+class Flow:
+    """The news for one relayed connection, filled by the Watcher."""
+
+    __slots__ = ("event", "pending")
+
+    def __init__(self):
+        self.event = trio.Event()
+        self.pending: dict[int, int] = {}
+
+    async def wait(self) -> dict[int, int]:
+        await self.event.wait()
+        self.event = trio.Event()
+        news, self.pending = self.pending, {}
+        return news

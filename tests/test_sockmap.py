@@ -1,0 +1,157 @@
+"""The kernel relay (BPF sockmap, ambassadord/sockmap.py) with a real daemon and real Redis.
+
+The proof that the kernel moves the bytes: with the daemon stopped (SIGSTOP), a connection
+it already relays keeps working under ``--sockmap on``, and stalls under ``--sockmap off``
+(so the test can fail). The relay semantics (half-close, large payloads both ways at once,
+byte counts) are tested for every mode in test_server.py; these are the daemon-level and
+map-level checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+
+import pytest
+
+from ambassadord.sockmap import Sockmap, SockmapError, cookie
+from tests.daemon import Daemon, RedisProcess, connect, free_port, wait_until
+
+
+def _sockmap_or_skip() -> Sockmap:
+    try:
+        return Sockmap(8)
+    except SockmapError as exc:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"no BPF sockmap here: {exc}")
+
+
+def ping(sock: socket.socket, timeout: float) -> bytes:
+    sock.settimeout(timeout)
+    sock.sendall(b"PING\r\n")
+    return sock.recv(64)
+
+
+@contextlib.contextmanager
+def stopped(daemon: Daemon):
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_an_established_connection_works_while_the_daemon_is_stopped_only_in_the_kernel(tmp_path, mode):
+    _sockmap_or_skip().close()
+    listen = free_port()
+    with RedisProcess(free_port()) as redis:
+        daemon = Daemon(["--listen", f"127.0.0.1:{listen}", "--map", f"{listen}=127.0.0.1:{redis.port}",
+                         "--sockmap", mode], listen=None, workdir=tmp_path)
+        try:
+            with contextlib.closing(connect("127.0.0.1", listen)) as c:
+                assert ping(c, 5) == b"+PONG\r\n"
+                with stopped(daemon):
+                    if mode == "on":
+                        for _ in range(100):
+                            assert ping(c, 5) == b"+PONG\r\n"
+                    else:
+                        with pytest.raises(TimeoutError):
+                            ping(c, 0.5)
+                if mode == "off":
+                    c.settimeout(5)
+                    assert c.recv(64) == b"+PONG\r\n"  # the stalled reply, once it runs again
+                assert ping(c, 5) == b"+PONG\r\n"
+            daemon.stop()
+        finally:
+            daemon.kill()
+        if mode == "on":
+            assert "established connections are relayed in the kernel" in daemon.text()
+            (rec,) = [r for r in daemon.records() if r.get("event") == "connection"]
+            # bytes counted from the sockets (TCP_INFO), not the relay: 102 pings
+            assert (rec["up"], rec["down"], rec["outcome"]) == (102 * 6, 102 * 7, "ok")
+
+
+def test_a_full_map_falls_back_to_user_space(tmp_path):
+    """Capacity for one connection (two sockets): a second, concurrent one is relayed in
+    user space, and works all the same."""
+    _sockmap_or_skip().close()
+    listen = free_port()
+    with RedisProcess(free_port()) as redis:
+        daemon = Daemon(["--listen", f"127.0.0.1:{listen}", "--map", f"{listen}=127.0.0.1:{redis.port}",
+                         "--sockmap", "on", "--sockmap-size", "1"], listen=None, workdir=tmp_path)
+        try:
+            with contextlib.closing(connect("127.0.0.1", listen)) as first, \
+                    contextlib.closing(connect("127.0.0.1", listen)) as second:
+                assert ping(first, 5) == b"+PONG\r\n"
+                assert ping(second, 5) == b"+PONG\r\n"
+                with stopped(daemon):  # exactly one of them is relayed by the kernel
+                    working = []
+                    for c in (first, second):
+                        try:
+                            working.append(ping(c, 0.5) == b"+PONG\r\n")
+                        except TimeoutError:
+                            working.append(False)
+                assert sorted(working) == [False, True]
+            daemon.stop()
+        finally:
+            daemon.kill()
+        assert "sockmap full" in daemon.text()
+
+
+def test_pairs_redirect_to_each_other_and_slots_are_reused():
+    sm = _sockmap_or_skip()
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as srv:
+            a = socket.create_connection(srv.getsockname())
+            b, _ = srv.accept()
+            c = socket.create_connection(srv.getsockname())
+            d, _ = srv.accept()
+            with a, b, c, d:
+                # the proxy's two sockets are b (to client a) and c (to backend d)
+                handle = sm.add_pair(b, c)
+                assert handle[2:] == (cookie(b), cookie(c))
+                a.sendall(b"to the backend")
+                d.settimeout(2)
+                assert d.recv(64) == b"to the backend"
+                d.sendall(b"to the client")
+                a.settimeout(2)
+                assert a.recv(64) == b"to the client"
+                sm.remove_pair(handle)
+                free = len(sm._free)
+                again = sm.add_pair(b, c)
+                assert len(sm._free) == free - 2
+                sm.remove_pair(again)
+    finally:
+        sm.close()
+
+
+def test_data_sent_before_the_pair_joined_is_relayed_at_once():
+    """The client speaks first, before the daemon has connected upstream: its bytes wait
+    in the receive queue and must not wait for more data to come (SO_RCVLOWAT kick)."""
+    sm = _sockmap_or_skip()
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as srv:
+            client = socket.create_connection(srv.getsockname())
+            proxy_side, _ = srv.accept()
+            client.sendall(b"early")
+            wait_until(lambda: _queued(proxy_side) == 5, timeout=2, what="the bytes to arrive")
+            upstream = socket.create_connection(srv.getsockname())
+            backend, _ = srv.accept()
+            with client, proxy_side, upstream, backend:
+                sm.add_pair(proxy_side, upstream)
+                backend.settimeout(2)
+                assert backend.recv(64) == b"early"
+    finally:
+        sm.close()
+
+
+def _queued(sock: socket.socket) -> int:
+    import fcntl
+    import struct
+    import termios
+
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
