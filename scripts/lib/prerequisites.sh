@@ -25,6 +25,11 @@ APT_PACKAGES=(
   etcd-server:etcd
   etcd-client:etcdctl
   docker-compose:docker-compose
+  haproxy:haproxy
+  nginx-light:nginx
+  libnginx-mod-stream:libnginx-mod-stream
+  socat:socat
+  iperf3:iperf3
   chromium:chromium
   systemd:systemd-analyze
 )

@@ -1,0 +1,53 @@
+"""The benchmark still runs: bench/compare.py --quick, end to end, in its own namespace.
+
+Not a timed test (the figures are not checked against anything, the machine is shared):
+it checks that every target is started, measured on every workload and torn down, so the
+side-by-side benchmark in README cannot rot unnoticed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import netns
+
+REPO = Path(__file__).resolve().parent.parent
+TARGETS = ("direct", "socat", "haproxy", "nginx", "ambassadord")
+TOOLS = ("haproxy", "nginx", "socat", "iperf3", "redis-benchmark", "redis-server")
+
+pytestmark = pytest.mark.netns
+
+
+def test_compare_quick_measures_every_target_and_cleans_up():
+    netns.require_prerequisites()
+    missing = [t for t in TOOLS if shutil.which(t) is None and not Path("/usr/sbin", t).exists()]
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"missing {missing} (scripts/test installs them)")
+        pytest.skip(f"missing {missing}")
+    before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    proc = subprocess.run([sys.executable, "bench/compare.py", "--quick", "--json", ""], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    header = next(line for line in out.splitlines() if line.startswith("| metric"))
+    assert [c.strip() for c in header.strip("|").split("|")[1:]] == list(TARGETS)
+    for metric in ("bulk: iperf3, Gbit/s", "request/response: redis-benchmark -k 1, requests/s",
+                   "request/response: p50, ms", "connection churn: redis-benchmark -k 0, requests/s",
+                   "idle: RSS, MiB per 1,000 connections"):
+        row = next((line for line in out.splitlines() if line.startswith(f"| {metric}")), None)
+        assert row is not None, f"no row {metric!r} in:\n{out}"
+        cells = [c.strip() for c in row.strip("|").split("|")[1:]]
+        ours = cells[TARGETS.index("ambassadord")]
+        assert re.match(r"[\d,.]+ \([\d.]+×\)", ours), f"{metric}: ambassadord cell {ours!r}"
+        assert float(ours.split()[0].replace(",", "")) > 0, row
+    assert "ambassadord against the goals" in out
+    after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    assert not {n for n in after - before if n.startswith("ambbench")}, "the bench left its namespace behind"
