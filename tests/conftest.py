@@ -1,11 +1,32 @@
 """Shared pytest wiring: when a test fails, show the end of the log of every server it used
-(ambassadord, redis-server ... started through tests/topology.py)."""
+(ambassadord, redis-server ... started through tests/topology.py); and the fixtures many
+test files use: ``redis`` (a redis-server on loopback) and ``ns`` (a fresh namespace)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
-from tests import topology
+from tests import netns, topology
+from tests.daemon import RedisProcess, free_port, require
+from tests.netns import Netns, namespaces
+
+
+@pytest.fixture
+def redis(tmp_path) -> Iterator[RedisProcess]:
+    """A redis-server on 127.0.0.1 on a free port, in the current namespace."""
+    require("redis-server", "redis-cli")
+    with RedisProcess(free_port(), workdir=tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+def ns(request) -> Iterator[Netns]:
+    """A fresh network namespace (loopback up), named after the test module."""
+    netns.require_prerequisites()
+    with namespaces(request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")[:5]) as (made,):
+        yield made
 
 
 def pytest_runtest_setup(item):

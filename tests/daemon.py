@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,9 +32,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.netns import Netns
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def require(*tools: str) -> None:
+    """Skip without these tools, except under CI, where a skip would hide a gap."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        message = f"missing: {', '.join(missing)}"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI: a failure, not a skip)", pytrace=False)
+        pytest.skip(message)
 
 
 def wait_until(condition: Callable[[], Any], *, timeout: float, what: str | Callable[[], str],

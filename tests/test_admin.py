@@ -17,20 +17,17 @@ import contextlib
 import http.client
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests import netns
 from tests.daemon import (
     REPO_ROOT,
     Daemon,
@@ -40,22 +37,13 @@ from tests.daemon import (
     is_closed,
     ping,
     refused,
+    require,
     tail,
     wait_until,
 )
-from tests.netns import Netns, namespaces
+from tests.netns import Netns
 
 PONG = b"+PONG\r\n"
-
-
-def require(*tools: str) -> None:
-    """Skip without these tools, except under CI, where a skip would hide a gap."""
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        message = f"missing: {', '.join(missing)}"
-        if os.environ.get("CI"):
-            pytest.fail(message + " (CI: a failure, not a skip)", pytrace=False)
-        pytest.skip(message)
 
 
 # ---- HTTP to the admin API ----------------------------------------------------------------
@@ -195,20 +183,6 @@ def read_bulk(sock: socket.socket) -> bytes:
 
 
 # ---- fixtures ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def redis(tmp_path) -> Iterator[RedisProcess]:
-    require("redis-server")
-    with RedisProcess(free_port(), workdir=tmp_path) as server:
-        yield server
-
-
-@pytest.fixture
-def ns() -> Iterator[Netns]:
-    netns.require_prerequisites()
-    with namespaces("adm") as (made,):
-        yield made
 
 
 # ---- /healthz ----------------------------------------------------------------------

@@ -14,14 +14,12 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests import netns
 from tests.daemon import REPO_ROOT, refused
-from tests.netns import Netns, namespaces
+from tests.netns import Netns
 
 CHAIN = "AMBASSADORD-10000"
 
@@ -54,13 +52,6 @@ def assert_usage_error(proc: subprocess.CompletedProcess, *needles: str) -> None
     assert "Traceback" not in proc.stderr, shown
     for needle in needles:
         assert needle in proc.stderr, f"{needle!r} not on stderr; {shown}"
-
-
-@pytest.fixture
-def ns() -> Iterator[Netns]:
-    netns.require_prerequisites()
-    with namespaces("cli") as (made,):
-        yield made
 
 
 def nat_tables(ns: Netns) -> str:

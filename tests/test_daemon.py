@@ -13,17 +13,14 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from tests import netns
 from tests.daemon import (
     REPO_ROOT,
     Daemon,
@@ -36,35 +33,10 @@ from tests.daemon import (
     refused,
     wait_until,
 )
-from tests.netns import Netns, namespaces
+from tests.netns import Netns
 
 PONG = b"+PONG\r\n"
 CONNECTION_KEYS = {"src", "port", "backend", "up", "down", "duration", "outcome"}
-
-
-def require(*tools: str) -> None:
-    """Skip without these tools, except under CI, where a skip would hide a gap."""
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        message = f"missing: {', '.join(missing)}"
-        if os.environ.get("CI"):
-            pytest.fail(message + " (CI: a failure, not a skip)", pytrace=False)
-        pytest.skip(message)
-
-
-@pytest.fixture
-def redis(tmp_path) -> Iterator[RedisProcess]:
-    """A redis-server on 127.0.0.1 on a free port, in the current namespace."""
-    require("redis-server", "redis-cli")
-    with RedisProcess(free_port(), workdir=tmp_path) as server:
-        yield server
-
-
-@pytest.fixture
-def ns() -> Iterator[Netns]:
-    netns.require_prerequisites()
-    with namespaces("dmn") as (made,):
-        yield made
 
 
 def proxy(redis: RedisProcess, tmp_path, *extra: str, **kw) -> Daemon:

@@ -29,9 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import netns
 from tests.daemon import Daemon, RedisProcess, connect, free_port, is_closed, refused, wait_until
-from tests.netns import Netns, namespaces
+from tests.netns import Netns
 from tests.test_admin import (
     admin_daemon,
     backend,
@@ -476,13 +475,6 @@ def nat_dump(ns: Netns) -> list[str]:
 def assert_redirects(ns: Netns, ports: set[int]) -> None:
     for tool in ("iptables-save", "ip6tables-save"):
         assert redirected_ports(ns, tool) == ports, tool
-
-
-@pytest.fixture
-def ns() -> Iterator[Netns]:
-    netns.require_prerequisites()
-    with namespaces("rld") as (made,):
-        yield made
 
 
 BACKEND_PORT = 7000  # Redis in the namespace; route ports 6379, 6380 point at it
