@@ -21,7 +21,9 @@ Semantics, the same for all three:
   passed on only once every byte before it has been written into the other socket.
 * A reset or any other socket error in either direction ends both directions at once.
 * An optional idle timeout ends the relay when no byte moved either way for that long.
-* The caller owns the sockets and closes them (``finally``); the relay never closes them.
+* The caller owns the sockets and closes them (``finally``) as soon as the relay returns;
+  the relay never closes them. (After a kernel relay they are still in the sockmap:
+  closing them is what takes them out.)
 
 Why raw non-blocking stdlib sockets rather than trio's socket wrappers: the hot loop tries
 the syscall first and only waits for readiness when the kernel says EAGAIN (or, after a
@@ -312,8 +314,10 @@ async def _relay_kernel(client, backend, sockmap, watcher, result: RelayResult) 
     except _Broken as exc:
         result.outcome = exc.outcome
     finally:
-        watcher.unregister(client, backend)
-        sockmap.remove_pair(handle)
+        # The caller closes both sockets next (see relay()), which takes them out of the
+        # sockmap and the epoll set: only our own bookkeeping is undone here.
+        watcher.unregister(client, backend, closing=True)
+        sockmap.remove_pair(handle, closing=True)
         refresh()
         result.refresh = None
 
@@ -333,7 +337,8 @@ async def relay(
     """Copy bytes both ways until both directions reach EOF, one breaks, or idle expires.
 
     Args:
-        client, backend: connected, non-blocking stdlib sockets. Not closed here.
+        client, backend: connected, non-blocking stdlib sockets. Not closed here; close
+            them when this returns.
         idle_timeout: seconds without a byte either way after which the relay ends.
         use_splice: move bytes with splice(2) instead of recv/send.
         result: where to count bytes (the caller may read it even if cancelled).

@@ -172,11 +172,15 @@ class Sockmap:
             raise
         return ia, ib, ca, cb
 
-    def remove_pair(self, handle: tuple[int, int, int, int]) -> None:
+    def remove_pair(self, handle: tuple[int, int, int, int], *, closing: bool = False) -> None:
+        """Take a pair out. ``closing``: both sockets are about to be closed, and closing a
+        socket takes it out of every sockmap by itself; only the cookies need deleting."""
         ia, ib, ca, cb = handle
         ka, kb = struct.pack("<I", ia), struct.pack("<I", ib)
-        for fd, key in ((self.socks, ka), (self.socks, kb), (self.targets, ka), (self.targets, kb),
-                        (self.peers, struct.pack("<Q", ca)), (self.peers, struct.pack("<Q", cb))):
+        entries = [(self.peers, struct.pack("<Q", ca)), (self.peers, struct.pack("<Q", cb))]
+        if not closing:
+            entries = [(self.socks, ka), (self.socks, kb), (self.targets, ka), (self.targets, kb), *entries]
+        for fd, key in entries:
             try:
                 self._delete(fd, key)
             except SockmapError:
@@ -225,10 +229,12 @@ class Watcher:
     def rearm(self, sock: socket.socket) -> None:
         self._ep.modify(sock.fileno(), self.MASK)
 
-    def unregister(self, *socks: socket.socket) -> None:
+    def unregister(self, *socks: socket.socket, closing: bool = False) -> None:
+        """``closing``: the sockets are about to be closed, which takes them out of the
+        epoll set by itself (they are not dup'ed)."""
         for s in socks:
             fd = s.fileno()
-            if self._waiters.pop(fd, None) is not None:
+            if self._waiters.pop(fd, None) is not None and not closing:
                 try:
                     self._ep.unregister(fd)
                 except OSError:
