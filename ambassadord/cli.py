@@ -373,6 +373,19 @@ def cmd_run(args) -> int:
         plan = netfilter.RedirectPlan(to_port=listen_ports[0], ports=_redirect_ports(configs, listen), dests=tuple(dests),
                                       mark=args.mark, families=_families_for(listen))
 
+    sockmap = None
+    if args.sockmap != "off":
+        from .sockmap import Sockmap, SockmapError
+
+        try:
+            sockmap = Sockmap(2 * args.sockmap_size)
+            log.info("sockmap: established connections are relayed in the kernel")
+        except SockmapError as exc:
+            if args.sockmap == "on":
+                log.error("--sockmap on: %s", exc)
+                return 1
+            log.info("sockmap not available (%s); relaying in user space", exc)
+
     # From here until the event loop's signal handler is up, SIGTERM/SIGINT/SIGHUP wait
     # (blocked, not lost): a stop that arrives while the rules are being installed must
     # still remove them, and a SIGHUP must not kill the process with its default action.
@@ -388,23 +401,6 @@ def cmd_run(args) -> int:
         log.error("%s", exc)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         return 1
-    sockmap = None
-    if args.sockmap != "off":
-        from .sockmap import Sockmap, SockmapError
-
-        try:
-            sockmap = Sockmap(2 * args.sockmap_size)
-            log.info("sockmap: established connections are relayed in the kernel")
-        except SockmapError as exc:
-            if args.sockmap == "on":
-                log.error("--sockmap on: %s", exc)
-                for s in sockets:
-                    s.close()
-                if admin_sock is not None:
-                    admin_sock.close()
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-                return 1
-            log.info("sockmap not available (%s); relaying in user space", exc)
     server = Server(RouteTable([Route(c) for c in configs]), sockets,
                     options=options, grace=args.grace, sockmap=sockmap,
                     mark=args.mark if args.iptables else None, use_splice=args.splice == "on" or (args.splice == "auto" and SPLICE_AVAILABLE))
@@ -719,7 +715,8 @@ def cmd_status(args) -> int:
         return 1
     try:
         data = json.loads(body)
-        routes = data["routes"]
+        if not isinstance(data["routes"], list):
+            raise TypeError
     except (ValueError, KeyError, TypeError):
         print(f"ambassadord status: {url} did not answer with ambassadord's /routes JSON", file=sys.stderr)
         return 1

@@ -278,7 +278,7 @@ def srv_backends(records: list[SrvRecord], addresses: dict[str, list[str]]) -> t
     backends, notes = [], []
     for rec in records:
         if rec.target in (".", ""):
-            notes.append(f"target '.' (service not available) skipped")
+            notes.append("target '.' (service not available) skipped")
             continue
         if rec.port == 0:
             notes.append(f"{rec.target}: port 0 skipped")
