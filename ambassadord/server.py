@@ -162,7 +162,8 @@ class Server:
         options: handed to every resolver.
         grace: seconds open connections may take to finish after shutdown() is called.
         mark: SO_MARK for upstream sockets (so the iptables chain skips them), or None.
-        use_splice: relay with splice(2).
+        use_splice: in user space, switch bulky directions to splice(2).
+        sockmap: a sockmap.Sockmap: relay established connections in the kernel.
     """
 
     def __init__(
@@ -183,13 +184,13 @@ class Server:
         self.grace = grace
         self.mark = mark
         self.use_splice = use_splice
-        self.sockmap = sockmap  # a sockmap.Sockmap: established flows relayed in the kernel
+        # With a sockmap.Sockmap, established connections are relayed in the kernel; its
+        # Watcher (one task) tells their relays about EOF and errors.
+        self._kernel_relay = None
         if sockmap is not None:
             from .sockmap import Watcher
 
             self._kernel_relay = (sockmap, Watcher())
-        else:
-            self._kernel_relay = None
         self.rng = rng or random.Random()
         self.active = 0
         self.total = 0
