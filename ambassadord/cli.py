@@ -142,13 +142,14 @@ def consul_options(args, env) -> dict:
     scheme = "https" if env.get("CONSUL_HTTP_SSL", "").lower() in ("1", "true", "yes") else "http"
     addr = ("127.0.0.1", 8500)
     if text:
-        rest = text.strip()
-        if "://" in rest:
-            scheme, rest = rest.split("://", 1)
-            if scheme not in ("http", "https"):
-                raise UsageError(f"{where} {text!r}: scheme must be http or https (unix sockets are not supported)")
-        rest = rest.rstrip("/")
         from backends.consul import _agent
+        from backends.interface import split_http_url
+
+        try:
+            given, rest = split_http_url(text)
+        except ValueError as exc:
+            raise UsageError(f"{where} {text!r}: {exc} (unix sockets are not supported)") from None
+        scheme = given or scheme
 
         try:
             addr = _agent(rest, text)

@@ -64,6 +64,7 @@ from .interface import (  # noqa: E402
     failed_set,
     parse_port,
     split_host_port,
+    split_http_url,
 )
 from .keyvalues import pairs_from_keys  # noqa: E402
 from .static import backends_of  # noqa: E402
@@ -120,13 +121,8 @@ def _etcd3():
 
 def parse_endpoint(text: str, *, context: str) -> tuple[str, int]:
     """``host[:port]`` / ``[v6]:port``, optionally with http:// (port 2379 by default)."""
-    t = text.strip()
-    if "://" in t:
-        scheme, t = t.split("://", 1)
-        if scheme not in ("http", "https"):
-            raise SpecError(f"bad etcd endpoint {text!r} in {context}: scheme must be http or https")
-    t = t.rstrip("/")
     try:
+        _, t = split_http_url(text)
         host, port = split_host_port(t, 2379)
     except ValueError as exc:
         raise SpecError(f"bad etcd endpoint {text!r} in {context}: {exc}") from None

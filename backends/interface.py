@@ -213,6 +213,21 @@ def parse_host_port(item: str, *, context: str) -> tuple[str, int]:
     return host, parse_port(port_text, context=f"backend {item!r}{where}")
 
 
+def split_http_url(text: str) -> tuple[str | None, str]:
+    """``[http(s)://]HOST[:PORT][/]`` -> (scheme or None, ``HOST[:PORT]``).
+
+    Raises:
+        ValueError: a scheme other than http or https (the message says so).
+    """
+    rest = text.strip()
+    scheme = None
+    if "://" in rest:
+        scheme, rest = rest.split("://", 1)
+        if scheme not in ("http", "https"):
+            raise ValueError("scheme must be http or https")
+    return scheme, rest.rstrip("/")
+
+
 def split_host_port(text: str, default_port: int) -> tuple[str, str]:
     """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` -> (host, port text, not yet checked).
 

@@ -400,3 +400,15 @@ def test_iptables_install_redirects_for_real(ns):
         client.settimeout(5)
         with pytest.raises(ConnectionRefusedError):
             client.connect(("127.0.0.1", 6379))
+
+
+@pytest.mark.parametrize("args, env, needles", [
+    (["--consul", "unix:///run/consul.sock"], {}, ["--consul 'unix:///run/consul.sock'",
+                                                    "scheme must be http or https", "unix sockets"]),
+    ([], {"CONSUL_HTTP_ADDR": "ftp://10.0.0.1"}, ["env CONSUL_HTTP_ADDR 'ftp://10.0.0.1'",
+                                                 "scheme must be http or https"]),
+    (["--etcd", "grpc://10.0.0.1:2379"], {}, ["bad etcd endpoint 'grpc://10.0.0.1:2379'",
+                                              "scheme must be http or https"]),
+])
+def test_agent_and_endpoint_urls_with_another_scheme_are_usage_errors(args, env, needles):
+    assert_usage_error(cli("run", "--map", "6379=1.2.3.4:1", *args, env=env), *needles)
