@@ -31,6 +31,7 @@ from starlette.routing import Route as HTTPRoute
 
 from . import __version__
 from .server import ListenAddress, Server, StartupError, parse_listen
+from .stats import merged
 
 log = logging.getLogger("ambassadord.admin")
 
@@ -94,8 +95,27 @@ def bind_admin(addr: ListenAddress) -> socket.socket:
 # ---- the view of the live state ---------------------------------------------------------
 
 
-def _backend_view(route, key: str, backend, now_mono: float) -> dict:
-    st = route.stats
+async def live_view(server: Server) -> tuple[dict, dict]:
+    """Each route's RouteStats and the connection totals, summed over every process of
+    --workers (the helpers are asked now; see workers.py). Without helpers, the route's own."""
+    totals = {"active": server.active, "total": server.total, "unrouted": dict(server.unrouted)}
+    routes = server.table.routes
+    pool = server.pool
+    if pool is None:
+        return {r: r.stats for r in routes}, totals
+    snaps = await pool.collect()
+    totals["workers"] = {"count": pool.count, "answered": 1 + len(snaps), "pids": [os.getpid(), *(s["pid"] for s in snaps)],
+                         "restarts": pool.restarts}
+    for snap in snaps:
+        totals["active"] += snap["active"]
+        totals["total"] += snap["total"]
+        for outcome, n in snap["unrouted"].items():
+            totals["unrouted"][outcome] = totals["unrouted"].get(outcome, 0) + n
+    views = {r: merged(r.stats, [s["routes"][r.name] for s in snaps if r.name in s["routes"]]) for r in routes}
+    return views, totals
+
+
+def _backend_view(route, st, key: str, backend, now_mono: float) -> dict:
     b = st.backends.get(key)
     up, down = st.backend_bytes(key)
     known = backend or (b.backend if b else None)  # a backend gone from the set: as it was
@@ -121,19 +141,27 @@ def _backend_view(route, key: str, backend, now_mono: float) -> dict:
     if backend is None:
         view["state"] = "gone"  # left the set; connections still open on it
     else:
-        until = route.pick.ejections.until.get(backend)
-        if until is not None and until > now_mono:
+        left = _ejected_for(route, st, backend, now_mono)
+        if left > 0:
             view["state"] = "ejected"
-            view["ejected_for"] = round(until - now_mono, 3)
+            view["ejected_for"] = round(left, 3)
     return view
 
 
-def route_view(route) -> dict:
-    cfg, st, bset = route.config, route.stats, route.backends
+def _ejected_for(route, st, backend, now_mono: float) -> float:
+    """Seconds ``backend`` stays ejected (in any process of --workers); 0 if it is not."""
+    until = route.pick.ejections.until.get(backend)
+    return max(until - now_mono if until is not None else 0.0, st.ejected.get(str(backend), 0.0))
+
+
+def route_view(route, st=None) -> dict:
+    """``st``: the route's stats to show (default its own; see live_view)."""
+    cfg, bset = route.config, route.backends
+    st = st or route.stats
     now_mono = time.monotonic()
-    backends = [_backend_view(route, str(b), b, now_mono) for b in bset.backends]
+    backends = [_backend_view(route, st, str(b), b, now_mono) for b in bset.backends]
     in_set = {str(b) for b in bset.backends}
-    backends += [_backend_view(route, k, None, now_mono) for k, b in st.backends.items()
+    backends += [_backend_view(route, st, k, None, now_mono) for k, b in st.backends.items()
                  if k not in in_set and b.active > 0]
     up, down = st.bytes()
     hist, total = st.connect_histogram()
@@ -166,8 +194,12 @@ def route_view(route) -> dict:
     }
 
 
-def snapshot(server: Server, config: ConfigState) -> dict:
-    """Everything /routes shows: the daemon, its configuration, and every route."""
+def snapshot(server: Server, config: ConfigState, views: dict | None = None, totals: dict | None = None) -> dict:
+    """Everything /routes shows: the daemon, its configuration, and every route.
+    ``views`` and ``totals``: from live_view (default: this process's own counters)."""
+    views = views or {}
+    if totals is None:
+        totals = {"active": server.active, "total": server.total, "unrouted": dict(server.unrouted)}
     return {
         "version": __version__,
         "hostname": socket.gethostname(),
@@ -177,7 +209,9 @@ def snapshot(server: Server, config: ConfigState) -> dict:
         "listening": server.listening,
         "stopping": server.stopping,
         "listen": [_sockname(s) for s in server.listeners if s.fileno() >= 0],
-        "connections": {"active": server.active, "total": server.total, "unrouted": dict(sorted(server.unrouted.items()))},
+        "workers": totals.get("workers", {"count": 1, "answered": 1, "pids": [os.getpid()], "restarts": 0}),
+        "connections": {"active": totals["active"], "total": totals["total"],
+                        "unrouted": dict(sorted(totals["unrouted"].items()))},
         "config": {
             "file": config.file,
             "loaded_at": config.loaded_at,
@@ -187,7 +221,7 @@ def snapshot(server: Server, config: ConfigState) -> dict:
                 "at": config.last_reload_at, "ok": config.last_reload_ok,
                 "error": config.last_reload_error, "summary": config.last_reload_summary},
         },
-        "routes": [route_view(r) for r in sorted(server.table.routes, key=_route_order)],
+        "routes": [route_view(r, views.get(r)) for r in sorted(server.table.routes, key=_route_order)],
     }
 
 
@@ -210,6 +244,9 @@ class DaemonCollector:
     def __init__(self, server: Server, config: ConfigState):
         self.server = server
         self.config = config
+        # Set from live_view just before each scrape (collect() itself cannot await).
+        self.views: dict = {}
+        self.totals: dict | None = None
 
     def collect(self):
         server, now = self.server, time.time()
@@ -240,7 +277,7 @@ class DaemonCollector:
                                 "gave a good answer, changed or not (NaN before the first).", labels=["route"])
         now_mono = time.monotonic()
         for route in server.table.routes:
-            name, st = route.name, route.stats
+            name, st = route.name, self.views.get(route) or route.stats
             for outcome, n in sorted(st.outcomes.items()):
                 conns.add_metric([name, outcome], n)
             active.add_metric([name], st.active)
@@ -254,15 +291,15 @@ class DaemonCollector:
                 bactive.add_metric([name, key], b.active)
                 bfail.add_metric([name, key], b.failures)
             for b in route.backends.backends:
-                until = route.pick.ejections.until.get(b)
-                ejected.add_metric([name, str(b)], 1 if until is not None and until > now_mono else 0)
+                ejected.add_metric([name, str(b)], 1 if _ejected_for(route, st, b, now_mono) > 0 else 0)
             nback.add_metric([name], len(route.backends.backends))
             updates.add_metric([name], route.updates)
             errors.add_metric([name], route.errors)
             stale.add_metric([name], 1 if route.backends.stale else 0)
             answered = route.answered_at
             age.add_metric([name], now - answered if answered else math.nan)
-        for outcome, n in sorted(server.unrouted.items()):
+        unrouted = self.totals["unrouted"] if self.totals else server.unrouted
+        for outcome, n in sorted(unrouted.items()):
             conns.add_metric(["", outcome], n)
         reloads = CounterMetricFamily("ambassadord_config_reloads", "Configuration reloads, by result.",
                                       labels=["result"])
@@ -278,13 +315,18 @@ class DaemonCollector:
         routes.add_metric([], len(server.table.routes))
         info = GaugeMetricFamily("ambassadord_build_info", "Always 1; the version in a label.", labels=["version"])
         info.add_metric([__version__], 1)
+        workers = GaugeMetricFamily("ambassadord_workers", "Processes serving connections (--workers), and how many "
+                                    "answered for this scrape.", labels=["state"])
+        wt = (self.totals or {}).get("workers", {"count": 1, "answered": 1})
+        workers.add_metric(["configured"], wt["count"])
+        workers.add_metric(["answered"], wt["answered"])
         yield from (conns, active, nbytes, connect, bconns, bactive, bfail, ejected, nback, updates, errors, stale, age,
-                    reloads, last_ok, loaded, routes, info)
+                    reloads, last_ok, loaded, routes, info, workers)
 
 
-def make_registry(server: Server, config: ConfigState) -> CollectorRegistry:
+def make_registry(server: Server, config: ConfigState, collector: DaemonCollector | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DaemonCollector(server, config))
+    registry.register(collector or DaemonCollector(server, config))
     ProcessCollector(registry=registry)  # process_resident_memory_bytes, process_open_fds, ...
     PlatformCollector(registry=registry)
     return registry
@@ -294,7 +336,8 @@ def make_registry(server: Server, config: ConfigState) -> CollectorRegistry:
 
 
 def make_app(server: Server, config: ConfigState) -> Starlette:
-    registry = make_registry(server, config)
+    collector = DaemonCollector(server, config)
+    registry = make_registry(server, config, collector)
     page = resources.files("ambassadord").joinpath("static/status.html").read_text(encoding="utf-8")
 
     async def healthz(request: Request) -> Response:
@@ -307,10 +350,12 @@ def make_app(server: Server, config: ConfigState) -> Starlette:
         return PlainTextResponse("ok\n")
 
     async def routes(request: Request) -> Response:
-        return JSONResponse(snapshot(server, config), headers={"cache-control": "no-store"})
+        views, totals = await live_view(server)
+        return JSONResponse(snapshot(server, config, views, totals), headers={"cache-control": "no-store"})
 
     async def metrics(request: Request) -> Response:
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        collector.views, collector.totals = await live_view(server)
         return Response(encoder(registry), media_type=content_type)
 
     async def status_page(request: Request) -> Response:

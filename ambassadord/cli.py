@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 from functools import partial
 
@@ -33,6 +34,7 @@ DEFAULT_PORT = 10000
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 DEFAULT_ADMIN_TEXT = "127.0.0.1:10001"
 DEFAULT_ADMIN = ListenAddress("127.0.0.1", 10001)
+DEFAULT_WORKERS = "auto"
 DEFAULT_LISTEN = [ListenAddress("0.0.0.0", DEFAULT_PORT), ListenAddress("::", DEFAULT_PORT, optional=True)]
 
 
@@ -69,6 +71,16 @@ def _count(flag: str, maximum: int):
         return int(text)
 
     return parse
+
+
+def _workers(text: str) -> int:
+    if text == "auto":
+        from .workers import default_count
+
+        return default_count()
+    if not text.isdigit() or not 0 < int(text) <= 256:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto or a whole number from 1 to 256")
+    return int(text)
 
 
 def _mark(text: str) -> int:
@@ -286,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "or CAP_SYS_ADMIN); auto = where the kernel allows it (default auto)")
     g.add_argument("--sockmap-size", type=_count("--sockmap-size", 1_000_000), default=32768, metavar="CONNECTIONS",
                    help="connections the kernel relays at once; more are relayed here (default 32768)")
+    g.add_argument("--workers", type=_workers, default=DEFAULT_WORKERS, metavar="N|auto",
+                   help="processes accepting on the listen port (SO_REUSEPORT); the first also resolves, "
+                   f"the others get its backend sets; auto = one per core (default {DEFAULT_WORKERS})")
     g.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format (default text)")
     g.add_argument("--log-level", choices=logs.LEVELS, default="info", help="(default info)")
 
@@ -392,8 +407,11 @@ def cmd_run(args) -> int:
     # still remove them, and a SIGHUP must not kill the process with its default action.
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     admin_sock = None
+    pool = guard = None
     try:
-        sockets = bind_listeners(listen)
+        if args.workers > 1:
+            guard = _instance_guard(listen)
+        sockets = bind_listeners(listen, reuseport=args.workers > 1)
         if args.admin is not None:
             from .admin import bind_admin
 
@@ -402,9 +420,19 @@ def cmd_run(args) -> int:
         log.error("%s", exc)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         return 1
+    use_splice = args.splice == "on" or (args.splice == "auto" and SPLICE_AVAILABLE)
+    mark = args.mark if args.iptables else None
+    if args.workers > 1:
+        from .workers import Settings, WorkerPool
+
+        bound = tuple(ListenAddress(*s.getsockname()[:2]) for s in sockets)
+        pool = WorkerPool(args.workers, Settings(listen=bound, grace=args.grace, mark=mark, use_splice=use_splice,
+                                                 sockmap="on" if sockmap is not None else "off",
+                                                 sockmap_size=args.sockmap_size, log_format=args.log_format,
+                                                 log_level=args.log_level))
     server = Server(RouteTable([Route(c) for c in configs]), sockets,
                     options=options, grace=args.grace, sockmap=sockmap,
-                    mark=args.mark if args.iptables else None, use_splice=args.splice == "on" or (args.splice == "auto" and SPLICE_AVAILABLE))
+                    mark=mark, use_splice=use_splice, workers=pool)
     try:
         if plan is not None:
             from . import netfilter
@@ -421,7 +449,15 @@ def cmd_run(args) -> int:
             trio.run(daemon.serve)
         except KeyboardInterrupt:
             pass
+        except BaseExceptionGroup as group:
+            if pool is None or group.subgroup(RuntimeError) is None:
+                raise
+            for exc in group.subgroup(RuntimeError).exceptions:
+                log.error("%s", exc)
+            return 1
     finally:
+        for g in guard or ():
+            g.close()
         if admin_sock is not None:
             admin_sock.close()
         for s in sockets:
@@ -431,6 +467,25 @@ def cmd_run(args) -> int:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     log.info("stopped")
     return 0
+
+
+def _instance_guard(listen: list[ListenAddress]) -> list[socket.socket]:
+    """With SO_REUSEPORT a second daemon on the same port would not fail: it would share
+    the connections. An abstract unix socket per listen port (per network namespace, like
+    the port) is held while running, and makes a second one fail instead."""
+    guards: list[socket.socket] = []
+    for port in sorted({a.port for a in listen}):
+        guard = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            guard.bind(f"\0ambassadord port {port}")
+        except OSError as exc:
+            guard.close()
+            for g in guards:
+                g.close()
+            raise StartupError(f"cannot listen on port {port}: another ambassadord --workers is serving it "
+                               f"({exc.strerror})") from None
+        guards.append(guard)
+    return guards
 
 
 def _overlap(a: ListenAddress, b: ListenAddress) -> bool:

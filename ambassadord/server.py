@@ -107,8 +107,9 @@ def parse_listen(text: str) -> ListenAddress:
     return ListenAddress(str(ip), int(port))
 
 
-def bind_listeners(addresses: list[ListenAddress]) -> list[socket.socket]:
+def bind_listeners(addresses: list[ListenAddress], *, reuseport: bool = False) -> list[socket.socket]:
     """Bind and listen on every address, or none: on failure, close what was bound.
+    With ``reuseport``, SO_REUSEPORT (--workers: every process binds the same addresses).
 
     Raises:
         StartupError: naming the address and the reason.
@@ -125,6 +126,8 @@ def bind_listeners(addresses: list[ListenAddress]) -> list[socket.socket]:
                 raise StartupError(f"cannot listen on {addr}: {exc.strerror}") from None
             try:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuseport:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if addr.family == socket.AF_INET6:
                     # Separate v4 and v6 listeners: no v4-mapped addresses to untangle.
                     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -164,6 +167,10 @@ class Server:
         mark: SO_MARK for upstream sockets (so the iptables chain skips them), or None.
         use_splice: in user space, switch bulky directions to splice(2).
         sockmap: a sockmap.Sockmap: relay established connections in the kernel.
+        resolve: run the routes' resolvers (False in a --workers helper: the main process
+            sends the sets, see install()).
+        workers: the workers.WorkerPool of the main process, or a helper's link to it: told
+            about new sets, reloads and ejections (workers.py).
     """
 
     def __init__(
@@ -177,6 +184,8 @@ class Server:
         use_splice: bool = False,
         sockmap=None,
         rng: random.Random | None = None,
+        resolve: bool = True,
+        workers=None,
     ):
         self.table = table
         self.listeners = listeners
@@ -192,6 +201,10 @@ class Server:
 
             self._kernel_relay = (sockmap, Watcher())
         self.rng = rng or random.Random()
+        self.resolve = resolve
+        self.workers = workers
+        if workers is not None and hasattr(workers, "server"):
+            workers.server = self
         self.active = 0
         self.total = 0
         self.unrouted: dict[str, int] = {}  # connections closed before a route was found, by outcome
@@ -222,6 +235,9 @@ class Server:
                     resolvers.start_soon(self._kernel_relay[1].run, name="sockmap watcher")
                 for route in self.table.routes:
                     self._start_resolver(route)
+                pool = self.pool
+                if pool is not None:
+                    await resolvers.start(pool.run)
                 with trio.CancelScope() as self._conn_scope:
                     if self._aborted:
                         self._conn_scope.cancel()
@@ -243,6 +259,9 @@ class Server:
                         self._conn_scope.deadline = trio.current_time() + self.grace
                 if self._conn_scope.cancelled_caught:
                     log.warning("grace period over: closed the connections still open")
+                if pool is not None:
+                    # The helpers had the same grace period, from about the same moment.
+                    await pool.wait_closed(self.grace + 5.0)
                 resolvers.cancel_scope.cancel()
         finally:
             self._close_listeners()
@@ -252,6 +271,8 @@ class Server:
         self.stopping = True
         if self._accept_scope is not None:
             self._accept_scope.cancel()
+        if self.workers is not None:
+            self.workers.stop()
 
     def abort(self) -> None:
         """Stop at once: cancel open connections too."""
@@ -259,6 +280,15 @@ class Server:
         self._aborted = True
         if self._conn_scope is not None:
             self._conn_scope.cancel()
+        if self.workers is not None:
+            self.workers.abort()
+
+    @property
+    def pool(self):
+        """The WorkerPool, in the main process of --workers N (N > 1); else None."""
+        from .workers import WorkerPool
+
+        return self.workers if isinstance(self.workers, WorkerPool) else None
 
     def _close_listeners(self) -> None:
         for sock in self.listeners:
@@ -314,11 +344,15 @@ class Server:
             if scope is not None:
                 scope.cancel()
             self._first_answer.pop(route, None)
+        if self.workers is not None:
+            self.workers.routes(configs)
         return summary
 
     # ---- resolvers -----------------------------------------------------------------
 
     def _start_resolver(self, route: Route) -> None:
+        if not self.resolve:
+            return
         # The scope exists before the task starts, so reload() can cancel a resolver that
         # has not run yet.
         scope = self._resolver_scopes[route] = trio.CancelScope()
@@ -338,6 +372,8 @@ class Server:
             old = route.backends
             route.update(new)
             event.set()
+            if self.workers is not None:
+                self.workers.backends(route.config.key, new)
             if new.backends != old.backends or new.stale != old.stale or new.error != old.error:
                 log.log(
                     logging.WARNING if new.stale or not new.backends else logging.INFO, "route %s backends", route.name,
@@ -355,6 +391,34 @@ class Server:
                 log.exception("route %s: resolver crashed; keeping the last set, retrying in %.0fs", route.name, delay)
                 await trio.sleep(delay)
                 delay = min(delay * 2, 30.0)
+
+    def install(self, key, new: BackendSet) -> None:
+        """A --workers helper: the main process's resolver for route ``key`` published ``new``."""
+        for route in self.table.routes:
+            if route.config.key == key:
+                route.update(new)
+                event = self._first_answer.get(route)
+                if event is not None:
+                    event.set()
+
+    def apply_ejection(self, key, backend: Backend, duration: float) -> None:
+        """Another process of this daemon (--workers) saw ``backend`` of route ``key`` fail."""
+        for route in self.table.routes:
+            if route.config.key == key and backend in route.backends.backends:
+                route.pick.ejections.eject(backend, time.monotonic(), duration)
+
+    def stats_snapshot(self) -> dict:
+        """This process's counters, for the main process's admin API (--workers)."""
+        from .stats import snapshot
+
+        now = time.monotonic()
+        routes = {}
+        for route in self.table.routes:
+            snap = snapshot(route.stats)
+            snap["ejected"] = {str(b): until - now for b, until in route.pick.ejections.until.items() if until > now}
+            routes[route.name] = snap
+        return {"pid": os.getpid(), "active": self.active, "total": self.total, "unrouted": dict(self.unrouted),
+                "routes": routes}
 
     # ---- accepting -----------------------------------------------------------------
 
@@ -450,6 +514,8 @@ class Server:
                     stats.failures += 1
                     b.last_error, b.last_failure = reason, time.time()
                     route.pick.ejections.eject(backend, time.monotonic(), cfg.eject_for)
+                    if self.workers is not None:
+                        self.workers.ejected(route.config.key, backend, cfg.eject_for)
                     log.warning("route %s: backend %s failed (%s); ejected for %gs", route.name, backend, reason, cfg.eject_for,
                                 extra={"fields": {"event": "backend-failed", "route": route.name, "backend": str(backend), "error": reason}})
                     continue

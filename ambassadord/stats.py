@@ -48,6 +48,8 @@ class RouteStats:
     connect_counts: list[int] = field(default_factory=lambda: [0] * (len(CONNECT_BUCKETS) + 1))
     connect_sum: float = 0.0
     current: frozenset = frozenset()  # str() of the backends in the route's current set
+    # --workers (merged() only): backend str() -> seconds it stays ejected in another process.
+    ejected: dict[str, float] = field(default_factory=dict)
 
     def backend(self, key: str, backend=None) -> BackendStats:
         b = self.backends.get(key)
@@ -107,3 +109,48 @@ class RouteStats:
         backend that has left the set."""
         if b.active == 0 and key not in self.current:
             self.backends.pop(key, None)
+
+
+# ---- --workers: one process's counters, and the sum over all of them ---------------------
+
+_BACKEND_SUMS = ("active", "connections", "failures", "up", "down")
+
+
+def snapshot(st: RouteStats) -> dict:
+    """``st`` as plain data (picklable), bytes of open connections included."""
+    up, down = st.bytes()
+    backends = {}
+    for key, b in st.backends.items():
+        bup, bdown = st.backend_bytes(key)
+        backends[key] = {"backend": b.backend, "active": b.active, "connections": b.connections,
+                         "failures": b.failures, "up": bup, "down": bdown, "last_connect": b.last_connect,
+                         "last_error": b.last_error, "last_failure": b.last_failure}
+    return {"active": st.active, "failures": st.failures, "outcomes": dict(st.outcomes), "up": up, "down": down,
+            "connect_counts": list(st.connect_counts), "connect_sum": st.connect_sum, "backends": backends,
+            "ejected": {}}
+
+
+def merged(local: RouteStats, snaps: list[dict]) -> RouteStats:
+    """One RouteStats summing ``local`` and other processes' snapshots of the same route.
+    Its ``ejected`` maps a backend's str() to the longest remaining ejection elsewhere."""
+    view = RouteStats(current=local.current)
+    for snap in (snapshot(local), *snaps):
+        view.active += snap["active"]
+        view.failures += snap["failures"]
+        for outcome, n in snap["outcomes"].items():
+            view.outcomes[outcome] = view.outcomes.get(outcome, 0) + n
+        view.up += snap["up"]
+        view.down += snap["down"]
+        view.connect_counts = [a + b for a, b in zip(view.connect_counts, snap["connect_counts"])]
+        view.connect_sum += snap["connect_sum"]
+        for key, b in snap["backends"].items():
+            mine = view.backend(key, b["backend"])
+            for name in _BACKEND_SUMS:
+                setattr(mine, name, getattr(mine, name) + b[name])
+            if b["last_connect"] is not None and (mine.last_connect or 0) < b["last_connect"]:
+                mine.last_connect = b["last_connect"]
+            if b["last_failure"] is not None and (mine.last_failure or 0) < b["last_failure"]:
+                mine.last_failure, mine.last_error = b["last_failure"], b["last_error"]
+        for key, left in snap["ejected"].items():
+            view.ejected[key] = max(left, view.ejected.get(key, 0.0))
+    return view

@@ -18,7 +18,7 @@ spec's scheme (the part before ``://``) or, for scheme-less values, by its shape
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 
 from .interface import (
     Backend,
@@ -30,10 +30,6 @@ from .interface import (
     Spec,
     SpecError,
 )
-from .consul import ConsulKVSpec, ConsulServiceSpec
-from .dns import DnsSpec, SrvSpec
-from .etcd import EtcdSpec
-from .static import StaticSpec
 
 __all__ = [
     "Backend",
@@ -48,14 +44,20 @@ __all__ = [
     "SCHEMES",
 ]
 
-#: scheme -> parser of the whole spec text. Scheme-less specs are static lists.
-SCHEMES: dict[str, Callable[[str], Spec]] = {
-    "srv": SrvSpec.parse,
-    "dns": DnsSpec.parse,
-    "consul": ConsulServiceSpec.parse,
-    "consul-kv": ConsulKVSpec.parse,
-    "etcd": EtcdSpec.parse,
+# scheme -> (module, Spec class). Imported when a spec needs it, so that a process that
+# resolves nothing (a --workers helper) does not load the DNS and Consul clients.
+SCHEMES: dict[str, tuple[str, str]] = {
+    "srv": ("dns", "SrvSpec"),
+    "dns": ("dns", "DnsSpec"),
+    "consul": ("consul", "ConsulServiceSpec"),
+    "consul-kv": ("consul", "ConsulKVSpec"),
+    "etcd": ("etcd", "EtcdSpec"),
 }
+
+
+def _spec_class(module: str, name: str) -> type[Spec]:
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
 
 # Schemes of the design's grammar whose resolvers are not built yet: a clear "not yet"
 # beats a confusing "bad host:port".
@@ -75,14 +77,14 @@ def parse_spec(text: str) -> Spec:
         raise SpecError("empty backend spec")
     scheme, sep, _ = text.partition("://")
     if sep:
-        parser = SCHEMES.get(scheme)
-        if parser is not None:
-            return parser(text)
+        where = SCHEMES.get(scheme)
+        if where is not None:
+            return _spec_class(*where).parse(text)
         if scheme in _PLANNED:
             raise SpecError(f"spec {text!r}: the {scheme}:// resolver is not available in this version")
         known = ", ".join(sorted(SCHEMES)) or "none"
         raise SpecError(f"spec {text!r}: unknown scheme {scheme!r} (known schemes: {known}; or HOST:PORT[,HOST:PORT...])")
     if ":" not in text and "," not in text:
         # A bare name with no port: a DNS SRV name, as in ambassadord (redis.service.consul).
-        return SrvSpec.parse(text)
-    return StaticSpec.parse(text)
+        return _spec_class("dns", "SrvSpec").parse(text)
+    return _spec_class("static", "StaticSpec").parse(text)

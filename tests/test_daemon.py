@@ -174,7 +174,8 @@ def test_fd_exhaustion_in_upstream_socket_drops_no_client(redis, tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "splice"), reason="no os.splice")
 def test_fd_exhaustion_in_splice_pipe_keeps_connection(redis, tmp_path):
-    with proxy(redis, tmp_path, "--splice", "on") as daemon:
+    # One process (--workers 1): the test counts and limits that process's descriptors.
+    with proxy(redis, tmp_path, "--splice", "on", "--workers", "1") as daemon:
         port = daemon.listen[1]
         baseline = idle_fd_count(daemon)
         with contextlib.closing(connect("127.0.0.1", port)) as client:

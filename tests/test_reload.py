@@ -397,7 +397,8 @@ def test_kept_route_keeps_ejection_and_round_robin_position(redis_a, redis_b, po
         p3: a,
     }
     write_config(config, routes_toml(routes))
-    with reloading_daemon(config, ports, admin, tmp_path, "--config-poll", "0.1") as d:
+    # --workers 1: the round-robin position is per process.
+    with reloading_daemon(config, ports, admin, tmp_path, "--config-poll", "0.1", "--workers", "1") as d:
         # p1: connect until the dead backend has been tried (random order) and ejected.
         def dead_ejected() -> bool:
             assert who(p1) == b"A"

@@ -50,11 +50,11 @@ def test_an_established_connection_works_while_the_daemon_is_stopped_only_in_the
     listen = free_port()
     with RedisProcess(free_port()) as redis:
         daemon = Daemon(["--listen", f"127.0.0.1:{listen}", "--map", f"{listen}=127.0.0.1:{redis.port}",
-                         "--sockmap", mode], listen=None, workdir=tmp_path)
+                         "--sockmap", mode, "--workers", "1"], listen=None, workdir=tmp_path)
         try:
             with contextlib.closing(connect("127.0.0.1", listen)) as c:
                 assert ping(c, 5) == b"+PONG\r\n"
-                with stopped(daemon):
+                with stopped(daemon):  # the one process there is (--workers 1)
                     if mode == "on":
                         for _ in range(100):
                             assert ping(c, 5) == b"+PONG\r\n"
@@ -82,7 +82,7 @@ def test_a_full_map_falls_back_to_user_space(tmp_path):
     listen = free_port()
     with RedisProcess(free_port()) as redis:
         daemon = Daemon(["--listen", f"127.0.0.1:{listen}", "--map", f"{listen}=127.0.0.1:{redis.port}",
-                         "--sockmap", "on", "--sockmap-size", "1"], listen=None, workdir=tmp_path)
+                         "--sockmap", "on", "--sockmap-size", "1", "--workers", "1"], listen=None, workdir=tmp_path)
         try:
             with contextlib.closing(connect("127.0.0.1", listen)) as first, \
                     contextlib.closing(connect("127.0.0.1", listen)) as second:
