@@ -51,6 +51,8 @@ TRANSIENT_ACCEPT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.
                            errno.ENONET, errno.ENETUNREACH, errno.EOPNOTSUPP, errno.ETIMEDOUT}
 CAPACITY_SLEEP = 0.1
 LISTEN_BACKLOG = 4096
+# Connections accepted in a row (without waiting) before the accept loop lets others run.
+ACCEPT_BURST = 8
 
 
 @dataclass(slots=True)
@@ -426,10 +428,12 @@ class Server:
         accept = lsock.accept
         handle = self._handle
         backoff_logged = 0.0
+        burst = 0
         while True:
             try:
                 conn, peer = accept()
             except BlockingIOError:
+                burst = 0
                 await wait_readable(lsock)
                 continue
             except OSError as exc:
@@ -445,7 +449,10 @@ class Server:
                 raise
             conn.setblocking(False)
             nursery.start_soon(handle, conn, peer)
-            await checkpoint()  # fairness: a flood of connections must not starve relays
+            burst += 1
+            if burst >= ACCEPT_BURST:  # fairness: a flood of connections must not starve relays
+                burst = 0
+                await checkpoint()
 
     # ---- one connection ------------------------------------------------------------
 
@@ -453,7 +460,7 @@ class Server:
         started = time.monotonic()
         self.active += 1
         self.total += 1
-        fields = {"src": _addr_str(peer), "port": None, "backend": None, "up": 0, "down": 0}
+        fields = {"src": peer, "port": None, "backend": None, "up": 0, "down": 0}
         outcome = "error"
         upstream: socket.socket | None = None
         own_key = None
@@ -503,8 +510,7 @@ class Server:
                     return
                 connect_started = time.monotonic()
                 try:
-                    with trio.fail_after(cfg.connect_timeout):
-                        own_key = await self._connect(sock, backend)
+                    own_key = await self._connect(sock, backend, cfg.connect_timeout)
                 except (OSError, trio.TooSlowError) as exc:
                     sock.close()
                     reason = "timeout" if isinstance(exc, trio.TooSlowError) else (exc.strerror or str(exc))
@@ -543,7 +549,7 @@ class Server:
         except Exception as exc:  # one connection's bug is logged and contained
             outcome, level = "error", logging.ERROR
             fields["error"] = repr(exc)
-            log.exception("connection from %s: unexpected error", fields["src"])
+            log.exception("connection from %s: unexpected error", _addr_str(peer))
         except BaseException:
             # Cancelled (the grace period ran out), possibly wrapped in the relay nursery's
             # BaseExceptionGroup: not this connection's fault; let trio unwind it.
@@ -569,10 +575,11 @@ class Server:
             if upstream is not None:
                 upstream.close()
             conn.close()
-            fields["up"], fields["down"] = result.up, result.down
-            fields["duration"] = round(time.monotonic() - started, 6)
-            fields["outcome"] = outcome
             if conn_log.isEnabledFor(level):
+                fields["src"] = _addr_str(peer)
+                fields["up"], fields["down"] = result.up, result.down
+                fields["duration"] = round(time.monotonic() - started, 6)
+                fields["outcome"] = outcome
                 conn_log.log(level, "connection",
                              extra={"fields": {"event": "connection", **fields}})
 
@@ -589,7 +596,8 @@ class Server:
         deadline = trio.current_time() + patience
         while True:
             try:
-                sock = socket.socket(backend.family, socket.SOCK_STREAM)
+                # Non-blocking from the start: no separate ioctl.
+                sock = socket.socket(backend.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
                 break
             except OSError as exc:
                 if exc.errno not in CAPACITY_ERRNOS:
@@ -597,7 +605,6 @@ class Server:
                 if trio.current_time() + CAPACITY_SLEEP > deadline:
                     raise OutOfResources(f"cannot open a socket to {backend}: {exc.strerror}") from None
                 await trio.sleep(CAPACITY_SLEEP)
-        sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.mark is not None:
             try:
@@ -608,8 +615,13 @@ class Server:
                 self.mark = None
         return sock
 
-    async def _connect(self, sock: socket.socket, backend: Backend) -> tuple[str, int]:
-        """Connect a non-blocking socket; return its local (ip, port), registered as our own."""
+    async def _connect(self, sock: socket.socket, backend: Backend, timeout: float) -> tuple[str, int]:
+        """Connect a non-blocking socket; return its local (ip, port), registered as our own.
+
+        Raises:
+            OSError: refused, unreachable, ...
+            trio.TooSlowError: not connected within ``timeout`` seconds.
+        """
         err = sock.connect_ex((backend.address, backend.port))
         # The local port is bound by connect() itself: register it before the first await,
         # so that if the connection loops back to us, its handler already sees it as ours.
@@ -620,8 +632,16 @@ class Server:
             if err not in (0, errno.EINPROGRESS):
                 raise OSError(err, os.strerror(err))
             if err:
-                await wait_writable(sock)
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                # To a nearby backend (loopback, the same host) the handshake is often over
+                # by the time connect() returns: asking again says so (EISCONN) and saves
+                # a wait; EALREADY means it is still going on.
+                err = sock.connect_ex((backend.address, backend.port))
+                if err == errno.EISCONN:
+                    err = 0
+                elif err in (errno.EALREADY, errno.EINPROGRESS):
+                    with trio.fail_after(timeout):
+                        await wait_writable(sock)
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
                     raise OSError(err, os.strerror(err))
         except BaseException:

@@ -1,21 +1,25 @@
 """Kernel-side relaying with a BPF sockmap (experimental): established flows leave Python.
 
-How it works. A BPF_MAP_TYPE_SOCKMAP ``socks`` holds both sockets of every relayed
+How it works. A BPF_MAP_TYPE_SOCKHASH ``socks`` holds both sockets of every relayed
 connection, and an ``sk_skb`` stream-verdict program attached to it runs for every chunk
-of data that arrives on any socket in it. The program looks up the peer of the socket the
-data arrived on (``peers``, a hash map from the socket's cookie to the peer's slot) and
-redirects the data to the peer's egress with ``bpf_sk_redirect_map`` into ``targets``, a
-second sockmap without a program: the bytes go from one TCP socket to the other inside
-the kernel, without a wake-up, a syscall or a copy in the daemon.
+of data that arrives on any socket in it. The program redirects the data to the egress of
+the socket's peer: ``targets``, a second sockhash without a program, maps the cookie of
+the socket the data arrived on to its peer, and ``bpf_sk_redirect_hash`` does the rest.
+The bytes go from one TCP socket to the other inside the kernel, without a wake-up, a
+syscall or a copy in the daemon.
 
-Why two sockmaps: a pair cannot join a map atomically. If the redirect target were
-``socks`` itself, data arriving on the first socket of a pair before the second had
-joined would find no target and be dropped. Both sockets join ``targets`` (which runs
-nothing) first, then ``socks``; by then every redirect has its target. Data that arrived
-before a socket joined ``socks`` waits in its receive queue; setting SO_RCVLOWAT after
-joining makes TCP signal it, so the verdict takes it, in order.
+Why two maps: a pair cannot join a map atomically. If the redirect target were ``socks``
+itself, data arriving on the first socket of a pair before the second had joined would
+find no target and be dropped. Both entries of ``targets`` (which runs nothing) go in
+first, then the sockets join ``socks``; by then every redirect has its target. Data that
+arrived before a socket joined ``socks`` waits in its receive queue; setting SO_RCVLOWAT
+after joining makes TCP signal it, so the verdict takes it, in order.
 
-Written with raw ``bpf(2)`` calls through ctypes and a hand-assembled program of 17
+Both maps are keyed by socket cookie, so there are no slots to manage, and closing a
+socket takes it out of both (with the entry that has it as a target): four map updates
+per connection, nothing to delete.
+
+Written with raw ``bpf(2)`` calls through ctypes and a hand-assembled program of 12
 instructions: no compiler, no libbpf, nothing to install. Needs CAP_BPF (or
 CAP_SYS_ADMIN) and CAP_NET_ADMIN.
 
@@ -24,20 +28,16 @@ The program, in BPF assembly (r1 = the skb)::
     r6 = r1
     call bpf_get_socket_cookie          ; r0 = cookie of the socket the data arrived on
     *(u64 *)(r10 - 8) = r0
-    r1 = map[peers] ll                  ; cookie -> peer slot
-    r2 = r10
-    r2 += -8
-    call bpf_map_lookup_elem
-    if r0 == 0 goto pass
-    r3 = *(u32 *)(r0 + 0)               ; the peer's slot
     r1 = r6
-    r2 = map[targets] ll
+    r2 = map[targets] ll                ; cookie -> the peer socket
+    r3 = r10
+    r3 += -8
     r4 = 0                              ; flags 0: the peer's egress (send it)
-    call bpf_sk_redirect_map            ; SK_PASS if redirected
+    call bpf_sk_redirect_hash           ; SK_PASS if redirected, SK_DROP if no peer
     exit
-  pass:
-    r0 = 1                              ; SK_PASS: to this socket's receive queue
-    exit
+
+A socket whose peer is gone (closed) has no entry any more: its data is dropped, as the
+peer could not have taken it either.
 """
 
 from __future__ import annotations
@@ -54,14 +54,14 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _NR_BPF = 321  # x86_64
 
 BPF_MAP_CREATE, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_PROG_LOAD, BPF_PROG_ATTACH = 0, 2, 3, 5, 8
-BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_SOCKMAP = 1, 15
+BPF_MAP_TYPE_SOCKHASH = 18
 BPF_PROG_TYPE_SK_SKB = 14
 BPF_SK_SKB_STREAM_VERDICT = 5
 BPF_PSEUDO_MAP_FD = 1
 SO_COOKIE = 57
 BPF_ANY = 0
 
-_FN_MAP_LOOKUP_ELEM, _FN_GET_SOCKET_COOKIE, _FN_SK_REDIRECT_MAP = 1, 46, 52
+_FN_GET_SOCKET_COOKIE, _FN_SK_REDIRECT_HASH = 46, 72
 
 
 class SockmapError(OSError):
@@ -85,23 +85,17 @@ def _ld_map(dst: int, fd: int) -> bytes:
     return _insn(0x18, dst, BPF_PSEUDO_MAP_FD, 0, fd) + _insn(0, 0, 0, 0, 0)
 
 
-def _program(peers_fd: int, socks_fd: int) -> bytes:
+def _program(targets_fd: int) -> bytes:
     return b"".join([
         _insn(0xBF, 6, 1),                        # r6 = r1
         _insn(0x85, imm=_FN_GET_SOCKET_COOKIE),   # call
         _insn(0x7B, 10, 0, -8),                   # *(u64 *)(r10 - 8) = r0
-        _ld_map(1, peers_fd),                     # r1 = peers (2 slots)
-        _insn(0xBF, 2, 10),                       # r2 = r10
-        _insn(0x07, 2, imm=-8),                   # r2 += -8
-        _insn(0x85, imm=_FN_MAP_LOOKUP_ELEM),     # call
-        _insn(0x15, 0, off=7, imm=0),             # if r0 == 0 goto pass (+7 slots)
-        _insn(0x61, 3, 0, 0),                     # r3 = *(u32 *)(r0 + 0)
         _insn(0xBF, 1, 6),                        # r1 = r6
-        _ld_map(2, socks_fd),                     # r2 = targets (2 slots)
+        _ld_map(2, targets_fd),                   # r2 = targets (2 slots)
+        _insn(0xBF, 3, 10),                       # r3 = r10
+        _insn(0x07, 3, imm=-8),                   # r3 += -8
         _insn(0xB7, 4, imm=0),                    # r4 = 0
-        _insn(0x85, imm=_FN_SK_REDIRECT_MAP),     # call
-        _insn(0x95),                              # exit
-        _insn(0xB7, 0, imm=1),                    # pass: r0 = SK_PASS
+        _insn(0x85, imm=_FN_SK_REDIRECT_HASH),    # call
         _insn(0x95),                              # exit
     ])
 
@@ -117,10 +111,9 @@ class Sockmap:
         self.capacity = capacity
         self._fds: list[int] = []
         try:
-            self.socks = self._map(BPF_MAP_TYPE_SOCKMAP, 4, 4, capacity)
-            self.targets = self._map(BPF_MAP_TYPE_SOCKMAP, 4, 4, capacity)
-            self.peers = self._map(BPF_MAP_TYPE_HASH, 8, 4, capacity)
-            prog = _program(self.peers, self.targets)
+            self.socks = self._map(BPF_MAP_TYPE_SOCKHASH, 8, 4, capacity)
+            self.targets = self._map(BPF_MAP_TYPE_SOCKHASH, 8, 4, capacity)
+            prog = _program(self.targets)
             license_ = ctypes.create_string_buffer(b"GPL")
             log = ctypes.create_string_buffer(65536)
             insns = ctypes.create_string_buffer(prog, len(prog))
@@ -136,7 +129,7 @@ class Sockmap:
         except BaseException:
             self.close()
             raise
-        self._free = list(range(capacity - 1, -1, -1))
+        self.used = 0  # sockets in the maps
 
     def _map(self, kind: int, key: int, value: int, entries: int) -> int:
         fd = _bpf(BPF_MAP_CREATE, struct.pack("<IIII", kind, key, value, entries) + bytes(112))
@@ -148,19 +141,16 @@ class Sockmap:
             os.close(fd)
         self._fds.clear()
 
-    def add_pair(self, a: socket.socket, b: socket.socket) -> tuple[int, int, int, int]:
-        """Put two connected sockets in the map, each redirecting to the other."""
-        if len(self._free) < 2:
+    def add_pair(self, a: socket.socket, b: socket.socket) -> tuple[bytes, bytes]:
+        """Put two connected sockets in the maps, each redirecting to the other."""
+        if self.used + 2 > self.capacity:
             raise SockmapError(0, "sockmap full")
-        ia, ib = self._free.pop(), self._free.pop()
-        ca, cb = cookie(a), cookie(b)
-        ka, kb = struct.pack("<I", ia), struct.pack("<I", ib)
+        ka, kb = struct.pack("<Q", cookie(a)), struct.pack("<Q", cookie(b))
         fa, fb = struct.pack("<I", a.fileno()), struct.pack("<I", b.fileno())
+        self.used += 2
         try:
-            self._update(self.targets, ka, fa)
-            self._update(self.targets, kb, fb)
-            self._update(self.peers, struct.pack("<Q", ca), kb)
-            self._update(self.peers, struct.pack("<Q", cb), ka)
+            self._update(self.targets, ka, fb)
+            self._update(self.targets, kb, fa)
             for key, fd, sock in ((ka, fa, a), (kb, fb, b)):
                 self._update(self.socks, key, fd)
                 # Data that arrived before the socket joined waits in its receive queue
@@ -168,24 +158,21 @@ class Sockmap:
                 # (tcp_set_rcvlowat -> data_ready), so the verdict takes it, in order.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         except BaseException:
-            self.remove_pair((ia, ib, ca, cb))
+            self.remove_pair((ka, kb))
             raise
-        return ia, ib, ca, cb
+        return ka, kb
 
-    def remove_pair(self, handle: tuple[int, int, int, int], *, closing: bool = False) -> None:
+    def remove_pair(self, handle: tuple[bytes, bytes], *, closing: bool = False) -> None:
         """Take a pair out. ``closing``: both sockets are about to be closed, and closing a
-        socket takes it out of every sockmap by itself; only the cookies need deleting."""
-        ia, ib, ca, cb = handle
-        ka, kb = struct.pack("<I", ia), struct.pack("<I", ib)
-        entries = [(self.peers, struct.pack("<Q", ca)), (self.peers, struct.pack("<Q", cb))]
+        socket takes it out of both maps by itself: nothing to delete."""
         if not closing:
-            entries = [(self.socks, ka), (self.socks, kb), (self.targets, ka), (self.targets, kb), *entries]
-        for fd, key in entries:
-            try:
-                self._delete(fd, key)
-            except SockmapError:
-                pass
-        self._free += (ia, ib)
+            for fd in (self.socks, self.targets):
+                for key in handle:
+                    try:
+                        self._delete(fd, key)
+                    except SockmapError:
+                        pass
+        self.used -= 2
 
     @staticmethod
     def _update(fd: int, key: bytes, value: bytes) -> None:

@@ -115,7 +115,8 @@ def open_holders(port: int, n: int) -> list[socket.socket]:
 
 
 def test_fd_exhaustion_in_accept_backs_off_and_recovers(redis, tmp_path):
-    with proxy(redis, tmp_path) as daemon:
+    # One process (--workers 1): the test counts and limits that process's descriptors.
+    with proxy(redis, tmp_path, "--workers", "1") as daemon:
         port = daemon.listen[1]
         baseline = idle_fd_count(daemon)
         holders = open_holders(port, HOLDERS)
@@ -144,7 +145,7 @@ def test_fd_exhaustion_in_accept_backs_off_and_recovers(redis, tmp_path):
 def test_fd_exhaustion_in_upstream_socket_drops_no_client(redis, tmp_path):
     # One fd free: the next client can be accepted, but no upstream socket can be opened
     # for it until an fd is freed. It must wait for one, not be dropped.
-    with proxy(redis, tmp_path, "--connect-timeout", "30") as daemon:
+    with proxy(redis, tmp_path, "--connect-timeout", "30", "--workers", "1") as daemon:
         port = daemon.listen[1]
         idle_fd_count(daemon)
         holders = open_holders(port, HOLDERS)

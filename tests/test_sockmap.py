@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import socket
+import struct
 
 import pytest
 
@@ -102,7 +103,7 @@ def test_a_full_map_falls_back_to_user_space(tmp_path):
         assert "sockmap full" in daemon.text()
 
 
-def test_pairs_redirect_to_each_other_and_slots_are_reused():
+def test_pairs_redirect_to_each_other_and_can_leave_and_join_again():
     sm = _sockmap_or_skip()
     try:
         with socket.create_server(("127.0.0.1", 0)) as srv:
@@ -113,7 +114,8 @@ def test_pairs_redirect_to_each_other_and_slots_are_reused():
             with a, b, c, d:
                 # the proxy's two sockets are b (to client a) and c (to backend d)
                 handle = sm.add_pair(b, c)
-                assert handle[2:] == (cookie(b), cookie(c))
+                assert handle == (struct.pack("<Q", cookie(b)), struct.pack("<Q", cookie(c)))
+                assert sm.used == 2
                 a.sendall(b"to the backend")
                 d.settimeout(2)
                 assert d.recv(64) == b"to the backend"
@@ -121,9 +123,14 @@ def test_pairs_redirect_to_each_other_and_slots_are_reused():
                 a.settimeout(2)
                 assert a.recv(64) == b"to the client"
                 sm.remove_pair(handle)
-                free = len(sm._free)
+                assert sm.used == 0
+                # Out of the maps: the bytes stay in b's receive queue, for user space.
+                a.sendall(b"to the proxy")
+                b.settimeout(2)
+                assert b.recv(64) == b"to the proxy"
                 again = sm.add_pair(b, c)
-                assert len(sm._free) == free - 2
+                a.sendall(b"relayed again")
+                assert d.recv(64) == b"relayed again"
                 sm.remove_pair(again)
     finally:
         sm.close()
