@@ -246,14 +246,16 @@ def _bytes_written(sock: socket.socket, syn: bool) -> int:
     return acked - syn + queued
 
 
-async def _drained(src: socket.socket, dst: socket.socket, dst_connected: bool) -> None:
+async def _drained(src: socket.socket, dst: socket.socket, dst_connected: bool) -> int:
     """Wait until every byte ``src`` received (its FIN has come) has been written into
-    ``dst``. The kernel sends redirected data from a work queue; a FIN sent before it would
-    cut it off."""
+    ``dst``; return that count (final: nothing comes after the FIN). The kernel sends
+    redirected data from a work queue; a FIN sent before it would cut it off."""
     delay = 0.0005
-    while _bytes_written(dst, dst_connected) < _bytes_received(src, True):
+    received = _bytes_received(src, True)
+    while _bytes_written(dst, dst_connected) < received:
         await trio.sleep(delay)
         delay = min(delay * 2, 0.05)
+    return received
 
 
 async def _relay_kernel(client, backend, sockmap, watcher, result: RelayResult) -> None:
@@ -263,10 +265,14 @@ async def _relay_kernel(client, backend, sockmap, watcher, result: RelayResult) 
     ends = {client.fileno(): (client, backend, "client", "backend"),
             backend.fileno(): (backend, client, "backend", "client")}
 
+    final: dict[int, int] = {}  # fd -> bytes it received in all, once its EOF came
+
     def refresh() -> None:
         try:
-            result.up = _bytes_received(client, client.fileno() not in ends)
-            result.down = _bytes_received(backend, backend.fileno() not in ends)
+            up = final.get(client.fileno())
+            result.up = up if up is not None else _bytes_received(client, client.fileno() not in ends)
+            down = final.get(backend.fileno())
+            result.down = down if down is not None else _bytes_received(backend, backend.fileno() not in ends)
         except OSError:
             pass
 
@@ -302,7 +308,7 @@ async def _relay_kernel(client, backend, sockmap, watcher, result: RelayResult) 
                         break
                     await _send_all(dst, data, dst_name)
                 if eof:
-                    await _drained(src, dst, dst is backend)
+                    final[fd] = await _drained(src, dst, dst is backend)
                     try:
                         _half_close(dst)
                     except OSError:

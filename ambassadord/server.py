@@ -220,6 +220,7 @@ class Server:
         self._first_answer: dict[Route, trio.Event] = {r: trio.Event() for r in table.routes}
         self._listen_addrs = {(s.getsockname()[0], s.getsockname()[1]) for s in listeners}
         self._accept_scope: trio.CancelScope | None = None
+        self._short_of_fds = 0.0  # until when (monotonic) the accept loop yields after every accept
         self._resolvers: trio.Nursery | None = None
         self._resolver_scopes: dict[Route, trio.CancelScope] = {}
         self._conn_scope: trio.CancelScope | None = None
@@ -427,6 +428,7 @@ class Server:
     async def _accept_loop(self, lsock: socket.socket, nursery: trio.Nursery) -> None:
         accept = lsock.accept
         handle = self._handle
+        listen_port = lsock.getsockname()[1]
         backoff_logged = 0.0
         burst = 0
         while True:
@@ -439,6 +441,7 @@ class Server:
             except OSError as exc:
                 if exc.errno in CAPACITY_ERRNOS:
                     now = time.monotonic()
+                    self._short_of_fds = now + 1.0
                     if now - backoff_logged > 1.0:
                         log.error("accept on %s: %s; backing off", _addr_str(lsock.getsockname()), exc.strerror)
                         backoff_logged = now
@@ -448,15 +451,18 @@ class Server:
                     continue
                 raise
             conn.setblocking(False)
-            nursery.start_soon(handle, conn, peer)
+            nursery.start_soon(handle, conn, peer, listen_port)
             burst += 1
-            if burst >= ACCEPT_BURST:  # fairness: a flood of connections must not starve relays
+            # Fairness: a flood of connections must not starve relays. Short of fds, yield
+            # after every accept, so that the connections already accepted get their
+            # upstream sockets before the next accept takes the fd they wait for.
+            if burst >= ACCEPT_BURST or self._short_of_fds > time.monotonic():
                 burst = 0
                 await checkpoint()
 
     # ---- one connection ------------------------------------------------------------
 
-    async def _handle(self, conn: socket.socket, peer) -> None:
+    async def _handle(self, conn: socket.socket, peer, listen_port: int) -> None:
         started = time.monotonic()
         self.active += 1
         self.total += 1
@@ -469,14 +475,20 @@ class Server:
         stats = None  # the route's RouteStats, once there is a route
         bstats = None  # the backend's BackendStats, once connected
         try:
-            local = conn.getsockname()
             try:
                 dst = original_dst.original_destination(conn)
             except OSError:
                 dst = None
             # Not redirected (no conntrack entry, or it reads back our own address): the
-            # connection came to a listen port directly; route it by that port.
-            port = local[1] if dst is None or (dst[0] == local[0] and dst[1] == local[1]) else dst[1]
+            # connection came to a listen port directly; route it by that port. Only a
+            # destination on the listen port can be our own address (one syscall saved).
+            if dst is None:
+                port = listen_port
+            elif dst[1] == listen_port:
+                local = conn.getsockname()
+                port = listen_port if dst[0] == local[0] else dst[1]
+            else:
+                port = dst[1]
             fields["port"] = port
             if (peer[0], peer[1]) in self._own_upstreams:
                 outcome, level = "loop", logging.ERROR
@@ -602,6 +614,7 @@ class Server:
             except OSError as exc:
                 if exc.errno not in CAPACITY_ERRNOS:
                     raise
+                self._short_of_fds = time.monotonic() + 1.0
                 if trio.current_time() + CAPACITY_SLEEP > deadline:
                     raise OutOfResources(f"cannot open a socket to {backend}: {exc.strerror}") from None
                 await trio.sleep(CAPACITY_SLEEP)
