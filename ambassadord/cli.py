@@ -830,6 +830,11 @@ def render_status(data: dict) -> str:
     lines.append(f"{len(data['routes'])} route(s), {conns.get('active', 0)} open connection(s), "
                  f"{conns.get('total', 0)} since start; config loaded {_ago(cfg.get('loaded_at'), now)}"
                  + (f" from {cfg['file']}" if cfg.get("file") else ""))
+    workers = data.get("workers")
+    if workers and workers.get("count", 1) > 1:
+        lines.append(f"{workers['count']} worker processes" + (
+            f"; only {workers['answered']} answered, counts are partial" if workers["answered"] < workers["count"]
+            else "") + (f"; {workers['restarts']} restarted" if workers.get("restarts") else ""))
     last = cfg.get("last_reload")
     if last and not last.get("ok"):
         notes.append(f"last reload ({_ago(last.get('at'), now)}) was rejected: {last.get('error')}")

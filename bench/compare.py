@@ -162,10 +162,10 @@ class Servers:
         self.logs = logs
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def start(self, name: str, argv: list[str], cwd: Path = REPO) -> subprocess.Popen:
         with open(self.logs / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True, cwd=REPO)
+                                    start_new_session=True, cwd=cwd)
         self.procs.append((name, proc))
         return proc
 
@@ -320,6 +320,13 @@ class Target:
         """The processes to start (none: the direct path is the backends themselves)."""
         return []
 
+    def cwd(self) -> Path:
+        return REPO
+
+    def addresses(self) -> list[str]:
+        """Addresses to put on lo for this target (besides 127.0.0.1)."""
+        return []
+
 
 class Socat(Target):
     def __init__(self) -> None:
@@ -360,17 +367,46 @@ class Nginx(Target):
 
 
 class Ambassadord(Target):
-    def __init__(self) -> None:
-        super().__init__("ambassadord", SERVICE_IP, REDIS, IPERF)
+    """ambassadord; a variant (--variant) has a service address and a daemon port of its
+    own, extra flags, and may run from another source tree (started with that as cwd, so
+    ``python -m ambassadord`` imports it from there)."""
+
+    def __init__(self, name: str = "ambassadord", index: int = 0, flags: tuple[str, ...] = (),
+                 source: Path | None = None) -> None:
+        super().__init__(name, f"10.99.0.{1 + index}", REDIS, IPERF)
+        self.port = DAEMON_PORT + index
+        self.flags = flags
+        self.source = source
 
     def listen_ports(self) -> set[int]:
-        return {DAEMON_PORT}
+        return {self.port}
+
+    def addresses(self) -> list[str]:
+        return [self.host] if self.host != SERVICE_IP else []
+
+    def cwd(self) -> Path:
+        return self.source or REPO
 
     def commands(self, work: Path) -> list[list[str]]:
         python = str(VENV_PYTHON if VENV_PYTHON.exists() else sys.executable)
         maps = [arg for front, back in self.routes() for arg in ("--map", f"{front}={LOOPBACK}:{back}")]
-        return [[python, "-m", "ambassadord", "run", "--iptables", "--iptables-dest", SERVICE_IP,
-                 "--listen", f"{LOOPBACK}:{DAEMON_PORT}", *maps, "--admin", "off", "--log-level", "warning"]]
+        return [[python, "-m", "ambassadord", "run", "--iptables", "--iptables-dest", self.host,
+                 "--listen", f"{LOOPBACK}:{self.port}", *maps, "--admin", "off", "--log-level", "warning",
+                 *self.flags]]
+
+
+def parse_variant(text: str, index: int) -> Ambassadord:
+    """``NAME[@DIR]=FLAGS``: ambassadord with FLAGS added (shell words), from DIR if given."""
+    import shlex
+
+    head, sep, flags = text.partition("=")
+    name, _, source = head.partition("@")
+    if not sep or not name or name in TARGETS:
+        raise ValueError(f"--variant {text!r}: expected NAME[@DIR]=FLAGS with a new NAME, e.g. w1=--workers 1")
+    path = Path(source).resolve() if source else None
+    if path is not None and not (path / "ambassadord" / "__main__.py").exists():
+        raise ValueError(f"--variant {text!r}: {path} holds no ambassadord source tree")
+    return Ambassadord(name, index, tuple(shlex.split(flags)), path)
 
 
 TARGETS = {t.name: t for t in (Target(), Socat(), HAProxy(), Nginx(), Ambassadord())}
@@ -458,9 +494,11 @@ class Bench:
         self.redis_admin = socket.create_connection((LOOPBACK, REDIS), timeout=10)
         for target in self.targets:
             self.roots[target.name] = []
+            for address in target.addresses():
+                sh("ip", "addr", "add", f"{address}/32", "dev", "lo")
             for i, argv in enumerate(target.commands(self.work)):
                 self.target_procs.append(name := f"{target.name}-{i}")
-                self.roots[target.name].append(self.servers.start(name, argv).pid)
+                self.roots[target.name].append(self.servers.start(name, argv, target.cwd()).pid)
             wait_until(target.name, lambda t=target: t.listen_ports() <= listening_ports()
                        and ping_through(t.host, t.redis_port), self.servers)
 
@@ -620,6 +658,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(TARGETS)}")
     ap.add_argument("--json", default=None, help="where to write the raw results "
                                                  "(default bench/results/<UTC time>.json; '' = nowhere)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME[@DIR]=FLAGS",
+                    help="also run ambassadord as NAME with FLAGS added (e.g. w1='--workers 1'), from the source "
+                         "tree DIR if given (e.g. a git worktree of an older commit); repeatable")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, 1 s bulk, 20000/2000 requests, "
                                                          "300 idle connections (~15 s)")
     opts = ap.parse_args(argv)
@@ -629,6 +670,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(opts.targets.split(",")) - set(TARGETS)
     if unknown:
         ap.error(f"unknown target(s): {', '.join(sorted(unknown))}")
+    try:
+        opts.variants = [parse_variant(text, i) for i, text in enumerate(opts.variant, 1)]
+    except ValueError as exc:
+        ap.error(str(exc))
+    if len({v.name for v in opts.variants}) < len(opts.variants):
+        ap.error("--variant: each NAME once")
     return opts
 
 
@@ -640,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         raise SystemExit(f"bench/compare.py: missing {', '.join(missing)} (see bench/README.md for the packages)")
     resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
-    targets = [TARGETS[name] for name in opts.targets.split(",")]
+    targets = [TARGETS[name] for name in opts.targets.split(",")] + opts.variants
     started = datetime.datetime.now(datetime.timezone.utc)
     info = machine()
 
@@ -669,7 +716,7 @@ def report(opts, bench: Bench, info: dict, started: datetime.datetime, logs: dic
     """Print the tables, write the JSON; 1 if any run failed."""
     med = medians(bench.samples, bench.idle)
     names = [t.name for t in bench.targets]
-    settings = {k: v for k, v in vars(opts).items() if k != "json"}
+    settings = {k: v for k, v in vars(opts).items() if k not in ("json", "variants")}
     table = render(med, names)
     print(f"{info['nproc']} cores ({info['cpu']}), Linux {info['kernel']}, {info['python']}, ambassadord "
           f"{info['ambassadord']}; " + "; ".join(info[k] for k in ("haproxy", "nginx", "socat", "redis", "iperf3")))

@@ -161,3 +161,12 @@ def test_render_status_shows_errors_stale_and_rejected_reload():
     assert "last reload (10s ago) was rejected: r.toml:3: bad port" in text
     empty = render_status(_doc(error="NXDOMAIN", backends=[]))
     assert "no backends" in empty and "route 6379: NXDOMAIN" in empty
+
+
+def test_render_status_names_the_workers_and_partial_counts():
+    doc = _doc(backends=[_backend("10.0.0.5:6379")])
+    assert "worker" not in render_status(doc)
+    doc["workers"] = {"count": 4, "answered": 4, "pids": [1, 2, 3, 4], "restarts": 0}
+    assert "4 worker processes" in render_status(doc).splitlines()
+    doc["workers"] = {"count": 4, "answered": 3, "pids": [1, 2, 3], "restarts": 1}
+    assert "4 worker processes; only 3 answered, counts are partial; 1 restarted" in render_status(doc).splitlines()

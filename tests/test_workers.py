@@ -301,3 +301,40 @@ def test_workers_auto_is_one_per_core(redis, tmp_path):
                                    listen=("127.0.0.1", port), workdir=tmp_path)) as d:
         assert len(helpers_of(d.proc.pid)) == len(os.sched_getaffinity(0)) - 1
         d.stop()
+
+
+# ---- --workers auto under a CPU quota (pure: files made here) ----------------------------
+
+
+def _cgroup(tmp_path, path: str, limits: dict[str, str]):
+    for where, value in limits.items():
+        d = tmp_path / "fs" / where.strip("/")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "cpu.max").write_text(value + "\n")
+    (tmp_path / "cgroup").write_text(f"4:memory:/x\n0::{path}\n")
+    return str(tmp_path / "fs"), str(tmp_path / "cgroup")
+
+
+@pytest.mark.parametrize("limits, expected", [
+    ({}, None),
+    ({"/a/b": "max 100000"}, None),
+    ({"/a/b": "150000 100000"}, 2),  # 1.5 CPUs: 2 workers
+    ({"/a/b": "100000 100000", "/a": "max 100000"}, 1),
+    ({"/a/b": "400000 100000", "/a": "200000 100000"}, 2),  # a parent's limit is lower
+    ({"/a/b": "garbage"}, None),
+])
+def test_auto_is_capped_by_the_cgroup_cpu_quota(tmp_path, limits, expected):
+    from ambassadord.workers import _cgroup_cpus, default_count
+
+    root, proc = _cgroup(tmp_path, "/a/b", limits)
+    assert _cgroup_cpus(root, proc) == expected
+    cores = len(os.sched_getaffinity(0))
+    assert default_count(root, proc) == min(cores, expected or cores)
+
+
+def test_auto_without_cgroup_v2_is_the_affinity(tmp_path):
+    from ambassadord.workers import default_count
+
+    (tmp_path / "cgroup").write_text("4:memory:/x\n")
+    assert default_count(str(tmp_path), str(tmp_path / "cgroup")) == len(os.sched_getaffinity(0))
+    assert default_count(str(tmp_path), str(tmp_path / "missing")) == len(os.sched_getaffinity(0))
