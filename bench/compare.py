@@ -6,6 +6,7 @@ Usage (root: it creates a network namespace and iptables rules inside it):
     .venv/bin/python bench/compare.py                 # 3 rounds, ~3 minutes on 2 cores
     .venv/bin/python bench/compare.py --quick         # smoke run, ~15 s
     .venv/bin/python bench/compare.py --rounds 5 --bulk-seconds 10 --targets haproxy,ambassadord
+    .venv/bin/python bench/compare.py --variant 'w1=--workers 1' --variant 'before@/tmp/old-checkout='
 
 What it builds. A fresh network namespace ``ambbench-<pid>`` that this process moves into
 (setns), so every server, client and socket below lives there. It has only ``lo``, with

@@ -19,7 +19,7 @@ import pytest
 from tests import netns
 
 REPO = Path(__file__).resolve().parent.parent
-TARGETS = ("direct", "socat", "haproxy", "nginx", "ambassadord")
+TARGETS = ("direct", "socat", "haproxy", "nginx", "ambassadord", "w1")  # w1: a --variant
 TOOLS = ("haproxy", "nginx", "socat", "iperf3", "redis-benchmark", "redis-server")
 
 pytestmark = pytest.mark.netns
@@ -33,8 +33,8 @@ def test_compare_quick_measures_every_target_and_cleans_up():
             pytest.fail(f"missing {missing} (scripts/test installs them)")
         pytest.skip(f"missing {missing}")
     before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
-    proc = subprocess.run([sys.executable, "bench/compare.py", "--quick", "--json", ""], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "bench/compare.py", "--quick", "--json", "", "--variant", "w1=--workers 1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     header = next(line for line in out.splitlines() if line.startswith("| metric"))
@@ -45,9 +45,22 @@ def test_compare_quick_measures_every_target_and_cleans_up():
         row = next((line for line in out.splitlines() if line.startswith(f"| {metric}")), None)
         assert row is not None, f"no row {metric!r} in:\n{out}"
         cells = [c.strip() for c in row.strip("|").split("|")[1:]]
-        ours = cells[TARGETS.index("ambassadord")]
-        assert re.match(r"[\d,.]+ \([\d.]+×\)", ours), f"{metric}: ambassadord cell {ours!r}"
-        assert float(ours.split()[0].replace(",", "")) > 0, row
+        for name in ("ambassadord", "w1"):
+            ours = cells[TARGETS.index(name)]
+            assert re.match(r"[\d,.]+ \([\d.]+×\)", ours), f"{metric}: {name} cell {ours!r}"
+            assert float(ours.split()[0].replace(",", "")) > 0, row
     assert "ambassadord against the goals" in out
     after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
     assert not {n for n in after - before if n.startswith("ambbench")}, "the bench left its namespace behind"
+
+
+@pytest.mark.parametrize("variant, message", [
+    ("w1", "expected NAME[@DIR]=FLAGS with a new NAME"),
+    ("haproxy=--workers 1", "expected NAME[@DIR]=FLAGS with a new NAME"),
+    ("old@/nonexistent=", "/nonexistent holds no ambassadord source tree"),
+])
+def test_compare_rejects_a_bad_variant(variant, message):
+    proc = subprocess.run([sys.executable, "bench/compare.py", "--variant", variant], cwd=REPO,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc
+    assert message in proc.stderr, proc.stderr
