@@ -130,6 +130,13 @@ class Sockmap:
             self.close()
             raise
         self.used = 0  # sockets in the maps
+        # One key, one value and one attr buffer for every map update and delete, made
+        # once (trio runs one thing at a time): an update is one syscall, no allocation.
+        self._key = ctypes.create_string_buffer(8)
+        self._val = ctypes.create_string_buffer(4)
+        self._attr = ctypes.create_string_buffer(128)
+        struct.pack_into("<QQQ", self._attr, 8, ctypes.addressof(self._key), ctypes.addressof(self._val), BPF_ANY)
+        self._syscall = _libc.syscall
 
     def _map(self, kind: int, key: int, value: int, entries: int) -> int:
         fd = _bpf(BPF_MAP_CREATE, struct.pack("<IIII", kind, key, value, entries) + bytes(112))
@@ -174,16 +181,24 @@ class Sockmap:
                         pass
         self.used -= 2
 
-    @staticmethod
-    def _update(fd: int, key: bytes, value: bytes) -> None:
-        k, v = ctypes.create_string_buffer(key, len(key)), ctypes.create_string_buffer(value, len(value))
-        _bpf(BPF_MAP_UPDATE_ELEM, struct.pack("<IIQQQ", fd, 0, ctypes.addressof(k), ctypes.addressof(v), BPF_ANY)
-             + bytes(96))
-
-    @staticmethod
-    def _delete(fd: int, key: bytes) -> None:
+    def _delete(self, fd: int, key: bytes) -> None:
+        # Rare (a pair that leaves without closing): its own attr, as the kernel wants
+        # everything after the key pointer zero.
         k = ctypes.create_string_buffer(key, len(key))
-        _bpf(BPF_MAP_DELETE_ELEM, struct.pack("<IIQ", fd, 0, ctypes.addressof(k)) + bytes(112))
+        attr = ctypes.create_string_buffer(struct.pack("<IIQ", fd, 0, ctypes.addressof(k)) + bytes(112), 128)
+        self._call(BPF_MAP_DELETE_ELEM, attr)
+
+    def _update(self, fd: int, key: bytes, value: bytes) -> None:
+        self._key.raw = key
+        self._val.raw = value
+        # attr: map_fd (u32), pad, key pointer, value pointer, flags: only map_fd changes.
+        struct.pack_into("<I", self._attr, 0, fd)
+        self._call(BPF_MAP_UPDATE_ELEM, self._attr)
+
+    def _call(self, cmd: int, attr) -> None:
+        if self._syscall(_NR_BPF, cmd, attr, 128) < 0:
+            err = ctypes.get_errno()
+            raise SockmapError(err, f"bpf(cmd {cmd}): {os.strerror(err)}")
 
 
 # ---- end-of-stream watching ------------------------------------------------------------------
