@@ -450,9 +450,12 @@ def cmd_run(args) -> int:
         except KeyboardInterrupt:
             pass
         except BaseExceptionGroup as group:
-            if pool is None or group.subgroup(RuntimeError) is None:
+            from .workers import WorkerStartError
+
+            failed = group.subgroup(WorkerStartError)
+            if failed is None:
                 raise
-            for exc in group.subgroup(RuntimeError).exceptions:
+            for exc in _leaves(failed):
                 log.error("%s", exc)
             return 1
     finally:
@@ -467,6 +470,14 @@ def cmd_run(args) -> int:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     log.info("stopped")
     return 0
+
+
+def _leaves(group: BaseExceptionGroup):
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
 
 
 def _instance_guard(listen: list[ListenAddress]) -> list[socket.socket]:

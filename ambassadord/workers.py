@@ -100,6 +100,10 @@ def _cgroup_cpus(cgroup_root: str, proc_cgroup: str) -> int | None:
     return best
 
 
+class WorkerStartError(RuntimeError):
+    """A helper process could not start (its reason in the message)."""
+
+
 class Channel:
     """Pickle frames over a non-blocking stream socket. ``send`` never blocks (it queues;
     ``run_writer`` drains the queue), so resolvers and reload can call it synchronously."""
@@ -272,7 +276,7 @@ class WorkerPool:
         (restart the ones that die) until stop()/abort() and their exit.
 
         Raises:
-            RuntimeError: a helper could not start (the message says why).
+            WorkerStartError: a helper could not start (the message says why).
         """
         async with trio.open_nursery() as nursery:
             for h in self.helpers:
@@ -297,7 +301,7 @@ class WorkerPool:
             started_at = time.monotonic()
             error = await self._run_one(h, task_status if first else trio.TASK_STATUS_IGNORED)
             if first and not h.ready:
-                raise RuntimeError(f"worker {h.index} did not start: {error}")
+                raise WorkerStartError(f"worker {h.index} did not start: {error}")
             first = False
             if self.stopping:
                 return
