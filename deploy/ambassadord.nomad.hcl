@@ -2,19 +2,21 @@
 #
 #   nomad job run -var image=registry.example.com/ambassadord:0.1.0 deploy/ambassadord.nomad.hcl
 #
-# Each client's Docker plugin must allow the capability (it is not in Nomad's default
+# Each client's Docker plugin must allow the capabilities (they are not in Nomad's default
 # allow_caps); in the client configuration:
 #
 #   plugin "docker" {
 #     config {
 #       allow_caps = ["audit_write", "chown", "dac_override", "fowner", "fsetid", "kill", "mknod",
 #                     "net_bind_service", "setfcap", "setgid", "setpcap", "setuid", "sys_chroot",
-#                     "net_admin"]
+#                     "net_admin", "bpf"]
 #     }
 #   }
 #
-# (add "net_raw" too for an image built with IPTABLES_BACKEND=legacy). deploy/README.md
-# has the rest: the routes template, reloads, and stopping.
+# (add "net_raw" too for an image built with IPTABLES_BACKEND=legacy). "bpf" is for the
+# kernel relay and is optional: without it in cap_add the daemon relays in user space,
+# slower. On Docker < 23.0 or Linux < 5.8, Docker refuses a task with BPF: remove it from
+# cap_add there. deploy/README.md has the rest: the routes template, reloads, and stopping.
 
 variable "image" {
   type        = string
@@ -54,7 +56,8 @@ job "ambassadord" {
       config {
         image        = var.image
         network_mode = "host"
-        cap_add      = ["NET_ADMIN"]
+        # NET_ADMIN: iptables and SO_MARK. BPF: the kernel relay (optional, see above).
+        cap_add      = ["NET_ADMIN", "BPF"]
         # After the image's entrypoint, `ambassadord run`.
         args = [
           "--iptables",

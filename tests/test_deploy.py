@@ -18,7 +18,10 @@ the machine allows, against the real daemon:
   host A, with a real Consul agent on B where the deployment uses consul:///redis. The unit
   runs with its capability bounding set and NoNewPrivileges (setpriv), speaks sd_notify to
   a socket of the test, and is reloaded and stopped the way systemd would. The probes and
-  health checks are made exactly as the kubelet and Docker would make them.
+  health checks are made exactly as the kubelet and Docker would make them;
+- the kernel relay (--sockmap, which needs CAP_BPF) works with exactly the unit's
+  capabilities (checked in /proc), and not without CAP_BPF; the unit's SystemCallFilter=
+  lets bpf(2) through.
 
 Network: only loopback and namespaces the tests create. The namespace tests skip without
 root (and fail under CI=true, as tests/netns.py has it).
@@ -50,9 +53,10 @@ import yaml
 from dockerfile_parse import DockerfileParser
 
 from ambassadord.cli import build_parser
+from ambassadord.sockmap import Sockmap, SockmapError
 from tests import topology
 from tests.consul import ConsulAgent, consul_binary
-from tests.daemon import RedisProcess, free_port, wait_until
+from tests.daemon import Daemon, RedisProcess, connect, free_port, ping, require, wait_until
 from tests.netns import Netns, require_prerequisites
 from tests.topology import BRIDGE, HOST_A, RespClient, RedisServer, scenario_topology
 
@@ -635,24 +639,37 @@ def test_image_entrypoint_runs_from_a_clean_venv_on_loopback(built, tmp_path):
 
 @pytest.mark.netns
 def test_image_default_command_with_backend_env_serves_host_and_bridge(built, site):
-    """`docker run --net=host --cap-add NET_ADMIN -e BACKEND_6379=A:6379 ambassadord`:
-    ENTRYPOINT + CMD exactly, on host B; a host process and a container on B's bridge
-    reach host A's Redis at 127.0.0.1:6379 and the gateway; Docker's HEALTHCHECK passes."""
+    """`docker run --net=host --cap-add NET_ADMIN --cap-add BPF -e BACKEND_6379=A:6379
+    ambassadord`: ENTRYPOINT + CMD exactly, on host B; a host process and a container on
+    B's bridge reach host A's Redis at 127.0.0.1:6379 and the gateway, relayed in the
+    kernel; Docker's HEALTHCHECK passes."""
     image = built.image
     env = built.environ({f"BACKEND_{REDIS_PORT}": f"{HOST_A.v4}:{REDIS_PORT}"})
     check_command_routes(image.cmd, env={f"BACKEND_{REDIS_PORT}": f"{HOST_A.v4}:{REDIS_PORT}"})
-    # Docker's default capabilities plus NET_ADMIN, with no-new-privileges as a hardened
-    # daemon would add.
+    # Docker's default capabilities plus NET_ADMIN and BPF, with no-new-privileges as a
+    # hardened daemon would add.
     caps = ["CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID", "SETFCAP",
-            "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE", "NET_ADMIN"]
+            "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE", "NET_ADMIN", "BPF"]
     argv = setpriv_prefix(caps, no_new_privs=True) + built.argv(image.command())
     with Deployed(site.b, argv, env, site.workdir, title="the image's default command") as daemon:
         assert redis_roundtrip(site.b, "127.0.0.1") == b"redis-6379"
         assert redis_roundtrip(site.c, BRIDGE.v4) == b"redis-6379"
+        if sockmap_available():
+            assert "established connections are relayed in the kernel" in daemon.log.read_text(), daemon.describe()
         health = built.argv(healthcheck_command(image.stage))
         wait_until(lambda: _exit_ok(site.b, health), timeout=15,
                    what=lambda: f"HEALTHCHECK {health} exits 0; {daemon.describe()}")
         assert daemon.stop(timeout=30) == 0, daemon.describe()
+
+
+def sockmap_available() -> bool:
+    """Whether this test process can make a BPF sockmap (root, Linux 5.8+): then a daemon
+    with CAP_BPF among its capabilities relays in the kernel."""
+    try:
+        Sockmap(8).close()
+    except SockmapError:
+        return False
+    return True
 
 
 def _exit_ok(ns: Netns, argv: Sequence[str]) -> bool:
@@ -694,6 +711,7 @@ def test_compose_file_describes_both_hosts_of_the_scenario():
     assert "ambassadord" in host_b and "ambassadord" not in host_a
     assert amb["network_mode"] == "host"
     assert "NET_ADMIN" in amb["cap_add"]
+    assert "BPF" in amb["cap_add"], "the kernel relay (--sockmap auto) needs CAP_BPF"
     build = amb["build"]
     assert (COMPOSE.parent / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
     args = parse_run(amb["command"])
@@ -829,6 +847,7 @@ def test_systemd_unit_is_a_notify_service_with_a_checked_reload():
     assert _seconds(unit_value(unit, svc, "TimeoutStopSec")) > args.grace
     caps = set((unit_value(unit, svc, "CapabilityBoundingSet") or "").split())
     assert {"CAP_NET_ADMIN", "CAP_NET_RAW"} <= caps, "iptables needs CAP_NET_ADMIN (and CAP_NET_RAW, legacy)"
+    assert "CAP_BPF" in caps, "the kernel relay (--sockmap auto) needs CAP_BPF"
     user = unit_value(unit, svc, "User")
     if user not in (None, "root", "0"):
         assert {"CAP_NET_ADMIN", "CAP_NET_RAW"} <= set((unit_value(unit, svc, "AmbientCapabilities") or "").split())
@@ -1019,6 +1038,156 @@ def test_systemd_unit_start_reload_and_stop_as_systemd_would(built, site):
         notify.close()
 
 
+# ---- systemd: the kernel relay under the unit's sandbox ----------------------------------------
+
+# The kernel's capability numbers (linux/capability.h), by name as systemd spells them.
+CAPABILITIES = [
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT",
+    "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG",
+    "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+]
+
+
+def capability_mask(names: Sequence[str]) -> int:
+    unknown = [n for n in names if n not in CAPABILITIES]
+    assert not unknown, f"capabilities this test does not know: {unknown}"
+    return sum(1 << CAPABILITIES.index(n) for n in set(names))
+
+
+def capability_names(mask: int) -> list[str]:
+    return [n for i, n in enumerate(CAPABILITIES) if mask >> i & 1] + \
+        [str(i) for i in range(len(CAPABILITIES), 64) if mask >> i & 1]
+
+
+def process_capabilities(pid: int) -> dict[str, int]:
+    """CapInh, CapPrm, CapEff, CapBnd, CapAmb (masks) and NoNewPrivs of a running process."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    caps = {k: int(fields[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
+    caps["NoNewPrivs"] = int(fields["NoNewPrivs"])
+    return caps
+
+
+def sockmap_or_skip() -> None:
+    """Skip when this test process (root, with its own capabilities) cannot make a BPF
+    sockmap at all: no test of a smaller set can say anything then. Fails under CI."""
+    try:
+        Sockmap(8).close()
+    except SockmapError as exc:  # sockmap_available(), with the reason
+        message = f"no BPF sockmap for this test process (root, with CAP_BPF, Linux 5.8+ needed): {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI: a failure, not a skip)", pytrace=False)
+        pytest.skip(message)
+
+
+def syscall_group(name: str, tool: str, seen: set[str] | None = None) -> set[str]:
+    """The system calls of a systemd group (@name), nested groups expanded."""
+    seen = set() if seen is None else seen
+    if name in seen:
+        return set()
+    seen.add(name)
+    out = subprocess.run([tool, "syscall-filter", "--no-pager", name], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, f"systemd-analyze syscall-filter {name}: {out.stderr}"
+    calls: set[str] = set()
+    for line in out.stdout.splitlines():
+        if not line.startswith((" ", "\t")):
+            continue  # the group's own name, or a message
+        word = line.strip()
+        if not word or word.startswith("#"):
+            continue
+        calls |= syscall_group(word, tool, seen) if word.startswith("@") else {word}
+    return calls
+
+
+def test_systemd_unit_lets_the_kernel_relay_through_its_syscall_filter():
+    """SystemCallFilter= as systemd merges it (allow-lists add up, "~" lists take away):
+    bpf(2), which the kernel relay loads its program and makes its maps with, must be
+    allowed. (@system-service does not have it.) And the maps' locked memory must not be
+    limited, for Linux 5.8-5.10, which count BPF maps against RLIMIT_MEMLOCK."""
+    tool = systemd_analyze()
+    unit = parse_unit(UNIT)
+    filters = unit_values(unit, "Service", "SystemCallFilter")
+    assert filters and not filters[0].startswith("~"), f"expected an allow-list: {filters}"
+    allowed: set[str] = set()
+    for value in filters:
+        deny = value.startswith("~")
+        calls: set[str] = set()
+        for word in value.lstrip("~").split():
+            word = word.split(":", 1)[0]  # "name:errno"
+            calls |= syscall_group(word, tool) if word.startswith("@") else {word}
+        allowed = allowed - calls if deny else allowed | calls
+    assert "bpf" in allowed, f"SystemCallFilter={filters} blocks bpf(2): the kernel relay could not start"
+    assert {"socket", "accept4", "connect", "setsockopt"} <= allowed, "the expansion went wrong"
+    assert unit_value(unit, "Service", "LimitMEMLOCK") == "infinity"
+
+
+def test_systemd_unit_capabilities_are_enough_for_the_kernel_relay(tmp_path):
+    """The daemon with exactly the unit's capabilities (CapabilityBoundingSet=, as root,
+    with NoNewPrivileges: setpriv drops every other one from the bounding set, so the
+    permitted and effective sets after exec are the unit's set; checked in /proc), with
+    --sockmap on: it relays in the kernel (the log says so, a PING is answered, and keeps
+    being answered while the daemon is stopped with SIGSTOP). With the same set minus
+    CAP_BPF (and CAP_SYS_ADMIN, the other way to bpf(2)), --sockmap on refuses to start
+    (exit 1), naming the bpf(2) error: the test can fail, and CAP_BPF is what makes the
+    difference."""
+    require("setpriv")
+    sockmap_or_skip()
+    unit = parse_unit(UNIT)
+    caps = (unit_value(unit, "Service", "CapabilityBoundingSet") or "").split()
+    nnp = unit_value(unit, "Service", "NoNewPrivileges") in ("yes", "true", "1")
+
+    with RedisProcess(free_port(), workdir=tmp_path) as redis:
+        def args(port: int) -> list[str]:
+            return ["--listen", f"127.0.0.1:{port}", "--map", f"{port}=127.0.0.1:{redis.port}",
+                    "--sockmap", "on", "--workers", "1"]
+
+        # The unit's set: the kernel relay.
+        listen = free_port()
+        with Daemon(args(listen), listen=("127.0.0.1", listen), prefix=setpriv_prefix(caps, no_new_privs=nnp),
+                    workdir=tmp_path) as daemon:
+            want = capability_mask(caps)
+            got = process_capabilities(daemon.proc.pid)
+            assert (got["CapEff"], got["CapPrm"], got["CapBnd"]) == (want, want, want), (
+                f"not the unit's capabilities {sorted(caps)}: the daemon has "
+                f"{capability_names(got['CapEff'] & ~want)} more, {capability_names(want & ~got['CapEff'])} fewer "
+                f"(CapEff {got['CapEff']:016x}, CapPrm {got['CapPrm']:016x}, CapBnd {got['CapBnd']:016x}; "
+                f"want {want:016x})")
+            assert (got["CapInh"], got["CapAmb"], got["NoNewPrivs"]) == (0, 0, int(nnp)), got
+            assert "established connections are relayed in the kernel" in daemon.text(), daemon.describe()
+            assert "sockmap not available" not in daemon.text(), daemon.describe()
+            with contextlib.closing(connect("127.0.0.1", listen)) as client:
+                assert ping(client) == b"+PONG\r\n", daemon.describe()
+                # The proof that the kernel relays it: the daemon cannot run, and still.
+                os.kill(daemon.proc.pid, signal.SIGSTOP)
+                try:
+                    for _ in range(3):
+                        assert ping(client) == b"+PONG\r\n"
+                except TimeoutError:
+                    pytest.fail("no answer while the daemon was stopped: not relayed in the kernel", pytrace=False)
+                finally:
+                    os.kill(daemon.proc.pid, signal.SIGCONT)
+            daemon.stop()
+
+        # The same set without CAP_BPF: the kernel refuses bpf(2), and --sockmap on says so.
+        without = [c for c in caps if c not in ("CAP_BPF", "CAP_SYS_ADMIN")]
+        prefix = setpriv_prefix(without, no_new_privs=nnp)
+        probe = subprocess.run([*prefix, sys.executable, "-c", "print(open('/proc/self/status').read())"],
+                               capture_output=True, text=True, timeout=30)
+        assert probe.returncode == 0, probe.stderr
+        eff = int(re.search(r"^CapEff:\s*(\w+)", probe.stdout, re.M).group(1), 16)
+        assert eff == capability_mask(without), f"without CAP_BPF: {capability_names(eff)}"
+        listen = free_port()
+        with Daemon(args(listen), listen=None, prefix=prefix, workdir=tmp_path, wait=False) as refused:
+            code = refused.wait_exit(30)
+            log = refused.text()
+            assert code == 1, refused.describe()
+            assert "--sockmap on:" in log and "bpf(" in log and "Operation not permitted" in log, refused.describe()
+            assert "listening on" not in log, refused.describe()
+
+
 # ---- Nomad -----------------------------------------------------------------------------------------
 
 
@@ -1078,6 +1247,7 @@ def test_nomad_job_is_a_host_network_system_job():
     config = nt.config
     assert config["network_mode"] == "host"
     assert "NET_ADMIN" in config["cap_add"]
+    assert "BPF" in config["cap_add"], "the kernel relay (--sockmap auto) needs CAP_BPF"
     args = parse_run(config["args"])
     assert args.iptables
     # The routes come from the template at the path the args name (task dir local/ is /local).
@@ -1171,7 +1341,9 @@ def test_daemonset_runs_on_the_node_network_with_net_admin():
     assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     container, config_path, routes_text = k8s_routes()
     ctx = container["securityContext"]
+    assert "ALL" in ctx["capabilities"]["drop"]
     assert "NET_ADMIN" in ctx["capabilities"]["add"]
+    assert "BPF" in ctx["capabilities"]["add"], "the kernel relay (--sockmap auto) needs CAP_BPF"
     assert ctx.get("runAsUser", 0) == 0 and ctx.get("runAsNonRoot") is not True, "capabilities need root"
     args = parse_run(container["args"])
     assert args.iptables
@@ -1234,6 +1406,8 @@ def test_daemonset_container_answers_its_probes_and_follows_its_configmap(built,
     argv += built.argv(built.image.command(args))
     env = built.environ({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
     with Deployed(site.b, argv, env, site.workdir, title="DaemonSet container") as daemon:
+        if sockmap_available():
+            assert "established connections are relayed in the kernel" in daemon.log.read_text(), daemon.describe()
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             if kind in container:
                 probe = container[kind]["httpGet"]
@@ -1295,5 +1469,5 @@ def test_deploy_guide_covers_every_target():
     for needle in ("docker/Dockerfile", "--net=host", "NET_ADMIN", "docker-compose.yml", "--profile host-a",
                    "--profile host-b", "HOST_IP", "HOST_A_IP", "ambassadord.service", "systemctl reload",
                    "/opt/ambassadord", "ambassadord.nomad.hcl", "allow_caps", "daemonset.yaml", "hostNetwork",
-                   "/healthz", "IPTABLES_BACKEND"):
+                   "/healthz", "IPTABLES_BACKEND", "CAP_BPF", "--cap-add BPF"):
         assert needle in text, f"deploy/README.md does not mention {needle}"
