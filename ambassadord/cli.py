@@ -651,6 +651,9 @@ class _Daemon:
                 if self.stopping:  # SIGTERM came while the file was being read
                     return
                 summary = self.server.reload(configs)
+                if self.server.pool is not None:
+                    # Over (and READY=1) only once every process serves the new table.
+                    await self.server.pool.synced()
             except _Rejected as exc:
                 self.config.failed(str(exc))
                 log.error("reload (%s) rejected: %s; still serving the previous configuration", why, exc,

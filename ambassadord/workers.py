@@ -56,6 +56,7 @@ log = logging.getLogger("ambassadord")
 _HEADER = struct.Struct("!I")
 READY_TIMEOUT = 20.0  # seconds a helper may take to start (import, bind, sockmap)
 COLLECT_TIMEOUT = 1.0  # seconds the admin API waits for a helper's counters
+SYNC_TIMEOUT = 5.0  # seconds a reload waits for every helper to confirm the new table
 RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -199,6 +200,7 @@ class _Helper:
         self.ready = False
         self.pending: dict[int, trio.Event] = {}
         self.answers: dict[int, dict] = {}
+        self.routes_seq = 0  # the last table it confirmed
 
 
 class WorkerPool:
@@ -214,13 +216,34 @@ class WorkerPool:
         self._req = 0
         self._done = trio.Event()
         self.restarts = 0
+        self.routes_seq = 0  # the last table sent (a reload); each helper says which it has
+        self._synced = trio.Event()
 
     # -- what the server tells every helper --
 
     def routes(self, configs) -> None:
-        msg = ("routes", light_configs(configs), {})
+        """A reload: every helper gets the new table (see synced())."""
+        self.routes_seq += 1
+        msg = ("routes", light_configs(configs), {}, self.routes_seq)
         for h in self._live():
             h.channel.send(msg)
+
+    async def synced(self, timeout: float = SYNC_TIMEOUT) -> bool:
+        """Wait until every running helper has installed the table of the last routes()
+        (so that a reload is over, and READY=1 sent, only when all of them serve it).
+        False if one did not within ``timeout`` (it is logged)."""
+        with trio.move_on_after(timeout):
+            while True:
+                late = [h for h in self._live() if h.ready and h.routes_seq < self.routes_seq]
+                if not late:
+                    return True
+                self._synced = trio.Event()
+                await self._synced.wait()
+        late = ", ".join(str(h.index) for h in self._live() if h.ready and h.routes_seq < self.routes_seq)
+        if late:
+            log.warning("worker(s) %s did not confirm the new routes within %gs", late, timeout)
+            return False
+        return True
 
     def backends(self, key, bset) -> None:
         msg = ("backends", key, bset)
@@ -333,7 +356,7 @@ class WorkerPool:
         server = self.server
         ch.send(("init", self.settings, h.index))
         ch.send(("routes", light_configs(r.config for r in server.table.routes),
-                 {r.config.key: r.backends for r in server.table.routes if r.resolved}))
+                 {r.config.key: r.backends for r in server.table.routes if r.resolved}, self.routes_seq))
         if self.stopping:
             ch.send(("abort",) if self.aborting else ("stop",))
         error = "exited"
@@ -360,6 +383,7 @@ class WorkerPool:
             parent.close()
             for ev in h.pending.values():
                 ev.set()
+            self._synced.set()
             with trio.CancelScope(shield=True):
                 code = await h.proc.wait()
         if h.error is not None:
@@ -382,6 +406,9 @@ class WorkerPool:
             h.ready = True
             h.error = None
             log.debug("worker %d ready (pid %d)", h.index, h.proc.pid)
+        elif kind == "routes-ok":
+            h.routes_seq = msg[1]
+            self._synced.set()
         elif kind == "failed":
             h.error = msg[1]
         elif kind == "stats":
@@ -443,7 +470,7 @@ def _helper_main(fd: int) -> int:
         index = msg[2]
         logs.setup(settings.log_format, settings.log_level)
         logging.getLogger().handlers[0].addFilter(_tag(index))
-        _, configs, sets = await channel.recv()
+        _, configs, sets, seq = await channel.recv()
         sockmap = None
         if settings.sockmap == "on":
             from .sockmap import Sockmap, SockmapError
@@ -476,6 +503,7 @@ def _helper_main(fd: int) -> int:
                             server.reload(msg[1])
                         for key, bset in msg[2].items():
                             server.install(key, bset)
+                        channel.send(("routes-ok", msg[3]))
                     elif kind == "eject":
                         server.apply_ejection(msg[1], msg[2], msg[3])
                     elif kind == "stats":
@@ -496,6 +524,7 @@ def _helper_main(fd: int) -> int:
 
             nursery.start_soon(channel.run_writer)
             await nursery.start(run_server)
+            channel.send(("routes-ok", seq))
             channel.send(("ready", os.getpid()))
             nursery.start_soon(serve_messages)
         return 0

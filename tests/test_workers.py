@@ -338,3 +338,47 @@ def test_auto_without_cgroup_v2_is_the_affinity(tmp_path):
     (tmp_path / "cgroup").write_text("4:memory:/x\n")
     assert default_count(str(tmp_path), str(tmp_path / "cgroup")) == len(os.sched_getaffinity(0))
     assert default_count(str(tmp_path), str(tmp_path / "missing")) == len(os.sched_getaffinity(0))
+
+
+def test_a_reload_is_over_only_when_every_process_serves_the_new_table(two_redis, tmp_path):
+    """The log line "reloaded" (and READY=1) come once every helper confirmed the table:
+    from then on no connection reaches the old backend, in any process. A helper that
+    cannot confirm (stopped here) holds the reload up to 5 s, and is named."""
+    a, b = two_redis
+    port = free_port()
+    config = tmp_path / "routes.toml"
+    config.write_text(f'[routes]\n{port} = "127.0.0.1:{a.port}"\n')
+    d = Daemon(["--listen", f"127.0.0.1:{port}", "--config", str(config), "--config-poll", "0", "--workers", "3"],
+               listen=("127.0.0.1", port), workdir=tmp_path)
+
+    def reloads() -> list[dict]:
+        return [r for r in d._records_so_far() if r.get("event") == "reload"]
+
+    try:
+        for round_, new in enumerate([b, a], 1):
+            config.write_text(f'[routes]\n{port} = "127.0.0.1:{new.port}"\n')
+            d.signal(signal.SIGHUP)
+            wait_until(lambda: len(reloads()) == round_, timeout=10, what=d.describe)
+            assert reloads()[-1]["ok"], reloads()
+            before = len(served(d, port))
+            for _ in range(30):
+                ping_once(port)
+            wait_until(lambda: len(served(d, port)) >= before + 30, timeout=10, what=d.describe)
+            recs = served(d, port)[before:]
+            assert {r["backend"] for r in recs} == {f"127.0.0.1:{new.port}"}, (round_, recs)
+
+        late = helpers_of(d.proc.pid)[0]
+        os.kill(late, signal.SIGSTOP)
+        try:
+            config.write_text(f'[routes]\n{port} = "127.0.0.1:{b.port}"\n')
+            d.signal(signal.SIGHUP)
+            wait_until(lambda: len(reloads()) == 3, timeout=15, what=d.describe)
+        finally:
+            os.kill(late, signal.SIGCONT)
+        lines = d.lines()
+        warned = next(i for i, line in enumerate(lines) if "did not confirm the new routes within 5s" in line)
+        reloaded = max(i for i, line in enumerate(lines) if '"event": "reload"' in line)
+        assert warned < reloaded, lines[-10:]
+        d.stop()
+    finally:
+        d.kill()
