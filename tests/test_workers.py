@@ -11,7 +11,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
@@ -358,12 +357,12 @@ def test_a_reload_is_over_only_when_every_process_serves_the_new_table(two_redis
         for round_, new in enumerate([b, a], 1):
             config.write_text(f'[routes]\n{port} = "127.0.0.1:{new.port}"\n')
             d.signal(signal.SIGHUP)
-            wait_until(lambda: len(reloads()) == round_, timeout=10, what=d.describe)
+            wait_until(lambda n=round_: len(reloads()) == n, timeout=10, what=d.describe)
             assert reloads()[-1]["ok"], reloads()
             before = len(served(d, port))
             for _ in range(30):
                 ping_once(port)
-            wait_until(lambda: len(served(d, port)) >= before + 30, timeout=10, what=d.describe)
+            wait_until(lambda n=before + 30: len(served(d, port)) >= n, timeout=10, what=d.describe)
             recs = served(d, port)[before:]
             assert {r["backend"] for r in recs} == {f"127.0.0.1:{new.port}"}, (round_, recs)
 
