@@ -536,10 +536,11 @@ def _tag(index: int):
     """A helper's log lines say which worker wrote them."""
 
     def tag(record: logging.LogRecord) -> bool:
-        record.msg = f"worker {index}: {record.msg}"
         fields = getattr(record, "fields", None)
-        if fields is not None:
+        if fields is not None:  # a structured line: the index is one more field
             record.fields = {**fields, "worker": index}
+        else:
+            record.msg = f"worker {index}: {record.msg}"
         return True
 
     return tag
