@@ -4,6 +4,7 @@ test files use: ``redis`` (a redis-server on loopback) and ``ns`` (a fresh names
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -27,6 +28,11 @@ def ns(request) -> Iterator[Netns]:
     netns.require_prerequisites()
     with namespaces(request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")[:5]) as (made,):
         yield made
+
+
+def pytest_sessionstart(session):
+    if os.geteuid() == 0:
+        netns.sweep_stale()  # namespaces of an earlier run that was killed before its clean-up
 
 
 def pytest_runtest_setup(item):

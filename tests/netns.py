@@ -124,6 +124,29 @@ def link(a: Netns, a_addrs: Sequence[str], b: Netns, b_addrs: Sequence[str], *, 
     return ifa, ifb
 
 
+def sweep_stale() -> list[str]:
+    """Delete the namespaces an earlier test run left behind (killed before its clean-up
+    ran): ``amb-<label>-<pid>`` whose pid is gone and in which no process runs. Returns
+    their names."""
+    try:
+        names = os.listdir("/run/netns")
+    except OSError:
+        return []
+    swept = []
+    for name in names:
+        parts = name.split("-")
+        if len(parts) < 3 or parts[0] != "amb" or not parts[-1].isdigit():
+            continue
+        if os.path.exists(f"/proc/{parts[-1]}"):
+            continue
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+        if pids:
+            continue
+        if subprocess.run(["ip", "netns", "del", name], capture_output=True).returncode == 0:
+            swept.append(name)
+    return swept
+
+
 @contextlib.contextmanager
 def namespaces(*labels: str) -> Iterator[list[Netns]]:
     """Create one namespace per label; delete them all on exit, also on failure."""

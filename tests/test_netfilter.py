@@ -588,3 +588,27 @@ def _which(tool: str, *, required: bool = True) -> str | None:
     if path is None and required:
         pytest.skip(f"{tool} not installed")
     return path
+
+
+def test_namespaces_left_by_a_killed_run_are_swept_and_live_ones_kept():
+    """tests/conftest.py sweeps at the start of a run what a run killed before its clean-up
+    left behind; a namespace of a live process, or with a process in it, stays."""
+    require_prerequisites()
+    from tests.netns import sweep_stale
+
+    dead = next(p for p in range(4_000_000, 3_000_000, -1) if not os.path.exists(f"/proc/{p}"))
+    stale, live = f"amb-sweeptest-{dead}", f"amb-sweeptest-{os.getpid()}"
+    busy = f"amb-sweepbusy-{dead}"
+    for name in (stale, live, busy):
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    sleeper = subprocess.Popen(["ip", "netns", "exec", busy, "sleep", "60"])
+    try:
+        swept = sweep_stale()
+        names = set(os.listdir("/run/netns"))
+        assert stale in swept and stale not in names
+        assert live in names and busy in names and live not in swept and busy not in swept
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for name in (stale, live, busy):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
