@@ -95,10 +95,16 @@ def bind_admin(addr: ListenAddress) -> socket.socket:
 # ---- the view of the live state ---------------------------------------------------------
 
 
+def own_totals(server: Server) -> dict:
+    """This process's connection totals, as live_view gives them for a single process."""
+    return {"active": server.active, "total": server.total, "unrouted": dict(server.unrouted),
+            "workers": {"count": 1, "answered": 1, "pids": [os.getpid()], "restarts": 0}}
+
+
 async def live_view(server: Server) -> tuple[dict, dict]:
     """Each route's RouteStats and the connection totals, summed over every process of
     --workers (the helpers are asked now; see workers.py). Without helpers, the route's own."""
-    totals = {"active": server.active, "total": server.total, "unrouted": dict(server.unrouted)}
+    totals = own_totals(server)
     routes = server.table.routes
     pool = server.pool
     if pool is None:
@@ -198,8 +204,7 @@ def snapshot(server: Server, config: ConfigState, views: dict | None = None, tot
     """Everything /routes shows: the daemon, its configuration, and every route.
     ``views`` and ``totals``: from live_view (default: this process's own counters)."""
     views = views or {}
-    if totals is None:
-        totals = {"active": server.active, "total": server.total, "unrouted": dict(server.unrouted)}
+    totals = totals or own_totals(server)
     return {
         "version": __version__,
         "hostname": socket.gethostname(),
@@ -209,7 +214,7 @@ def snapshot(server: Server, config: ConfigState, views: dict | None = None, tot
         "listening": server.listening,
         "stopping": server.stopping,
         "listen": [_sockname(s) for s in server.listeners if s.fileno() >= 0],
-        "workers": totals.get("workers", {"count": 1, "answered": 1, "pids": [os.getpid()], "restarts": 0}),
+        "workers": totals["workers"],
         "connections": {"active": totals["active"], "total": totals["total"],
                         "unrouted": dict(sorted(totals["unrouted"].items()))},
         "config": {
@@ -298,7 +303,8 @@ class DaemonCollector:
             stale.add_metric([name], 1 if route.backends.stale else 0)
             answered = route.answered_at
             age.add_metric([name], now - answered if answered else math.nan)
-        unrouted = self.totals["unrouted"] if self.totals else server.unrouted
+        totals = self.totals or own_totals(server)
+        unrouted = totals["unrouted"]
         for outcome, n in sorted(unrouted.items()):
             conns.add_metric(["", outcome], n)
         reloads = CounterMetricFamily("ambassadord_config_reloads", "Configuration reloads, by result.",
@@ -317,7 +323,7 @@ class DaemonCollector:
         info.add_metric([__version__], 1)
         workers = GaugeMetricFamily("ambassadord_workers", "Processes serving connections (--workers), and how many "
                                     "answered for this scrape.", labels=["state"])
-        wt = (self.totals or {}).get("workers", {"count": 1, "answered": 1})
+        wt = totals["workers"]
         workers.add_metric(["configured"], wt["count"])
         workers.add_metric(["answered"], wt["answered"])
         yield from (conns, active, nbytes, connect, bconns, bactive, bfail, ejected, nback, updates, errors, stale, age,

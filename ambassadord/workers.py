@@ -105,6 +105,11 @@ class WorkerStartError(RuntimeError):
     """A helper process could not start (its reason in the message)."""
 
 
+def frame(msg) -> bytes:
+    data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(data)) + data
+
+
 class Channel:
     """Pickle frames over a non-blocking stream socket. ``send`` never blocks (it queues;
     ``run_writer`` drains the queue), so resolvers and reload can call it synchronously."""
@@ -118,10 +123,13 @@ class Channel:
         self.closed = False
 
     def send(self, msg) -> None:
+        self.send_frame(frame(msg))
+
+    def send_frame(self, data: bytes) -> None:
+        """Queue a frame made by frame() (one pickling for many channels)."""
         if self.closed:
             return
-        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-        self._out += _HEADER.pack(len(data)) + data
+        self._out += data
         self._wake.set()
 
     async def run_writer(self) -> None:
@@ -201,6 +209,7 @@ class _Helper:
         self.pending: dict[int, trio.Event] = {}
         self.answers: dict[int, dict] = {}
         self.routes_seq = 0  # the last table it confirmed
+        self.error: str | None = None  # what its "failed" message said
 
 
 class WorkerPool:
@@ -224,9 +233,7 @@ class WorkerPool:
     def routes(self, configs) -> None:
         """A reload: every helper gets the new table (see synced())."""
         self.routes_seq += 1
-        msg = ("routes", light_configs(configs), {}, self.routes_seq)
-        for h in self._live():
-            h.channel.send(msg)
+        self._broadcast(("routes", light_configs(configs), {}, self.routes_seq))
 
     async def synced(self, timeout: float = SYNC_TIMEOUT) -> bool:
         """Wait until every running helper has installed the table of the last routes()
@@ -246,25 +253,26 @@ class WorkerPool:
         return True
 
     def backends(self, key, bset) -> None:
-        msg = ("backends", key, bset)
-        for h in self._live():
-            h.channel.send(msg)
+        self._broadcast(("backends", key, bset))
 
     def ejected(self, key, backend, duration: float, *, source: _Helper | None = None) -> None:
-        msg = ("eject", key, backend, duration)
-        for h in self._live():
-            if h is not source:
-                h.channel.send(msg)
+        self._broadcast(("eject", key, backend, duration), skip=source)
 
     def stop(self) -> None:
         self.stopping = True
-        for h in self._live():
-            h.channel.send(("stop",))
+        self._broadcast(("stop",))
 
     def abort(self) -> None:
         self.stopping = self.aborting = True
-        for h in self._live():
-            h.channel.send(("abort",))
+        self._broadcast(("abort",))
+
+    def _broadcast(self, msg, *, skip: _Helper | None = None) -> None:
+        """``msg`` to every running helper but ``skip``, pickled once."""
+        live = [h for h in self._live() if h is not skip]
+        if live:
+            data = frame(msg)
+            for h in live:
+                h.channel.send_frame(data)
 
     def _live(self):
         return [h for h in self.helpers if h.channel is not None and not h.channel.closed]
@@ -422,9 +430,6 @@ class WorkerPool:
             self.server.apply_ejection(key, backend, duration)
             self.ejected(key, backend, duration, source=h)
         return msg
-
-
-_Helper.error = None  # what a "failed" message said
 
 
 # ---- the helper process's side ----------------------------------------------------------
