@@ -32,6 +32,8 @@ log = logging.getLogger("ambassadord")
 
 DEFAULT_PORT = 10000
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# How often --iptables looks for new container bridges (a netlink dump: cheap).
+BRIDGE_POLL = 1.0
 DEFAULT_ADMIN_TEXT = "127.0.0.1:10001"
 DEFAULT_ADMIN = ListenAddress("127.0.0.1", 10001)
 DEFAULT_WORKERS = "auto"
@@ -98,6 +100,37 @@ def _dest(text: str):
         return ipaddress.ip_address(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected an IPv4 or IPv6 address") from None
+
+
+def parse_allow_from(text: str) -> tuple:
+    """``[PORT@]CIDR`` or ``[PORT@]any`` -> ((network, port or None), ...): who, besides this
+    host's processes and containers, may use the mapped ports (``any``: everyone, both
+    families). Raises ValueError quoting the text."""
+    port_text, sep, net_text = text.strip().rpartition("@")
+    port = None
+    if sep:
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+            raise ValueError(f"{text!r}: {port_text!r} is not a port number 1-65535 (expected [PORT@]CIDR or [PORT@]any)")
+        port = int(port_text)
+    if net_text == "any":
+        return ((ipaddress.ip_network("0.0.0.0/0"), port), (ipaddress.ip_network("::/0"), port))
+    try:
+        network = ipaddress.ip_network(net_text)
+    except ValueError:
+        try:
+            loose = ipaddress.ip_network(net_text, strict=False)
+        except ValueError:
+            raise ValueError(f"{text!r}: {net_text!r} is not a network (expected [PORT@]CIDR or [PORT@]any, "
+                             "e.g. 10.0.0.0/8 or 6379@any)") from None
+        raise ValueError(f"{text!r}: {net_text!r} has host bits set; did you mean {loose}?") from None
+    return ((network, port),)
+
+
+def _allow_from(text: str) -> tuple:
+    try:
+        return parse_allow_from(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _listen(text: str) -> ListenAddress:
@@ -284,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="redirect only connections to ADDR (default: any local address); repeatable")
     g.add_argument("--iptables-interface", action="append", default=[], metavar="IFACE",
                    help="redirect only connections to IFACE's addresses (e.g. docker0); repeatable")
+    g.add_argument("--allow-from", action="append", type=_allow_from, default=[], metavar="[PORT@]CIDR|any",
+                   help="also redirect connections that arrive from CIDR (another host, a CNI without a "
+                   "bridge), to PORT or every mapped port; any = everyone. Default: only this host's "
+                   "processes and the containers on its bridges; repeatable")
     g.add_argument("--mark", type=_mark, default=netfilter.DEFAULT_MARK, metavar="N",
                    help=f"SO_MARK on upstream connections, exempted from the redirect (default {netfilter.DEFAULT_MARK:#x})")
     g.add_argument("--admin", type=_admin, default=DEFAULT_ADMIN, metavar="ADDR:PORT|off",
@@ -322,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="redirect only connections to ADDR (default: any local address); repeatable")
     ipt.add_argument("--interface", action="append", default=[], metavar="IFACE",
                      help="redirect only connections to IFACE's addresses; repeatable")
+    ipt.add_argument("--allow-from", action="append", type=_allow_from, default=[], metavar="[PORT@]CIDR|any",
+                     help="also redirect connections arriving from CIDR (default: only this host's processes and "
+                     "the containers on the bridges it has now); repeatable (install)")
     ipt.add_argument("--mark", type=_mark, default=netfilter.DEFAULT_MARK, metavar="N",
                      help=f"mark of ambassadord's own connections, never redirected (default {netfilter.DEFAULT_MARK:#x})")
     fam = ipt.add_mutually_exclusive_group()
@@ -386,8 +426,14 @@ def cmd_run(args) -> int:
         listen_ports = sorted({a.port for a in listen})
         if len(listen_ports) > 1:
             log.warning("listeners use ports %s; REDIRECT goes to the first, %d", listen_ports, listen_ports[0])
+        try:
+            bridges = tuple(netfilter.container_bridges())
+        except netfilter.NetfilterError as exc:
+            log.error("iptables: %s", exc)
+            return 1
         plan = netfilter.RedirectPlan(to_port=listen_ports[0], ports=_redirect_ports(configs, listen), dests=tuple(dests),
-                                      mark=args.mark, families=_families_for(listen))
+                                      mark=args.mark, families=_families_for(listen), from_interfaces=bridges,
+                                      allow_from=tuple(a for group in args.allow_from for a in group))
 
     sockmap = None
     if args.sockmap != "off":
@@ -433,6 +479,7 @@ def cmd_run(args) -> int:
     server = Server(RouteTable([Route(c) for c in configs]), sockets,
                     options=options, grace=args.grace, sockmap=sockmap,
                     mark=mark, use_splice=use_splice, workers=pool)
+    daemon = None
     try:
         if plan is not None:
             from . import netfilter
@@ -443,6 +490,7 @@ def cmd_run(args) -> int:
                 log.error("iptables: %s", exc)
                 return 1
             log.info("iptables: redirecting ports %s to %d", ",".join(map(str, plan.ports)) or "(none)", plan.to_port)
+            _log_exposure(plan)
         daemon = _Daemon(args, server, plan, admin_sock)
         admin_sock = None  # the daemon's now
         try:
@@ -466,7 +514,7 @@ def cmd_run(args) -> int:
         for s in sockets:
             s.close()
         if plan is not None:
-            _remove_rules(plan)
+            _remove_rules(daemon.plan if daemon is not None else plan, after_stop=daemon is not None and daemon.stopping)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     log.info("stopped")
     return 0
@@ -521,22 +569,56 @@ def _families_for(listen: list[ListenAddress]) -> tuple[int, ...]:
 _removed: set[int] = set()
 
 
-def _remove_rules(plan) -> None:
-    """Remove run --iptables' rules, once (on the first signal, else at exit)."""
+def _remove_jumps(plan) -> None:
+    """The first step of a stop: no new connection is redirected; established ones keep
+    working until _remove_rules (netfilter.py says why)."""
+    from . import netfilter
+
+    try:
+        netfilter.remove_jumps(plan.to_port, plan.families)
+        log.info("iptables: no longer redirecting new connections; the rules go once open ones are over")
+    except netfilter.NetfilterError as exc:
+        log.error("iptables: could not remove the jumps to our chains: %s", exc)
+
+
+def _remove_rules(plan, *, after_stop: bool = False) -> None:
+    """Remove run --iptables' rules, once (at exit, after the grace period). ``after_stop``:
+    the jumps went at the stop; if they are back, a new daemon installed the rules while
+    this one was draining, and they are left to it."""
     from . import netfilter
 
     if plan.to_port in _removed:
         return
     _removed.add(plan.to_port)
     try:
-        netfilter.remove(plan.to_port, plan.families)
+        netfilter.remove(plan.to_port, plan.families, if_unused=after_stop)
         log.info("iptables: rules removed")
     except netfilter.NetfilterError as exc:
         log.error("iptables: could not remove rules: %s", exc)
 
 
+def _log_exposure(plan) -> None:
+    """Say plainly who can use the mapped ports: a relay open to the LAN is a finding."""
+    who = ["this host's processes"]
+    if plan.from_interfaces:
+        who.append(f"containers on {', '.join(plan.from_interfaces)}")
+    for network, port in plan.allow_from:
+        who.append(f"{'everyone' if network.prefixlen == 0 else network}{f' (port {port})' if port else ''}")
+    log.info("iptables: mapped ports are open to %s", "; ".join(dict.fromkeys(who)))
+
+
 class _Daemon:
-    """``run`` once everything is bound: the server, the admin API, signals and reloads."""
+    """``run`` once everything is bound: the server, the admin API, signals and reloads.
+
+    Stopping (SIGTERM, SIGINT), in order:
+
+    1. a reload in progress is cancelled (reading a file may block: a FIFO, a hung network
+       file system), so nothing the stop needs waits on it for longer than the grace;
+    2. under ``--iptables``, the jumps to our chains go: no new connection is redirected,
+       while established ones keep their translation (netfilter.py says why);
+    3. the server stops accepting and gives open connections the grace period;
+    4. only then, in cmd_run, the chains go.
+    """
 
     def __init__(self, args, server: Server, plan, admin_sock):
         from .admin import ConfigState
@@ -546,7 +628,9 @@ class _Daemon:
         self.plan = plan
         self.admin_sock = admin_sock
         self.config = ConfigState(file=os.path.abspath(args.config) if args.config else None)
+        # Held by whatever changes the rules or the table (a reload, a bridge change).
         self._reload_lock = trio.Lock()
+        self._reload_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self.stopping = False
 
@@ -564,6 +648,8 @@ class _Daemon:
                 log.info("admin API on %s", admin_url(self.args.admin))
             if self.args.config and self.args.config_poll > 0:
                 nursery.start_soon(self._watch_config_file)
+            if self.plan is not None:
+                nursery.start_soon(self._watch_bridges)
             sdnotify.ready(f"serving {len(server.table)} route(s)")
 
     async def _run_server(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -573,7 +659,7 @@ class _Daemon:
         self._nursery.cancel_scope.cancel()
 
     async def _on_signals(self) -> None:
-        server, plan = self.server, self.plan
+        server = self.server
         with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
             # Blocked since before the rules went in (cmd_run): any that came meanwhile
             # are delivered now, to this receiver.
@@ -590,12 +676,14 @@ class _Daemon:
                     log.info("%s: stopping (grace %gs; send again to stop at once)", name, server.grace)
                     sdnotify.stopping()
                     self.stopping = True
-                    if plan is not None:
-                        # New connections would find no listener anyway; take the rules
-                        # away first, so that nothing lingers if we are killed meanwhile.
-                        # After any reload in progress, which may be installing rules.
-                        async with self._reload_lock:
-                            await trio.to_thread.run_sync(_remove_rules, self.plan)
+                    if self._reload_scope is not None:
+                        self._reload_scope.cancel()
+                    if self.plan is not None:
+                        # After a rules change in progress (a subprocess with its own time
+                        # limit), but never for longer than the grace period.
+                        with trio.move_on_after(server.grace):
+                            async with self._reload_lock:
+                                await trio.to_thread.run_sync(_remove_jumps, self.plan)
                     server.shutdown()
                 else:
                     log.warning("%s again: closing open connections now", name)
@@ -603,22 +691,56 @@ class _Daemon:
 
     async def _watch_config_file(self) -> None:
         """Reload when --config changes: (device, inode, size, mtime) is polled, and a change
-        must hold still for one more poll (a file being written is not read half-way)."""
+        must hold still for one more poll (a file being written is not read half-way).
+        stat() runs in a thread: on a hung network file system it blocks."""
         path, interval = self.args.config, self.args.config_poll
-        seen = _file_signature(path)
+
+        async def signature():
+            return await trio.to_thread.run_sync(_file_signature, path, abandon_on_cancel=True)
+
+        seen = await signature()
         while True:
             await trio.sleep(interval)
-            now = _file_signature(path)
+            now = await signature()
             if now == seen:
                 continue
             while True:  # settle: wait until two looks agree
                 await trio.sleep(min(interval, 0.25))
-                again = _file_signature(path)
+                again = await signature()
                 if again == now:
                     break
                 now = again
             seen = now
             await self.reload(f"{path} changed")
+
+    async def _watch_bridges(self) -> None:
+        """Follow this host's container bridges (a ``docker network create`` after start):
+        their containers' connections are redirected, other hosts' are not (netfilter.py)."""
+        from dataclasses import replace
+
+        from . import netfilter
+
+        while True:
+            await trio.sleep(BRIDGE_POLL)
+            try:
+                bridges = tuple(await trio.to_thread.run_sync(netfilter.container_bridges, abandon_on_cancel=True))
+            except netfilter.NetfilterError as exc:
+                log.warning("iptables: cannot list the container bridges: %s", exc)
+                continue
+            if bridges == self.plan.from_interfaces:
+                continue
+            async with self._reload_lock:
+                if self.stopping:
+                    return
+                new_plan = replace(self.plan, from_interfaces=bridges)
+                try:
+                    await trio.to_thread.run_sync(partial(netfilter.install, new_plan, previous=self.plan))
+                except netfilter.NetfilterError as exc:
+                    log.error("iptables: could not follow the container bridges (%s): %s",
+                              ", ".join(bridges) or "none", exc)
+                    continue
+                self.plan = new_plan
+                _log_exposure(new_plan)
 
     async def reload(self, why: str) -> None:
         """Re-read the routes; apply them all, or none if anything is wrong."""
@@ -628,11 +750,21 @@ class _Daemon:
             if self.stopping:
                 return
             sdnotify.reloading()
+            log.info("reloading (%s)", why)
             try:
-                try:
-                    configs = await trio.to_thread.run_sync(_load, self.args)
-                except ConfigError as exc:
-                    raise _Rejected(str(exc)) from None
+                with trio.CancelScope() as self._reload_scope:
+                    try:
+                        # Abandoned if a stop cancels it: a file that blocks (a FIFO, a hung
+                        # NFS mount) holds a thread, never the daemon.
+                        configs = await trio.to_thread.run_sync(_load, self.args, abandon_on_cancel=True)
+                    except ConfigError as exc:
+                        raise _Rejected(str(exc)) from None
+                    except Exception as exc:  # a bug of ours or a library's: the old routes stay
+                        log.exception("reload (%s): reading the configuration failed", why)
+                        raise _Rejected(f"{self.args.config or 'the configuration'}: cannot be read: "
+                                        f"{type(exc).__name__}: {exc}") from None
+                if self._reload_scope.cancelled_caught or self.stopping:
+                    return
                 if not configs:
                     raise _Rejected(f"{self.args.config or 'the configuration'}: no routes in the new configuration")
                 new_plan = None
@@ -641,6 +773,8 @@ class _Daemon:
 
                     new_plan = replace(self.plan, ports=_redirect_ports(configs, self.args.listen or DEFAULT_LISTEN))
                     if new_plan.ports != self.plan.ports:
+                        # A port that goes keeps its established connections: the chain
+                        # always holds a REDIRECT rule (netfilter.py, "the anchor").
                         try:
                             await trio.to_thread.run_sync(partial(netfilter.install, new_plan, previous=self.plan))
                         except netfilter.NetfilterError as exc:
@@ -648,7 +782,7 @@ class _Daemon:
                         log.info("iptables: redirecting ports %s to %d",
                                  ",".join(map(str, new_plan.ports)) or "(none)", new_plan.to_port)
                         self.plan = new_plan
-                if self.stopping:  # SIGTERM came while the file was being read
+                if self.stopping:  # SIGTERM came while the rules were changing
                     return
                 summary = self.server.reload(configs)
                 if self.server.pool is not None:
@@ -664,6 +798,7 @@ class _Daemon:
                          extra={"fields": {"event": "reload", "ok": True, "added": summary.added,
                                            "removed": summary.removed, "changed": summary.changed}})
             finally:
+                self._reload_scope = None
                 if not self.stopping:
                     sdnotify.ready(f"serving {len(self.server.table)} route(s)")
 
@@ -699,7 +834,9 @@ def cmd_iptables(args) -> int:
         if args.interface:
             dests += netfilter.interface_addresses(args.interface)
         plan = netfilter.RedirectPlan(to_port=args.to_port, ports=tuple(sorted(set(args.port))), dests=tuple(dests),
-                                      mark=args.mark, families=families)
+                                      mark=args.mark, families=families,
+                                      from_interfaces=tuple(netfilter.container_bridges()),
+                                      allow_from=tuple(a for group in args.allow_from for a in group))
         netfilter.install(plan)
     except netfilter.NetfilterError as exc:
         print(f"ambassadord iptables: {exc}", file=sys.stderr)
