@@ -310,6 +310,63 @@ async def test_one_connection_crashing_does_not_stop_the_server(caplog, monkeypa
         assert recs[0]["outcome"] == "error" and "injected bug" in recs[0]["error"]
 
 
+# ---- limits -------------------------------------------------------------------------------
+
+
+async def echo_once(stream: trio.SocketStream, data: bytes) -> None:
+    await stream.send_all(data)
+    with trio.fail_after(5):
+        assert await stream.receive_some(100) == data
+
+
+async def test_route_at_max_connections_closes_new_ones_at_once(caplog):
+    async with tcp_server(echo) as bport, proxy(f"127.0.0.1:{bport}", max_connections=2) as p:
+        held = [await p.connect() for _ in range(2)]
+        for s in held:
+            await echo_once(s, b"held")
+        extra = await p.connect()
+        with trio.fail_after(5):
+            assert await recv_all(extra) == b""  # closed at once, nothing relayed
+        (rec,) = await wait_for_records(caplog, 1)
+        assert rec["outcome"] == "limit" and rec["backend"] is None and "max_connections 2" in rec["error"]
+        assert p.route().stats.outcomes == {"limit": 1}
+        (line,) = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "limit"]
+        assert "max_connections" in line.getMessage()
+        await held[0].aclose()
+        with trio.fail_after(5):  # a slot is free again
+            while p.route().stats.active > 1:
+                await trio.sleep(0.01)
+        again = await p.connect()
+        await echo_once(again, b"room again")
+
+
+async def test_backend_at_max_backend_connections_is_passed_over(caplog):
+    async with tcp_server(echo) as b1, tcp_server(echo) as b2, proxy(
+        f"127.0.0.1:{b1},127.0.0.1:{b2}", max_backend_connections=1
+    ) as p:
+        held = [await p.connect() for _ in range(2)]
+        for s in held:
+            await echo_once(s, b"x")
+        recs_backends = {b.backend.port: b.active for b in p.route().stats.backends.values()}
+        assert recs_backends == {b1: 1, b2: 1}  # the second went to the backend with room
+        third = await p.connect()
+        with trio.fail_after(5):
+            assert await recv_all(third) == b""
+        (rec,) = await wait_for_records(caplog, 1)
+        assert rec["outcome"] == "limit" and "max_backend_connections" in rec["error"]
+        assert p.route().stats.failures == 0 and not p.route().pick.ejections.until
+
+
+async def test_rate_limited_log_says_how_many_lines_it_held_back(caplog):
+    throttled = server_mod.Throttled(every=60)
+    for i in range(5):
+        throttled.log("k", logging.WARNING, "odd thing %d", i)
+    throttled._next["k"] = 0  # the minute is over
+    throttled.log("k", logging.WARNING, "odd thing %d", 5)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("odd thing")]
+    assert lines == ["odd thing 0", "odd thing 5 (and 4 more since the last such line)"]
+
+
 # ---- idle timeout and shutdown -----------------------------------------------------------
 
 

@@ -1,0 +1,103 @@
+"""Fault injection against the server: faults of this host, of the network and of the
+topology that must not crash the daemon, blame a healthy backend, or leak connections.
+
+* accept(2) errors (a listener whose accept() raises, in process: a seam);
+* running out of local ports (EADDRNOTAVAIL) toward a backend, in a namespace whose
+  ``net.ipv4.ip_local_port_range`` is a handful of ports;
+* two daemons on two hosts whose routes point at each other (a routing loop);
+* a peer that vanishes without FIN or RST (its packets dropped), noticed by TCP keepalive.
+
+The namespace tests run real daemons (tests/daemon.py) against a real redis-server, change
+sysctls and iptables only inside the namespaces they create, and poll with deadlines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+
+import pytest
+import trio
+
+from ambassadord.routes import Route, RouteConfig, RouteTable
+from ambassadord.server import ListenAddress, Server, bind_listeners
+from backends import parse_spec
+from tests.daemon import Daemon, RedisProcess, connect, ping, wait_until
+from tests.netns import link, namespaces, require_prerequisites
+from tests.test_admin import backend, get_routes, route
+from tests.test_server import echo, tcp_server
+
+PONG = b"+PONG\r\n"
+ADMIN = 10001
+
+# ---- accept(2) errors ----------------------------------------------------------------------
+
+
+class FlakyListener(socket.socket):
+    """A real listening socket whose next accept() calls raise the given errnos first."""
+
+    errors: list[int]
+
+    def accept(self):
+        if self.errors:
+            code = self.errors.pop(0)
+            raise OSError(code, os.strerror(code))
+        return super().accept()
+
+
+def flaky_listener(errors: list[int]) -> FlakyListener:
+    (real,) = bind_listeners([ListenAddress("127.0.0.1", 0)])
+    sock = FlakyListener(real.family, real.type, fileno=real.detach())
+    sock.errors = list(errors)
+    return sock
+
+
+# The Linux TCP list of accept(2) ("pending network errors ... should be treated like
+# EAGAIN"), ECONNABORTED, and errnos accept(2) does not name at all: none may stop the daemon.
+GO_ON_ERRNOS = [errno.ENETDOWN, errno.EPROTO, errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH,
+                errno.EOPNOTSUPP, errno.ENETUNREACH, errno.ECONNABORTED, errno.EPERM, errno.ETIMEDOUT,
+                errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EIO, errno.ERANGE]
+
+
+async def test_accept_errors_are_logged_and_the_loop_goes_on(caplog):
+    caplog.set_level(logging.DEBUG)
+    async with tcp_server(echo) as bport:
+        lsock = flaky_listener(GO_ON_ERRNOS)
+        port = lsock.getsockname()[1]
+        srv = Server(RouteTable([Route(RouteConfig(port=port, spec=parse_spec(f"127.0.0.1:{bport}")))]), [lsock])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(srv.run)
+            # The first readiness makes the loop go through every injected error in turn.
+            with trio.fail_after(10):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                await stream.send_all(b"after the errors")
+                assert await stream.receive_some(100) == b"after the errors"
+            assert lsock.errors == [] and srv.listening
+            srv.abort()
+    unexpected = [r.getMessage() for r in caplog.records if "unexpected error" in r.getMessage()]
+    assert any("EIO" in m for m in unexpected) and any("ERANGE" in m for m in unexpected), unexpected
+
+
+@pytest.mark.parametrize("code", [errno.EBADF, errno.EINVAL, errno.ENOTSOCK])
+async def test_accept_error_that_means_a_bug_surfaces(code):
+    lsock = flaky_listener([code])
+    port = lsock.getsockname()[1]
+    srv = Server(RouteTable([Route(RouteConfig(port=port, spec=parse_spec("127.0.0.1:1")))]), [lsock])
+    with pytest.raises(BaseException) as info:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(srv.run)
+            # A connection makes the listener readable: the loop calls accept() and raises.
+            with contextlib.closing(socket.create_connection(("127.0.0.1", port))):
+                await trio.sleep_forever()
+    assert any(isinstance(e, OSError) and e.errno == code for e in leaves(info.value)), repr(info.value)
+
+
+def leaves(exc: BaseException):
+    if isinstance(exc, BaseExceptionGroup):
+        for e in exc.exceptions:
+            yield from leaves(e)
+    else:
+        yield exc
