@@ -101,3 +101,78 @@ def leaves(exc: BaseException):
             yield from leaves(e)
     else:
         yield exc
+
+
+# ---- out of local ports --------------------------------------------------------------------
+
+PORT_RANGE = (40000, 40003)  # four ephemeral ports in the test's namespace
+
+
+def client(ns, port: int, source_port: int) -> socket.socket:
+    """A client from a fixed source port (outside PORT_RANGE: clients must not take the
+    ports the daemon's upstream connections need)."""
+    sock = ns.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", source_port))
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def test_out_of_local_ports_is_capacity_and_never_ejects(ns, tmp_path):
+    """EADDRNOTAVAIL at connect() is this host's shortage: outcome capacity, the backend
+    neither ejected nor charged with a failure, and served again once ports are free."""
+    with RedisProcess(6390, ns=ns, workdir=tmp_path) as redis, Daemon(
+        ["--listen", "127.0.0.1:7000", "--map", f"7000=127.0.0.1:{redis.port}", "--workers", "1",
+         "--admin", f"127.0.0.1:{ADMIN}"], listen=("127.0.0.1", 7000), ns=ns, workdir=tmp_path,
+    ) as daemon:
+        # Only inside the test's namespace: the machine's own range is never touched.
+        ns.exec(["sysctl", "-q", "-w", f"net.ipv4.ip_local_port_range={PORT_RANGE[0]} {PORT_RANGE[1]}"])
+        holders: list[socket.socket] = []
+        outcome_of_extra = None
+        try:
+            for i in range(PORT_RANGE[1] - PORT_RANGE[0] + 2):
+                c = client(ns, 7000, 50000 + i)
+                try:
+                    reply = ping(c)
+                except ConnectionResetError:  # closed with the PING unread
+                    reply = b""
+                if reply == PONG:
+                    holders.append(c)
+                    continue
+                c.close()  # closed at once: no port left for its upstream connection
+                outcome_of_extra = daemon.wait_for(lambda r: r.get("event") == "connection"
+                                                   and r.get("src") == f"127.0.0.1:{50000 + i}")["outcome"]
+                break
+            # (The kernel may keep one port of so small a range back.)
+            assert 1 <= len(holders) <= PORT_RANGE[1] - PORT_RANGE[0] + 1, f"{len(holders)} connections held"
+            assert outcome_of_extra == "capacity"
+            view = route(get_routes(ADMIN, ns=ns), "7000")
+            b = backend(view, f"127.0.0.1:{redis.port}")
+            assert (b["state"], b["failures"], view["failures"]) == ("up", 0, 0), view
+            assert view["outcomes"].get("capacity") == 1 and "all-backends-failed" not in view["outcomes"], view
+            assert not [r for r in daemon.records() if r.get("event") == "backend-failed"]
+            assert any(r.get("event") == "capacity" and "ip_local_port_range" in r["msg"]
+                       for r in daemon.records())
+        finally:
+            for c in holders:
+                c.close()
+        # Ports free up (TIME_WAIT on loopback is reused after a second): served again.
+        attempt = iter(range(60000, 61000))
+
+        def served() -> bool:
+            with contextlib.closing(client(ns, 7000, next(attempt))) as c:
+                try:
+                    return ping(c) == PONG
+                except ConnectionResetError:
+                    return False
+
+        wait_until(served, timeout=10, what=daemon.describe)
+        view = route(get_routes(ADMIN, ns=ns), "7000")
+        assert backend(view, f"127.0.0.1:{redis.port}")["failures"] == 0 and view["failures"] == 0, view
+        assert "all-backends-failed" not in view["outcomes"], view
+        daemon.stop()
