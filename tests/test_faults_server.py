@@ -176,3 +176,78 @@ def test_out_of_local_ports_is_capacity_and_never_ejects(ns, tmp_path):
         assert backend(view, f"127.0.0.1:{redis.port}")["failures"] == 0 and view["failures"] == 0, view
         assert "all-backends-failed" not in view["outcomes"], view
         daemon.stop()
+
+
+# ---- a routing loop between two hosts ------------------------------------------------------
+
+HOST_A, HOST_B = "10.252.0.1", "10.252.0.2"  # each host's first address: the source of its connections
+ALIAS_A, ALIAS_B = "10.252.0.11", "10.252.0.12"  # a second address of each, that the loop check cannot tie back
+LOOP_PORT = 7000
+LIMIT = 5
+
+
+@contextlib.contextmanager
+def two_hosts():
+    require_prerequisites()
+    with namespaces("loopa", "loopb") as (a, b):
+        link(a, [f"{HOST_A}/24", f"{ALIAS_A}/24"], b, [f"{HOST_B}/24", f"{ALIAS_B}/24"], tag="lp")
+        yield a, b
+
+
+def loop_daemon(ns, to: str, tmp_path) -> Daemon:
+    # A low fd limit keeps an unbounded loop (the fault this guards against) short.
+    return Daemon(["--listen", f"0.0.0.0:{LOOP_PORT}", "--map", f"{LOOP_PORT}={to}:{LOOP_PORT}", "--workers", "1",
+                   "--max-connections", str(LIMIT), "--admin", f"127.0.0.1:{ADMIN}"],
+                  listen=("127.0.0.1", LOOP_PORT), ns=ns, workdir=tmp_path, prefix=["prlimit", "--nofile=256", "--"])
+
+
+def counts(daemon: Daemon) -> tuple[int, int, dict[str, int]]:
+    """(connections so far, open fds, the loop route's closed connections by outcome)."""
+    snapshot = get_routes(ADMIN, ns=daemon.ns)
+    return snapshot["connections"]["total"], fd_count(daemon), route(snapshot, str(LOOP_PORT))["outcomes"]
+
+
+def fd_count(daemon: Daemon) -> int:
+    return len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
+
+
+@pytest.mark.parametrize("via", ["first-address", "alias"])
+def test_routes_pointing_at_each_other_end_in_few_hops(via, tmp_path):
+    """Host A's route for 7000 points at host B, and B's at A. By the hosts' first addresses
+    the loop is seen at B's first hop (the connection comes from the backend it would go
+    to); by aliases it is not, and max_connections bounds it. Either way one connection
+    makes a bounded number of hops, and everything is closed again afterwards."""
+    to_b, to_a = (HOST_B, HOST_A) if via == "first-address" else (ALIAS_B, ALIAS_A)
+    with two_hosts() as (a, b), loop_daemon(a, to_b, tmp_path) as da, loop_daemon(b, to_a, tmp_path) as db:
+        daemons = (da, db)
+        # Baseline: the readiness probes are over, every connection closed. (B's probe
+        # already went round the loop once: A was up.)
+        wait_until(lambda: all(get_routes(ADMIN, ns=d.ns)["connections"]["active"] == 0 for d in daemons),
+                   timeout=10, what="idle daemons")
+        before = {d: counts(d) for d in daemons}
+        with contextlib.closing(connect("127.0.0.1", LOOP_PORT, ns=a)) as c:
+            c.sendall(b"PING\r\n")
+            c.settimeout(10)
+            try:
+                assert c.recv(100) == b""  # the loop ends; nothing ever answers
+            except ConnectionResetError:
+                pass
+        wait_until(lambda: all(get_routes(ADMIN, ns=d.ns)["connections"]["active"] == 0 for d in daemons),
+                   timeout=10, what=lambda: "; ".join(d.describe() for d in daemons))
+        hops, outcomes = {}, {}
+        for d in daemons:
+            assert d.alive(), d.describe()
+            total, fds, by_outcome = counts(d)
+            hops[d] = total - before[d][0]
+            outcomes[d] = {k: n - before[d][2].get(k, 0) for k, n in by_outcome.items() if n != before[d][2].get(k, 0)}
+            # Each hop holds one connection of the route on each daemon: at most LIMIT, and
+            # one more refused with outcome limit.
+            assert 1 <= hops[d] <= LIMIT + 1, f"{hops[d]} connections on {d.ns.name}: {outcomes[d]}"
+            wait_until(lambda: fd_count(d) <= before[d][1], timeout=10,
+                       what=lambda: f"{fd_count(d)} fds, {before[d][1]} before: {d.describe()}")
+        if via == "first-address":
+            assert (hops[da], hops[db]) == (1, 1) and outcomes[db] == {"loop": 1}, outcomes
+        else:
+            assert outcomes[da].get("limit", 0) + outcomes[db].get("limit", 0) == 1, outcomes
+        for d in daemons:
+            d.stop()
