@@ -251,3 +251,46 @@ def test_routes_pointing_at_each_other_end_in_few_hops(via, tmp_path):
             assert outcomes[da].get("limit", 0) + outcomes[db].get("limit", 0) == 1, outcomes
         for d in daemons:
             d.stop()
+
+
+# ---- a peer that vanishes without FIN or RST -----------------------------------------------
+
+DAEMON_HOST, PEER_HOST = "10.253.0.1", "10.253.0.2"
+KEEPALIVE = "1,1,2"  # probe after 1 s of silence, every 1 s, give up after 2: dead in about 3 s
+
+
+@pytest.mark.parametrize("relay", ["kernel", "user"])
+@pytest.mark.parametrize("gone", ["client", "backend"])
+def test_keepalive_notices_a_peer_that_vanished(gone, relay, tmp_path):
+    """The client (or the backend) of an idle relayed connection stops answering: its
+    packets are dropped, as after a power cut or a NAT that forgot the flow. Keepalive
+    probes go unanswered, the kernel fails the socket, and the daemon closes the connection:
+    nothing is held open forever."""
+    require_prerequisites()
+    with namespaces("kad", "kap") as (d, peer):
+        link(d, [f"{DAEMON_HOST}/24"], peer, [f"{PEER_HOST}/24"], tag="ka")
+        redis_ns, redis_host = (d, "127.0.0.1") if gone == "client" else (peer, PEER_HOST)
+        client_ns, to_host = (peer, DAEMON_HOST) if gone == "client" else (d, "127.0.0.1")
+        with RedisProcess(6390, host=redis_host, ns=redis_ns, workdir=tmp_path), Daemon(
+            ["--listen", "0.0.0.0:7000", "--map", f"7000={redis_host}:6390", "--workers", "1",
+             "--keepalive", KEEPALIVE, "--admin", f"127.0.0.1:{ADMIN}",
+             *(["--sockmap", "off"] if relay == "user" else [])],
+            listen=("127.0.0.1", 7000), ns=d, workdir=tmp_path,
+        ) as daemon:
+            def active() -> int:
+                return get_routes(ADMIN, ns=d)["connections"]["active"]
+
+            wait_until(lambda: active() == 0, timeout=10, what=daemon.describe)
+            with contextlib.closing(connect(to_host, 7000, ns=client_ns)) as c:
+                assert ping(c) == PONG
+                assert active() == 1
+                # Gone without a word: every packet in or out of the peer's namespace dropped.
+                for chain in ("INPUT", "OUTPUT"):
+                    peer.exec(["iptables", "-I", chain, "-j", "DROP"])
+                wait_until(lambda: active() == 0, timeout=10,
+                           what=lambda: f"connection still open 10 s after the {gone} vanished: {daemon.describe()}")
+            rec = daemon.wait_for(lambda r: r.get("event") == "connection" and r.get("src", "").startswith(
+                PEER_HOST if gone == "client" else "127.0.0.1:") and r.get("up"))
+            assert rec["outcome"] == f"{gone}-reset", rec
+            assert daemon.alive()
+            daemon.stop()
