@@ -294,3 +294,60 @@ def test_keepalive_notices_a_peer_that_vanished(gone, relay, tmp_path):
             assert rec["outcome"] == f"{gone}-reset", rec
             assert daemon.alive()
             daemon.stop()
+
+
+# ---- the options, as input ------------------------------------------------------------------
+
+
+def test_limit_and_keepalive_options_from_file_and_flags(tmp_path):
+    from ambassadord.config import load_routes
+    from ambassadord.routes import Keepalive
+
+    path = tmp_path / "routes.toml"
+    path.write_text('[defaults]\nmax_connections = 100\nkeepalive = "30"\n\n[routes]\n'
+                    '6379 = "10.0.0.5:6379"\n'
+                    '5432 = { backend = "10.0.0.6:5432", max_backend_connections = 3, keepalive = "off", '
+                    'max_connections = 0 }\n')
+    by_port = {r.port: r for r in load_routes(config_file=str(path), flag_defaults={"max_connections": 50}).routes}
+    # Flags beat [defaults], a route's own options beat flags.
+    assert (by_port[6379].max_connections, by_port[6379].max_backend_connections) == (50, 0)
+    assert by_port[6379].keepalive == Keepalive(30, 10, 6)
+    assert (by_port[5432].max_connections, by_port[5432].max_backend_connections) == (0, 3)
+    assert not by_port[5432].keepalive and str(by_port[5432].keepalive) == "off"
+    (plain,) = load_routes(maps=["6379=10.0.0.5:6379"]).routes
+    assert (plain.max_connections, plain.max_backend_connections, str(plain.keepalive)) == (10000, 0, "60,10,6")
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ('max_connections = -1', "[defaults] max_connections: bad limit -1"),
+    ('max_connections = "100"', "[defaults] max_connections: bad limit '100'"),
+    ('max_backend_connections = 1.5', "[defaults] max_backend_connections: bad limit 1.5"),
+    ('keepalive = "0,10,6"', "[defaults] keepalive: bad keepalive '0,10,6'"),
+    ('keepalive = "60,10,200"', "bad keepalive '60,10,200'"),
+    ('keepalive = "６０"', "bad keepalive '６０'"),
+    ('keepalive = true', "[defaults] keepalive: bad keepalive True"),
+])
+def test_bad_limit_or_keepalive_in_file_names_file_line_and_value(tmp_path, line, fragment):
+    from ambassadord.config import ConfigError, load_routes
+
+    path = tmp_path / "routes.toml"
+    path.write_text(f'[defaults]\n{line}\n\n[routes]\n6379 = "10.0.0.5:6379"\n')
+    with pytest.raises(ConfigError) as err:
+        load_routes(config_file=str(path))
+    assert f"{path}:2: " in str(err.value) and fragment in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--max-connections", "-1"], "'-1': expected a whole number of connections (0 = no limit)"),
+    (["--max-backend-connections", "x"], "'x': expected a whole number of connections (0 = no limit)"),
+    (["--keepalive", "60,0"], "bad keepalive '60,0'"),
+    (["--keepalive", "of"], "bad keepalive 'of'"),
+])
+def test_bad_limit_or_keepalive_flag_is_named(argv, fragment, capsys):
+    from ambassadord.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["run", "--map", "6379=10.0.0.5:6379", *argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {argv[0]}" in err and fragment in err, err
