@@ -103,12 +103,14 @@ class Throttled:
 
 
 def set_keepalive(sock: socket.socket, keepalive: Keepalive) -> None:
-    """TCP keepalive on ``sock`` (nothing when ``keepalive`` is off)."""
-    if keepalive:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive.idle)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive.interval)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepalive.count)
+    """TCP keepalive on ``sock`` as ``keepalive`` says (off: SO_KEEPALIVE 0)."""
+    if not keepalive:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive.idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive.interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepalive.count)
 
 
 class OutOfResources(Exception):
@@ -270,6 +272,12 @@ class Server:
         self.stopping = False
         self._aborted = False
         self._throttled = Throttled()
+        # Accepted sockets inherit their listener's keepalive settings (Linux copies them at
+        # accept): set once here, they cost nothing per connection. Only a route whose
+        # keepalive differs pays four setsockopt calls for each client socket.
+        self._listener_keepalive = table.routes[0].config.keepalive if table.routes else Keepalive()
+        for sock in listeners:
+            set_keepalive(sock, self._listener_keepalive)
 
     # ---- lifecycle -----------------------------------------------------------------
 
@@ -561,7 +569,8 @@ class Server:
                                     route.name, cfg.max_connections,
                                     fields={"event": "limit", "route": route.name, "max_connections": cfg.max_connections})
                 return
-            set_keepalive(conn, cfg.keepalive)
+            if cfg.keepalive is not self._listener_keepalive and cfg.keepalive != self._listener_keepalive:
+                set_keepalive(conn, cfg.keepalive)
             if not route.resolved and (first := self._first_answer.get(route)) is not None:
                 with trio.move_on_after(cfg.connect_timeout):
                     await first.wait()
@@ -726,7 +735,8 @@ class Server:
                     raise OutOfResources(f"cannot open a socket to {backend}: {exc.strerror}") from None
                 await trio.sleep(CAPACITY_SLEEP)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        set_keepalive(sock, keepalive)
+        if keepalive:
+            set_keepalive(sock, keepalive)
         if self.mark is not None:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
