@@ -25,7 +25,7 @@ from . import logs, sdnotify
 from .balancer import BALANCE_POLICIES
 from .config import ConfigError, load_routes
 from .relay import SPLICE_AVAILABLE
-from .routes import Route, RouteTable
+from .routes import DEFAULT_MAX_CONNECTIONS, Keepalive, Route, RouteTable
 from .server import ListenAddress, Server, StartupError, bind_listeners, parse_listen
 
 log = logging.getLogger("ambassadord")
@@ -73,6 +73,19 @@ def _count(flag: str, maximum: int):
         return int(text)
 
     return parse
+
+
+def _limit(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > 10_000_000:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of connections (0 = no limit)")
+    return int(text)
+
+
+def _keepalive(text: str) -> Keepalive:
+    try:
+        return Keepalive.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _workers(text: str) -> int:
@@ -307,6 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close a connection idle this long both ways (default: never; 0 = never)")
     g.add_argument("--eject-for", type=_positive_float("--eject-for"), metavar="SECONDS",
                    help="how long a backend that failed stays at the back of the order (default 10)")
+    g.add_argument("--max-connections", type=_limit, metavar="N",
+                   help=f"connections one route holds open at once, per process; more are closed at once "
+                   f"(outcome limit; default {DEFAULT_MAX_CONNECTIONS}; 0 = no limit)")
+    g.add_argument("--max-backend-connections", type=_limit, metavar="N",
+                   help="connections open or connecting to one backend of a route at once, per process; a backend "
+                   "at its limit is passed over for the next (default 0 = no limit)")
+    g.add_argument("--keepalive", type=_keepalive, metavar="IDLE[,INTVL,CNT]|off",
+                   help="TCP keepalive on both sides: probe after IDLE s of silence, every INTVL s, give up after "
+                   "CNT probes (default 60,10,6: a vanished peer is noticed in about 2 minutes)")
     _add_dns_flags(run)
     _add_consul_flags(run)
     _add_etcd_flags(run)
@@ -387,7 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _route_defaults(args) -> dict:
     return {"balance": args.balance, "connect_timeout": args.connect_timeout,
-            "idle_timeout": args.idle_timeout, "eject_for": args.eject_for}
+            "idle_timeout": args.idle_timeout, "eject_for": args.eject_for,
+            "max_connections": args.max_connections, "max_backend_connections": args.max_backend_connections,
+            "keepalive": args.keepalive}
 
 
 def _load(args, *, env: bool = True):

@@ -28,7 +28,7 @@ from backends import SpecError, parse_spec
 from backends.interface import parse_port
 
 from .balancer import BALANCE_POLICIES
-from .routes import RouteConfig
+from .routes import DEFAULT_MAX_CONNECTIONS, Keepalive, RouteConfig
 
 
 class ConfigError(ValueError):
@@ -41,6 +41,9 @@ class RouteDefaults:
     connect_timeout: float = 2.0
     idle_timeout: float | None = None
     eject_for: float = 10.0
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_backend_connections: int = 0
+    keepalive: Keepalive = Keepalive()
 
 
 # The options a route may set, with their validators (value, where) -> value.
@@ -75,11 +78,34 @@ def _source(value, where: str):
         raise ConfigError(f"{where}: bad source {value!r}: expected a CIDR such as 172.17.0.0/16") from None
 
 
+def _limit(value, where: str) -> int:
+    """A connection count; 0 means no limit. TOML integers only: a limit is not a string."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10_000_000:
+        raise ConfigError(f"{where}: bad limit {value!r}: expected a whole number of connections, 0 = no limit")
+    return value
+
+
+def _keepalive(value, where: str) -> Keepalive:
+    """``"60,10,6"``, ``"off"``, ``false``, or a number (the idle time; the rest default)."""
+    if value is False:
+        return Keepalive(0, 0, 0)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"{where}: bad keepalive {value!r}: expected \"IDLE,INTERVAL,COUNT\" such as \"60,10,6\", "
+                          f"or \"off\"")
+    try:
+        return Keepalive.parse(str(value))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 OPTION_PARSERS = {
     "balance": _balance,
     "connect_timeout": _seconds,
     "idle_timeout": _idle,
     "eject_for": _seconds,
+    "max_connections": _limit,
+    "max_backend_connections": _limit,
+    "keepalive": _keepalive,
 }
 
 
@@ -93,6 +119,9 @@ def _route(port: int, spec_text, where: str, defaults: RouteDefaults, **options)
         connect_timeout=defaults.connect_timeout,
         idle_timeout=defaults.idle_timeout,
         eject_for=defaults.eject_for,
+        max_connections=defaults.max_connections,
+        max_backend_connections=defaults.max_backend_connections,
+        keepalive=defaults.keepalive,
     )
     values.update(options)
     return RouteConfig(port=port, spec=spec, origin=where, **values)
