@@ -48,11 +48,14 @@ def test_dns_specs_parse(text, kind, fields):
         ("srv://a/b", "expected srv://NAME"),
         ("dns://redis.example.com", "expected dns://NAME:PORT"),
         ("dns://redis.example.com:0", "bad port '0'"),
-        ("dns://-bad.example:1", "label '-bad' is not valid"),
+        ("dns://-bad.example:1", "label '-bad' starts or ends with '-'"),
         ("10.0.0.5", "is an IP address, not a DNS name"),
         ("srv://10.0.0.5", "is an IP address"),
-        ("a..b", "label '' is not valid"),
-        ("x" * 64 + ".example", "is not valid"),
+        ("a..b", "empty label"),
+        ("x" * 64 + ".example", "is 64 characters long (at most 63)"),
+        ("srv://" + "abc." * 64 + "example", "263 characters long (a hostname has at most 253)"),
+        ("srv://bad!name.example", "label 'bad!name' has the character '!'"),
+        ("srv://münchen.example", "not ASCII"),
     ],
 )
 def test_bad_dns_specs(text, fragment):
