@@ -8,7 +8,8 @@ Specs:
   instance's ``Weights.Passing``.
 * ``consul-kv://[AGENT]/PATH``: the values of the keys under ``PATH/`` (each
   ``host:port``), and PATH's own value split on commas (progrium/ambassadord's format).
-  A malformed value is skipped with a log line naming its key; the rest keep serving.
+  A malformed value (a host that is no valid DNS name too) is skipped with a log line
+  naming its key, once, not on every answer; the rest keep serving.
 
 AGENT is ``host[:port]`` (port 8500); without it, the host-wide agent from
 ``--consul`` / ``CONSUL_HTTP_ADDR`` (default 127.0.0.1:8500) is used.

@@ -3,7 +3,8 @@
 Spec: ``etcd://[ENDPOINT]/PREFIX`` (progrium/ambassadord's form). The key is the path as
 written, leading slash included: ``etcd:///services/redis`` reads the key
 ``/services/redis`` (its value split on commas) and every key below ``/services/redis/``
-(each value ``host:port``). A malformed value is skipped with a log line naming its key.
+(each value ``host:port``). A malformed value is skipped with a log line naming its key,
+logged once (interface.Notes), not on every update of another key.
 
 Endpoints: the spec's, else ``--etcd`` (repeatable, a cluster), else ETCDCTL_ENDPOINTS,
 else 127.0.0.1:2379. After a failure the next endpoint is tried.
@@ -26,7 +27,9 @@ Client: etcd3 (the design card's choice; synchronous gRPC). Unary calls run in w
 threads (``abandon_on_cancel``) and are bounded by the client timeout; the watch callback
 runs in etcd3's gRPC thread and hands each response to trio through
 ``TrioToken.run_sync_soon`` (thread-safe, never blocks that thread) into an unbounded
-channel, so events keep their order.
+channel, so events keep their order. A callback can outlive its session (a response on
+its way while the resync or a reconnect closes the channel): it is dropped, in trio,
+where it would otherwise raise inside trio's run loop and kill the daemon.
 
 etcd3 0.12 is built against old protobuf: with protobuf >= 4 its generated modules fail
 to import unless protobuf's pure-Python implementation is used, which must be chosen

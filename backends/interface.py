@@ -352,13 +352,17 @@ def split_host_port(text: str, default_port: int) -> tuple[str, str]:
     """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` -> (host, port text, not yet checked).
 
     Shared by every address whose port may be left out (a Consul agent, an etcd
-    endpoint). Raises ValueError("expected [IPV6]:PORT") for an unclosed or malformed
-    bracket; callers turn it into a SpecError naming where the text came from.
+    endpoint). Raises ValueError for an unclosed or malformed bracket, or one around no
+    IPv6 address; callers turn it into a SpecError naming where the text came from.
     """
     if text.startswith("["):
         host, closed, rest = text[1:].partition("]")
         if not closed or (rest and not rest.startswith(":")):
             raise ValueError("expected [IPV6]:PORT")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in brackets is not an IPv6 address") from None
         return host, rest.removeprefix(":") or str(default_port)
     if text.count(":") == 1:
         host, port = text.split(":")

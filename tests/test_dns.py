@@ -98,6 +98,16 @@ def test_srv_backends_from_records():
     assert any("port 0" in n for n in notes) and any("target '.'" in n for n in notes)
 
 
+def test_srv_backends_skip_targets_that_are_no_hostname():
+    """A DNS name may hold any byte (dnspython writes it as an escape); such a target is
+    skipped with a note, never handed to a look-up."""
+    records = [SrvRecord(10, 1, 6379, "a.test"), SrvRecord(10, 1, 6380, "bad\\032name.test")]
+    backends, notes = srv_backends(records, {"a.test": ["127.0.0.2"], "bad\\032name.test": ["127.0.0.3"]})
+    assert backends == [Backend("127.0.0.2", 6379, 10, 1)]
+    assert notes == ["target 'bad\\\\032name.test': label 'bad\\\\032name' has the character '\\\\' "
+                     "(allowed: letters, digits, '-' and '_'), skipped"]
+
+
 # ---- against a real dnsmasq -------------------------------------------------------------
 
 SRV = [

@@ -32,7 +32,8 @@ import trio
 
 import backends.etcd as etcd_backend
 from backends import BackendSet, ResolverOptions, parse_spec
-from backends.interface import Backend
+from backends.interface import Backend, host_problem, hostname_problem
+from backends.keyvalues import pairs_from_keys
 from tests.consul import ConsulAgent
 from tests.etcd_server import EtcdServer, require_etcd
 from tests.watch import Watch, addrs, call
@@ -85,6 +86,43 @@ def consul_resolver(agent: ConsulAgent, spec: str):
 
 
 # ---- item 6: hostnames with bad labels ------------------------------------------------------
+
+
+@pytest.mark.parametrize("host, problem", [
+    ("redis", None),
+    ("redis.example.", None),  # a fully qualified name
+    ("_redis._tcp.example", None),  # underscores: used in practice, harmless
+    ("xn--mnchen-3ya.example", None),
+    ("a" * 63 + ".example", None),
+    (".".join(["a" * 49] * 5) + ".abc", None),  # 253 characters
+    ("", "empty hostname"),
+    (".", "empty hostname"),
+    ("redis..example", "empty label"),
+    (".redis", "empty label"),
+    ("a" * 64 + ".example", "is 64 characters long (at most 63)"),
+    (".".join(["a" * 49] * 5) + ".abcd", "254 characters long"),
+    ("bad host", "the character ' '"),
+    ("a/b", "the character '/'"),
+    ("münchen.example", "not ASCII"),
+    ("-redis.example", "starts or ends with '-'"),
+    ("10.0.0.256", "neither an IP address nor a hostname"),
+])
+def test_hostname_problem(host, problem):
+    got = hostname_problem(host)
+    assert (got is None) if problem is None else (problem in (got or "")), got
+
+
+def test_host_problem_takes_ip_literals():
+    assert [host_problem(h) for h in ("10.0.0.5", "fd00::5", "fe80::1%eth0", "redis")] == [None] * 4
+    assert host_problem("fd00::zz") == "not an IPv6 address"
+
+
+def test_key_values_with_bad_hostnames_are_skipped_with_a_note_naming_the_key():
+    items = [("/p/a", b"10.0.0.1:1"), ("/p/b", b"redis..example:6379"), ("/p", b"10.0.0.2:2,x" + b"y" * 70 + b":1")]
+    pairs, notes = pairs_from_keys("/p", items)
+    assert pairs == [("10.0.0.1", 1), ("10.0.0.2", 2)]
+    assert [n.split(":")[0] for n in notes] == ["key '/p/b'", "key '/p'"], notes
+    assert "empty label" in notes[0] and "71 characters long" in notes[1]
 
 
 async def test_etcd_values_with_bad_hostnames_are_skipped_and_changes_followed(etcd, caplog):
