@@ -58,12 +58,12 @@ from .interface import (  # noqa: E402
     Backend,
     Backoff,
     BackendSet,
+    Notes,
     Publish,
     ResolveError,
     Resolver,
     ResolverOptions,
     Spec,
-    Notes,
     SpecError,
     answer_or_failure,
     failed_set,
@@ -258,7 +258,7 @@ class EtcdResolver(Resolver):
     async def watch(self, publish: Publish) -> None:
         source = self.spec.text
         state = {"last": None}
-        notes = Notes(log, source)
+        notes, unusable = Notes(log, source), Notes(log, source)
 
         async def publish_current() -> None:
             # Runs on every change under the prefix: what it logs, it logs once (Notes).
@@ -268,11 +268,12 @@ class EtcdResolver(Resolver):
                 # A value nobody foresaw, not an outage: keep following the watch, so that
                 # the change that mends it is seen.
                 last = state["last"]
-                notes.report([f"{exc}; keeping the last known set (stale)"])
+                unusable.report([f"{exc}; keeping the last known set (stale)"])
                 if last is None or not last.stale or last.error != str(exc):
                     state["last"] = failed_set(last, source, str(exc))
                     publish(state["last"])
                 return
+            unusable.report([])
             notes.report(skipped)
             self.answered_at = time.time()
             last = state["last"]
