@@ -421,4 +421,4 @@ class ConsulKVResolver(_ConsulResolver):
     async def to_backends(self, items) -> tuple[tuple[Backend, ...], list[str]]:
         pairs, notes = kv_entries(self.spec.path, items)
         backends, errors = await backends_of(pairs)
-        return tuple(backends), notes + [f"cannot resolve {error}" for error in errors]
+        return canonical(backends), notes + [f"cannot resolve {error}" for error in errors]

@@ -66,6 +66,7 @@ from .interface import (  # noqa: E402
     Spec,
     SpecError,
     answer_or_failure,
+    canonical,
     failed_set,
     host_problem,
     parse_port,
@@ -231,7 +232,7 @@ class EtcdResolver(Resolver):
         async def backends():
             pairs, notes = pairs_from_keys(self.spec.prefix, sorted(self.values.items()))
             found, errors = await backends_of(pairs)
-            return tuple(found), notes + [f"cannot resolve {error}" for error in errors]
+            return canonical(found), notes + [f"cannot resolve {error}" for error in errors]
 
         return await answer_or_failure(backends, TemporaryFailure, self.spec.text)
 

@@ -66,12 +66,12 @@ class Backend:
 def canonical(backends) -> tuple[Backend, ...]:
     """``backends`` without duplicates, in one order that depends only on the set.
 
-    A :class:`BackendSet` holds its backends in this order, and every resolver returns its
-    answers in it, so that an answer whose order alone changed (Consul's DNS shuffles
-    every SRV answer) compares equal to the last one: a publish, a route's ``changed_at``
-    and its ``backends`` log line then mean a real change. The order is the one a person
-    reads best: priority, then weight (heaviest first), address, port. (Which backend a
-    connection tries first is the balancer's business, not this order's.)
+    Every resolver whose source has no order of its own (DNS, Consul, etcd) returns its
+    answers in this one, so that an answer whose order alone changed (Consul's DNS
+    shuffles every SRV answer) compares equal to the last one: a publish, a route's
+    ``changed_at`` and its ``backends`` log line then mean a real change. The order is
+    the one a person reads best: priority, then weight (heaviest first), address, port.
+    (A static list keeps the order it was written in, which round-robin follows.)
     """
     unique = dict.fromkeys(backends)
     return tuple(sorted(unique, key=lambda b: (b.priority, -b.weight, _address_key(b.address), b.port)))
@@ -92,9 +92,9 @@ class BackendSet:
     ``stale`` is True when the source failed and this is the last good answer kept alive;
     ``error`` then says why. ``updated`` is the wall-clock time of the last good answer.
 
-    ``backends`` is kept in :func:`canonical` order, whatever order it was given in: two
-    sets with the same backends compare equal, so a source that shuffles its answers
-    (Consul's DNS) does not look like one that changes them.
+    Resolvers publish ``backends`` in an order that depends only on the set (the static
+    list's own, else :func:`canonical`), so that comparing two sets' ``backends`` tells
+    a change of set, never a mere reshuffle of the source's answer.
     """
 
     backends: tuple[Backend, ...]
@@ -102,9 +102,6 @@ class BackendSet:
     updated: float = field(default_factory=time.time)
     stale: bool = False
     error: str | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "backends", canonical(self.backends))
 
     def __len__(self) -> int:
         return len(self.backends)

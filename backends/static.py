@@ -64,10 +64,12 @@ class StaticSpec(Spec):
 async def backends_of(entries, *, priority: int = 0, weight: float = 1) -> tuple[list[Backend], list[str]]:
     """Backends for (host, port) pairs: IP literals as they are, hostnames via getaddrinfo.
 
-    Returns (backends in canonical order, errors): one error string per hostname that did
-    not resolve. Shared by every resolver whose source may hold hostnames (static lists,
-    Consul addresses, KV values); their parsers have checked each hostname already
-    (interface.hostname_problem), so an error here is the look-up's.
+    Returns (backends, errors): one error string per hostname that did not resolve. The
+    backends come in the order of ``entries``, each hostname's addresses in canonical
+    order (getaddrinfo's may change from one call to the next). Shared by every resolver
+    whose source may hold hostnames (static lists, Consul addresses, KV values); their
+    parsers have checked each hostname already (interface.hostname_problem), so an error
+    here is the look-up's.
     """
     backends: list[Backend] = []
     errors: list[str] = []
@@ -80,10 +82,9 @@ async def backends_of(entries, *, priority: int = 0, weight: float = 1) -> tuple
         except (OSError, ValueError) as exc:  # ValueError: UnicodeError of the idna codec
             errors.append(f"{host}: {exc}")
             continue
-        for family, _, _, _, sockaddr in infos:
-            if family in (socket.AF_INET, socket.AF_INET6):
-                backends.append(Backend(sockaddr[0], port, priority, weight, name=host))
-    return list(canonical(backends)), errors
+        backends += canonical(Backend(sockaddr[0], port, priority, weight, name=host)
+                              for family, _, _, _, sockaddr in infos if family in (socket.AF_INET, socket.AF_INET6))
+    return list(dict.fromkeys(backends)), errors
 
 
 class StaticResolver(Resolver):
