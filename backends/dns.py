@@ -73,6 +73,7 @@ NEGATIVE_REFRESH = 5.0
 REFRESH_FRACTION = 0.8
 # Per-query time limit (dnspython's timeout); the whole look-up's is options.dns_timeout.
 QUERY_TIMEOUT = 2.0
+EDNS_PAYLOAD = 1232
 
 
 class NotFound(ResolveError):
@@ -181,6 +182,11 @@ def make_resolver(options: ResolverOptions) -> dns.asyncresolver.Resolver:
     r.lifetime = options.dns_timeout
     r.timeout = min(QUERY_TIMEOUT, options.dns_timeout)
     r.cache = None  # we cache answers ourselves, by TTL, and refresh them early
+    # EDNS0 with 1232-byte UDP answers (the DNS Flag Day 2020 size). Without it, Consul
+    # answers a plain UDP query with a random 3 of a service's records (udp_answer_limit)
+    # and no truncation flag, so a route over more than 3 instances would change its set
+    # on every refresh, each time to a different subset.
+    r.use_edns(0, 0, EDNS_PAYLOAD)
     return r
 
 

@@ -313,9 +313,9 @@ async def test_consul_dns_shuffled_answers_make_no_change_events(agent):
     import dns.message
     import dns.query
 
-    # (three: Consul's DNS puts at most udp_answer_limit = 3 records in a UDP answer, a
-    # random three of more, which is a change of set, not of order)
-    ids = [f"shuffle-{i}" for i in range(3)]
+    # (five: more than Consul's udp_answer_limit of 3, which is what a plain UDP query gets,
+    # a random 3 each time, a change of set; the resolver asks with EDNS0 and gets all)
+    ids = [f"shuffle-{i}" for i in range(5)]
     for i, sid in enumerate(ids):
         agent.register("faults-shuffle", sid, f"127.0.1.{i + 1}", 7000 + i)
     try:
@@ -324,7 +324,7 @@ async def test_consul_dns_shuffled_answers_make_no_change_events(agent):
         # Consul does shuffle: the same question, answered in several orders
         orders = set()
         for _ in range(20):
-            query = dns.message.make_query(name, "SRV")
+            query = dns.message.make_query(name, "SRV", use_edns=0, payload=1232)
             answer = await call(dns.query.udp, query, agent.dns_server[0], port=agent.dns_server[1], timeout=2)
             orders.add(tuple(rd.target.to_text() for rd in answer.answer[0]))
         assert len(orders) > 1, "Consul answered in one order only: nothing to test"
