@@ -11,6 +11,10 @@ Specs:
   available") and port 0 are skipped.
 * ``dns://NAME:PORT``: every A and AAAA address of NAME, on a fixed port.
 
+Queries use EDNS0, so that Consul answers with every record of a service, not a random
+3 of them; answers are kept in canonical order (interface.canonical), so that Consul's
+shuffling of every answer is no change.
+
 Caching: an answer lives for its TTL (the smallest TTL of every record that went into
 it), clamped to [dns_min_ttl, dns_max_ttl] (default 1 s and 300 s: Consul answers with
 TTL 0, and a stale record should not outlive five minutes). It is refreshed in the

@@ -15,8 +15,8 @@ What each test holds the resolvers to:
   callback used to reach a channel the resync had closed, raising inside trio's run loop:
   TrioInternalError), every valid change followed, and each malformed key logged once
   (it used to be logged again on every update);
-* Consul's DNS shuffles the SRV records of every answer: the resolver publishes one set,
-  not one per answer.
+* Consul's DNS shuffles the SRV records of every answer (and, to a query without EDNS0,
+  answers a random 3 of them): the resolver publishes one set, not one per answer.
 
 Before and after figures are printed (``pytest -s``).
 """
