@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
-from backends.interface import Backend, BackendSet, ResolverOptions
+from backends.interface import Backend, BackendSet, ResolverOptions, failed_set
 
 from . import original_dst
 from .balancer import pick_order
@@ -442,8 +442,12 @@ class Server:
             try:
                 await resolver.watch(publish)
                 return
-            except Exception:  # a resolver bug must not take the route down: retry
+            except Exception as exc:  # a resolver bug must not take the route down: retry
                 log.exception("route %s: resolver crashed; keeping the last set, retrying in %.0fs", route.name, delay)
+                # ... and say so: /routes and the metrics show the route stale with the error,
+                # not healthy on a set that nobody follows any more.
+                publish(failed_set(route.backends if route.resolved else None, route.config.spec.text,
+                                   f"resolver crashed: {type(exc).__name__}: {exc}"))
                 await trio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 

@@ -541,3 +541,34 @@ async def test_route_that_never_resolves_refuses_after_connect_timeout(caplog):
             assert await recv_all(stream) == b""
         (rec,) = await wait_for_records(caplog, 1)
         assert rec["outcome"] == "no-backends"
+
+
+class CrashingResolver(ScriptedResolver):
+    """Publishes one set, then crashes: a resolver bug, as a test seam."""
+
+    async def watch(self, publish):
+        async for backends in self.receive:
+            publish(BackendSet(tuple(backends), source="scripted"))
+            raise RuntimeError("boom")
+
+
+@dataclass(frozen=True)
+class CrashingSpec(ScriptedSpec):
+    def resolver(self, options):
+        return CrashingResolver(self.receive)
+
+
+async def test_a_crashing_resolver_marks_its_route_stale_and_keeps_serving(caplog):
+    # Issue 12, item 6: a resolver that died left its route frozen and shown healthy.
+    send, receive = trio.open_memory_channel(10)
+    async with tcp_server(echo) as b1, proxy(CrashingSpec("crashing", receive)) as p:
+        await send.send([Backend("127.0.0.1", b1)])
+        with trio.fail_after(5):
+            while not p.route().backends.stale:
+                await trio.sleep(0.01)
+        assert "resolver crashed: RuntimeError: boom" in p.route().backends.error
+        assert p.route().backends.backends == (Backend("127.0.0.1", b1),)  # the last set still serves
+        stream = await p.connect()
+        await stream.send_all(b"x")
+        assert await stream.receive_some(10) == b"x"
+        await stream.aclose()
