@@ -44,33 +44,65 @@ class UsageError(Exception):
     """Exit 2 with this message."""
 
 
+# Said by run and check alike: a configuration without a route is a mistake, not a daemon.
+NO_ROUTES = "no routes: give --map PORT=SPEC, --config FILE, or BACKEND_<PORT>=SPEC"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a word starting with a dash and a digit is a value.
+
+    argparse takes ``--map -1=10.0.0.5:6379`` for an unknown option ``-1=...`` and says
+    only "expected one argument", hiding the bad port. No flag here looks like that, so
+    the word goes to ``--map``, whose parser then names ``-1``.
+    """
+
+    def _parse_optional(self, arg_string):
+        if arg_string[:1] == "-" and arg_string[1:2].isdigit():
+            return None
+        return super()._parse_optional(arg_string)
+
+
+# Numbers on the command line are ASCII: int() and float() also take other scripts'
+# digits (６３７９), which nobody reading `ps` or a unit file would take for the value used.
+# A duration flag is at most a week (a route's own durations have tighter bounds, checked
+# by config.py): more is a slip, and 1e300 seconds overflows what timeouts are made of.
+_MAX_SECONDS = 604800
+
+
 def _positive_float(flag: str):
     def parse(text: str) -> float:
         try:
+            if not text.isascii():
+                raise ValueError
             v = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds") from None
-        if not v >= 0 or v == float("inf"):
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a non-negative number of seconds")
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds, e.g. 2 or 0.5") from None
+        if not 0 <= v <= _MAX_SECONDS:  # also NaN
+            raise argparse.ArgumentTypeError(f"{text!r}: expected 0 to {_MAX_SECONDS} seconds (a week)")
         return v
 
     return parse
 
 
+def _whole(text: str, maximum: int) -> int | None:
+    """``text`` as a whole number from 1 to ``maximum`` in ASCII digits, else None."""
+    return int(text) if text.isascii() and text.isdigit() and 0 < int(text) <= maximum else None
+
+
 def _port(flag: str):
     def parse(text: str) -> int:
-        if not text.isdigit() or not 0 < int(text) < 65536:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a port number 1-65535")
-        return int(text)
+        if (n := _whole(text, 65535)) is None:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a port number 1-65535 in ASCII digits")
+        return n
 
     return parse
 
 
 def _count(flag: str, maximum: int):
     def parse(text: str) -> int:
-        if not text.isdigit() or not 0 < int(text) <= maximum:
+        if (n := _whole(text, maximum)) is None:
             raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number from 1 to {maximum}")
-        return int(text)
+        return n
 
     return parse
 
@@ -93,13 +125,15 @@ def _workers(text: str) -> int:
         from .workers import default_count
 
         return default_count()
-    if not text.isdigit() or not 0 < int(text) <= 256:
+    if (n := _whole(text, 256)) is None:
         raise argparse.ArgumentTypeError(f"{text!r}: expected auto or a whole number from 1 to 256")
-    return int(text)
+    return n
 
 
 def _mark(text: str) -> int:
     try:
+        if not text.isascii():
+            raise ValueError
         v = int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected an integer such as 0x1a3b") from None
@@ -291,7 +325,7 @@ def resolver_options(args) -> ResolverOptions:
 def build_parser() -> argparse.ArgumentParser:
     from . import netfilter
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="ambassadord",
         description="One host-wide service ambassador: consumers connect to a local address and the "
         "service's usual port; an iptables REDIRECT sends the connection here; ambassadord relays it "
@@ -429,7 +463,7 @@ def cmd_run(args) -> int:
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     if not configs:
-        raise UsageError("no routes: give --map PORT=SPEC, --config FILE, or BACKEND_<PORT>=SPEC")
+        raise UsageError(NO_ROUTES)
     if args.splice == "on" and not SPLICE_AVAILABLE:
         raise UsageError("--splice on: os.splice is not available on this platform")
     options = resolver_options(args)
@@ -908,6 +942,8 @@ def cmd_check(args) -> int:
                              link_env=args.link_env).routes
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
+    if not routes:
+        raise UsageError(NO_ROUTES)
     rows = [("PORT", "SOURCE", "BACKEND", "BALANCE", "CONNECT", "IDLE", "FROM")]
     for r in sorted(routes, key=lambda r: (r.port, str(r.source))):
         rows.append((str(r.port), str(r.source or "any"), r.spec.text, r.balance, f"{r.connect_timeout:g}s",

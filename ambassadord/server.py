@@ -143,7 +143,7 @@ def parse_listen(text: str) -> ListenAddress:
         host, sep, port = t[1:].partition("]:")
     else:
         host, sep, port = t.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"bad listen address {text!r}: expected ADDR:PORT or [IPV6]:PORT, e.g. 0.0.0.0:10000")
     try:
         ip = ipaddress.ip_address(host)

@@ -164,7 +164,7 @@ def parse_dns_server(text: str) -> tuple[str, int]:
         ip = ipaddress.ip_address(host)
     except ValueError:
         raise ValueError(f"bad DNS server {text!r}: {host!r} is not an IP address") from None
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"bad DNS server {text!r}: bad port {port!r}")
     return str(ip), int(port)
 

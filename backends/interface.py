@@ -368,10 +368,15 @@ def split_host_port(text: str, default_port: int) -> tuple[str, str]:
 
 
 def parse_port(text: str, *, context: str) -> int:
-    """A TCP port 1..65535, or SpecError naming ``context``."""
+    """A TCP port 1..65535 in ASCII digits, or SpecError naming ``context``.
+
+    ASCII only: ``str.isdigit()`` and ``int()`` also take other scripts' digits (``６３７９``,
+    ``٦٣٧٩``), which a reader of the file or of ``ps`` would not see as the port in use.
+    """
     text = str(text).strip()
-    if not text.isdigit():
-        raise SpecError(f"bad port {text!r} in {context}: expected a number 1-65535")
+    if not (text.isascii() and text.isdigit()):
+        hint = " in ASCII digits 0-9" if text.isdigit() else ""
+        raise SpecError(f"bad port {text!r} in {context}: expected a number 1-65535{hint}")
     port = int(text)
     if not 1 <= port <= 65535:
         raise SpecError(f"bad port {text!r} in {context}: expected a number 1-65535")
