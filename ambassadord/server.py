@@ -257,11 +257,12 @@ class Server:
         self.unrouted: dict[str, int] = {}  # connections closed before a route was found, by outcome
         self.started_at = time.time()
         self.listening = False  # True from the first accept loop's start until shutdown
-        # Local (ip, port) of every upstream socket of ours now connecting or connected:
-        # a connection arriving *from* one of them is our own, looped back (loop guard).
+        # Local (ip, port) and dialled port of every upstream socket of ours now connecting
+        # or connected: a connection arriving *from* one of them *for* that port is our
+        # own, looped back (loop guard).
         # A count, not a set: Linux may reuse one local port for connections to different
         # destinations, and closing one of them must not forget the other.
-        self._own_upstreams: dict[tuple[str, int], int] = {}
+        self._own_upstreams: dict[tuple[str, int, int], int] = {}
         self._first_answer: dict[Route, trio.Event] = {r: trio.Event() for r in table.routes}
         self._listen_addrs = {(s.getsockname()[0], s.getsockname()[1]) for s in listeners}
         self._accept_scope: trio.CancelScope | None = None
@@ -551,7 +552,11 @@ class Server:
             else:
                 port = dst[1]
             fields["port"] = port
-            if (peer[0], peer[1]) in self._own_upstreams:
+            # Ours, looped back: from one of our upstream sockets' local address and to the
+            # port it dialled. Not the address alone: Linux gives one local port to several
+            # connections with different destinations, so a client may share a port with
+            # an upstream of ours (seen under load on 127.0.0.1) and is not a loop.
+            if (peer[0], peer[1], port) in self._own_upstreams:
                 outcome, level = "loop", logging.ERROR
                 return
             route = self.table.lookup(port, peer[0])
@@ -750,8 +755,9 @@ class Server:
                 self.mark = None
         return sock
 
-    async def _connect(self, sock: socket.socket, backend: Backend, timeout: float) -> tuple[str, int]:
-        """Connect a non-blocking socket; return its local (ip, port), registered as our own.
+    async def _connect(self, sock: socket.socket, backend: Backend, timeout: float) -> tuple[str, int, int]:
+        """Connect a non-blocking socket; return (local ip, local port, backend port),
+        registered as our own.
 
         Raises:
             OSError: refused, unreachable, ...
@@ -761,7 +767,7 @@ class Server:
         # The local port is bound by connect() itself: register it before the first await,
         # so that if the connection loops back to us, its handler already sees it as ours.
         local = sock.getsockname()
-        key = (local[0], local[1])
+        key = (local[0], local[1], backend.port)
         self._own_upstreams[key] = self._own_upstreams.get(key, 0) + 1
         try:
             if err not in (0, errno.EINPROGRESS):
@@ -784,7 +790,7 @@ class Server:
             raise
         return key
 
-    def _forget_upstream(self, key: tuple[str, int]) -> None:
+    def _forget_upstream(self, key: tuple[str, int, int]) -> None:
         n = self._own_upstreams.get(key, 0) - 1
         if n > 0:
             self._own_upstreams[key] = n

@@ -572,3 +572,19 @@ async def test_a_crashing_resolver_marks_its_route_stale_and_keeps_serving(caplo
         await stream.send_all(b"x")
         assert await stream.receive_some(10) == b"x"
         await stream.aclose()
+
+
+async def test_a_client_that_shares_a_local_port_with_an_upstream_is_not_a_loop(caplog):
+    # Linux gives one local port to several connections with different destinations, so a
+    # client on 127.0.0.1 may come from the port that one of our upstream sockets uses
+    # toward another backend port. Before, the loop guard keyed on (ip, port) alone and
+    # refused such a client as "loop"; a looped-back upstream also has the port it dialled.
+    async with tcp_server(echo) as b1, proxy(f"127.0.0.1:{b1}") as p:
+        for port in range(1024, 65536):  # as if an upstream to port 1 held every local port
+            p.server._own_upstreams[("127.0.0.1", port, 1)] = 1
+        stream = await p.connect()
+        await stream.send_all(b"x")
+        with trio.fail_after(5):
+            assert await stream.receive_some(10) == b"x"
+        await stream.aclose()
+        p.server._own_upstreams.clear()
