@@ -58,8 +58,9 @@ def lpush(redis: RedisProcess, key: str, value: str) -> None:
 
 
 @contextlib.contextmanager
-def scenario(label: str, *flags: str, other_nat_rule: bool = False):
-    """A namespace with Redis on a port of its own and the daemon redirecting 6379 to it."""
+def scenario(label: str, *flags: str, other_nat_rule: bool = False, config=None):
+    """A namespace with Redis on a port of its own and the daemon redirecting 6379 to it
+    (a --map, or with ``config``, a path, that file)."""
     require_prerequisites()
     with namespaces(label) as (ns,):
         if other_nat_rule:
@@ -67,7 +68,11 @@ def scenario(label: str, *flags: str, other_nat_rule: bool = False):
             ns.exec(["iptables", "-t", "nat", "-A", "POSTROUTING", "-p", "udp", "--dport", "9", "-j", "RETURN"])
         port = free_port(ns=ns)
         with RedisProcess(port, ns=ns) as redis:
-            args = ["--iptables", "--listen", "127.0.0.1:10000", "--map", f"6379=127.0.0.1:{port}", *flags]
+            routes = ["--map", f"6379=127.0.0.1:{port}"]
+            if config is not None:
+                config.write_text(f'[routes]\n6379 = "127.0.0.1:{port}"\n')
+                routes = ["--config", str(config), "--config-poll", "0.1"]
+            args = ["--iptables", "--listen", "127.0.0.1:10000", *routes, *flags]
             with Daemon(args, ns=ns) as daemon:
                 yield ns, redis, daemon
 
@@ -127,24 +132,18 @@ def test_grace_period_over_closes_what_is_left_and_removes_the_rules() -> None:
 def test_reload_that_leaves_no_redirected_port_keeps_open_connections(tmp_path) -> None:
     # Before the anchor rule, a reload whose new routes redirect no port emptied the chain:
     # the namespace lost its last REDIRECT rule and the open connection broke.
-    require_prerequisites()
-    with namespaces("life-reload") as (ns,):
-        port = free_port(ns=ns)
-        config = tmp_path / "routes.toml"
-        config.write_text(f'[routes]\n6379 = "127.0.0.1:{port}"\n')
-        with RedisProcess(port, ns=ns), \
-                Daemon(["--iptables", "--listen", "127.0.0.1:10000", "--config", str(config), "--config-poll", "0.1"],
-                       ns=ns) as daemon:
-            with contextlib.closing(daemon.connect("127.0.0.1", 6379)) as s:
-                assert ping(s) == b"+PONG\r\n"
-                # Only a route on the listen port itself is left: nothing to redirect.
-                new = tmp_path / "new.toml"
-                new.write_text(f'[routes]\n10000 = "127.0.0.1:{port}"\n')
-                os.replace(new, config)
-                daemon.wait_for(lambda r: r.get("event") == "reload" and r.get("ok"))
-                assert refused("127.0.0.1", 6379, ns=ns)
-                assert ping(s) == b"+PONG\r\n", "the open connection broke when its port was dropped"
-            daemon.stop()
+    config = tmp_path / "routes.toml"
+    with scenario("life-reload", config=config) as (ns, redis, daemon):
+        with contextlib.closing(daemon.connect("127.0.0.1", 6379)) as s:
+            assert ping(s) == b"+PONG\r\n"
+            # Only a route on the listen port itself is left: nothing to redirect.
+            new = tmp_path / "new.toml"
+            new.write_text(f'[routes]\n10000 = "127.0.0.1:{redis.port}"\n')
+            os.replace(new, config)
+            daemon.wait_for(lambda r: r.get("event") == "reload" and r.get("ok"))
+            assert refused("127.0.0.1", 6379, ns=ns)
+            assert ping(s) == b"+PONG\r\n", "the open connection broke when its port was dropped"
+        daemon.stop()
         assert "AMBASSADORD" not in nat(ns)
 
 
@@ -194,23 +193,17 @@ def test_sigterm_stops_the_daemon_while_a_reload_reads_a_fifo(tmp_path) -> None:
     # Item 5: the config path became a FIFO; the reload that read it blocked and held a
     # lock that SIGTERM then waited on forever. Now the reload refuses or abandons it, and
     # the stop takes at most the grace period.
-    require_prerequisites()
-    with namespaces("life-fifo") as (ns,):
-        port = free_port(ns=ns)
-        config = tmp_path / "routes.toml"
-        config.write_text(f'[routes]\n6379 = "127.0.0.1:{port}"\n')
-        with RedisProcess(port, ns=ns), \
-                Daemon(["--iptables", "--listen", "127.0.0.1:10000", "--config", str(config), "--config-poll", "0.1",
-                        "--grace", "2"], ns=ns) as daemon:
-            fifo = tmp_path / "fifo"
-            os.mkfifo(fifo)
-            os.replace(fifo, config)
-            daemon.signal(signal.SIGHUP)
-            daemon.wait_for("reloading (")
-            with contextlib.closing(daemon.connect("127.0.0.1", 6379)) as s:
-                assert ping(s) == b"+PONG\r\n"  # the old routes still serve
-            started = time.monotonic()
-            daemon.signal(signal.SIGTERM)
-            assert daemon.wait_exit(10) == 0, daemon.describe()
-            assert time.monotonic() - started < 6
+    config = tmp_path / "routes.toml"
+    with scenario("life-fifo", "--grace", "2", config=config) as (ns, _redis, daemon):
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        os.replace(fifo, config)
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for("reloading (")
+        with contextlib.closing(daemon.connect("127.0.0.1", 6379)) as s:
+            assert ping(s) == b"+PONG\r\n"  # the old routes still serve
+        started = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit(10) == 0, daemon.describe()
+        assert time.monotonic() - started < 6
         assert "AMBASSADORD" not in nat(ns)
