@@ -19,7 +19,10 @@ Semantics, the same for all three:
   layer): a client that sends its request and shuts its write side still gets the whole
   reply. The relay ends when both directions have seen EOF. In the kernel, the FIN is
   passed on only once every byte before it has been written into the other socket.
-* A reset or any other socket error in either direction ends both directions at once.
+* A reset or any other socket error in either direction ends both directions at once, and
+  is passed on as a reset: the other socket gets SO_LINGER 0, so the caller's close()
+  sends an RST and drops what is still queued. (Closed normally, it would send a FIN after
+  the bytes that made it through, and a truncated stream would look complete.)
 * An optional idle timeout ends the relay when no byte moved either way for that long.
 * The caller owns the sockets and closes them (``finally``) as soon as the relay returns;
   the relay never closes them. (After a kernel relay they are still in the sockmap:
@@ -153,7 +156,7 @@ async def _pump_copy(src, dst, result: RelayResult, up: bool, src_name: str, dst
             moved += n
             if n == CHUNK or moved >= splice_after:
                 return await _pump_splice(src, dst, result, up, src_name, dst_name, scope, idle)
-    _half_close(dst)
+    _half_close(dst, dst_name)
 
 
 async def _pump_splice(src, dst, result: RelayResult, up: bool, src_name: str, dst_name: str, scope, idle) -> None:
@@ -202,7 +205,7 @@ async def _pump_splice(src, dst, result: RelayResult, up: bool, src_name: str, d
                     raise _Broken(f"{dst_name}-reset") from exc
             if not waited:
                 await checkpoint()
-        _half_close(dst)
+        _half_close(dst, dst_name)
     finally:
         os.close(rfd)
         os.close(wfd)
@@ -219,12 +222,26 @@ def _warn_pipe_fallback(exc: OSError) -> None:
         _pipe_warned = True
 
 
-def _half_close(sock: socket.socket) -> None:
+def _half_close(sock: socket.socket, name: str) -> None:
+    """Pass an EOF on. Each direction does this once, to its destination, and we close
+    nothing ourselves: so ENOTCONN (the socket is in state CLOSE) means its peer reset it."""
     try:
         sock.shutdown(socket.SHUT_WR)
     except OSError as exc:
-        if exc.errno != errno.ENOTCONN:  # the peer is already gone: nothing to tell it
-            raise
+        raise _Broken(f"{name}-reset") from exc
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends an RST
+
+
+def _pass_reset(result: RelayResult, client: socket.socket, backend: socket.socket) -> None:
+    """After one side reset, make the caller's close() of the other side a reset too."""
+    other = {"client-reset": backend, "backend-reset": client}.get(result.outcome)
+    if other is not None:
+        try:
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass  # not possible on a socket that is gone already; nothing to tell it then
 
 
 # ---- in the kernel: sockmap -------------------------------------------------------------
@@ -309,11 +326,7 @@ async def _relay_kernel(client, backend, sockmap, watcher, result: RelayResult) 
                     await _send_all(dst, data, dst_name)
                 if eof:
                     final[fd] = await _drained(src, dst, dst is backend)
-                    try:
-                        _half_close(dst)
-                    except OSError:
-                        result.outcome = f"{dst_name}-reset"
-                        return
+                    _half_close(dst, dst_name)
                     del ends[fd]
                 else:
                     watcher.rearm(src)
@@ -372,8 +385,11 @@ async def relay(
         else:
             if result.outcome is None:
                 result.outcome = "ok"
+            _pass_reset(result, client, backend)
             return result
-    return await _relay_user(client, backend, idle_timeout, use_splice, result)
+    await _relay_user(client, backend, idle_timeout, use_splice, result)
+    _pass_reset(result, client, backend)
+    return result
 
 
 async def _relay_user(client, backend, idle_timeout, use_splice, result: RelayResult) -> RelayResult:
@@ -389,10 +405,6 @@ async def _relay_user(client, backend, idle_timeout, use_splice, result: RelayRe
             except _Broken as exc:
                 if result.outcome is None:
                     result.outcome = exc.outcome
-                scope.cancel()
-            except OSError as exc:  # shutdown() of a socket the peer reset
-                if result.outcome is None:
-                    result.outcome = f"{dst_name}-reset" if exc.errno else "error"
                 scope.cancel()
 
         async with trio.open_nursery() as nursery:

@@ -21,7 +21,7 @@ from ambassadord.sockmap import Sockmap, SockmapError, cookie
 from tests.daemon import Daemon, RedisProcess, connect, free_port, wait_until
 
 
-def _sockmap_or_skip() -> Sockmap:
+def sockmap_or_skip() -> Sockmap:
     try:
         return Sockmap(8)
     except SockmapError as exc:
@@ -47,7 +47,7 @@ def stopped(daemon: Daemon):
 
 @pytest.mark.parametrize("mode", ["on", "off"])
 def test_an_established_connection_works_while_the_daemon_is_stopped_only_in_the_kernel(tmp_path, mode):
-    _sockmap_or_skip().close()
+    sockmap_or_skip().close()
     listen = free_port()
     with RedisProcess(free_port()) as redis:
         daemon = Daemon(["--listen", f"127.0.0.1:{listen}", "--map", f"{listen}=127.0.0.1:{redis.port}",
@@ -79,7 +79,7 @@ def test_an_established_connection_works_while_the_daemon_is_stopped_only_in_the
 def test_a_full_map_falls_back_to_user_space(tmp_path):
     """Capacity for one connection (two sockets): a second, concurrent one is relayed in
     user space, and works all the same."""
-    _sockmap_or_skip().close()
+    sockmap_or_skip().close()
     listen = free_port()
     with RedisProcess(free_port()) as redis:
         daemon = Daemon(["--listen", f"127.0.0.1:{listen}", "--map", f"{listen}=127.0.0.1:{redis.port}",
@@ -104,7 +104,7 @@ def test_a_full_map_falls_back_to_user_space(tmp_path):
 
 
 def test_pairs_redirect_to_each_other_and_can_leave_and_join_again():
-    sm = _sockmap_or_skip()
+    sm = sockmap_or_skip()
     try:
         with socket.create_server(("127.0.0.1", 0)) as srv:
             a = socket.create_connection(srv.getsockname())
@@ -139,7 +139,7 @@ def test_pairs_redirect_to_each_other_and_can_leave_and_join_again():
 def test_data_sent_before_the_pair_joined_is_relayed_at_once():
     """The client speaks first, before the daemon has connected upstream: its bytes wait
     in the receive queue and must not wait for more data to come (SO_RCVLOWAT kick)."""
-    sm = _sockmap_or_skip()
+    sm = sockmap_or_skip()
     try:
         with socket.create_server(("127.0.0.1", 0)) as srv:
             client = socket.create_connection(srv.getsockname())
