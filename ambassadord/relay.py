@@ -47,7 +47,6 @@ import errno
 import fcntl
 import logging
 import os
-import select
 import socket
 import struct
 from dataclasses import dataclass
@@ -263,13 +262,43 @@ def _bytes_written(sock: socket.socket, syn: bool) -> int:
     return acked - syn + queued
 
 
-async def _drained(src: socket.socket, dst: socket.socket, dst_connected: bool) -> int:
+_TCP_CLOSE = 7  # tcpi_state, the first byte of struct tcp_info
+
+
+def _closed(sock: socket.socket) -> bool:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE
+
+
+def _was_reset(sock: socket.socket, write_shut: bool) -> bool:
+    """Whether the peer of a socket in the sockmap reset it (or it failed otherwise).
+
+    SO_ERROR alone cannot say: when the kernel's redirect of the other side's data into
+    the reset socket fails, it overwrites the socket's ECONNRESET with EPIPE (the error it
+    also reports, harmlessly, when a redirected FIN could not be "sent" as data). So the
+    TCP state decides too: a socket whose write side we did not shut can reach CLOSE only
+    through a reset or an error (a FIN leaves it in CLOSE_WAIT). Once we shut it, a FIN
+    from its peer closes it too, and only SO_ERROR tells the two apart (nothing is
+    redirected into it any more, so nothing overwrites that)."""
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # reading clears it
+    if err and err != errno.EPIPE:
+        return True
+    return not write_shut and _closed(sock)
+
+
+async def _drained(src: socket.socket, dst: socket.socket, dst_connected: bool, dst_name: str) -> int:
     """Wait until every byte ``src`` received (its FIN has come) has been written into
     ``dst``; return that count (final: nothing comes after the FIN). The kernel sends
-    redirected data from a work queue; a FIN sent before it would cut it off."""
+    redirected data from a work queue; a FIN sent before it would cut it off.
+
+    Raises:
+        _Broken: ``dst`` was reset (CLOSE before we shut it): those bytes will never be
+            written, and waiting for them would hold the connection forever.
+    """
     delay = 0.0005
     received = _bytes_received(src, True)
     while _bytes_written(dst, dst_connected) < received:
+        if _closed(dst):
+            raise _Broken(f"{dst_name}-reset")
         await trio.sleep(delay)
         delay = min(delay * 2, 0.05)
     return received
@@ -279,8 +308,13 @@ async def _relay_kernel(client, backend, sockmap, watcher, result: RelayResult) 
     """Let the kernel move the bytes (sockmap.py); this task only sees EOF, errors and any
     data the kernel passed up, as told by the Watcher. One task per connection, no nursery."""
     handle = sockmap.add_pair(client, backend)  # SockmapError: the caller relays itself
+    names = {client.fileno(): (client, "client"), backend.fileno(): (backend, "backend")}
+    # The directions still open, by the fd of their source. A socket whose EOF came stays
+    # watched (for errors only): it is still the other direction's destination, and its
+    # peer may reset it after its FIN.
     ends = {client.fileno(): (client, backend, "client", "backend"),
             backend.fileno(): (backend, client, "backend", "client")}
+    shut: set[int] = set()  # sockets whose write side we shut (their peer got our FIN)
 
     final: dict[int, int] = {}  # fd -> bytes it received in all, once its EOF came
 
@@ -299,18 +333,15 @@ async def _relay_kernel(client, backend, sockmap, watcher, result: RelayResult) 
     try:
         while ends:
             news = await flow.wait()
-            for fd, mask in news.items():
+            for fd in news:
+                sock, name = names[fd]
+                if _was_reset(sock, fd in shut):
+                    result.outcome = f"{name}-reset"
+                    return
                 if fd not in ends:
+                    watcher.rearm(sock, errors_only=True)
                     continue
                 src, dst, src_name, dst_name = ends[fd]
-                if mask & select.EPOLLERR:
-                    # Reading SO_ERROR clears it. EPIPE is what the kernel reports on a
-                    # socket when a FIN it redirected could not be "sent" as data: not an
-                    # error of the connection (the FIN itself is read as EOF below).
-                    err = src.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if err and err != errno.EPIPE:
-                        result.outcome = f"{src_name}-reset"
-                        return
                 eof = False
                 while True:  # what the kernel passed up (if anything), then EOF or not
                     try:
@@ -325,9 +356,12 @@ async def _relay_kernel(client, backend, sockmap, watcher, result: RelayResult) 
                         break
                     await _send_all(dst, data, dst_name)
                 if eof:
-                    final[fd] = await _drained(src, dst, dst is backend)
+                    final[fd] = await _drained(src, dst, dst is backend, dst_name)
                     _half_close(dst, dst_name)
+                    shut.add(dst.fileno())
                     del ends[fd]
+                    if ends:
+                        watcher.rearm(src, errors_only=True)
                 else:
                     watcher.rearm(src)
     except _Broken as exc:

@@ -215,6 +215,9 @@ class Watcher:
     """
 
     MASK = select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP | select.EPOLLONESHOT
+    # After a socket's EOF: EPOLLRDHUP stays true (it would fire again at once), but a
+    # reset after the FIN must still be seen.
+    ERRORS = select.EPOLLERR | select.EPOLLHUP | select.EPOLLONESHOT
 
     def __init__(self):
         self._ep = select.epoll()
@@ -228,8 +231,10 @@ class Watcher:
             self._waiters[s.fileno()] = flow
             self._ep.register(s.fileno(), self.MASK)
 
-    def rearm(self, sock: socket.socket) -> None:
-        self._ep.modify(sock.fileno(), self.MASK)
+    def rearm(self, sock: socket.socket, *, errors_only: bool = False) -> None:
+        """Watch again (each event disarms the socket: EPOLLONESHOT). ``errors_only``:
+        after its EOF, for a reset or an error only."""
+        self._ep.modify(sock.fileno(), self.ERRORS if errors_only else self.MASK)
 
     def unregister(self, *socks: socket.socket, closing: bool = False) -> None:
         """``closing``: the sockets are about to be closed, which takes them out of the

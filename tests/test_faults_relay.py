@@ -26,7 +26,7 @@ import pytest
 
 from tests.daemon import Daemon, connect, free_port, wait_until
 from tests.stream_server import StreamServer
-from tests.test_admin import admin_daemon
+from tests.test_admin import admin_daemon, get_routes, route
 from tests.test_sockmap import sockmap_or_skip
 
 MODES = {
@@ -116,3 +116,82 @@ def test_a_backend_that_resets_mid_download_is_a_reset_for_the_client(mode, tmp_
                 seen[read_until_end(c)[0]] += 1
         assert seen["eof"] == 0, f"{seen['eof']} of {ROUNDS} aborted downloads reached the client as a clean EOF: {seen}"
         assert connection_outcomes(daemon, ROUNDS) == {"backend-reset": ROUNDS}
+
+
+def test_a_client_that_resets_while_the_kernel_relay_drains_a_finished_download(tmp_path):
+    """The kernel relay passes a backend's FIN on only once every byte before it is in the
+    client's socket. The server sends 16 MiB and closes while the client reads nothing;
+    then the client resets: those bytes will never be taken, and the connection must end
+    at once (as the client's reset), not wait for them forever."""
+    with StreamServer(free_port()) as server, relay_daemon("sockmap", server.port, tmp_path) as (daemon, port, admin):
+        for i in range(ROUNDS):
+            c = connect("127.0.0.1", port)
+            c.sendall(b"download %d\n" % (16 * MiB))
+            wait_until(lambda: len(server.outcomes()) > i, timeout=10, what=server.log_tail)
+            abort(c)
+        assert server.counts("download") == {"sent": ROUNDS}
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda: route(get_routes(admin), str(port))["active"] == 0, timeout=10, what="")
+        left = route(get_routes(admin), str(port))["active"]
+        assert left == 0, f"{left} of {ROUNDS} connections still open in the daemon"
+        assert connection_outcomes(daemon, ROUNDS) == {"client-reset": ROUNDS}
+
+
+LEAK_CLIENTS = 200
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# (command, shut the write side before the reset): a download the server ends by itself,
+# and a stream that it keeps open until it is reset (so that only the client's reset can
+# end the connection); each aborted plainly and after SHUT_WR. The held streams' sizes
+# tell their two kinds apart in the server's report.
+LEAK_KINDS = [(b"download %d\n" % (32 * MiB), False), (b"download %d\n" % (32 * MiB), True),
+              (b"hold %d\n" % (16 * MiB), False), (b"hold %d\n" % (16 * MiB + 1), True)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_clients_that_reset_mid_download_leave_nothing_open(mode, tmp_path):
+    """200 clients each start a download, read 128 KiB of it, and reset, half of them after
+    shutting their write side (SHUT_WR): afterwards the daemon has no active connection
+    and no more fds than before, every backend connection was reset, and it still serves."""
+    with StreamServer(free_port()) as server, relay_daemon(mode, server.port, tmp_path) as (daemon, port, admin):
+        pid = daemon.proc.pid
+        baseline = open_fds(pid)
+        for i in range(LEAK_CLIENTS):
+            command, shut_first = LEAK_KINDS[i % len(LEAK_KINDS)]
+            c = connect("127.0.0.1", port)
+            c.sendall(command)
+            read_at_least(c, 128 * 1024)
+            if shut_first:
+                c.shutdown(socket.SHUT_WR)
+            abort(c)
+
+        # Only /proc while waiting: the admin API's own connections would count as fds.
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda: open_fds(pid) <= baseline, timeout=10, what="")
+        extra = max(open_fds(pid) - baseline, 0)
+        left = route(get_routes(admin), str(port))["active"]
+        assert (left, extra) == (0, 0), (
+            f"{left} of {LEAK_CLIENTS} reset connections still open in the daemon, {extra} fds more than before")
+        assert connection_outcomes(daemon, LEAK_CLIENTS) == {"client-reset": LEAK_CLIENTS}
+
+        # The backend was told: every held stream was reset (after the EOF of a client
+        # that shut its write side first). So was every download in user space; in the
+        # kernel, the backend's data is dropped at full speed from the client's reset
+        # until the daemon has seen it, so a download may be all sent by then.
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda: len(server.outcomes()) >= LEAK_CLIENTS, timeout=10, what="")
+        held = collections.Counter((how, n) for kind, how, n in server.outcomes() if kind == "hold")
+        quarter = LEAK_CLIENTS // len(LEAK_KINDS)
+        assert held[("reset", 16 * MiB)] == quarter, held
+        assert held[("reset", 16 * MiB + 1)] + held[("eof-reset", 16 * MiB + 1)] == quarter, held
+        if mode != "sockmap":
+            assert server.counts("download") == {"reset": 2 * quarter}
+
+        # ... and it still serves.
+        with contextlib.closing(connect("127.0.0.1", port)) as c:
+            c.sendall(b"download %d\n" % MiB)
+            assert read_until_end(c) == ("eof", MiB)
