@@ -67,6 +67,19 @@ def _send(sock: socket.socket, size: int) -> int:
     return sent
 
 
+def read_to_end(sock: socket.socket) -> tuple[str, int]:
+    """Read until the peer ends the stream: ("eof" or "reset", bytes read). Also what a
+    test's client uses; a timeout of the socket's own is raised."""
+    buf = bytearray(_CHUNK)
+    total = 0
+    try:
+        while n := sock.recv_into(buf):
+            total += n
+    except ConnectionResetError:
+        return "reset", total
+    return "eof", total
+
+
 class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock: socket.socket = self.request
@@ -92,15 +105,7 @@ class _Handler(socketserver.BaseRequestHandler):
             _report("unknown", verb, 0)
 
     def _upload(self, sock: socket.socket) -> None:
-        buf = bytearray(_CHUNK)
-        total = 0
-        try:
-            while n := sock.recv_into(buf):
-                total += n
-        except OSError:
-            _report("upload", "reset", total)
-            return
-        _report("upload", "eof", total)
+        _report("upload", *read_to_end(sock))
 
     def _download(self, sock: socket.socket, size: int, *, abort: bool) -> None:
         sent = _send(sock, size)
