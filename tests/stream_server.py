@@ -15,7 +15,8 @@ connection is over::
     conn hold eof-reset 1048576   ... its peer shut its write side (EOF), then reset it
     conn hold held 1048576        ... nobody reset it within 30 s (then it closed it)
 
-A connection starts with one command line: ``upload``, ``download N`` (send N bytes, then
+A connection starts with one command line: ``upload`` (or ``upload MS``: start reading only
+after MS milliseconds, a slow server that the relay must wait for), ``download N`` (send N bytes, then
 close), ``abort N`` (send N bytes, then close with SO_LINGER 0: a reset), or ``hold N``
 (send N bytes, then keep the connection open, sending a byte every 50 ms, until the peer
 resets it: a stream that never ends by itself, such as a subscription). One thread per
@@ -96,6 +97,7 @@ class _Handler(socketserver.BaseRequestHandler):
             return
         verb, *args = command.decode().split()
         if verb == "upload":
+            time.sleep(int(args[0]) / 1000 if args else 0)  # the fault: a slow server
             self._upload(sock)
         elif verb in ("download", "abort"):
             self._download(sock, int(args[0]), abort=verb == "abort")

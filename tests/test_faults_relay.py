@@ -85,11 +85,36 @@ def test_a_client_that_resets_mid_upload_is_a_reset_for_the_backend(mode, tmp_pa
             c.sendall(b"upload\n")
             c.sendall(payload)
             abort(c)
-        wait_until(lambda: len(server.outcomes()) >= ROUNDS, timeout=20, what=server.log_tail)
-        seen = server.counts("upload")
-        assert seen["eof"] == 0, f"{seen['eof']} of {ROUNDS} aborted uploads reached the server as a clean EOF: {seen}"
-        assert seen["reset"] == ROUNDS, seen
+        assert_all_reset(server, "upload", ROUNDS)
         assert connection_outcomes(daemon, ROUNDS) == {"client-reset": ROUNDS}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_client_that_resets_while_the_relay_waits_for_a_slow_backend_is_a_reset_for_it(mode, tmp_path):
+    """The server starts reading only after 100 ms; the client sends until every buffer
+    on the way is full (the relay waits for the server to take more), or 32 MiB, and
+    aborts. Once the server reads, it must get what was sent before the reset, then the
+    reset. (The cap is for the kernel relay, which does not hold a fast sender back: it
+    queues whatever the destination cannot take yet in kernel memory.)"""
+    chunk = bytes(256 * 1024)
+    with StreamServer(free_port()) as server, relay_daemon(mode, server.port, tmp_path) as (daemon, port, _):
+        for _ in range(ROUNDS):
+            c = connect("127.0.0.1", port)
+            c.sendall(b"upload 100\n")
+            c.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                for _ in range(32 * MiB // len(chunk)):
+                    c.send(chunk)
+            abort(c)
+        assert_all_reset(server, "upload", ROUNDS)
+        assert connection_outcomes(daemon, ROUNDS) == {"client-reset": ROUNDS}
+
+
+def assert_all_reset(server: StreamServer, kind: str, n: int) -> None:
+    wait_until(lambda: len(server.outcomes()) >= n, timeout=20, what=server.log_tail)
+    seen = server.counts(kind)
+    assert seen["eof"] == 0, f"{seen['eof']} of {n} aborted uploads reached the server as a clean EOF: {seen}"
+    assert seen["reset"] == n, seen
 
 
 @pytest.mark.parametrize("mode", MODES)
