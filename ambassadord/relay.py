@@ -19,7 +19,10 @@ Semantics, the same for all three:
   layer): a client that sends its request and shuts its write side still gets the whole
   reply. The relay ends when both directions have seen EOF. In the kernel, the FIN is
   passed on only once every byte before it has been written into the other socket.
-* A reset or any other socket error in either direction ends both directions at once.
+* A reset or any other socket error in either direction ends both directions at once, and
+  is passed on as a reset: the other socket gets SO_LINGER 0, so the caller's close()
+  sends an RST and drops what is still queued. (Closed normally, it would send a FIN after
+  the bytes that made it through, and a truncated stream would look complete.)
 * An optional idle timeout ends the relay when no byte moved either way for that long.
 * The caller owns the sockets and closes them (``finally``) as soon as the relay returns;
   the relay never closes them. (After a kernel relay they are still in the sockmap:
@@ -44,7 +47,6 @@ import errno
 import fcntl
 import logging
 import os
-import select
 import socket
 import struct
 from dataclasses import dataclass
@@ -153,7 +155,7 @@ async def _pump_copy(src, dst, result: RelayResult, up: bool, src_name: str, dst
             moved += n
             if n == CHUNK or moved >= splice_after:
                 return await _pump_splice(src, dst, result, up, src_name, dst_name, scope, idle)
-    _half_close(dst)
+    _half_close(dst, dst_name)
 
 
 async def _pump_splice(src, dst, result: RelayResult, up: bool, src_name: str, dst_name: str, scope, idle) -> None:
@@ -202,7 +204,7 @@ async def _pump_splice(src, dst, result: RelayResult, up: bool, src_name: str, d
                     raise _Broken(f"{dst_name}-reset") from exc
             if not waited:
                 await checkpoint()
-        _half_close(dst)
+        _half_close(dst, dst_name)
     finally:
         os.close(rfd)
         os.close(wfd)
@@ -219,12 +221,26 @@ def _warn_pipe_fallback(exc: OSError) -> None:
         _pipe_warned = True
 
 
-def _half_close(sock: socket.socket) -> None:
+def _half_close(sock: socket.socket, name: str) -> None:
+    """Pass an EOF on. Each direction does this once, to its destination, and we close
+    nothing ourselves: so ENOTCONN (the socket is in state CLOSE) means its peer reset it."""
     try:
         sock.shutdown(socket.SHUT_WR)
     except OSError as exc:
-        if exc.errno != errno.ENOTCONN:  # the peer is already gone: nothing to tell it
-            raise
+        raise _Broken(f"{name}-reset") from exc
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends an RST
+
+
+def _pass_reset(result: RelayResult, client: socket.socket, backend: socket.socket) -> None:
+    """After one side reset, make the caller's close() of the other side a reset too."""
+    other = {"client-reset": backend, "backend-reset": client}.get(result.outcome)
+    if other is not None:
+        try:
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass  # not possible on a socket that is gone already; nothing to tell it then
 
 
 # ---- in the kernel: sockmap -------------------------------------------------------------
@@ -246,13 +262,43 @@ def _bytes_written(sock: socket.socket, syn: bool) -> int:
     return acked - syn + queued
 
 
-async def _drained(src: socket.socket, dst: socket.socket, dst_connected: bool) -> int:
+_TCP_CLOSE = 7  # tcpi_state, the first byte of struct tcp_info
+
+
+def _closed(sock: socket.socket) -> bool:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE
+
+
+def _was_reset(sock: socket.socket, write_shut: bool) -> bool:
+    """Whether the peer of a socket in the sockmap reset it (or it failed otherwise).
+
+    SO_ERROR alone cannot say: when the kernel's redirect of the other side's data into
+    the reset socket fails, it overwrites the socket's ECONNRESET with EPIPE (the error it
+    also reports, harmlessly, when a redirected FIN could not be "sent" as data). So the
+    TCP state decides too: a socket whose write side we did not shut can reach CLOSE only
+    through a reset or an error (a FIN leaves it in CLOSE_WAIT). Once we shut it, a FIN
+    from its peer closes it too, and only SO_ERROR tells the two apart (nothing is
+    redirected into it any more, so nothing overwrites that)."""
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # reading clears it
+    if err and err != errno.EPIPE:
+        return True
+    return not write_shut and _closed(sock)
+
+
+async def _drained(src: socket.socket, dst: socket.socket, dst_connected: bool, dst_name: str) -> int:
     """Wait until every byte ``src`` received (its FIN has come) has been written into
     ``dst``; return that count (final: nothing comes after the FIN). The kernel sends
-    redirected data from a work queue; a FIN sent before it would cut it off."""
+    redirected data from a work queue; a FIN sent before it would cut it off.
+
+    Raises:
+        _Broken: ``dst`` was reset (CLOSE before we shut it): those bytes will never be
+            written, and waiting for them would hold the connection forever.
+    """
     delay = 0.0005
     received = _bytes_received(src, True)
     while _bytes_written(dst, dst_connected) < received:
+        if _closed(dst):
+            raise _Broken(f"{dst_name}-reset")
         await trio.sleep(delay)
         delay = min(delay * 2, 0.05)
     return received
@@ -262,8 +308,13 @@ async def _relay_kernel(client, backend, sockmap, watcher, result: RelayResult) 
     """Let the kernel move the bytes (sockmap.py); this task only sees EOF, errors and any
     data the kernel passed up, as told by the Watcher. One task per connection, no nursery."""
     handle = sockmap.add_pair(client, backend)  # SockmapError: the caller relays itself
+    names = {client.fileno(): (client, "client"), backend.fileno(): (backend, "backend")}
+    # The directions still open, by the fd of their source. A socket whose EOF came stays
+    # watched (for errors only): it is still the other direction's destination, and its
+    # peer may reset it after its FIN.
     ends = {client.fileno(): (client, backend, "client", "backend"),
             backend.fileno(): (backend, client, "backend", "client")}
+    shut: set[int] = set()  # sockets whose write side we shut (their peer got our FIN)
 
     final: dict[int, int] = {}  # fd -> bytes it received in all, once its EOF came
 
@@ -282,18 +333,15 @@ async def _relay_kernel(client, backend, sockmap, watcher, result: RelayResult) 
     try:
         while ends:
             news = await flow.wait()
-            for fd, mask in news.items():
+            for fd in news:
+                sock, name = names[fd]
+                if _was_reset(sock, fd in shut):
+                    result.outcome = f"{name}-reset"
+                    return
                 if fd not in ends:
+                    watcher.rearm(sock, errors_only=True)
                     continue
                 src, dst, src_name, dst_name = ends[fd]
-                if mask & select.EPOLLERR:
-                    # Reading SO_ERROR clears it. EPIPE is what the kernel reports on a
-                    # socket when a FIN it redirected could not be "sent" as data: not an
-                    # error of the connection (the FIN itself is read as EOF below).
-                    err = src.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if err and err != errno.EPIPE:
-                        result.outcome = f"{src_name}-reset"
-                        return
                 eof = False
                 while True:  # what the kernel passed up (if anything), then EOF or not
                     try:
@@ -308,13 +356,12 @@ async def _relay_kernel(client, backend, sockmap, watcher, result: RelayResult) 
                         break
                     await _send_all(dst, data, dst_name)
                 if eof:
-                    final[fd] = await _drained(src, dst, dst is backend)
-                    try:
-                        _half_close(dst)
-                    except OSError:
-                        result.outcome = f"{dst_name}-reset"
-                        return
+                    final[fd] = await _drained(src, dst, dst is backend, dst_name)
+                    _half_close(dst, dst_name)
+                    shut.add(dst.fileno())
                     del ends[fd]
+                    if ends:
+                        watcher.rearm(src, errors_only=True)
                 else:
                     watcher.rearm(src)
     except _Broken as exc:
@@ -372,8 +419,11 @@ async def relay(
         else:
             if result.outcome is None:
                 result.outcome = "ok"
+            _pass_reset(result, client, backend)
             return result
-    return await _relay_user(client, backend, idle_timeout, use_splice, result)
+    await _relay_user(client, backend, idle_timeout, use_splice, result)
+    _pass_reset(result, client, backend)
+    return result
 
 
 async def _relay_user(client, backend, idle_timeout, use_splice, result: RelayResult) -> RelayResult:
@@ -389,10 +439,6 @@ async def _relay_user(client, backend, idle_timeout, use_splice, result: RelayRe
             except _Broken as exc:
                 if result.outcome is None:
                     result.outcome = exc.outcome
-                scope.cancel()
-            except OSError as exc:  # shutdown() of a socket the peer reset
-                if result.outcome is None:
-                    result.outcome = f"{dst_name}-reset" if exc.errno else "error"
                 scope.cancel()
 
         async with trio.open_nursery() as nursery:

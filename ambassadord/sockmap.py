@@ -21,7 +21,9 @@ per connection, nothing to delete.
 
 Written with raw ``bpf(2)`` calls through ctypes and a hand-assembled program of 12
 instructions: no compiler, no libbpf, nothing to install. Needs CAP_BPF (or
-CAP_SYS_ADMIN) and CAP_NET_ADMIN.
+CAP_SYS_ADMIN) and CAP_NET_ADMIN. The system call's number differs between
+architectures (``BPF_SYSCALLS``); on one not in that table the kernel relay says so and
+is not used.
 
 The program, in BPF assembly (r1 = the skb)::
 
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import select
 import socket
 import struct
@@ -51,7 +54,18 @@ import struct
 import trio
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_NR_BPF = 321  # x86_64
+
+# bpf(2)'s number by platform.machine(), from each architecture's system call table
+# (aarch64, riscv64 and loongarch64 share the generic one; 32-bit arm is its EABI), with
+# the width of that architecture's pointers: a process of the other width (32-bit Python
+# on a 64-bit kernel, or a 64-bit one under `setarch i686`) uses another table. Calling a
+# wrong number would run some other system call with our arguments.
+BPF_SYSCALLS = {
+    "x86_64": (321, 64), "i386": (357, 32), "i686": (357, 32),
+    "aarch64": (280, 64), "armv7l": (386, 32), "armv6l": (386, 32),
+    "riscv64": (280, 64), "ppc64": (361, 64), "ppc64le": (361, 64), "s390x": (351, 64),
+    "loongarch64": (280, 64),
+}
 
 BPF_MAP_CREATE, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_PROG_LOAD, BPF_PROG_ATTACH = 0, 2, 3, 5, 8
 BPF_MAP_TYPE_SOCKHASH = 18
@@ -65,12 +79,32 @@ _FN_GET_SOCKET_COOKIE, _FN_SK_REDIRECT_HASH = 46, 72
 
 
 class SockmapError(OSError):
-    """The kernel refused (no BPF, no capability, verifier, ...): relay in user space."""
+    """The kernel refused (no BPF, no capability, verifier, ...), or this architecture is
+    not supported: relay in user space."""
+
+
+def bpf_syscall_number(machine: str, pointer_bits: int) -> int:
+    """bpf(2)'s number for a process with ``pointer_bits``-bit pointers on ``machine``
+    (``platform.machine()``).
+
+    Raises:
+        SockmapError: the architecture is not in BPF_SYSCALLS, or the process's pointers
+            are not as wide as the architecture's (its numbers are another table's).
+    """
+    number, bits = BPF_SYSCALLS.get(machine, (None, None))
+    if number is None or bits != pointer_bits:
+        what = f"architecture {machine or 'unknown'}" + (f" (a {pointer_bits}-bit process)" if number else "")
+        raise SockmapError(f"the kernel relay does not know the bpf syscall number on {what}; run with --sockmap off")
+    return number
+
+
+def _nr_bpf() -> int:
+    return bpf_syscall_number(platform.machine(), struct.calcsize("P") * 8)
 
 
 def _bpf(cmd: int, attr: bytes) -> int:
     buf = ctypes.create_string_buffer(attr, len(attr))
-    ret = _libc.syscall(_NR_BPF, cmd, buf, len(attr))
+    ret = _libc.syscall(_nr_bpf(), cmd, buf, len(attr))
     if ret < 0:
         err = ctypes.get_errno()
         raise SockmapError(err, f"bpf(cmd {cmd}): {os.strerror(err)}")
@@ -110,6 +144,7 @@ class Sockmap:
     def __init__(self, capacity: int = 65536):
         self.capacity = capacity
         self._fds: list[int] = []
+        self._nr = _nr_bpf()  # SockmapError on an architecture we do not know
         try:
             self.socks = self._map(BPF_MAP_TYPE_SOCKHASH, 8, 4, capacity)
             self.targets = self._map(BPF_MAP_TYPE_SOCKHASH, 8, 4, capacity)
@@ -196,7 +231,7 @@ class Sockmap:
         self._call(BPF_MAP_UPDATE_ELEM, self._attr)
 
     def _call(self, cmd: int, attr) -> None:
-        if self._syscall(_NR_BPF, cmd, attr, 128) < 0:
+        if self._syscall(self._nr, cmd, attr, 128) < 0:
             err = ctypes.get_errno()
             raise SockmapError(err, f"bpf(cmd {cmd}): {os.strerror(err)}")
 
@@ -215,6 +250,9 @@ class Watcher:
     """
 
     MASK = select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP | select.EPOLLONESHOT
+    # After a socket's EOF: EPOLLRDHUP stays true (it would fire again at once), but a
+    # reset after the FIN must still be seen.
+    ERRORS = select.EPOLLERR | select.EPOLLHUP | select.EPOLLONESHOT
 
     def __init__(self):
         self._ep = select.epoll()
@@ -228,8 +266,10 @@ class Watcher:
             self._waiters[s.fileno()] = flow
             self._ep.register(s.fileno(), self.MASK)
 
-    def rearm(self, sock: socket.socket) -> None:
-        self._ep.modify(sock.fileno(), self.MASK)
+    def rearm(self, sock: socket.socket, *, errors_only: bool = False) -> None:
+        """Watch again (each event disarms the socket: EPOLLONESHOT). ``errors_only``:
+        after its EOF, for a reset or an error only."""
+        self._ep.modify(sock.fileno(), self.ERRORS if errors_only else self.MASK)
 
     def unregister(self, *socks: socket.socket, closing: bool = False) -> None:
         """``closing``: the sockets are about to be closed, which takes them out of the

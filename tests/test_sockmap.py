@@ -4,24 +4,25 @@ The proof that the kernel moves the bytes: with the daemon stopped (SIGSTOP), a 
 it already relays keeps working under ``--sockmap on``, and stalls under ``--sockmap off``
 (so the test can fail). The relay semantics (half-close, large payloads both ways at once,
 byte counts) are tested for every mode in test_server.py; these are the daemon-level and
-map-level checks.
+map-level checks; and the bpf(2) system call number of each architecture.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import signal
 import socket
 import struct
 
 import pytest
 
-from ambassadord.sockmap import Sockmap, SockmapError, cookie
-from tests.daemon import Daemon, RedisProcess, connect, free_port, wait_until
+from ambassadord.sockmap import Sockmap, SockmapError, bpf_syscall_number, cookie
+from tests.daemon import Daemon, RedisProcess, connect, free_port, ping as redis_ping, require, wait_until
 
 
-def _sockmap_or_skip() -> Sockmap:
+def sockmap_or_skip() -> Sockmap:
     try:
         return Sockmap(8)
     except SockmapError as exc:
@@ -47,7 +48,7 @@ def stopped(daemon: Daemon):
 
 @pytest.mark.parametrize("mode", ["on", "off"])
 def test_an_established_connection_works_while_the_daemon_is_stopped_only_in_the_kernel(tmp_path, mode):
-    _sockmap_or_skip().close()
+    sockmap_or_skip().close()
     listen = free_port()
     with RedisProcess(free_port()) as redis:
         daemon = Daemon(["--listen", f"127.0.0.1:{listen}", "--map", f"{listen}=127.0.0.1:{redis.port}",
@@ -79,7 +80,7 @@ def test_an_established_connection_works_while_the_daemon_is_stopped_only_in_the
 def test_a_full_map_falls_back_to_user_space(tmp_path):
     """Capacity for one connection (two sockets): a second, concurrent one is relayed in
     user space, and works all the same."""
-    _sockmap_or_skip().close()
+    sockmap_or_skip().close()
     listen = free_port()
     with RedisProcess(free_port()) as redis:
         daemon = Daemon(["--listen", f"127.0.0.1:{listen}", "--map", f"{listen}=127.0.0.1:{redis.port}",
@@ -104,7 +105,7 @@ def test_a_full_map_falls_back_to_user_space(tmp_path):
 
 
 def test_pairs_redirect_to_each_other_and_can_leave_and_join_again():
-    sm = _sockmap_or_skip()
+    sm = sockmap_or_skip()
     try:
         with socket.create_server(("127.0.0.1", 0)) as srv:
             a = socket.create_connection(srv.getsockname())
@@ -139,7 +140,7 @@ def test_pairs_redirect_to_each_other_and_can_leave_and_join_again():
 def test_data_sent_before_the_pair_joined_is_relayed_at_once():
     """The client speaks first, before the daemon has connected upstream: its bytes wait
     in the receive queue and must not wait for more data to come (SO_RCVLOWAT kick)."""
-    sm = _sockmap_or_skip()
+    sm = sockmap_or_skip()
     try:
         with socket.create_server(("127.0.0.1", 0)) as srv:
             client = socket.create_connection(srv.getsockname())
@@ -162,3 +163,56 @@ def _queued(sock: socket.socket) -> int:
     import termios
 
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+# ---- the bpf(2) system call number ---------------------------------------------------------
+
+# From the kernel's tables: arch/x86/entry/syscalls/syscall_{64,32}.tbl, arch/arm/tools/syscall.tbl
+# (EABI), include/uapi/asm-generic/unistd.h (aarch64, riscv64, loongarch64),
+# arch/powerpc/kernel/syscalls/syscall.tbl, arch/s390/kernel/syscalls/syscall.tbl.
+@pytest.mark.parametrize("machine, bits, number", [
+    ("x86_64", 64, 321), ("i386", 32, 357), ("i686", 32, 357), ("aarch64", 64, 280),
+    ("armv7l", 32, 386), ("armv6l", 32, 386), ("riscv64", 64, 280), ("ppc64", 64, 361),
+    ("ppc64le", 64, 361), ("s390x", 64, 351), ("loongarch64", 64, 280),
+])
+def test_the_bpf_syscall_number_is_the_architectures_own(machine, bits, number):
+    assert bpf_syscall_number(machine, bits) == number
+
+
+@pytest.mark.parametrize("machine, bits, named", [
+    ("mips64", 64, "architecture mips64"), ("sparc64", 64, "architecture sparc64"), ("", 64, "architecture unknown"),
+    ("x86_64", 32, "architecture x86_64 (a 32-bit process)"), ("i686", 64, "architecture i686 (a 64-bit process)"),
+])
+def test_an_architecture_without_a_known_number_is_refused_plainly(machine, bits, named):
+    with pytest.raises(SockmapError) as refused:
+        bpf_syscall_number(machine, bits)
+    assert str(refused.value) == (f"the kernel relay does not know the bpf syscall number on {named}; "
+                                  "run with --sockmap off")
+
+
+def test_a_sockmap_on_an_unknown_architecture_makes_no_system_call(monkeypatch):
+    monkeypatch.setattr(platform, "machine", lambda: "mips64")
+    with pytest.raises(SockmapError, match="on architecture mips64; run with --sockmap off"):
+        Sockmap(8)
+
+
+def test_the_daemon_says_why_the_kernel_relay_is_off_on_an_unsupported_platform(tmp_path):
+    """``setarch linux32`` makes uname(2) name a 32-bit machine (i686, or armv8l on arm64)
+    to this 64-bit process, a platform the table does not cover: ``--sockmap auto`` relays
+    in user space and says why; ``--sockmap on`` refuses to start, saying why."""
+    require("setarch")
+    listen = free_port()
+    with RedisProcess(free_port()) as redis:
+        args = ["--listen", f"127.0.0.1:{listen}", "--map", f"{listen}=127.0.0.1:{redis.port}", "--workers", "1"]
+        with Daemon([*args, "--sockmap", "auto"], listen=("127.0.0.1", listen), prefix=["setarch", "linux32"],
+                    log_format="text", workdir=tmp_path) as auto:
+            with contextlib.closing(connect("127.0.0.1", listen)) as c:
+                assert redis_ping(c) == b"+PONG\r\n"
+            auto.stop()
+        with Daemon([*args, "--sockmap", "on"], listen=None, prefix=["setarch", "linux32"], log_format="text",
+                    workdir=tmp_path, wait=False) as on:
+            assert on.wait_exit(15) == 1, on.describe()
+    unsupported = "the kernel relay does not know the bpf syscall number on architecture "
+    assert f"sockmap not available ({unsupported}" in auto.text(), auto.describe()
+    assert "; run with --sockmap off); relaying in user space" in auto.text(), auto.describe()
+    assert f"--sockmap on: {unsupported}" in on.text(), on.describe()
