@@ -140,7 +140,10 @@ def _limit(value, where: str) -> int:
 
 
 def _keepalive(value, where: str) -> Keepalive:
-    """``"60,10,6"``, ``"off"``, ``false``, or a number (the idle time; the rest default)."""
+    """``"60,10,6"``, ``"off"``, ``false``, or a number (the idle time; the rest default);
+    a Keepalive as it is (the --keepalive flag's parser made it)."""
+    if isinstance(value, Keepalive):
+        return value
     if value is False:
         return Keepalive(0, 0, 0)
     if isinstance(value, bool) or not isinstance(value, (int, str)):
