@@ -408,7 +408,7 @@ class Server:
         """Another process of this daemon (--workers) saw ``backend`` of route ``key`` fail."""
         for route in self.table.routes:
             if route.config.key == key and backend in route.backends.backends:
-                route.pick.ejections.eject(backend, time.monotonic(), duration)
+                route.pick.ejections.adopt(backend, time.monotonic(), duration)
 
     def stats_snapshot(self) -> dict:
         """This process's counters, for the main process's admin API (--workers)."""
@@ -504,7 +504,9 @@ class Server:
             if not route.resolved and (first := self._first_answer.get(route)) is not None:
                 with trio.move_on_after(cfg.connect_timeout):
                     await first.wait()
-            order = pick_order(route.backends.backends, cfg.balance, route.pick, time.monotonic(), self.rng)
+            # A trial of an expired ejection may wait for a socket and then for the connect.
+            order = pick_order(route.backends.backends, cfg.balance, route.pick, time.monotonic(), self.rng,
+                               trial_for=2 * cfg.connect_timeout)
             if not order:
                 outcome, level = "no-backends", logging.WARNING
                 fields["error"] = route.backends.error or "the route has no backends"
@@ -531,10 +533,11 @@ class Server:
                     b.failures += 1
                     stats.failures += 1
                     b.last_error, b.last_failure = reason, time.time()
-                    route.pick.ejections.eject(backend, time.monotonic(), cfg.eject_for)
-                    if self.workers is not None:
-                        self.workers.ejected(route.config.key, backend, cfg.eject_for)
-                    log.warning("route %s: backend %s failed (%s); ejected for %gs", route.name, backend, reason, cfg.eject_for,
+                    ejected = route.pick.ejections.eject(backend, time.monotonic(), cfg.eject_for)
+                    if ejected is not None and self.workers is not None:
+                        self.workers.ejected(route.config.key, backend, ejected)
+                    log.warning("route %s: backend %s failed (%s); %s", route.name, backend, reason,
+                                "still ejected" if ejected is None else f"ejected for {ejected:g}s",
                                 extra={"fields": {"event": "backend-failed", "route": route.name, "backend": str(backend), "error": reason}})
                     continue
                 except BaseException:  # cancelled mid-connect: this socket is nobody else's

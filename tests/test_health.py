@@ -1,0 +1,109 @@
+"""Pure tables: half-open ejections in the pick order (balancer.py), and the rise/fall state
+machine of active health checks (health.py). No sockets, no trio, no clock: times are
+numbers passed in."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from ambassadord.balancer import MAX_BACKOFF, Ejections, PickState, pick_order
+from backends.interface import Backend
+
+A, B, C = (Backend(f"10.0.0.{i}", 80) for i in range(1, 4))
+
+
+def order(state: PickState, now: float, backends=(A, B), policy: str = "round-robin", seed: int = 0):
+    """One pick; with round-robin, always the turn that puts the first backend first."""
+    state.rr_counter = 0
+    return pick_order(list(backends), policy, state, now, random.Random(seed), trial_for=2.0)
+
+
+# ---- half-open ejections -----------------------------------------------------------------
+
+
+def test_after_expiry_one_pick_tries_the_backend_and_the_others_keep_away():
+    state = PickState()
+    assert state.ejections.eject(A, 0, 10) == 10
+    assert [order(state, 5)[0] for _ in range(4)] == [B, B, B, B]  # ejected: last
+    # Expired at 10: A is back in its place; the first pick that puts A first is its trial.
+    picks = [order(state, 10.5) for _ in range(6)]
+    firsts = [p[0] for p in picks]
+    assert firsts.count(A) == 1, firsts
+    trial = firsts.index(A)
+    assert all(p[-1] == A for p in picks[trial + 1:])  # while the trial runs: A last
+    assert all(set(p) == {A, B} for p in picks)
+
+
+def test_trial_success_restores_and_failure_ejects_again_for_longer():
+    state = PickState()
+    ej = state.ejections
+    ej.eject(A, 0, 10)
+    assert order(state, 10)[0] == A  # the trial
+    assert ej.eject(A, 11, 10) == 20  # failed: ejected again, twice as long
+    assert order(state, 30)[-1] == A and order(state, 31.1)[0] == A  # until 31; then a trial
+    assert ej.eject(A, 32, 10) == 40
+    assert order(state, 72.1)[0] == A
+    ej.restore(A)  # the trial connected
+    assert not ej.until and not ej.trials and not ej.last
+    assert ej.eject(A, 100, 10) == 10  # a new failure starts again from eject_for
+
+
+def test_ejection_grows_up_to_a_cap():
+    ej = Ejections()
+    lengths, now = [], 0.0
+    for _ in range(8):
+        lengths.append(ej.eject(A, now, 1.0))
+        now += lengths[-1]  # the trial, at expiry, fails at once
+    assert lengths == [1, 2, 4, 8, 8, 8, 8, 8] and MAX_BACKOFF == 8
+
+
+def test_a_failure_while_ejected_does_not_renew_or_grow_the_ejection():
+    # Connections that began before the ejection fail late, in a burst: they count once.
+    ej = Ejections()
+    assert ej.eject(A, 0, 10) == 10
+    assert [ej.eject(A, t, 10) for t in (0.1, 1, 9.9)] == [None, None, None]
+    assert ej.until[A] == 10 and ej.last[A] == 10
+
+
+def test_a_trial_that_never_reports_lapses_and_another_pick_tries():
+    state = PickState()
+    state.ejections.eject(A, 0, 10)
+    assert order(state, 10)[0] == A  # trial until 12 (trial_for=2)
+    assert order(state, 11)[0] == B and order(state, 11.9)[-1] == A
+    assert order(state, 12.1)[0] == A  # lapsed: a new trial
+
+
+def test_the_trial_goes_to_the_pick_that_puts_the_backend_first():
+    # Random policy: an expired backend keeps its random place; only a pick that draws it
+    # first is its trial, so a backup (lower priority) is not tried ahead of primaries.
+    primary = [Backend(f"10.0.1.{i}", 80, priority=1) for i in range(2)]
+    backup = Backend("10.0.2.1", 80, priority=2)
+    state = PickState()
+    state.ejections.eject(backup, 0, 1)
+    for seed in range(50):
+        p = order(state, 5, [*primary, backup], policy="random", seed=seed)
+        assert p[-1] == backup
+    assert backup in state.ejections.until  # never drawn first: no trial, still due
+    assert order(state, 5, [backup], policy="random") == [backup]  # alone: tried anyway
+
+
+def test_adopting_another_process_ejection_cancels_a_local_trial():
+    state = PickState()
+    ej = state.ejections
+    ej.eject(A, 0, 10)
+    assert order(state, 10)[0] == A  # this process's trial is out
+    ej.adopt(A, 10.5, 20)  # another process's trial failed first
+    assert order(state, 15)[-1] == A and ej.is_ejected(A, 30)
+    assert ej.eject(A, 11, 10) is None  # our own trial failing now counts once
+    assert ej.eject(A, 31, 10) == 40  # the next failure grows from the adopted length
+
+
+def test_forget_missing_drops_trials_and_history_too():
+    ej = Ejections()
+    ej.eject(A, 0, 1)
+    ej.eject(B, 0, 1)
+    ej._start_trial(B, 1, 2)
+    ej.forget_missing([C])
+    assert not ej.until and not ej.trials and not ej.last
