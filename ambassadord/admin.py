@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route as HTTPRoute
 
-from . import __version__
+from . import __version__, health
 from .server import ListenAddress, Server, StartupError, parse_listen
 from .stats import merged
 
@@ -144,14 +144,33 @@ def _backend_view(route, st, key: str, backend, now_mono: float) -> dict:
         "last_error": b.last_error if b else None,
         "last_failure": b.last_failure if b else None,
     }
+    view["check"] = _check_view(route, backend)
     if backend is None:
         view["state"] = "gone"  # left the set; connections still open on it
+    elif backend in route.pick.down:
+        view["state"] = "down"  # by its health checks (picked all the same if all are down)
     else:
         left = _ejected_for(route, st, backend, now_mono)
-        if left > 0:
-            view["state"] = "ejected"
+        if left > 0 or _on_trial(route, backend, now_mono):
+            view["state"] = "ejected"  # a trial (see balancer.py) in flight: ejected for 0 more seconds
             view["ejected_for"] = round(left, 3)
     return view
+
+
+def _on_trial(route, backend, now_mono: float) -> bool:
+    return route.pick.ejections.trials.get(backend, 0.0) > now_mono
+
+
+def _check_view(route, backend) -> dict | None:
+    """What the route's health checks know of ``backend`` (None: the route has none)."""
+    if not route.config.check_interval or backend is None:
+        return None
+    c = route.pick.checks.get(backend)
+    if c is None:
+        return {"state": "up", "successes": 0, "failures": 0, "checks": 0, "failed": 0, "last_result": None,
+                "last_at": None, "changed_at": None}
+    return {"state": "up" if c.up else "down", "successes": c.successes, "failures": c.failures, "checks": c.checks,
+            "failed": c.failed, "last_result": c.last_result, "last_at": c.last_at, "changed_at": c.changed_at}
 
 
 def _ejected_for(route, st, backend, now_mono: float) -> float:
@@ -181,6 +200,9 @@ def route_view(route, st=None) -> dict:
         "connect_timeout": cfg.connect_timeout,
         "idle_timeout": cfg.idle_timeout,
         "eject_for": cfg.eject_for,
+        "check": None if not cfg.check_interval else {
+            "interval": cfg.check_interval, "rise": cfg.check_rise, "fall": cfg.check_fall,
+            "all_down": health.all_down(route)},
         "resolved": route.resolved,
         "stale": bset.stale,
         "error": bset.error,
@@ -271,6 +293,11 @@ class DaemonCollector:
                                     "and backend.", labels=["route", "backend"])
         ejected = GaugeMetricFamily("ambassadord_backend_ejected", "1 while a backend is ejected after a failure.",
                                     labels=["route", "backend"])
+        check_up = GaugeMetricFamily("ambassadord_backend_check_up", "1 while a backend passes its route's health "
+                                     "checks, 0 while it is down by them (routes with checks only).",
+                                     labels=["route", "backend"])
+        checks = CounterMetricFamily("ambassadord_backend_checks", "Health checks of a backend, by result (ok or "
+                                     "failed).", labels=["route", "backend", "result"])
         nback = GaugeMetricFamily("ambassadord_route_backends", "Backends in the route's current set.", labels=["route"])
         updates = CounterMetricFamily("ambassadord_resolver_updates", "Answers published by the route's resolver.",
                                       labels=["route"])
@@ -297,6 +324,12 @@ class DaemonCollector:
                 bfail.add_metric([name, key], b.failures)
             for b in route.backends.backends:
                 ejected.add_metric([name, str(b)], 1 if _ejected_for(route, st, b, now_mono) > 0 else 0)
+            if route.config.check_interval:
+                for b in route.backends.backends:
+                    c = route.pick.checks.get(b)
+                    check_up.add_metric([name, str(b)], 0 if b in route.pick.down else 1)
+                    checks.add_metric([name, str(b), "ok"], c.checks - c.failed if c else 0)
+                    checks.add_metric([name, str(b), "failed"], c.failed if c else 0)
             nback.add_metric([name], len(route.backends.backends))
             updates.add_metric([name], route.updates)
             errors.add_metric([name], route.errors)
@@ -326,7 +359,7 @@ class DaemonCollector:
         wt = totals["workers"]
         workers.add_metric(["configured"], wt["count"])
         workers.add_metric(["answered"], wt["answered"])
-        yield from (conns, active, nbytes, connect, bconns, bactive, bfail, ejected, nback, updates, errors, stale, age,
+        yield from (conns, active, nbytes, connect, bconns, bactive, bfail, ejected, check_up, checks, nback, updates, errors, stale, age,
                     reloads, last_ok, loaded, routes, info, workers)
 
 

@@ -274,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close a connection idle this long both ways (default: never; 0 = never)")
     g.add_argument("--eject-for", type=_positive_float("--eject-for"), metavar="SECONDS",
                    help="how long a backend that failed stays at the back of the order (default 10)")
+    g = run.add_argument_group("active health checks (defaults for every route; off unless --check-interval)")
+    g.add_argument("--check-interval", type=_positive_float("--check-interval"), metavar="SECONDS",
+                   help="TCP connect to every backend this often; a backend that is down is not picked "
+                   "(default: no checks; 0 = none)")
+    g.add_argument("--check-rise", type=_count("--check-rise", 100), metavar="N",
+                   help="checks in a row that must pass before a down backend is up again (default 2)")
+    g.add_argument("--check-fall", type=_count("--check-fall", 100), metavar="N",
+                   help="checks in a row that must fail before an up backend is down (default 3)")
     _add_dns_flags(run)
     _add_consul_flags(run)
     _add_etcd_flags(run)
@@ -347,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _route_defaults(args) -> dict:
     return {"balance": args.balance, "connect_timeout": args.connect_timeout,
-            "idle_timeout": args.idle_timeout, "eject_for": args.eject_for}
+            "idle_timeout": args.idle_timeout, "eject_for": args.eject_for,
+            "check_interval": args.check_interval,
+            "check_rise": args.check_rise, "check_fall": args.check_fall}
 
 
 def _load(args, *, env: bool = True):

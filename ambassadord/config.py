@@ -41,6 +41,9 @@ class RouteDefaults:
     connect_timeout: float = 2.0
     idle_timeout: float | None = None
     eject_for: float = 10.0
+    check_interval: float | None = None
+    check_rise: int = 2
+    check_fall: int = 3
 
 
 # The options a route may set, with their validators (value, where) -> value.
@@ -75,11 +78,29 @@ def _source(value, where: str):
         raise ConfigError(f"{where}: bad source {value!r}: expected a CIDR such as 172.17.0.0/16") from None
 
 
+def _check_interval(value, where: str) -> float | None:
+    v = _seconds(value, where, allow_zero=True)
+    return v or None  # 0 means no health checks
+
+
+# Rise and fall counts: HAProxy's defaults are 2 and 3; more than this is a typo.
+MAX_CHECK_COUNT = 100
+
+
+def _check_count(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CHECK_COUNT:
+        raise ConfigError(f"{where}: bad count {value!r}: expected a whole number from 1 to {MAX_CHECK_COUNT}")
+    return value
+
+
 OPTION_PARSERS = {
     "balance": _balance,
     "connect_timeout": _seconds,
     "idle_timeout": _idle,
     "eject_for": _seconds,
+    "check_interval": _check_interval,
+    "check_rise": _check_count,
+    "check_fall": _check_count,
 }
 
 
@@ -93,8 +114,12 @@ def _route(port: int, spec_text, where: str, defaults: RouteDefaults, **options)
         connect_timeout=defaults.connect_timeout,
         idle_timeout=defaults.idle_timeout,
         eject_for=defaults.eject_for,
+        check_interval=defaults.check_interval,
+        check_rise=defaults.check_rise,
+        check_fall=defaults.check_fall,
     )
     values.update(options)
+    values["check_interval"] = values["check_interval"] or None  # --check-interval 0: no checks
     return RouteConfig(port=port, spec=spec, origin=where, **values)
 
 

@@ -36,6 +36,12 @@ class RouteConfig:
     connect_timeout: float = 2.0
     idle_timeout: float | None = None
     eject_for: float = 10.0
+    # Active health checks (health.py): a TCP connect to each backend every check_interval
+    # seconds (None: no checks); down after check_fall failures in a row, up again after
+    # check_rise successes.
+    check_interval: float | None = None
+    check_rise: int = 2
+    check_fall: int = 3
     origin: str = ""
 
     @property
@@ -49,8 +55,9 @@ class RouteConfig:
     def same_route(self, other: RouteConfig) -> bool:
         """Equal in everything that matters for serving (``origin`` is only where it was read)."""
         return (self.port, self.spec, self.source, self.balance, self.connect_timeout, self.idle_timeout,
-                self.eject_for) == (other.port, other.spec, other.source, other.balance, other.connect_timeout,
-                                    other.idle_timeout, other.eject_for)
+                self.eject_for, self.check_interval, self.check_rise, self.check_fall) == (
+                    other.port, other.spec, other.source, other.balance, other.connect_timeout, other.idle_timeout,
+                    other.eject_for, other.check_interval, other.check_rise, other.check_fall)
 
 
 @dataclass(eq=False)

@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
 from backends.interface import Backend, BackendSet, ResolverOptions
 
-from . import original_dst
+from . import health, original_dst
 from .balancer import pick_order
 from .relay import RelayResult, relay
 from .routes import Route, RouteConfig, RouteTable
@@ -330,6 +331,8 @@ class Server:
                 # still in the new set stays at the back of the order.
                 route.stats = old.stats
                 route.pick.ejections = old.pick.ejections
+                if cfg.check_interval:  # and what the checks know, unless they are off now
+                    route.pick.checks, route.pick.down = old.pick.checks, old.pick.down
                 retired.append(old)
                 summary.changed.append(route.name)
             else:
@@ -363,7 +366,40 @@ class Server:
 
     async def _watch(self, route: Route, scope: trio.CancelScope) -> None:
         with scope:
-            await self._watch_route(route)
+            if not route.config.check_interval:
+                await self._watch_route(route)
+                return
+            async with trio.open_nursery() as nursery:  # the route's health checks, beside its resolver
+                nursery.start_soon(health.check_route, route, self._check_connect, self._checks_changed,
+                                   name=f"health checks {route.name}")
+                await self._watch_route(route)
+
+    async def _check_connect(self, backend: Backend, timeout: float) -> None:
+        """One health check's connect (health.py): our own upstream socket (SO_MARK, loop
+        guard), closed with a reset at once, so that checks leave no TIME_WAIT behind."""
+        try:
+            sock = await self._new_upstream(backend, timeout)
+        except OutOfResources as exc:
+            raise health.NoResult(str(exc)) from None
+        try:
+            self._forget_upstream(await self._connect(sock, backend, timeout))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        finally:
+            sock.close()
+
+    def _checks_changed(self, route: Route) -> None:
+        """The set of backends that route's checks say are down changed."""
+        if self.workers is not None:
+            self.workers.down(route.config.key, route.pick.down)
+        if health.all_down(route):
+            log.warning("route %s: every backend is down by its health checks; picking as if it had none", route.name,
+                        extra={"fields": {"event": "check-all-down", "route": route.name}})
+
+    def apply_down(self, key, down: frozenset) -> None:
+        """A --workers helper: the main process's checks of route ``key`` say ``down`` are down."""
+        for route in self.table.routes:
+            if route.config.key == key:
+                route.pick.down = down
 
     async def _watch_route(self, route: Route) -> None:
         resolver = route.resolver = route.config.spec.resolver(self.options)

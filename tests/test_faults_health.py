@@ -22,6 +22,7 @@ import pytest
 
 from tests.daemon import Daemon, RedisProcess, connect, free_port, ping, require, wait_until
 from tests.netns import Netns
+from tests.test_admin import admin_daemon, backend, get_routes, metric, route, scrape
 
 PONG = b"+PONG\r\n"
 
@@ -104,3 +105,64 @@ def test_a_blackholed_backend_stalls_one_connection_per_expiry_not_all(ns, tmp_p
         # (36 of ~5400 in 6 s with 12 clients).
         assert stalled <= 3 * workers, (stalled, expiries)
         assert expiries <= 3 * workers, expiries
+
+
+def served(d: Daemon, port: int) -> list[dict]:
+    return [r for r in d.connection_records() if r["port"] == port]
+
+
+def ping_through(ns: Netns, port: int, n: int) -> None:
+    for _ in range(n):
+        with contextlib.closing(connect("127.0.0.1", port, ns=ns, timeout=10)) as s:
+            assert ping(s) == PONG
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_backend_that_dies_is_down_after_fall_checks_and_up_after_rise(ns, tmp_path, workers):
+    """Item 10: active health checks against real backends. Checks are not connections."""
+    a_port, b_port, port, admin = (free_port(ns=ns) for _ in range(4))
+    a, b = f"127.0.0.1:{a_port}", f"127.0.0.1:{b_port}"
+    name = str(port)
+    b_servers = [RedisProcess(b_port, ns=ns, workdir=tmp_path)]  # b, and b again once it came back
+    try:
+        with RedisProcess(a_port, ns=ns, workdir=tmp_path), admin_daemon(
+                ["--listen", f"127.0.0.1:{port}", "--map", f"{port}={a},{b}", "--check-interval", "0.2",
+                 "--check-rise", "2", "--check-fall", "3", "--workers", str(workers)], admin, tmp_path, ns=ns) as d:
+            def checks(backend_name: str) -> dict:
+                return backend(route(get_routes(admin, ns=ns), name), backend_name)["check"]
+
+            wait_until(lambda: checks(a)["checks"] >= 2 and checks(b)["checks"] >= 2, timeout=10, what=d.describe)
+            view = route(get_routes(admin, ns=ns), name)
+            assert view["check"] == {"interval": 0.2, "rise": 2, "fall": 3, "all_down": False}
+            assert [x["state"] for x in view["backends"]] == ["up", "up"], d.text()
+            assert view["connections"] == 0  # checks are not connections
+
+            b_servers[-1].stop()  # b dies
+            down = wait_until(lambda: (c := checks(b))["state"] == "down" and c, timeout=10, what=d.describe)
+            rec = d.wait_for(lambda r: r.get("event") == "check-down" and r.get("backend") == b)
+            assert down["failures"] >= 3 and down["successes"] == 0, down
+            assert backend(route(get_routes(admin, ns=ns), name), b)["state"] == "down"
+            samples = scrape(admin, ns=ns)
+            assert metric(samples, "ambassadord_backend_check_up", route=name, backend=b) == 0
+            assert metric(samples, "ambassadord_backend_check_up", route=name, backend=a) == 1
+            assert metric(samples, "ambassadord_backend_checks_total", route=name, backend=b, result="failed") >= 3
+            assert rec["result"] == down["last_result"] != "ok"
+
+            ping_through(ns, port, 40)
+            conns = wait_until(lambda: len(c := served(d, port)) == 40 and c, timeout=10, what=d.describe)
+            assert {r["backend"] for r in conns} == {a}, conns
+            assert not [r for r in d.records() if r.get("event") == "backend-failed"]  # never tried
+
+            b_servers.append(RedisProcess(b_port, ns=ns, workdir=tmp_path))  # b is back
+            up = wait_until(lambda: (c := checks(b))["state"] == "up" and c, timeout=10, what=d.describe)
+            assert up["successes"] >= 2 and up["failures"] == 0, up
+            ping_through(ns, port, 60)
+            conns = wait_until(lambda: len(c := served(d, port)) == 100 and c, timeout=10, what=d.describe)[40:]
+            assert {r["backend"] for r in conns} == {a, b}, conns  # random: b missing in 60 is 2^-60
+            view = route(get_routes(admin, ns=ns), name)
+            assert view["connections"] == 100 and view["outcomes"] == {"ok": 100}, view
+            assert d.alive()
+            d.stop()
+    finally:
+        for server in b_servers:
+            server.stop()

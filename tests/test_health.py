@@ -107,3 +107,62 @@ def test_forget_missing_drops_trials_and_history_too():
     ej._start_trial(B, 1, 2)
     ej.forget_missing([C])
     assert not ej.until and not ej.trials and not ej.last
+
+
+# ---- the rise/fall state machine (health.py) ---------------------------------------------
+
+from ambassadord.health import CheckState, down_set, observe  # noqa: E402
+
+
+def run(results: str, *, rise: int = 2, fall: int = 3, start: CheckState | None = None) -> list[str]:
+    """Feed check results ("+" passed, "-" failed) one by one; the state after each: "U"/"D"."""
+    state, out = start or CheckState(), []
+    for t, r in enumerate(results):
+        state = observe(state, None if r == "+" else "refused", rise=rise, fall=fall, at=float(t))
+        out.append("U" if state.up else "D")
+    return out
+
+
+@pytest.mark.parametrize("results, rise, fall, expected", [
+    # up: down only after `fall` failures in a row; a pass in between starts the count again
+    ("+--+---", 2, 3, "UUUUUUD"),
+    ("+---+", 2, 3, "UUUDD"),
+    # down: up only after `rise` passes in a row; a failure in between starts it again
+    ("+---+-++", 2, 3, "UUUDDDDU"),
+    ("+---+++", 3, 3, "UUUDDDU"),
+    ("+-+", 1, 1, "UDU"),
+    # never seen before: the first check alone decides (HAProxy's init-state up)
+    ("-", 2, 3, "D"),
+    ("-++", 2, 3, "DDU"),
+    ("+", 2, 3, "U"),
+])
+def test_rise_and_fall(results, rise, fall, expected):
+    assert "".join(run(results, rise=rise, fall=fall)) == expected
+
+
+def test_counts_last_result_and_change_time():
+    s = CheckState()
+    for t, err in enumerate([None, None, "timeout", "timeout", "Connection refused"]):
+        s = observe(s, err, rise=2, fall=3, at=100.0 + t)
+    assert (s.up, s.successes, s.failures, s.checks, s.failed) == (False, 0, 3, 5, 3)
+    assert (s.last_result, s.last_at, s.changed_at) == ("Connection refused", 104.0, 104.0)
+    s = observe(s, None, rise=2, fall=3, at=105.0)
+    assert (s.up, s.successes, s.failures, s.last_result, s.changed_at) == (False, 1, 0, "ok", 104.0)
+    s = observe(s, None, rise=2, fall=3, at=106.0)
+    assert (s.up, s.changed_at) == (True, 106.0)
+
+
+def test_down_set_counts_only_current_backends_that_are_down():
+    states = {A: CheckState(up=False), B: CheckState(up=True), C: CheckState(up=False)}
+    assert down_set(states, (A, B)) == {A}
+
+
+@pytest.mark.parametrize("down, expected", [
+    ({A}, [B, C]),  # a backend that is down is not picked at all
+    ({A, B}, [C]),
+    ({A, B, C}, [A, B, C]),  # all down: as if there were no checks
+    (set(), [A, B, C]),
+])
+def test_down_backends_are_left_out_unless_all_are(down, expected):
+    state = PickState(down=frozenset(down))
+    assert order(state, 0, (A, B, C)) == expected
