@@ -7,11 +7,16 @@ the connection handlers see it. None of this is on the relay path: the relay onl
 integers (see stats.py), and the numbers are assembled here when someone asks.
 
 Metric names (all prefixed ``ambassadord_``) are listed in README, "Operations".
+
+Only requests whose Host header names this machine are answered (``host_allowed``): a web
+page that an attacker's DNS name points at 127.0.0.1 (DNS rebinding) could otherwise read
+/routes from a browser on this host. Every other Host gets 421 and a one-line reason.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import math
 import os
@@ -90,6 +95,89 @@ def bind_admin(addr: ListenAddress) -> socket.socket:
         hint = " (use --admin ADDR:PORT for another, or --admin off)" if exc.errno == errno.EADDRINUSE else ""
         raise StartupError(f"cannot listen on admin address {addr}: {exc.strerror}{hint}") from None
     return s
+
+
+# ---- which Host headers are ours -------------------------------------------------------
+
+
+def host_allowed(host: str | None, local_ip: str | None, *, bound: str, hostname: str) -> bool:
+    """Is ``host`` (a Host header, with or without port) a name of this admin listener?
+
+    Accepted: no Host at all (not a browser: browsers always send one); ``localhost`` and
+    ``*.localhost`` (RFC 6761: they never leave the machine); an IP literal that is a
+    loopback address, the address the listener is bound to (``bound``, also 0.0.0.0), or
+    the local address the request came in on (``local_ip``: with a wildcard bind, the
+    address the client used); and, unless the listener is bound to a loopback address,
+    the machine's host name (``hostname``, exactly: not its subdomains). A DNS-rebinding
+    page always sends its own DNS name, which is none of these.
+    """
+    if host is None:
+        return True
+    name = host.strip().lower()
+    if name.startswith("["):  # [v6]:port
+        end = name.find("]")
+        rest = name[end + 1:] if end > 0 else "x"
+        if rest and not (rest[:1] == ":" and rest[1:].isdigit()):
+            return False
+        name = name[1:end]
+    elif ":" in name:
+        name, _, port = name.partition(":")
+        if not port.isdigit():
+            return False
+    if name.endswith("."):  # the absolute form of a DNS name
+        name = name[:-1]
+    if not name:
+        return False
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    ip, bound_ip = _ip(name), _ip(bound)
+    if ip is None:
+        return name == hostname.lower() and not (bound_ip is not None and bound_ip.is_loopback)
+    return ip.is_loopback or ip in {bound_ip, _ip(local_ip)}
+
+
+def _ip(text: str | None):
+    """``text`` as an IP address (an IPv4-mapped IPv6 address as IPv4), or None."""
+    try:
+        ip = ipaddress.ip_address(text) if text else None
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip
+
+
+REFUSED_LOG_EVERY = 10.0  # seconds
+
+
+class HostCheck:
+    """ASGI middleware: answer 421 to a request whose Host is not ours (see host_allowed)."""
+
+    def __init__(self, app, *, bound: str):
+        self.app = app
+        self.bound = bound
+        self.hostname = socket.gethostname()
+        self._logged_at = -math.inf
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            hosts = [v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"host"]
+            server = scope.get("server")
+            local = server[0] if server else None
+            if len(hosts) > 1 or not host_allowed(hosts[0] if hosts else None, local, bound=self.bound,
+                                                  hostname=self.hostname):
+                shown = hosts[0][:100] if len(hosts) == 1 else f"{len(hosts)} Host headers"
+                now = time.monotonic()
+                if now - self._logged_at >= REFUSED_LOG_EVERY:  # a page may retry in a loop
+                    self._logged_at = now
+                    log.warning("admin API: refused a request for Host %r from %s (logged at most every %gs)",
+                                shown, (scope.get("client") or ("?",))[0], REFUSED_LOG_EVERY)
+                response = PlainTextResponse(
+                    f"ambassadord admin API: Host {shown!r} is not accepted (protection against DNS rebinding); "
+                    "use localhost, a loopback address or the address it listens on\n", status_code=421)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # ---- the view of the live state ---------------------------------------------------------
@@ -409,10 +497,12 @@ def make_app(server: Server, config: ConfigState) -> Starlette:
 
 
 async def serve_admin(app: Starlette, sock: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``app`` on the bound socket ``sock`` (which it takes over) until cancelled."""
+    """Serve ``app`` on the bound socket ``sock`` (which it takes over) until cancelled,
+    answering only requests whose Host names this listener (HostCheck)."""
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
+    app = HostCheck(app, bound=sock.getsockname()[0])
     config = Config()
     config.bind = [f"fd://{sock.detach()}"]
     config.accesslog = None
