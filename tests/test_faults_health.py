@@ -27,9 +27,18 @@ from tests.test_admin import admin_daemon, backend, get_routes, metric, route, s
 PONG = b"+PONG\r\n"
 
 
-def blackhole(ns: Netns, port: int) -> None:
-    """Drop every packet to 127.0.0.1:``port`` inside ``ns`` (a SYN is never answered)."""
-    ns.exec(["iptables", "-I", "OUTPUT", "-p", "tcp", "-d", "127.0.0.1", "--dport", str(port), "-j", "DROP"])
+# The blackholed backend's address: local to the namespace, but not the clients' 127.0.0.1.
+# (On one address, the daemon's loop guard mistakes a client whose ephemeral port equals
+# the local port of a connect still waiting on the blackhole for its own connection come
+# back, and refuses it as "loop": a separate bug, reported, not this test's subject.)
+DEAD_HOST = "10.253.0.1"
+
+
+def blackhole(ns: Netns, port: int) -> str:
+    """An address:port inside ``ns`` that drops every packet (a SYN is never answered)."""
+    ns.exec(["ip", "addr", "add", f"{DEAD_HOST}/32", "dev", "lo"])
+    ns.exec(["iptables", "-I", "OUTPUT", "-p", "tcp", "-d", DEAD_HOST, "--dport", str(port), "-j", "DROP"])
+    return f"{DEAD_HOST}:{port}"
 
 
 def clients(ns: Netns, port: int, *, threads: int, seconds: float) -> list[float]:
@@ -74,8 +83,7 @@ def test_a_blackholed_backend_stalls_one_connection_per_expiry_not_all(ns, tmp_p
     require("iptables")
     timeout, eject_for, window = 1.0, 1.0, 6.0
     good_port, dead_port, port = (free_port(ns=ns) for _ in range(3))
-    dead = f"127.0.0.1:{dead_port}"
-    blackhole(ns, dead_port)
+    dead = blackhole(ns, dead_port)
     with RedisProcess(good_port, ns=ns, workdir=tmp_path), \
             Daemon(["--listen", f"127.0.0.1:{port}", "--map", f"{port}=127.0.0.1:{good_port},{dead}",
                     "--connect-timeout", str(timeout), "--eject-for", str(eject_for), "--workers", str(workers)],
@@ -96,7 +104,7 @@ def test_a_blackholed_backend_stalls_one_connection_per_expiry_not_all(ns, tmp_p
         failed = sum(1 for t in latencies if t == float("inf"))
         print(f"\nworkers={workers}: {len(latencies)} connections in {window:g}s, {stalled} stalled "
               f"(>= {0.8 * timeout:g}s), {failed} failed, {expiries} failed trial(s)")
-        assert failed == 0
+        assert failed == 0, [(r["outcome"], r.get("error")) for r in d.connection_records() if r["outcome"] != "ok"][:5]
         assert len(latencies) > 200, len(latencies)
         # An ejection of 1 s, renewed for 2 s and then 4 s after failed trials: at most three
         # expiries in the window, one stalled connection each in each process (with

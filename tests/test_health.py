@@ -166,3 +166,54 @@ def test_down_set_counts_only_current_backends_that_are_down():
 def test_down_backends_are_left_out_unless_all_are(down, expected):
     state = PickState(down=frozenset(down))
     assert order(state, 0, (A, B, C)) == expected
+
+
+# ---- configuration: file options, flags, and their errors ----------------------------------
+
+from ambassadord.cli import _route_defaults, build_parser  # noqa: E402
+from ambassadord.config import ConfigError, load_routes  # noqa: E402
+
+
+def test_check_options_from_defaults_flags_and_routes(tmp_path):
+    f = tmp_path / "routes.toml"
+    f.write_text('[defaults]\ncheck_interval = 5\ncheck_fall = 4\n\n[routes]\n'
+                 '1 = "10.0.0.1:1"\n'
+                 '2 = { backend = "10.0.0.2:1", check_interval = "0.5s", check_rise = 1 }\n'
+                 '3 = { backend = "10.0.0.3:1", check_interval = 0 }\n')
+    args = build_parser().parse_args(["run", "--config", str(f), "--check-rise", "3"])
+    routes = {r.port: r for r in load_routes(config_file=str(f), flag_defaults=_route_defaults(args)).routes}
+    got = {p: (r.check_interval, r.check_rise, r.check_fall) for p, r in routes.items()}
+    assert got == {1: (5.0, 3, 4), 2: (0.5, 1, 4), 3: (None, 3, 4)}
+    # no option anywhere: no checks, HAProxy's rise 2 and fall 3
+    r = load_routes(maps=["9=10.0.0.9:1"]).routes[0]
+    assert (r.check_interval, r.check_rise, r.check_fall) == (None, 2, 3)
+    # --check-interval 0 turns off checks that [defaults] turns on
+    args = build_parser().parse_args(["run", "--config", str(f), "--check-interval", "0"])
+    routes = load_routes(config_file=str(f), flag_defaults=_route_defaults(args)).routes
+    assert {r.port: r.check_interval for r in routes} == {1: None, 2: 0.5, 3: None}
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ('1 = { backend = "10.0.0.1:1", check_rise = 0 }', "[routes] 1.check_rise: bad count 0"),
+    ('1 = { backend = "10.0.0.1:1", check_fall = 101 }', "check_fall: bad count 101"),
+    ('1 = { backend = "10.0.0.1:1", check_fall = 2.5 }', "check_fall: bad count 2.5"),
+    ('1 = { backend = "10.0.0.1:1", check_rise = true }', "check_rise: bad count True"),
+    ('1 = { backend = "10.0.0.1:1", check_interval = -1 }', "check_interval: bad duration -1"),
+    ('1 = { backend = "10.0.0.1:1", check_interval = "often" }', "check_interval: bad duration 'often'"),
+])
+def test_bad_check_options_name_file_key_and_value(tmp_path, line, fragment):
+    f = tmp_path / "routes.toml"
+    f.write_text(f"[routes]\n{line}\n")
+    with pytest.raises(ConfigError) as err:
+        load_routes(config_file=str(f))
+    assert fragment in str(err.value) and str(f) in str(err.value), err.value
+
+
+@pytest.mark.parametrize("flag, value", [("--check-rise", "0"), ("--check-fall", "x"), ("--check-interval", "-1"),
+                                         ("--check-fall", "101")])
+def test_bad_check_flags_exit_2_naming_them(capsys, flag, value):
+    with pytest.raises(SystemExit) as exit:
+        build_parser().parse_args(["run", "--map", "1=10.0.0.1:1", flag, value])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and repr(value) in err, err
