@@ -377,6 +377,8 @@ class Server:
     async def _check_connect(self, backend: Backend, timeout: float) -> None:
         """One health check's connect (health.py): our own upstream socket (SO_MARK, loop
         guard), closed with a reset at once, so that checks leave no TIME_WAIT behind."""
+        if self._is_own_listener(backend):  # it would be accepted, and counted, as a client
+            raise OSError(errno.ELOOP, "is ambassadord's own listener (loop)")
         try:
             sock = await self._new_upstream(backend, timeout)
         except OutOfResources as exc:

@@ -15,6 +15,8 @@ deadlines, never sleeping to synchronise.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import threading
 import time
 
@@ -174,3 +176,32 @@ def test_a_backend_that_dies_is_down_after_fall_checks_and_up_after_rise(ns, tmp
     finally:
         for server in b_servers:
             server.stop()
+
+
+def test_a_restarted_helper_learns_which_backends_are_down(redis, tmp_path):
+    """--workers: only the main process checks; a helper that died and was restarted gets
+    the down sets with the route table, not only at the next change."""
+    from tests.test_workers import helpers_of, worker_of
+
+    port, admin, dead_port = free_port(), free_port(), free_port()
+    good, dead = f"127.0.0.1:{redis.port}", f"127.0.0.1:{dead_port}"  # nothing listens on dead_port
+    with admin_daemon(["--listen", f"127.0.0.1:{port}", "--map", f"{port}={good},{dead}", "--check-interval", "0.2",
+                       "--workers", "2"], admin, tmp_path) as d:
+        wait_until(lambda: backend(route(get_routes(admin), str(port)), dead)["state"] == "down", timeout=10,
+                   what=d.describe)
+        (first,) = helpers_of(d.proc.pid)
+        os.kill(first, signal.SIGKILL)
+
+        def replaced():
+            pids = helpers_of(d.proc.pid)
+            return pids if pids and pids != [first] and get_routes(admin)["workers"]["answered"] == 2 else None
+
+        wait_until(replaced, timeout=15, what=d.describe)
+        for _ in range(60):
+            with contextlib.closing(connect("127.0.0.1", port)) as s:
+                assert ping(s) == PONG
+        conns = wait_until(lambda: len(c := served(d, port)) == 60 and c, timeout=10, what=d.describe)
+        assert {worker_of(r) for r in conns} == {0, 1}
+        assert {r["backend"] for r in conns} == {good}
+        assert not [r for r in d.records() if r.get("event") == "backend-failed"]
+        d.stop()
