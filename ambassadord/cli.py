@@ -73,6 +73,18 @@ def _count(flag: str, maximum: int):
     return parse
 
 
+def _check_interval(text: str) -> float:
+    from .health import MIN_INTERVAL
+
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (v == 0 or MIN_INTERVAL <= v < float("inf")):  # (NaN fails both)
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds, at least {MIN_INTERVAL:g} (or 0: no checks)")
+    return v
+
+
 def _workers(text: str) -> int:
     if text == "auto":
         from .workers import default_count
@@ -275,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eject-for", type=_positive_float("--eject-for"), metavar="SECONDS",
                    help="how long a backend that failed stays at the back of the order (default 10)")
     g = run.add_argument_group("active health checks (defaults for every route; off unless --check-interval)")
-    g.add_argument("--check-interval", type=_positive_float("--check-interval"), metavar="SECONDS",
+    g.add_argument("--check-interval", type=_check_interval, metavar="SECONDS",
                    help="TCP connect to every backend this often; a backend that is down is not picked "
                    "(default: no checks; 0 = none)")
     g.add_argument("--check-rise", type=_count("--check-rise", 100), metavar="N",

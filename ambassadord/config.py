@@ -28,6 +28,7 @@ from backends import SpecError, parse_spec
 from backends.interface import parse_port
 
 from .balancer import BALANCE_POLICIES
+from .health import MIN_INTERVAL as MIN_CHECK_INTERVAL
 from .routes import RouteConfig
 
 
@@ -80,6 +81,9 @@ def _source(value, where: str):
 
 def _check_interval(value, where: str) -> float | None:
     v = _seconds(value, where, allow_zero=True)
+    if 0 < v < MIN_CHECK_INTERVAL:
+        raise ConfigError(f"{where}: check interval {value!r} is too short: at least {MIN_CHECK_INTERVAL:g} seconds "
+                          "(or 0 for no checks)")
     return v or None  # 0 means no health checks
 
 

@@ -42,6 +42,10 @@ log = logging.getLogger("ambassadord")
 # spread-checks does the same).
 JITTER = 0.1
 
+# Shorter intervals would be a busy loop of connects to every backend (a typo such as
+# 0.002 for 2): refused with a message, at the edge (config.py, cli.py).
+MIN_INTERVAL = 0.1
+
 # Errors that say this host is short of something (fds, local ports), not that the backend
 # is unwell: such a check gives no result.
 CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EADDRNOTAVAIL}

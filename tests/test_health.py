@@ -200,6 +200,7 @@ def test_check_options_from_defaults_flags_and_routes(tmp_path):
     ('1 = { backend = "10.0.0.1:1", check_rise = true }', "check_rise: bad count True"),
     ('1 = { backend = "10.0.0.1:1", check_interval = -1 }', "check_interval: bad duration -1"),
     ('1 = { backend = "10.0.0.1:1", check_interval = "often" }', "check_interval: bad duration 'often'"),
+    ('1 = { backend = "10.0.0.1:1", check_interval = 0.002 }', "check_interval: check interval 0.002 is too short"),
 ])
 def test_bad_check_options_name_file_key_and_value(tmp_path, line, fragment):
     f = tmp_path / "routes.toml"
@@ -210,7 +211,8 @@ def test_bad_check_options_name_file_key_and_value(tmp_path, line, fragment):
 
 
 @pytest.mark.parametrize("flag, value", [("--check-rise", "0"), ("--check-fall", "x"), ("--check-interval", "-1"),
-                                         ("--check-fall", "101")])
+                                         ("--check-fall", "101"), ("--check-interval", "0.01"),
+                                         ("--check-interval", "nan"), ("--check-interval", "inf")])
 def test_bad_check_flags_exit_2_naming_them(capsys, flag, value):
     with pytest.raises(SystemExit) as exit:
         build_parser().parse_args(["run", "--map", "1=10.0.0.1:1", flag, value])
