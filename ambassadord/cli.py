@@ -25,13 +25,15 @@ from . import logs, sdnotify
 from .balancer import BALANCE_POLICIES
 from .config import ConfigError, load_routes
 from .relay import SPLICE_AVAILABLE
-from .routes import Route, RouteTable
+from .routes import DEFAULT_MAX_CONNECTIONS, Keepalive, Route, RouteTable
 from .server import ListenAddress, Server, StartupError, bind_listeners, parse_listen
 
 log = logging.getLogger("ambassadord")
 
 DEFAULT_PORT = 10000
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# How often --iptables looks for new container bridges (a netlink dump: cheap).
+BRIDGE_POLL = 1.0
 DEFAULT_ADMIN_TEXT = "127.0.0.1:10001"
 DEFAULT_ADMIN = ListenAddress("127.0.0.1", 10001)
 DEFAULT_WORKERS = "auto"
@@ -42,42 +44,87 @@ class UsageError(Exception):
     """Exit 2 with this message."""
 
 
+# Said by run and check alike: a configuration without a route is a mistake, not a daemon.
+NO_ROUTES = "no routes: give --map PORT=SPEC, --config FILE, or BACKEND_<PORT>=SPEC"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a word starting with a dash and a digit is a value.
+
+    argparse takes ``--map -1=10.0.0.5:6379`` for an unknown option ``-1=...`` and says
+    only "expected one argument", hiding the bad port. No flag here looks like that, so
+    the word goes to ``--map``, whose parser then names ``-1``.
+    """
+
+    def _parse_optional(self, arg_string):
+        if arg_string[:1] == "-" and arg_string[1:2].isdigit():
+            return None
+        return super()._parse_optional(arg_string)
+
+
+# Numbers on the command line are ASCII: int() and float() also take other scripts'
+# digits (６３７９), which nobody reading `ps` or a unit file would take for the value used.
+# A duration flag is at most a week (a route's own durations have tighter bounds, checked
+# by config.py): more is a slip, and 1e300 seconds overflows what timeouts are made of.
+_MAX_SECONDS = 604800
+
+
 def _positive_float(flag: str):
     def parse(text: str) -> float:
         try:
+            if not text.isascii():
+                raise ValueError
             v = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds") from None
-        if not v >= 0 or v == float("inf"):
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a non-negative number of seconds")
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds, e.g. 2 or 0.5") from None
+        if not 0 <= v <= _MAX_SECONDS:  # also NaN
+            raise argparse.ArgumentTypeError(f"{text!r}: expected 0 to {_MAX_SECONDS} seconds (a week)")
         return v
 
     return parse
 
 
+def _whole(text: str, maximum: int) -> int | None:
+    """``text`` as a whole number from 1 to ``maximum`` in ASCII digits, else None."""
+    return int(text) if text.isascii() and text.isdigit() and 0 < int(text) <= maximum else None
+
+
 def _port(flag: str):
     def parse(text: str) -> int:
-        if not text.isdigit() or not 0 < int(text) < 65536:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a port number 1-65535")
-        return int(text)
+        if (n := _whole(text, 65535)) is None:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a port number 1-65535 in ASCII digits")
+        return n
 
     return parse
 
 
 def _count(flag: str, maximum: int):
     def parse(text: str) -> int:
-        if not text.isdigit() or not 0 < int(text) <= maximum:
+        if (n := _whole(text, maximum)) is None:
             raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number from 1 to {maximum}")
-        return int(text)
+        return n
 
     return parse
+
+
+def _limit(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > 10_000_000:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of connections (0 = no limit)")
+    return int(text)
+
+
+def _keepalive(text: str) -> Keepalive:
+    try:
+        return Keepalive.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _check_interval(text: str) -> float:
     from .health import MIN_INTERVAL
 
     try:
-        v = float(text)
+        v = float(text) if text.isascii() else float("nan")
     except ValueError:
         v = float("nan")
     if not (v == 0 or MIN_INTERVAL <= v < float("inf")):  # (NaN fails both)
@@ -90,13 +137,15 @@ def _workers(text: str) -> int:
         from .workers import default_count
 
         return default_count()
-    if not text.isdigit() or not 0 < int(text) <= 256:
+    if (n := _whole(text, 256)) is None:
         raise argparse.ArgumentTypeError(f"{text!r}: expected auto or a whole number from 1 to 256")
-    return int(text)
+    return n
 
 
 def _mark(text: str) -> int:
     try:
+        if not text.isascii():
+            raise ValueError
         v = int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected an integer such as 0x1a3b") from None
@@ -110,6 +159,37 @@ def _dest(text: str):
         return ipaddress.ip_address(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected an IPv4 or IPv6 address") from None
+
+
+def parse_allow_from(text: str) -> tuple:
+    """``[PORT@]CIDR`` or ``[PORT@]any`` -> ((network, port or None), ...): who, besides this
+    host's processes and containers, may use the mapped ports (``any``: everyone, both
+    families). Raises ValueError quoting the text."""
+    port_text, sep, net_text = text.strip().rpartition("@")
+    port = None
+    if sep:
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+            raise ValueError(f"{text!r}: {port_text!r} is not a port number 1-65535 (expected [PORT@]CIDR or [PORT@]any)")
+        port = int(port_text)
+    if net_text == "any":
+        return ((ipaddress.ip_network("0.0.0.0/0"), port), (ipaddress.ip_network("::/0"), port))
+    try:
+        network = ipaddress.ip_network(net_text)
+    except ValueError:
+        try:
+            loose = ipaddress.ip_network(net_text, strict=False)
+        except ValueError:
+            raise ValueError(f"{text!r}: {net_text!r} is not a network (expected [PORT@]CIDR or [PORT@]any, "
+                             "e.g. 10.0.0.0/8 or 6379@any)") from None
+        raise ValueError(f"{text!r}: {net_text!r} has host bits set; did you mean {loose}?") from None
+    return ((network, port),)
+
+
+def _allow_from(text: str) -> tuple:
+    try:
+        return parse_allow_from(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _listen(text: str) -> ListenAddress:
@@ -257,7 +337,7 @@ def resolver_options(args) -> ResolverOptions:
 def build_parser() -> argparse.ArgumentParser:
     from . import netfilter
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="ambassadord",
         description="One host-wide service ambassador: consumers connect to a local address and the "
         "service's usual port; an iptables REDIRECT sends the connection here; ambassadord relays it "
@@ -286,6 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close a connection idle this long both ways (default: never; 0 = never)")
     g.add_argument("--eject-for", type=_positive_float("--eject-for"), metavar="SECONDS",
                    help="how long a backend that failed stays at the back of the order (default 10)")
+    g.add_argument("--max-connections", type=_limit, metavar="N",
+                   help=f"connections one route holds open at once, per process; more are closed at once "
+                   f"(outcome limit; default {DEFAULT_MAX_CONNECTIONS}; 0 = no limit)")
+    g.add_argument("--max-backend-connections", type=_limit, metavar="N",
+                   help="connections open or connecting to one backend of a route at once, per process; a backend "
+                   "at its limit is passed over for the next (default 0 = no limit)")
+    g.add_argument("--keepalive", type=_keepalive, metavar="IDLE[,INTVL,CNT]|off",
+                   help="TCP keepalive on both sides: probe after IDLE s of silence, every INTVL s, give up after "
+                   "CNT probes (default 60,10,6: a vanished peer is noticed in about 2 minutes)")
     g = run.add_argument_group("active health checks (defaults for every route; off unless --check-interval)")
     g.add_argument("--check-interval", type=_check_interval, metavar="SECONDS",
                    help="TCP connect to every backend this often; a backend that is down is not picked "
@@ -304,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="redirect only connections to ADDR (default: any local address); repeatable")
     g.add_argument("--iptables-interface", action="append", default=[], metavar="IFACE",
                    help="redirect only connections to IFACE's addresses (e.g. docker0); repeatable")
+    g.add_argument("--allow-from", action="append", type=_allow_from, default=[], metavar="[PORT@]CIDR|any",
+                   help="also redirect connections that arrive from CIDR (another host, a CNI without a "
+                   "bridge), to PORT or every mapped port; any = everyone. Default: only this host's "
+                   "processes and the containers on its bridges; repeatable")
     g.add_argument("--mark", type=_mark, default=netfilter.DEFAULT_MARK, metavar="N",
                    help=f"SO_MARK on upstream connections, exempted from the redirect (default {netfilter.DEFAULT_MARK:#x})")
     g.add_argument("--admin", type=_admin, default=DEFAULT_ADMIN, metavar="ADDR:PORT|off",
@@ -342,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="redirect only connections to ADDR (default: any local address); repeatable")
     ipt.add_argument("--interface", action="append", default=[], metavar="IFACE",
                      help="redirect only connections to IFACE's addresses; repeatable")
+    ipt.add_argument("--allow-from", action="append", type=_allow_from, default=[], metavar="[PORT@]CIDR|any",
+                     help="also redirect connections arriving from CIDR (default: only this host's processes and "
+                     "the containers on the bridges it has now); repeatable (install)")
     ipt.add_argument("--mark", type=_mark, default=netfilter.DEFAULT_MARK, metavar="N",
                      help=f"mark of ambassadord's own connections, never redirected (default {netfilter.DEFAULT_MARK:#x})")
     fam = ipt.add_mutually_exclusive_group()
@@ -368,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _route_defaults(args) -> dict:
     return {"balance": args.balance, "connect_timeout": args.connect_timeout,
             "idle_timeout": args.idle_timeout, "eject_for": args.eject_for,
-            "check_interval": args.check_interval,
+            "max_connections": args.max_connections, "max_backend_connections": args.max_backend_connections,
+            "keepalive": args.keepalive, "check_interval": args.check_interval,
             "check_rise": args.check_rise, "check_fall": args.check_fall}
 
 
@@ -387,7 +484,7 @@ def cmd_run(args) -> int:
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     if not configs:
-        raise UsageError("no routes: give --map PORT=SPEC, --config FILE, or BACKEND_<PORT>=SPEC")
+        raise UsageError(NO_ROUTES)
     if args.splice == "on" and not SPLICE_AVAILABLE:
         raise UsageError("--splice on: os.splice is not available on this platform")
     options = resolver_options(args)
@@ -408,8 +505,14 @@ def cmd_run(args) -> int:
         listen_ports = sorted({a.port for a in listen})
         if len(listen_ports) > 1:
             log.warning("listeners use ports %s; REDIRECT goes to the first, %d", listen_ports, listen_ports[0])
+        try:
+            bridges = tuple(netfilter.container_bridges())
+        except netfilter.NetfilterError as exc:
+            log.error("iptables: %s", exc)
+            return 1
         plan = netfilter.RedirectPlan(to_port=listen_ports[0], ports=_redirect_ports(configs, listen), dests=tuple(dests),
-                                      mark=args.mark, families=_families_for(listen))
+                                      mark=args.mark, families=_families_for(listen), from_interfaces=bridges,
+                                      allow_from=tuple(a for group in args.allow_from for a in group))
 
     sockmap = None
     if args.sockmap != "off":
@@ -455,6 +558,7 @@ def cmd_run(args) -> int:
     server = Server(RouteTable([Route(c) for c in configs]), sockets,
                     options=options, grace=args.grace, sockmap=sockmap,
                     mark=mark, use_splice=use_splice, workers=pool)
+    daemon = None
     try:
         if plan is not None:
             from . import netfilter
@@ -465,6 +569,7 @@ def cmd_run(args) -> int:
                 log.error("iptables: %s", exc)
                 return 1
             log.info("iptables: redirecting ports %s to %d", ",".join(map(str, plan.ports)) or "(none)", plan.to_port)
+            _log_exposure(plan)
         daemon = _Daemon(args, server, plan, admin_sock)
         admin_sock = None  # the daemon's now
         try:
@@ -488,7 +593,7 @@ def cmd_run(args) -> int:
         for s in sockets:
             s.close()
         if plan is not None:
-            _remove_rules(plan)
+            _remove_rules(daemon.plan if daemon is not None else plan, after_stop=daemon is not None and daemon.stopping)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     log.info("stopped")
     return 0
@@ -543,22 +648,56 @@ def _families_for(listen: list[ListenAddress]) -> tuple[int, ...]:
 _removed: set[int] = set()
 
 
-def _remove_rules(plan) -> None:
-    """Remove run --iptables' rules, once (on the first signal, else at exit)."""
+def _remove_jumps(plan) -> None:
+    """The first step of a stop: no new connection is redirected; established ones keep
+    working until _remove_rules (netfilter.py says why)."""
+    from . import netfilter
+
+    try:
+        netfilter.remove_jumps(plan.to_port, plan.families)
+        log.info("iptables: no longer redirecting new connections; the rules go once open ones are over")
+    except netfilter.NetfilterError as exc:
+        log.error("iptables: could not remove the jumps to our chains: %s", exc)
+
+
+def _remove_rules(plan, *, after_stop: bool = False) -> None:
+    """Remove run --iptables' rules, once (at exit, after the grace period). ``after_stop``:
+    the jumps went at the stop; if they are back, a new daemon installed the rules while
+    this one was draining, and they are left to it."""
     from . import netfilter
 
     if plan.to_port in _removed:
         return
     _removed.add(plan.to_port)
     try:
-        netfilter.remove(plan.to_port, plan.families)
+        netfilter.remove(plan.to_port, plan.families, if_unused=after_stop)
         log.info("iptables: rules removed")
     except netfilter.NetfilterError as exc:
         log.error("iptables: could not remove rules: %s", exc)
 
 
+def _log_exposure(plan) -> None:
+    """Say plainly who can use the mapped ports: a relay open to the LAN is a finding."""
+    who = ["this host's processes"]
+    if plan.from_interfaces:
+        who.append(f"containers on {', '.join(plan.from_interfaces)}")
+    for network, port in plan.allow_from:
+        who.append(f"{'everyone' if network.prefixlen == 0 else network}{f' (port {port})' if port else ''}")
+    log.info("iptables: mapped ports are open to %s", "; ".join(dict.fromkeys(who)))
+
+
 class _Daemon:
-    """``run`` once everything is bound: the server, the admin API, signals and reloads."""
+    """``run`` once everything is bound: the server, the admin API, signals and reloads.
+
+    Stopping (SIGTERM, SIGINT), in order:
+
+    1. a reload in progress is cancelled (reading a file may block: a FIFO, a hung network
+       file system), so nothing the stop needs waits on it for longer than the grace;
+    2. under ``--iptables``, the jumps to our chains go: no new connection is redirected,
+       while established ones keep their translation (netfilter.py says why);
+    3. the server stops accepting and gives open connections the grace period;
+    4. only then, in cmd_run, the chains go.
+    """
 
     def __init__(self, args, server: Server, plan, admin_sock):
         from .admin import ConfigState
@@ -568,7 +707,9 @@ class _Daemon:
         self.plan = plan
         self.admin_sock = admin_sock
         self.config = ConfigState(file=os.path.abspath(args.config) if args.config else None)
+        # Held by whatever changes the rules or the table (a reload, a bridge change).
         self._reload_lock = trio.Lock()
+        self._reload_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self.stopping = False
 
@@ -586,6 +727,8 @@ class _Daemon:
                 log.info("admin API on %s", admin_url(self.args.admin))
             if self.args.config and self.args.config_poll > 0:
                 nursery.start_soon(self._watch_config_file)
+            if self.plan is not None:
+                nursery.start_soon(self._watch_bridges)
             sdnotify.ready(f"serving {len(server.table)} route(s)")
 
     async def _run_server(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -595,7 +738,7 @@ class _Daemon:
         self._nursery.cancel_scope.cancel()
 
     async def _on_signals(self) -> None:
-        server, plan = self.server, self.plan
+        server = self.server
         with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
             # Blocked since before the rules went in (cmd_run): any that came meanwhile
             # are delivered now, to this receiver.
@@ -612,12 +755,14 @@ class _Daemon:
                     log.info("%s: stopping (grace %gs; send again to stop at once)", name, server.grace)
                     sdnotify.stopping()
                     self.stopping = True
-                    if plan is not None:
-                        # New connections would find no listener anyway; take the rules
-                        # away first, so that nothing lingers if we are killed meanwhile.
-                        # After any reload in progress, which may be installing rules.
-                        async with self._reload_lock:
-                            await trio.to_thread.run_sync(_remove_rules, self.plan)
+                    if self._reload_scope is not None:
+                        self._reload_scope.cancel()
+                    if self.plan is not None:
+                        # After a rules change in progress (a subprocess with its own time
+                        # limit), but never for longer than the grace period.
+                        with trio.move_on_after(server.grace):
+                            async with self._reload_lock:
+                                await trio.to_thread.run_sync(_remove_jumps, self.plan)
                     server.shutdown()
                 else:
                     log.warning("%s again: closing open connections now", name)
@@ -625,22 +770,56 @@ class _Daemon:
 
     async def _watch_config_file(self) -> None:
         """Reload when --config changes: (device, inode, size, mtime) is polled, and a change
-        must hold still for one more poll (a file being written is not read half-way)."""
+        must hold still for one more poll (a file being written is not read half-way).
+        stat() runs in a thread: on a hung network file system it blocks."""
         path, interval = self.args.config, self.args.config_poll
-        seen = _file_signature(path)
+
+        async def signature():
+            return await trio.to_thread.run_sync(_file_signature, path, abandon_on_cancel=True)
+
+        seen = await signature()
         while True:
             await trio.sleep(interval)
-            now = _file_signature(path)
+            now = await signature()
             if now == seen:
                 continue
             while True:  # settle: wait until two looks agree
                 await trio.sleep(min(interval, 0.25))
-                again = _file_signature(path)
+                again = await signature()
                 if again == now:
                     break
                 now = again
             seen = now
             await self.reload(f"{path} changed")
+
+    async def _watch_bridges(self) -> None:
+        """Follow this host's container bridges (a ``docker network create`` after start):
+        their containers' connections are redirected, other hosts' are not (netfilter.py)."""
+        from dataclasses import replace
+
+        from . import netfilter
+
+        while True:
+            await trio.sleep(BRIDGE_POLL)
+            try:
+                bridges = tuple(await trio.to_thread.run_sync(netfilter.container_bridges, abandon_on_cancel=True))
+            except netfilter.NetfilterError as exc:
+                log.warning("iptables: cannot list the container bridges: %s", exc)
+                continue
+            if bridges == self.plan.from_interfaces:
+                continue
+            async with self._reload_lock:
+                if self.stopping:
+                    return
+                new_plan = replace(self.plan, from_interfaces=bridges)
+                try:
+                    await trio.to_thread.run_sync(partial(netfilter.install, new_plan, previous=self.plan))
+                except netfilter.NetfilterError as exc:
+                    log.error("iptables: could not follow the container bridges (%s): %s",
+                              ", ".join(bridges) or "none", exc)
+                    continue
+                self.plan = new_plan
+                _log_exposure(new_plan)
 
     async def reload(self, why: str) -> None:
         """Re-read the routes; apply them all, or none if anything is wrong."""
@@ -650,11 +829,21 @@ class _Daemon:
             if self.stopping:
                 return
             sdnotify.reloading()
+            log.info("reloading (%s)", why)
             try:
-                try:
-                    configs = await trio.to_thread.run_sync(_load, self.args)
-                except ConfigError as exc:
-                    raise _Rejected(str(exc)) from None
+                with trio.CancelScope() as self._reload_scope:
+                    try:
+                        # Abandoned if a stop cancels it: a file that blocks (a FIFO, a hung
+                        # NFS mount) holds a thread, never the daemon.
+                        configs = await trio.to_thread.run_sync(_load, self.args, abandon_on_cancel=True)
+                    except ConfigError as exc:
+                        raise _Rejected(str(exc)) from None
+                    except Exception as exc:  # a bug of ours or a library's: the old routes stay
+                        log.exception("reload (%s): reading the configuration failed", why)
+                        raise _Rejected(f"{self.args.config or 'the configuration'}: cannot be read: "
+                                        f"{type(exc).__name__}: {exc}") from None
+                if self._reload_scope.cancelled_caught or self.stopping:
+                    return
                 if not configs:
                     raise _Rejected(f"{self.args.config or 'the configuration'}: no routes in the new configuration")
                 new_plan = None
@@ -663,6 +852,8 @@ class _Daemon:
 
                     new_plan = replace(self.plan, ports=_redirect_ports(configs, self.args.listen or DEFAULT_LISTEN))
                     if new_plan.ports != self.plan.ports:
+                        # A port that goes keeps its established connections: the chain
+                        # always holds a REDIRECT rule (netfilter.py, "the anchor").
                         try:
                             await trio.to_thread.run_sync(partial(netfilter.install, new_plan, previous=self.plan))
                         except netfilter.NetfilterError as exc:
@@ -670,7 +861,7 @@ class _Daemon:
                         log.info("iptables: redirecting ports %s to %d",
                                  ",".join(map(str, new_plan.ports)) or "(none)", new_plan.to_port)
                         self.plan = new_plan
-                if self.stopping:  # SIGTERM came while the file was being read
+                if self.stopping:  # SIGTERM came while the rules were changing
                     return
                 summary = self.server.reload(configs)
                 if self.server.pool is not None:
@@ -686,6 +877,7 @@ class _Daemon:
                          extra={"fields": {"event": "reload", "ok": True, "added": summary.added,
                                            "removed": summary.removed, "changed": summary.changed}})
             finally:
+                self._reload_scope = None
                 if not self.stopping:
                     sdnotify.ready(f"serving {len(self.server.table)} route(s)")
 
@@ -721,7 +913,9 @@ def cmd_iptables(args) -> int:
         if args.interface:
             dests += netfilter.interface_addresses(args.interface)
         plan = netfilter.RedirectPlan(to_port=args.to_port, ports=tuple(sorted(set(args.port))), dests=tuple(dests),
-                                      mark=args.mark, families=families)
+                                      mark=args.mark, families=families,
+                                      from_interfaces=tuple(netfilter.container_bridges()),
+                                      allow_from=tuple(a for group in args.allow_from for a in group))
         netfilter.install(plan)
     except netfilter.NetfilterError as exc:
         print(f"ambassadord iptables: {exc}", file=sys.stderr)
@@ -769,6 +963,8 @@ def cmd_check(args) -> int:
                              link_env=args.link_env).routes
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
+    if not routes:
+        raise UsageError(NO_ROUTES)
     rows = [("PORT", "SOURCE", "BACKEND", "BALANCE", "CONNECT", "IDLE", "FROM")]
     for r in sorted(routes, key=lambda r: (r.port, str(r.source))):
         rows.append((str(r.port), str(r.source or "any"), r.spec.text, r.balance, f"{r.connect_timeout:g}s",

@@ -24,7 +24,6 @@ each backend's check state.
 
 from __future__ import annotations
 
-import errno
 import logging
 import random
 import time
@@ -45,10 +44,6 @@ JITTER = 0.1
 # Shorter intervals would be a busy loop of connects to every backend (a typo such as
 # 0.002 for 2): refused with a message, at the edge (config.py, cli.py).
 MIN_INTERVAL = 0.1
-
-# Errors that say this host is short of something (fds, local ports), not that the backend
-# is unwell: such a check gives no result.
-CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EADDRNOTAVAIL}
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +80,8 @@ def down_set(states: dict[Backend, CheckState], current) -> frozenset[Backend]:
 
 
 class NoResult(Exception):
-    """The check could not be made (this host is short of something): not the backend's fault."""
+    """The check could not be made (this host is short of fds or local ports): it says
+    nothing about the backend."""
 
 
 # connect(backend, timeout): returns when a TCP connection was made (and closed again);
@@ -97,15 +93,13 @@ async def check_once(connect: Connect, backend: Backend, timeout: float) -> str 
     """One check: None if it passed, else what went wrong.
 
     Raises:
-        NoResult: the host is short of fds or local ports; the check says nothing.
+        NoResult: from ``connect``; the check says nothing.
     """
     try:
         await connect(backend, timeout)
     except trio.TooSlowError:
         return "timeout"
     except OSError as exc:
-        if exc.errno in CAPACITY_ERRNOS:
-            raise NoResult(exc.strerror or str(exc)) from None
         return exc.strerror or str(exc)
     return None
 

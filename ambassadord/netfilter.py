@@ -8,13 +8,37 @@ original back with :func:`ambassadord.original_dst.original_destination`.
 Layout, per daemon port ``TO`` and per address family::
 
     nat OUTPUT      -p tcp -j AMBASSADORD-TO     host processes, --net=host containers
-    nat PREROUTING  -p tcp -j AMBASSADORD-TO     containers on a bridge
+    nat PREROUTING  -p tcp -j AMBASSADORD-TO-IN  connections arriving from elsewhere
+    AMBASSADORD-TO-IN:                           who, of those, may be redirected:
+      -i BRIDGE -j AMBASSADORD-TO                containers on this host's bridges
+      -s CIDR [-p tcp --dport P] -j AMBASSADORD-TO
+                                                 networks opened explicitly (--allow-from)
     AMBASSADORD-TO:
       -m mark --mark MARK -j RETURN              the daemon's own upstream connections
+      -p tcp -m mark --mark MARK -j REDIRECT --to-ports TO
+                                                 the anchor: never matches (see below)
       -p tcp --dport P -m addrtype --dst-type LOCAL -j REDIRECT --to-ports TO
                                                  (one per mapped port P), or with dests:
       -d ADDR -p tcp --dport P -j REDIRECT --to-ports TO
                                                  (one per mapped port P and dest ADDR)
+
+Not open to the LAN. A connection that arrives from another host enters through PREROUTING
+like a container's does; without the ``-IN`` chain, any host that can reach this one could
+use the mapped ports as an open relay into the backends. So only the interfaces of this
+host's container bridges (found by :func:`container_bridges`: bridges whose ports are all
+veth pairs, i.e. whose far ends live on this host) and the source networks the user opened
+explicitly are let through to the redirect.
+
+The anchor rule, and the order of a stop. The kernel translates the packets of an
+established redirected connection only while the namespace holds some REDIRECT rule:
+removing the last one breaks every such connection at its next packet (measured with
+iptables-nft on Debian 12: removing the chain or flushing it broke an open connection;
+removing one port's rule while another REDIRECT remained, or flushing and re-adding the
+rules in one transaction, did not). The anchor is a REDIRECT rule that can never match
+(marked packets RETURN just before it), so the chain always holds one, whatever ports a
+reload leaves. A stop removes the jumps first (:func:`remove_jumps`: no new connection is
+redirected, established ones keep working) and the chains only once the last redirected
+connection ended or the grace period ran out (:func:`remove`).
 
 Why a chain of our own: the whole rule set is replaced or removed by naming one chain,
 without touching, or having to parse, anybody else's rules. Why the mark rule comes
@@ -49,7 +73,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "DEFAULT_MARK",
@@ -57,9 +81,12 @@ __all__ = [
     "RedirectPlan",
     "chain_name",
     "check_available",
+    "container_bridges",
+    "in_chain_name",
     "install",
     "interface_addresses",
     "remove",
+    "remove_jumps",
     "render_install",
     "render_remove",
 ]
@@ -83,6 +110,10 @@ _TIMEOUT = 30.0
 _CAP_NET_ADMIN = 12
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Linux interface names: at most 15 bytes. Only the characters that real names use are
+# accepted, so that a name can never change the meaning of an iptables-restore line.
+_IFNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
 
 
 class NetfilterError(Exception):
@@ -103,10 +134,17 @@ class RedirectPlan:
       mark: the fwmark of the daemon's own upstream sockets, never redirected. Not 0: an
         unmarked packet has mark 0, so 0 would exempt everything.
       families: which of IPv4 (4) and IPv6 (6) get rules.
+      from_interfaces: interfaces (this host's container bridges) whose arriving
+        connections are redirected (nat PREROUTING). Host processes (nat OUTPUT) always are.
+      allow_from: ``(network, port)`` pairs: connections arriving from ``network`` (any
+        interface, another host too) are redirected, to ``port`` only or, with ``None``,
+        to every mapped port. ``0.0.0.0/0`` and ``::/0`` open to everyone.
 
     Raises:
-      ValueError: a port, mark or family is out of range, or a dest is not an
-        :class:`ipaddress.IPv4Address` / :class:`ipaddress.IPv6Address`. The message quotes it.
+      ValueError: a port, mark or family is out of range, a dest is not an
+        :class:`ipaddress.IPv4Address` / :class:`ipaddress.IPv6Address`, an interface name
+        is not one, or an allow_from entry is not (network, port or None). The message
+        quotes it.
     """
 
     to_port: int
@@ -114,6 +152,8 @@ class RedirectPlan:
     dests: tuple[Address, ...] = ()
     mark: int = DEFAULT_MARK
     families: tuple[int, ...] = _FAMILIES
+    from_interfaces: tuple[str, ...] = ()
+    allow_from: tuple[tuple[Network, int | None], ...] = ()
 
     def __post_init__(self) -> None:
         _check_port(self.to_port, "to_port")
@@ -127,11 +167,24 @@ class RedirectPlan:
         if isinstance(self.mark, bool) or not isinstance(self.mark, int) or not 0 < self.mark <= 0xFFFFFFFF:
             raise ValueError(f"mark {self.mark!r} is not in 1..0xffffffff")
         families = _check_families(self.families)
+        interfaces = tuple(dict.fromkeys(self.from_interfaces))
+        for name in interfaces:
+            if not isinstance(name, str) or not _IFNAME.match(name):
+                raise ValueError(f"interface name {name!r} is not a network interface name")
+        allow = tuple(dict.fromkeys(tuple(a) for a in self.allow_from))
+        for entry in allow:
+            if (len(entry) != 2 or not isinstance(entry[0], (ipaddress.IPv4Network, ipaddress.IPv6Network))
+                    or not (entry[1] is None or isinstance(entry[1], int))):
+                raise ValueError(f"allow_from entry {entry!r} is not (IPv4Network or IPv6Network, port or None)")
+            if entry[1] is not None:
+                _check_port(entry[1], "allow_from port")
         # Frozen, so normalised values go in through object.__setattr__; lists given by a
         # caller become tuples, which keeps the plan hashable.
         object.__setattr__(self, "ports", ports)
         object.__setattr__(self, "dests", dests)
         object.__setattr__(self, "families", families)
+        object.__setattr__(self, "from_interfaces", interfaces)
+        object.__setattr__(self, "allow_from", allow)
 
 
 def chain_name(to_port: int) -> str:
@@ -147,19 +200,35 @@ def chain_name(to_port: int) -> str:
     return f"{_CHAIN_PREFIX}{to_port}"
 
 
-def render_install(plan: RedirectPlan, family: int, existing_jumps: set[str]) -> str:
+def in_chain_name(to_port: int) -> str:
+    """The chain that nat PREROUTING jumps to: who, of the connections arriving from
+    elsewhere, may be redirected (``AMBASSADORD-<to_port>-IN``)."""
+    return f"{chain_name(to_port)}-IN"
+
+
+def _hook_targets(to_port: int) -> dict[str, str]:
+    """Which of our chains each built-in hook jumps to."""
+    return {"OUTPUT": chain_name(to_port), "PREROUTING": in_chain_name(to_port)}
+
+
+def render_install(plan: RedirectPlan, family: int, existing_jumps: set[str],
+                   stale_jumps: Sequence[tuple[str, str]] = ()) -> str:
     """The ``iptables-restore --noflush`` input that installs ``plan`` for one family.
 
-    Pure: no I/O. The ``:CHAIN`` declaration creates the chain or flushes an existing one,
-    so the chain ends up holding exactly this plan's rules. Jumps are inserted at the top
-    of OUTPUT / PREROUTING, because the mapped ports belong to ambassadord: a rule earlier
-    in the hook that DNATs or accepts them would otherwise take them silently.
+    Pure: no I/O. The ``:CHAIN`` declarations create the chains or flush existing ones,
+    so they end up holding exactly this plan's rules (flushing and re-adding in one
+    transaction keeps established redirected connections working: see the module's
+    docstring). Jumps are inserted at the top of OUTPUT / PREROUTING, because the mapped
+    ports belong to ambassadord: a rule earlier in the hook that DNATs or accepts them
+    would otherwise take them silently.
 
     Args:
       plan: what to redirect.
       family: 4 (``iptables-restore``) or 6 (``ip6tables-restore``).
-      existing_jumps: which of ``"OUTPUT"``, ``"PREROUTING"`` already jump to the chain
-        (those are not added again).
+      existing_jumps: which of ``"OUTPUT"``, ``"PREROUTING"`` already jump to the right
+        chain (those are not added again).
+      stale_jumps: ``(hook, chain)`` jumps of ours that the plan does not want (an older
+        layout's), deleted in the same transaction.
 
     Returns:
       The restore input, one ``*nat`` table ending in ``COMMIT``, newline-terminated.
@@ -170,8 +239,14 @@ def render_install(plan: RedirectPlan, family: int, existing_jumps: set[str]) ->
     _check_family(family)
     _check_hooks(existing_jumps)
     chain = chain_name(plan.to_port)
+    in_chain = in_chain_name(plan.to_port)
     to = plan.to_port
-    lines = ["*nat", f":{chain} - [0:0]", f"-A {chain} -m mark --mark {plan.mark:#x} -j RETURN"]
+    lines = ["*nat", *(f"-D {hook} {_jump_spec(target)}" for hook, target in stale_jumps),
+             f":{chain} - [0:0]", f":{in_chain} - [0:0]",
+             f"-A {chain} -m mark --mark {plan.mark:#x} -j RETURN",
+             # The anchor: never matches (marked packets returned just above); it is there
+             # so that the namespace never loses its last REDIRECT rule while we run.
+             f"-A {chain} -p tcp -m mark --mark {plan.mark:#x} -j REDIRECT --to-ports {to}"]
     if plan.dests:
         dests = [d for d in plan.dests if d.version == family]
         for port in plan.ports:
@@ -182,36 +257,49 @@ def render_install(plan: RedirectPlan, family: int, existing_jumps: set[str]) ->
             lines.append(
                 f"-A {chain} -p tcp --dport {port} -m addrtype --dst-type LOCAL -j REDIRECT --to-ports {to}"
             )
-    for hook in _HOOKS:
+    for name in plan.from_interfaces:
+        lines.append(f"-A {in_chain} -i {name} -j {chain}")
+    for network, port in plan.allow_from:
+        if network.version != family:
+            continue
+        only = f" -p tcp --dport {port}" if port is not None else ""
+        lines.append(f"-A {in_chain} -s {network}{only} -j {chain}")
+    for hook, target in _hook_targets(plan.to_port).items():
         if hook not in existing_jumps:
-            lines.append(f"-I {hook} {_jump_spec(chain)}")
+            lines.append(f"-I {hook} {_jump_spec(target)}")
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
 
-def render_remove(to_port: int, existing_jumps: set[str], chain_exists: bool) -> str:
+def render_remove(to_port: int, state: NatState, *, jumps_only: bool = False) -> str:
     """The ``iptables-restore --noflush`` input that removes a daemon port's rules.
 
     Pure: no I/O. Jumps go first (a chain that is referenced cannot be deleted), then the
-    chain is flushed (by declaring it) and deleted.
+    chains are flushed (by declaring them) and deleted, the ``-IN`` chain (which refers to
+    the main one) first.
 
     Args:
-      to_port: the daemon port whose chain goes.
-      existing_jumps: which of ``"OUTPUT"``, ``"PREROUTING"`` jump to the chain now.
-      chain_exists: whether the chain exists now.
+      to_port: the daemon port whose rules go.
+      state: what of ours is in the nat table now (:func:`_parse_nat_listing`).
+      jumps_only: remove only the jumps from the built-in hooks: no new connection is
+        redirected, while established ones keep their translation (the chains and their
+        REDIRECT rules stay). The first step of a graceful stop.
 
     Returns:
       The restore input, or ``""`` when there is nothing to remove (the caller then runs
       nothing).
 
     Raises:
-      ValueError: ``to_port`` is out of range, or ``existing_jumps`` names another chain.
+      ValueError: ``to_port`` is out of range, or ``state`` names another hook.
     """
-    _check_hooks(existing_jumps)
-    chain = chain_name(to_port)
-    lines = [f"-D {hook} {_jump_spec(chain)}" for hook in _HOOKS if hook in existing_jumps]
-    if chain_exists:
-        lines += [f":{chain} - [0:0]", f"-X {chain}"]
+    _check_hooks(state.jumps)
+    targets = _hook_targets(to_port)
+    lines = [f"-D {hook} {_jump_spec(targets[hook])}" for hook in _HOOKS if hook in state.jumps]
+    lines += [f"-D {hook} {_jump_spec(target)}" for hook, target in state.stale_jumps]
+    if not jumps_only:
+        for chain in (in_chain_name(to_port), chain_name(to_port)):
+            if chain in state.chains:
+                lines += [f":{chain} - [0:0]", f"-X {chain}"]
     if not lines:
         return ""
     return "\n".join(["*nat", *lines, "COMMIT"]) + "\n"
@@ -247,15 +335,15 @@ def install(plan: RedirectPlan, *, previous: RedirectPlan | None = None, netns: 
     done: list[int] = []
     for family in plan.families:
         try:
-            state = _nat_state(family, chain, netns)
-            _restore(family, render_install(plan, family, state.jumps), netns)
+            state = _nat_state(family, plan.to_port, netns)
+            _restore(family, render_install(plan, family, state.jumps, state.stale_jumps), netns)
         except NetfilterError as exc:
             undo_failures = []
             for installed in done:
                 try:
                     if previous is not None:
-                        back = _nat_state(installed, chain, netns)
-                        _restore(installed, render_install(previous, installed, back.jumps), netns)
+                        back = _nat_state(installed, plan.to_port, netns)
+                        _restore(installed, render_install(previous, installed, back.jumps, back.stale_jumps), netns)
                     else:
                         _remove_family(plan.to_port, installed, netns)
                 except NetfilterError as undo_exc:
@@ -270,30 +358,53 @@ def install(plan: RedirectPlan, *, previous: RedirectPlan | None = None, netns: 
         done.append(family)
 
 
-def remove(to_port: int, families: tuple[int, ...] = _FAMILIES, *, netns: str | None = None) -> None:
-    """Remove the redirect rules of daemon port ``to_port``: jumps, then the chain.
+def remove(to_port: int, families: tuple[int, ...] = _FAMILIES, *, netns: str | None = None,
+           if_unused: bool = False) -> None:
+    """Remove the redirect rules of daemon port ``to_port``: jumps, then the chains.
 
     Leaves no trace, and is a no-op (no error) when nothing is installed. Each family is
     one atomic transaction; all families are attempted even when one fails, since this
-    runs on the way out.
+    runs on the way out. Connections that were redirected and are still open break at
+    their next packet if this removes the namespace's last REDIRECT rule (see the
+    module's docstring): a graceful stop calls :func:`remove_jumps` first and this only
+    once they are over.
 
     Args:
       to_port: the daemon port whose rules go.
       families: which of IPv4 (4) and IPv6 (6) to clean up.
       netns: as for :func:`install`.
+      if_unused: leave a family's rules alone if a jump leads to them: after
+        :func:`remove_jumps`, that means another daemon on the same port installed them
+        again meanwhile (a restart that did not wait for the old one), and they are its.
 
     Raises:
       NetfilterError: tools missing, no CAP_NET_ADMIN, a tool failed, or a rule that
-        ambassadord did not install still refers to the chain (the message quotes it).
+        ambassadord did not install still refers to a chain (the message quotes it).
         With several failing families, the message has one part per family.
     """
+    _each_family(to_port, families, netns, jumps_only=False, if_unused=if_unused)
+
+
+def remove_jumps(to_port: int, families: tuple[int, ...] = _FAMILIES, *, netns: str | None = None) -> None:
+    """Stop redirecting new connections to ``to_port``, and only that: the jumps from
+    OUTPUT and PREROUTING go, the chains stay, so connections already redirected keep
+    their translation until :func:`remove` (see the module's docstring). Idempotent.
+
+    Raises:
+      NetfilterError: as :func:`remove`.
+    """
+    _each_family(to_port, families, netns, jumps_only=True)
+
+
+def _each_family(to_port: int, families: tuple[int, ...], netns: str | None, *, jumps_only: bool,
+                 if_unused: bool = False) -> None:
     chain_name(to_port)  # ValueError for a bad port before anything runs
     families = _check_families(families)
     check_available(families)
     failures = []
     for family in families:
         try:
-            _remove_family(to_port, family, netns)
+            _remove_family(to_port, family, netns, jumps_only=jumps_only, if_unused=if_unused)
         except NetfilterError as exc:
             failures.append(str(exc))
     if failures:
@@ -357,6 +468,54 @@ def interface_addresses(names: Sequence[str], *, netns: str | None = None) -> li
     return list(found)
 
 
+def container_bridges(*, netns: str | None = None) -> list[str]:
+    """The interfaces of this host's container bridges: bridges (docker0, Docker's
+    user-defined ``br-*`` networks, a CNI's ``cni0``) all of whose ports are veth pairs,
+    whose far ends therefore live on this host. A bridge with any other port (a physical
+    NIC, a bond, a VLAN, a VXLAN tunnel, a VM's tap) reaches other hosts and is left out,
+    as are names that are not plain interface names. A bridge with no port yet counts
+    (Docker makes docker0 before its first container).
+
+    Args:
+      netns: look in this named network namespace instead of the current one.
+
+    Raises:
+      NetfilterError: netlink failed; the message names the namespace.
+    """
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    where = f" in network namespace {netns}" if netns else ""
+    try:
+        ipr = IPRoute(netns=netns, flags=0) if netns else IPRoute()
+    except OSError as exc:
+        raise NetfilterError(f"cannot open netlink{where}: {exc}") from exc
+    with ipr:
+        try:
+            links = ipr.get_links()
+        except (NetlinkError, OSError) as exc:
+            raise NetfilterError(f"cannot list network interfaces{where}: {exc}") from exc
+    kinds: dict[int, str | None] = {}
+    names: dict[int, str] = {}
+    masters: dict[int, int] = {}
+    for msg in links:
+        index = msg["index"]
+        names[index] = msg.get_attr("IFLA_IFNAME") or ""
+        info = msg.get_attr("IFLA_LINKINFO")
+        kinds[index] = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+        master = msg.get_attr("IFLA_MASTER")
+        if master:
+            masters[index] = master
+    bridges = []
+    for index, kind in kinds.items():
+        if kind != "bridge" or not _IFNAME.match(names[index]):
+            continue
+        ports = [port for port, master in masters.items() if master == index]
+        if all(kinds.get(port) == "veth" for port in ports):
+            bridges.append(names[index])
+    return sorted(bridges)
+
+
 def check_available(families: tuple[int, ...] = _FAMILIES) -> None:
     """Fail early and clearly when the rules cannot be managed at all.
 
@@ -391,60 +550,72 @@ def check_available(families: tuple[int, ...] = _FAMILIES) -> None:
 
 
 @dataclass(frozen=True)
-class _NatState:
-    chain_exists: bool
-    jumps: set[str]  # which of _HOOKS hold our exact jump rule
-    duplicate_jumps: list[str]  # a hook once per extra copy of our jump (racing installs)
-    foreign: list[str]  # other rules that refer to the chain (outside the chain itself)
+class NatState:
+    """What of one daemon port's rules is in a family's nat table (read by _nat_state)."""
+
+    chains: set[str]  # which of our chains exist
+    jumps: set[str]  # which of _HOOKS hold our exact jump rule to the chain they should
+    stale_jumps: list[tuple[str, str]] = field(default_factory=list)  # (hook, chain): ours, not wanted
+    duplicate_jumps: list[str] = field(default_factory=list)  # a hook once per extra copy of our jump
+    foreign: list[str] = field(default_factory=list)  # other rules that refer to our chains
 
 
-def _remove_family(to_port: int, family: int, netns: str | None) -> None:
-    chain = chain_name(to_port)
-    state = _nat_state(family, chain, netns)
-    if state.foreign:
+def _remove_family(to_port: int, family: int, netns: str | None, *, jumps_only: bool = False,
+                   if_unused: bool = False) -> None:
+    state = _nat_state(family, to_port, netns)
+    if if_unused and state.jumps:
+        return
+    if state.foreign and not jumps_only:
         # iptables-nft would only say "line N failed"; say which rule is in the way.
         raise NetfilterError(
-            f"cannot delete IPv{family} chain {chain}: rules not installed by ambassadord refer "
-            f"to it: {' | '.join(state.foreign)}; delete those first"
+            f"cannot delete IPv{family} chain {chain_name(to_port)}: rules not installed by ambassadord "
+            f"refer to it: {' | '.join(state.foreign)}; delete those first"
         )
-    text = render_remove(to_port, state.jumps, state.chain_exists)
+    text = render_remove(to_port, state, jumps_only=jumps_only)
     if state.duplicate_jumps:
         # Two installs racing between listing and restore can each add a jump. The extra
         # copies are ours too, and the chain cannot be deleted while they refer to it:
         # delete them in the same transaction.
-        extra = "".join(f"-D {hook} {_jump_spec(chain)}\n" for hook in state.duplicate_jumps)
+        targets = _hook_targets(to_port)
+        extra = "".join(f"-D {hook} {_jump_spec(targets[hook])}\n" for hook in state.duplicate_jumps)
         text = text.replace("*nat\n", "*nat\n" + extra, 1)
     if text:
         _restore(family, text, netns)
 
 
-def _nat_state(family: int, chain: str, netns: str | None) -> _NatState:
+def _nat_state(family: int, to_port: int, netns: str | None) -> NatState:
     """Read what of ours is in the nat table, from ``iptables -t nat -S``."""
     listing = _run([_TOOLS[family][0], "-w", "-t", "nat", "-S"], netns=netns)
-    return _parse_nat_listing(listing, chain)
+    return _parse_nat_listing(listing, to_port)
 
 
-def _parse_nat_listing(listing: str, chain: str) -> _NatState:
+def _parse_nat_listing(listing: str, to_port: int) -> NatState:
     # -S prints rules in the canonical form iptables-save uses, so our own jump reads
     # back exactly as "-A OUTPUT -p tcp -j CHAIN".
+    targets = _hook_targets(to_port)
+    ours = set(targets.values())
+    chains: set[str] = set()
     jumps: set[str] = set()
+    stale: list[tuple[str, str]] = []
     duplicates: list[str] = []
     foreign: list[str] = []
-    exists = False
-    spec = _jump_spec(chain)
     for line in listing.splitlines():
         words = line.split()
-        if words[:2] == ["-N", chain]:
-            exists = True
-        elif len(words) >= 2 and words[0] == "-A" and words[1] != chain:
-            if " ".join(words[2:]) == spec and words[1] in _HOOKS:
-                if words[1] in jumps:
-                    duplicates.append(words[1])
+        if len(words) >= 2 and words[0] == "-N" and words[1] in ours:
+            chains.add(words[1])
+        elif len(words) >= 2 and words[0] == "-A" and words[1] not in ours:
+            hook, rest = words[1], " ".join(words[2:])
+            target = next((c for c in ours if rest == _jump_spec(c)), None)
+            if hook in _HOOKS and target is not None:
+                if target != targets[hook]:
+                    stale.append((hook, target))  # an older layout's jump (PREROUTING -> main chain)
+                elif hook in jumps:
+                    duplicates.append(hook)
                 else:
-                    jumps.add(words[1])
-            elif _refers_to(words, chain):
+                    jumps.add(hook)
+            elif any(_refers_to(words, c) for c in ours):
                 foreign.append(line)
-    return _NatState(chain_exists=exists, jumps=jumps, duplicate_jumps=duplicates, foreign=foreign)
+    return NatState(chains=chains, jumps=jumps, stale_jumps=stale, duplicate_jumps=duplicates, foreign=foreign)
 
 
 def _refers_to(words: list[str], chain: str) -> bool:

@@ -24,6 +24,53 @@ from .stats import RouteStats
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# Connections one route holds open at once, per process (0: no limit). High enough that no
+# ordinary use meets it (a service seldom has more than hundreds of clients per host; the
+# benchmarks hold 2,000 idle ones), low enough that a routing loop between two hosts (each
+# hop holds two sockets per daemon) stops at 20,000 fds, inside the 65,536 of the deploy
+# files' LimitNOFILE, instead of running the daemon out of fds. See README, "Limits".
+DEFAULT_MAX_CONNECTIONS = 10_000
+# The kernel's bounds for TCP_KEEPIDLE / TCP_KEEPINTVL (MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL)
+# and TCP_KEEPCNT (MAX_TCP_KEEPCNT).
+_KEEPALIVE_MAX = (32767, 32767, 127)
+
+
+@dataclass(frozen=True, slots=True)
+class Keepalive:
+    """TCP keepalive on both sockets of a connection: after ``idle`` seconds without a
+    packet, probe every ``interval`` seconds; ``count`` unanswered probes and the kernel
+    fails the socket (ETIMEDOUT), which ends the relay. 60/10/6: a peer that vanished
+    (power cut, cable, a NAT that forgot the flow) is noticed about 2 minutes after the
+    last packet, at the cost of one small packet a minute per idle connection.
+    ``idle == 0`` means off."""
+
+    idle: int = 60
+    interval: int = 10
+    count: int = 6
+
+    def __bool__(self) -> bool:
+        return self.idle > 0
+
+    def __str__(self) -> str:
+        return f"{self.idle},{self.interval},{self.count}" if self else "off"
+
+    @classmethod
+    def parse(cls, text: str) -> Keepalive:
+        """``off``, ``IDLE``, ``IDLE,INTERVAL`` or ``IDLE,INTERVAL,COUNT`` (whole seconds; the
+        ones left out keep their defaults). ValueError quoting ``text`` otherwise."""
+        t = str(text).strip()
+        if t.lower() == "off":
+            return cls(0, 0, 0)
+        parts = [p.strip() for p in t.split(",")]
+        bad = ValueError(f"bad keepalive {text!r}: expected off or IDLE[,INTERVAL[,COUNT]] in whole seconds, "
+                         f"e.g. 60,10,6 (IDLE and INTERVAL 1-32767, COUNT 1-127)")
+        if not 1 <= len(parts) <= 3 or not all(p.isascii() and p.isdigit() for p in parts):
+            raise bad
+        values = [int(p) for p in parts]
+        if not all(1 <= v <= top for v, top in zip(values, _KEEPALIVE_MAX)):
+            raise bad
+        return cls(*values)
+
 
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
@@ -36,6 +83,9 @@ class RouteConfig:
     connect_timeout: float = 2.0
     idle_timeout: float | None = None
     eject_for: float = 10.0
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # open at once; 0: no limit (per process)
+    max_backend_connections: int = 0  # open or connecting at once per backend; 0: no limit
+    keepalive: Keepalive = Keepalive()
     # Active health checks (health.py): a TCP connect to each backend every check_interval
     # seconds (None: no checks); down after check_fall failures in a row, up again after
     # check_rise successes.
@@ -55,9 +105,11 @@ class RouteConfig:
     def same_route(self, other: RouteConfig) -> bool:
         """Equal in everything that matters for serving (``origin`` is only where it was read)."""
         return (self.port, self.spec, self.source, self.balance, self.connect_timeout, self.idle_timeout,
-                self.eject_for, self.check_interval, self.check_rise, self.check_fall) == (
+                self.eject_for, self.max_connections, self.max_backend_connections, self.keepalive,
+                self.check_interval, self.check_rise, self.check_fall) == (
                     other.port, other.spec, other.source, other.balance, other.connect_timeout, other.idle_timeout,
-                    other.eject_for, other.check_interval, other.check_rise, other.check_fall)
+                    other.eject_for, other.max_connections, other.max_backend_connections, other.keepalive,
+                    other.check_interval, other.check_rise, other.check_fall)
 
 
 @dataclass(eq=False)

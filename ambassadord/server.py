@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
-from backends.interface import Backend, BackendSet, ResolverOptions
+from backends.interface import Backend, BackendSet, ResolverOptions, failed_set
 
 from . import health, original_dst
 from .balancer import pick_order
 from .relay import RelayResult, relay
-from .routes import Route, RouteConfig, RouteTable
+from .routes import Keepalive, Route, RouteConfig, RouteTable
 
 log = logging.getLogger("ambassadord")
 conn_log = logging.getLogger("ambassadord.conn")
@@ -45,11 +45,23 @@ SO_MARK = getattr(socket, "SO_MARK", 36)
 # IP_BIND_ADDRESS_NO_PORT is not needed: upstream sockets never bind explicitly.
 
 # accept() errors that mean "out of a resource", not "bug": back off and go on, as
-# trio's serve_listeners does. Everything else from accept is a bug and surfaces.
+# trio's serve_listeners does.
 CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-# accept() errors that concern only the one connection being accepted.
+# accept() errors that concern only the one connection being accepted: ECONNABORTED, and
+# the "pending network errors" that accept(2) says Linux passes on for TCP (ENETDOWN,
+# EPROTO, ENOPROTOOPT, EHOSTDOWN, ENONET, EHOSTUNREACH, EOPNOTSUPP, ENETUNREACH). Go on.
 TRANSIENT_ACCEPT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.EHOSTUNREACH,
-                           errno.ENONET, errno.ENETUNREACH, errno.EOPNOTSUPP, errno.ETIMEDOUT}
+                           errno.ENONET, errno.ENETUNREACH, errno.EOPNOTSUPP, errno.ETIMEDOUT, errno.EHOSTDOWN,
+                           errno.ENOPROTOOPT}
+# accept() errors that can only be our bug (the listener is not a listening socket, or
+# is closed): they surface. Any other, unforeseen errno is logged and the loop goes on:
+# one odd error must not stop a daemon that serves every route of the host.
+BUG_ACCEPT_ERRNOS = {errno.EBADF, errno.EINVAL, errno.ENOTSOCK, errno.EFAULT}
+# connect() errors that say this host is short of something, not that the backend is
+# unwell: EADDRNOTAVAIL is "no free local port toward this backend" (tens of thousands of
+# TIME_WAIT sockets at sustained churn; also no usable source address), EAGAIN its older
+# spelling, ENOBUFS/ENOMEM memory. Outcome capacity: no ejection, no backend failure.
+LOCAL_CONNECT_ERRNOS = {errno.EADDRNOTAVAIL, errno.EAGAIN, *CAPACITY_ERRNOS}
 CAPACITY_SLEEP = 0.1
 LISTEN_BACKLOG = 4096
 # Connections accepted in a row (without waiting) before the accept loop lets others run.
@@ -67,6 +79,39 @@ class ReloadSummary:
         parts = [f"{what} {', '.join(names)}" for what, names in
                  (("added", self.added), ("removed", self.removed), ("changed", self.changed)) if names]
         return "; ".join(parts) or "no route changed"
+
+
+class Throttled:
+    """Log lines of one kind at most once per ``every`` seconds each: a flood of refused
+    connections must not become a flood of log lines too. A line says how many like it
+    were left out since the last one."""
+
+    def __init__(self, logger: logging.Logger = log, every: float = 1.0):
+        self.logger, self.every = logger, every
+        self._next: dict = {}  # key -> monotonic time before which lines are held back
+        self._held: dict = {}  # key -> lines held back since the last one logged
+
+    def log(self, key, level: int, msg: str, *args, fields: dict | None = None) -> None:
+        now = time.monotonic()
+        if now < self._next.get(key, 0.0):
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        self._next[key] = now + self.every
+        held = self._held.pop(key, 0)
+        if held:
+            msg, args = msg + " (and %d more since the last such line)", (*args, held)
+        self.logger.log(level, msg, *args, extra={"fields": fields} if fields else None)
+
+
+def set_keepalive(sock: socket.socket, keepalive: Keepalive) -> None:
+    """TCP keepalive on ``sock`` as ``keepalive`` says (off: SO_KEEPALIVE 0)."""
+    if not keepalive:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive.idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive.interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepalive.count)
 
 
 class OutOfResources(Exception):
@@ -99,7 +144,7 @@ def parse_listen(text: str) -> ListenAddress:
         host, sep, port = t[1:].partition("]:")
     else:
         host, sep, port = t.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"bad listen address {text!r}: expected ADDR:PORT or [IPV6]:PORT, e.g. 0.0.0.0:10000")
     try:
         ip = ipaddress.ip_address(host)
@@ -213,11 +258,12 @@ class Server:
         self.unrouted: dict[str, int] = {}  # connections closed before a route was found, by outcome
         self.started_at = time.time()
         self.listening = False  # True from the first accept loop's start until shutdown
-        # Local (ip, port) of every upstream socket of ours now connecting or connected:
-        # a connection arriving *from* one of them is our own, looped back (loop guard).
+        # Local (ip, port) and dialled port of every upstream socket of ours now connecting
+        # or connected: a connection arriving *from* one of them *for* that port is our
+        # own, looped back (loop guard).
         # A count, not a set: Linux may reuse one local port for connections to different
         # destinations, and closing one of them must not forget the other.
-        self._own_upstreams: dict[tuple[str, int], int] = {}
+        self._own_upstreams: dict[tuple[str, int, int], int] = {}
         self._first_answer: dict[Route, trio.Event] = {r: trio.Event() for r in table.routes}
         self._listen_addrs = {(s.getsockname()[0], s.getsockname()[1]) for s in listeners}
         self._accept_scope: trio.CancelScope | None = None
@@ -227,6 +273,13 @@ class Server:
         self._conn_scope: trio.CancelScope | None = None
         self.stopping = False
         self._aborted = False
+        self._throttled = Throttled()
+        # Accepted sockets inherit their listener's keepalive settings (Linux copies them at
+        # accept): set once here, they cost nothing per connection. Only a route whose
+        # keepalive differs pays four setsockopt calls for each client socket.
+        self._listener_keepalive = table.routes[0].config.keepalive if table.routes else Keepalive()
+        for sock in listeners:
+            set_keepalive(sock, self._listener_keepalive)
 
     # ---- lifecycle -----------------------------------------------------------------
 
@@ -386,6 +439,10 @@ class Server:
         try:
             self._forget_upstream(await self._connect(sock, backend, timeout))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError as exc:
+            if exc.errno in LOCAL_CONNECT_ERRNOS:  # this host's capacity, not the backend's health
+                raise health.NoResult(exc.strerror or str(exc)) from None
+            raise
         finally:
             sock.close()
 
@@ -428,8 +485,12 @@ class Server:
             try:
                 await resolver.watch(publish)
                 return
-            except Exception:  # a resolver bug must not take the route down: retry
+            except Exception as exc:  # a resolver bug must not take the route down: retry
                 log.exception("route %s: resolver crashed; keeping the last set, retrying in %.0fs", route.name, delay)
+                # ... and say so: /routes and the metrics show the route stale with the error,
+                # not healthy on a set that nobody follows any more.
+                publish(failed_set(route.backends if route.resolved else None, route.config.spec.text,
+                                   f"resolver crashed: {type(exc).__name__}: {exc}"))
                 await trio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
@@ -467,7 +528,6 @@ class Server:
         accept = lsock.accept
         handle = self._handle
         listen_port = lsock.getsockname()[1]
-        backoff_logged = 0.0
         burst = 0
         while True:
             try:
@@ -478,16 +538,22 @@ class Server:
                 continue
             except OSError as exc:
                 if exc.errno in CAPACITY_ERRNOS:
-                    now = time.monotonic()
-                    self._short_of_fds = now + 1.0
-                    if now - backoff_logged > 1.0:
-                        log.error("accept on %s: %s; backing off", _addr_str(lsock.getsockname()), exc.strerror)
-                        backoff_logged = now
+                    self._short_of_fds = time.monotonic() + 1.0
+                    self._throttled.log(("accept", lsock), logging.ERROR, "accept on %s: %s; backing off",
+                                        _addr_str(lsock.getsockname()), exc.strerror)
                     await trio.sleep(CAPACITY_SLEEP)
                     continue
                 if exc.errno in TRANSIENT_ACCEPT_ERRNOS:
                     continue
-                raise
+                if exc.errno in BUG_ACCEPT_ERRNOS:
+                    raise
+                self._throttled.log(("accept", lsock, exc.errno), logging.WARNING,
+                                    "accept on %s: unexpected error %s (%s); going on",
+                                    _addr_str(lsock.getsockname()), errno.errorcode.get(exc.errno, exc.errno),
+                                    exc.strerror)
+                burst = 0
+                await checkpoint()  # should it repeat at once, it must not starve the relays
+                continue
             conn.setblocking(False)
             nursery.start_soon(handle, conn, peer, listen_port)
             burst += 1
@@ -528,7 +594,11 @@ class Server:
             else:
                 port = dst[1]
             fields["port"] = port
-            if (peer[0], peer[1]) in self._own_upstreams:
+            # Ours, looped back: from one of our upstream sockets' local address and to the
+            # port it dialled. Not the address alone: Linux gives one local port to several
+            # connections with different destinations, so a client may share a port with
+            # an upstream of ours (seen under load on 127.0.0.1) and is not a loop.
+            if (peer[0], peer[1], port) in self._own_upstreams:
                 outcome, level = "loop", logging.ERROR
                 return
             route = self.table.lookup(port, peer[0])
@@ -539,6 +609,19 @@ class Server:
             cfg = route.config
             stats = route.stats
             stats.active += 1
+            if cfg.max_connections and stats.active > cfg.max_connections:
+                # Also what stops a routing loop that the checks below cannot see: every hop
+                # holds one connection of the route on each daemon it passes.
+                outcome = "limit"
+                fields["error"] = f"max_connections {cfg.max_connections} reached"
+                self._throttled.log(("limit", route.name), logging.WARNING,
+                                    "route %s: %d connections open, its max_connections; closing new ones at once "
+                                    "(outcome limit). A routing loop between two hosts looks like this too",
+                                    route.name, cfg.max_connections,
+                                    fields={"event": "limit", "route": route.name, "max_connections": cfg.max_connections})
+                return
+            if cfg.keepalive is not self._listener_keepalive and cfg.keepalive != self._listener_keepalive:
+                set_keepalive(conn, cfg.keepalive)
             if not route.resolved and (first := self._first_answer.get(route)) is not None:
                 with trio.move_on_after(cfg.connect_timeout):
                     await first.wait()
@@ -550,24 +633,55 @@ class Server:
                 fields["error"] = route.backends.error or "the route has no backends"
                 return
             failures = []
+            if any(b.address == peer[0] for b in order) and not self._is_local(peer[0], conn):
+                # Never send a connection back to the host it came from: another host whose
+                # route for this port points here, while ours points there, is a loop that
+                # would multiply one connection until both daemons ran out of fds.
+                failures.append(f"{peer[0]}: is where the connection came from (a loop between two hosts?)")
+                order = [b for b in order if b.address != peer[0]]
+                if not order:
+                    outcome, level = "loop", logging.ERROR
+                    fields["error"] = (f"the route's backends are all on {peer[0]}, the host that connected: "
+                                       "its route for this port probably points back here")
+                    return
+            short: list[str] = []  # attempts this host had no local port (or memory) for
+            full: list[str] = []  # backends passed over at max_backend_connections
             for backend in order:
                 if self._is_own_listener(backend):
                     failures.append(f"{backend}: is ambassadord's own listener (loop)")
                     continue
+                key = str(backend)
+                b = stats.backend(key, backend)
+                if cfg.max_backend_connections and b.active + b.connecting >= cfg.max_backend_connections:
+                    full.append(f"{backend}: {b.active + b.connecting} connections, its max_backend_connections")
+                    continue
                 try:
-                    sock = await self._new_upstream(backend, cfg.connect_timeout)
+                    sock = await self._new_upstream(backend, cfg.connect_timeout, cfg.keepalive)
                 except OutOfResources as exc:
                     outcome, level = "capacity", logging.ERROR
                     fields["error"] = str(exc)
                     return
                 connect_started = time.monotonic()
+                b.connecting += 1
                 try:
                     own_key = await self._connect(sock, backend, cfg.connect_timeout)
                 except (OSError, trio.TooSlowError) as exc:
                     sock.close()
+                    if isinstance(exc, OSError) and exc.errno in LOCAL_CONNECT_ERRNOS:
+                        # This host's shortage, not the backend's fault: no ejection, no
+                        # failure counted; the next backend (another destination, other
+                        # free ports) may still work.
+                        short.append(f"{backend}: {exc.strerror}")
+                        self._throttled.log(
+                            ("capacity", route.name), logging.ERROR,
+                            "route %s: cannot connect to %s: %s. This host is out of local ports (or memory), "
+                            "not the backend's fault: not ejected (outcome capacity). Raise "
+                            "net.ipv4.ip_local_port_range or set net.ipv4.tcp_tw_reuse=1 (README, Limits)",
+                            route.name, backend, exc.strerror,
+                            fields={"event": "capacity", "route": route.name, "backend": key, "error": exc.strerror})
+                        continue
                     reason = "timeout" if isinstance(exc, trio.TooSlowError) else (exc.strerror or str(exc))
                     failures.append(f"{backend}: {reason}")
-                    b = stats.backend(str(backend), backend)
                     b.failures += 1
                     stats.failures += 1
                     b.last_error, b.last_failure = reason, time.time()
@@ -581,19 +695,34 @@ class Server:
                 except BaseException:  # cancelled mid-connect: this socket is nobody else's
                     sock.close()
                     raise
+                finally:
+                    b.connecting -= 1
                 route.pick.ejections.restore(backend)
                 stats.observe_connect(time.monotonic() - connect_started)
                 upstream = sock
-                result.backend = fields["backend"] = str(backend)
-                bstats = stats.backend(result.backend, backend)
+                result.backend = fields["backend"] = key
+                bstats = b
                 bstats.active += 1
                 bstats.connections += 1
                 bstats.last_connect = time.time()
                 stats.open.add(result)
                 break
             if upstream is None:
-                outcome, level = "all-backends-failed", logging.ERROR
-                fields["error"] = "; ".join(failures)
+                # The host's shortage or the limit, when either kept a backend from being
+                # tried, rather than blame the backends.
+                if short:
+                    outcome, level = "capacity", logging.ERROR
+                elif full:
+                    outcome = "limit"
+                    self._throttled.log(("backend-limit", route.name), logging.WARNING,
+                                        "route %s: every backend that is not failing is at max_backend_connections "
+                                        "(%d); closing new connections at once (outcome limit)",
+                                        route.name, cfg.max_backend_connections,
+                                        fields={"event": "limit", "route": route.name,
+                                                "max_backend_connections": cfg.max_backend_connections})
+                else:
+                    outcome, level = "all-backends-failed", logging.ERROR
+                fields["error"] = "; ".join(failures + short + full)
                 return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await relay(conn, upstream, idle_timeout=cfg.idle_timeout, use_splice=self.use_splice,
@@ -636,7 +765,7 @@ class Server:
                 conn_log.log(level, "connection",
                              extra={"fields": {"event": "connection", **fields}})
 
-    async def _new_upstream(self, backend: Backend, patience: float) -> socket.socket:
+    async def _new_upstream(self, backend: Backend, patience: float, keepalive: Keepalive = Keepalive()) -> socket.socket:
         """A fresh non-blocking upstream socket.
 
         Out of file descriptors (or memory) is a passing state, as in accept: wait
@@ -660,6 +789,8 @@ class Server:
                     raise OutOfResources(f"cannot open a socket to {backend}: {exc.strerror}") from None
                 await trio.sleep(CAPACITY_SLEEP)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if keepalive:
+            set_keepalive(sock, keepalive)
         if self.mark is not None:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
@@ -669,8 +800,9 @@ class Server:
                 self.mark = None
         return sock
 
-    async def _connect(self, sock: socket.socket, backend: Backend, timeout: float) -> tuple[str, int]:
-        """Connect a non-blocking socket; return its local (ip, port), registered as our own.
+    async def _connect(self, sock: socket.socket, backend: Backend, timeout: float) -> tuple[str, int, int]:
+        """Connect a non-blocking socket; return (local ip, local port, backend port),
+        registered as our own.
 
         Raises:
             OSError: refused, unreachable, ...
@@ -680,7 +812,7 @@ class Server:
         # The local port is bound by connect() itself: register it before the first await,
         # so that if the connection loops back to us, its handler already sees it as ours.
         local = sock.getsockname()
-        key = (local[0], local[1])
+        key = (local[0], local[1], backend.port)
         self._own_upstreams[key] = self._own_upstreams.get(key, 0) + 1
         try:
             if err not in (0, errno.EINPROGRESS):
@@ -703,12 +835,29 @@ class Server:
             raise
         return key
 
-    def _forget_upstream(self, key: tuple[str, int]) -> None:
+    def _forget_upstream(self, key: tuple[str, int, int]) -> None:
         n = self._own_upstreams.get(key, 0) - 1
         if n > 0:
             self._own_upstreams[key] = n
         else:
             self._own_upstreams.pop(key, None)
+
+    @staticmethod
+    def _is_local(address: str, conn: socket.socket) -> bool:
+        """Is ``address`` (a peer's) one of this host's own? Asked only when a peer's address
+        is a backend of the route it asks for, so the cost of a bind() does not matter."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if ip.is_loopback or address == conn.getsockname()[0]:
+            return True
+        try:
+            with socket.socket(conn.family, socket.SOCK_STREAM) as probe:
+                probe.bind((address, 0))  # only a local address can be bound
+            return True
+        except OSError:
+            return False
 
     def _is_own_listener(self, backend: Backend) -> bool:
         for host, port in self._listen_addrs:

@@ -26,6 +26,7 @@ class BackendStats:
 
     backend: object = None  # the Backend (address, port, priority, weight, host name)
     active: int = 0
+    connecting: int = 0  # connects in progress (counted against max_backend_connections)
     connections: int = 0  # successful connects
     failures: int = 0  # failed connects (refused, timeout, ...)
     last_connect: float | None = None  # wall clock of the last successful connect
@@ -101,7 +102,7 @@ class RouteStats:
     def prune(self, current: set[str]) -> None:
         """Forget backends that left the set and have nothing open (called on publish)."""
         self.current = frozenset(current)
-        for key in [k for k, b in self.backends.items() if k not in current and b.active == 0]:
+        for key in [k for k, b in self.backends.items() if k not in current and b.active == 0 and b.connecting == 0]:
             del self.backends[key]
 
     def closed(self, key: str, b: BackendStats) -> None:

@@ -2,8 +2,10 @@
 
 How the pieces fit:
 
-* ``interface.py``: the shared data (``Backend``, ``BackendSet``), the ``Spec`` and
-  ``Resolver`` interfaces, and the ``host:port`` parsing every module uses.
+* ``interface.py``: the shared data (``Backend``, ``BackendSet``, kept in one canonical
+  order), the ``Spec`` and ``Resolver`` interfaces, the ``host:port`` parsing and
+  hostname checks every module uses, and what every watch loop shares (backoff, notes
+  logged once, unforeseen exceptions turned into failures).
 * ``static.py``: ``host:port[,host:port...]`` lists (hostnames re-resolved periodically).
 * ``dns.py``: ``srv://NAME`` and bare names (SRV, RFC 2782), ``dns://NAME:PORT`` (A/AAAA).
 * ``consul.py``: ``consul://[AGENT]/SERVICE`` (passing instances) and

@@ -8,7 +8,8 @@ Specs:
   instance's ``Weights.Passing``.
 * ``consul-kv://[AGENT]/PATH``: the values of the keys under ``PATH/`` (each
   ``host:port``), and PATH's own value split on commas (progrium/ambassadord's format).
-  A malformed value is skipped with a log line naming its key; the rest keep serving.
+  A malformed value (a host that is no valid DNS name too) is skipped with a log line
+  naming its key, once, not on every answer; the rest keep serving.
 
 AGENT is ``host[:port]`` (port 8500); without it, the host-wide agent from
 ``--consul`` / ``CONSUL_HTTP_ADDR`` (default 127.0.0.1:8500) is used.
@@ -64,8 +65,12 @@ from .interface import (
     Resolver,
     ResolverOptions,
     Spec,
+    Notes,
     SpecError,
+    answer_or_failure,
+    canonical,
     failed_set,
+    host_problem,
     parse_port,
     split_host_port,
 )
@@ -99,6 +104,11 @@ def _agent(netloc: str, text: str) -> tuple[str, int] | None:
         raise SpecError(f"spec {text!r}: bad agent address {netloc!r}: {exc}") from None
     if not host:
         raise SpecError(f"spec {text!r}: bad agent address {netloc!r}")
+    problem = host_problem(host)
+    if problem:
+        # (caught here, not by the first query: python-consul would only fail at run time,
+        # on every query, for as long as the route lives)
+        raise SpecError(f"spec {text!r}: bad agent address {netloc!r}: host {host!r}: {problem}")
     return host, parse_port(port, context=f"agent address {netloc!r} in {text!r}")
 
 
@@ -187,6 +197,10 @@ def service_instances(entries: list[dict]) -> tuple[list[Instance], list[str]]:
             continue
         if not isinstance(port, int) or not 0 < port < 65536:
             notes.append(f"{where}: bad port {port!r}; skipped")
+            continue
+        problem = host_problem(host.strip("[]"))
+        if problem:
+            notes.append(f"{where}: bad address {host!r}: {problem}; skipped")
             continue
         weight = ((svc.get("Weights") or {}).get("Passing"))
         weight = weight if isinstance(weight, int) and weight >= 0 else 1
@@ -291,12 +305,23 @@ class _ConsulResolver(Resolver):
         """(index, raw result) of one (blocking) query."""
         raise NotImplementedError
 
-    async def to_backends(self, raw) -> tuple[Backend, ...]:
+    async def to_backends(self, raw) -> tuple[tuple[Backend, ...], list[str]]:
+        """(backends, notes on what was skipped) of a raw answer."""
         raise NotImplementedError
 
+    async def _read(self, index: int, wait: float | None):
+        """(index, backends, notes) of one query; any failure is a TemporaryFailure."""
+        async def read():
+            new_index, raw = await self.fetch(index, wait)
+            return (new_index, *await self.to_backends(raw))
+
+        return await answer_or_failure(read, TemporaryFailure, self.agent_url)
+
     async def resolve(self) -> tuple[Backend, ...]:
-        _, raw = await self.fetch(0, None)
-        return await self.to_backends(raw)
+        _, backends, notes = await self._read(0, None)
+        for note in notes:
+            log.warning("%s: %s", self.spec.text, note)
+        return backends
 
     async def watch(self, publish: Publish) -> None:
         source = self.spec.text
@@ -305,14 +330,14 @@ class _ConsulResolver(Resolver):
         last_published: BackendSet | None = None
         backoff = Backoff(self.rng, BACKOFF_FIRST, BACKOFF_MAX)
         last_query = -MIN_QUERY_INTERVAL
+        notes = Notes(log, source)
         while True:
             pause = last_query + MIN_QUERY_INTERVAL - trio.current_time()
             if pause > 0:
                 await trio.sleep(pause)  # rate limit: at most one query per interval
             last_query = trio.current_time()
             try:
-                new_index, raw = await self.fetch(index, self.options.consul_wait if index else None)
-                backends = await self.to_backends(raw)
+                new_index, backends, skipped = await self._read(index, self.options.consul_wait if index else None)
                 self.answered_at = time.time()
             except TemporaryFailure as exc:
                 self.failures += 1
@@ -326,6 +351,7 @@ class _ConsulResolver(Resolver):
                 await trio.sleep(backoff.next_delay())
                 continue
             backoff.reset()
+            notes.report(skipped)
             if new_index < index:
                 log.info("%s: index went backwards (%d -> %d): restarting the blocking loop", source, index, new_index)
                 index = 0
@@ -370,17 +396,14 @@ class ConsulServiceResolver(_ConsulResolver):
         new_index, entries = await self._call(self.client.health.service, **kw)
         return int(new_index or 0), entries
 
-    async def to_backends(self, entries) -> tuple[Backend, ...]:
+    async def to_backends(self, entries) -> tuple[tuple[Backend, ...], list[str]]:
         instances, notes = service_instances(entries)
-        for note in notes:
-            log.warning("%s: %s", self.spec.text, note)
         backends: list[Backend] = []
         for inst in instances:
             got, errors = await backends_of([(inst.host, inst.port)], weight=inst.weight)
             backends += got
-            for error in errors:
-                log.warning("%s: cannot resolve instance address %s", self.spec.text, error)
-        return tuple(dict.fromkeys(backends))
+            notes += [f"cannot resolve instance address {error}" for error in errors]
+        return canonical(backends), notes
 
 
 class ConsulKVResolver(_ConsulResolver):
@@ -395,11 +418,7 @@ class ConsulKVResolver(_ConsulResolver):
         new_index, items = await self._call(self.client.kv.get, **kw)
         return int(new_index or 0), items
 
-    async def to_backends(self, items) -> tuple[Backend, ...]:
+    async def to_backends(self, items) -> tuple[tuple[Backend, ...], list[str]]:
         pairs, notes = kv_entries(self.spec.path, items)
-        for note in notes:
-            log.warning("%s: %s", self.spec.text, note)
         backends, errors = await backends_of(pairs)
-        for error in errors:
-            log.warning("%s: cannot resolve %s", self.spec.text, error)
-        return tuple(backends)
+        return canonical(backends), notes + [f"cannot resolve {error}" for error in errors]

@@ -11,6 +11,10 @@ Specs:
   available") and port 0 are skipped.
 * ``dns://NAME:PORT``: every A and AAAA address of NAME, on a fixed port.
 
+Queries use EDNS0, so that Consul answers with every record of a service, not a random
+3 of them; answers are kept in canonical order (interface.canonical), so that Consul's
+shuffling of every answer is no change.
+
 Caching: an answer lives for its TTL (the smallest TTL of every record that went into
 it), clamped to [dns_min_ttl, dns_max_ttl] (default 1 s and 300 s: Consul answers with
 TTL 0, and a stale record should not outlive five minutes). It is refreshed in the
@@ -53,13 +57,17 @@ from .interface import (
     Backend,
     Backoff,
     BackendSet,
+    Notes,
     Publish,
     ResolveError,
     Resolver,
     ResolverOptions,
     Spec,
     SpecError,
+    answer_or_failure,
+    canonical,
     failed_set,
+    hostname_problem,
     parse_port,
 )
 
@@ -69,6 +77,7 @@ NEGATIVE_REFRESH = 5.0
 REFRESH_FRACTION = 0.8
 # Per-query time limit (dnspython's timeout); the whole look-up's is options.dns_timeout.
 QUERY_TIMEOUT = 2.0
+EDNS_PAYLOAD = 1232
 
 
 class NotFound(ResolveError):
@@ -83,18 +92,15 @@ class TemporaryFailure(ResolveError):
 
 
 def check_dns_name(name: str, context: str) -> str:
-    """A syntactically valid DNS name (labels of letters, digits, '-' and '_'), or SpecError."""
+    """A syntactically valid DNS name (interface.hostname_problem), or SpecError."""
     n = name.strip().rstrip(".")
-    if not n or len(n) > 253:
-        raise SpecError(f"bad DNS name {name!r} in {context!r}")
-    if n.rsplit(".", 1)[-1].isdigit() or _is_ipv6(n):
+    if n and (n.rsplit(".", 1)[-1].isdigit() or _is_ipv6(n)):
         # An all-numeric last label is an IP address (RFC 3696 2), never a name to look up:
         # most likely a HOST:PORT whose port was forgotten.
         raise SpecError(f"{name!r} in {context!r} is an IP address, not a DNS name: give its port, e.g. {n}:6379")
-    for label in n.split("."):
-        if not label or len(label) > 63 or not all(c.isalnum() or c in "-_" for c in label) \
-                or label.startswith("-") or label.endswith("-"):
-            raise SpecError(f"bad DNS name {name!r} in {context!r}: label {label!r} is not valid")
+    problem = hostname_problem(n)
+    if problem:
+        raise SpecError(f"bad DNS name {name!r} in {context!r}: {problem}")
     return n
 
 
@@ -158,7 +164,7 @@ def parse_dns_server(text: str) -> tuple[str, int]:
         ip = ipaddress.ip_address(host)
     except ValueError:
         raise ValueError(f"bad DNS server {text!r}: {host!r} is not an IP address") from None
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"bad DNS server {text!r}: bad port {port!r}")
     return str(ip), int(port)
 
@@ -180,6 +186,11 @@ def make_resolver(options: ResolverOptions) -> dns.asyncresolver.Resolver:
     r.lifetime = options.dns_timeout
     r.timeout = min(QUERY_TIMEOUT, options.dns_timeout)
     r.cache = None  # we cache answers ourselves, by TTL, and refresh them early
+    # EDNS0 with 1232-byte UDP answers (the DNS Flag Day 2020 size). Without it, Consul
+    # answers a plain UDP query with a random 3 of a service's records (udp_answer_limit)
+    # and no truncation flag, so a route over more than 3 instances would change its set
+    # on every refresh, each time to a different subset.
+    r.use_edns(0, 0, EDNS_PAYLOAD)
     return r
 
 
@@ -283,6 +294,10 @@ def srv_backends(records: list[SrvRecord], addresses: dict[str, list[str]]) -> t
         if rec.port == 0:
             notes.append(f"{rec.target}: port 0 skipped")
             continue
+        problem = hostname_problem(rec.target)
+        if problem:
+            notes.append(f"target {rec.target!r}: {problem}, skipped")
+            continue
         addrs = list(dict.fromkeys(addresses.get(rec.target.lower(), [])))
         if not addrs:
             notes.append(f"{rec.target}: no A/AAAA records, skipped")
@@ -290,7 +305,7 @@ def srv_backends(records: list[SrvRecord], addresses: dict[str, list[str]]) -> t
         weight = rec.weight / len(addrs) if len(addrs) > 1 else rec.weight
         for a in addrs:
             backends.append(Backend(a, rec.port, priority=rec.priority, weight=weight, name=rec.target))
-    return list(dict.fromkeys(backends)), notes
+    return list(canonical(backends)), notes
 
 
 # ---- resolvers ----------------------------------------------------------------------------
@@ -305,6 +320,7 @@ class _DnsResolver(Resolver):
         self._dns = None
         self.failures = 0  # temporary failures so far (counted; exposed to metrics later)
         self.rng = random.Random()
+        self.notes = Notes(log, spec.text)  # skipped records, logged once each (answers repeat every TTL)
 
     def _resolver(self):
         if self._dns is None:
@@ -330,7 +346,7 @@ class _DnsResolver(Resolver):
         backoff = Backoff(self.rng, BACKOFF_FIRST, BACKOFF_MAX)
         while True:
             try:
-                backends, ttl = await self.lookup()
+                backends, ttl = await answer_or_failure(self.lookup, TemporaryFailure, source)
             except NotFound as exc:
                 backoff.reset()
                 last_good = None
@@ -373,7 +389,8 @@ class SrvResolver(_DnsResolver):
         ttl = float(answer.rrset.ttl)
         addresses, add_ttl = additional_addresses(answer.response)
         missing = sorted({rec.target.lower() for rec in records
-                          if rec.target not in (".", "") and rec.port and rec.target.lower() not in addresses})
+                          if rec.target not in (".", "") and rec.port and rec.target.lower() not in addresses
+                          and not hostname_problem(rec.target)})
         if addresses:
             ttl = min(ttl, add_ttl)
         if missing:
@@ -398,8 +415,7 @@ class SrvResolver(_DnsResolver):
                     addresses[target] = got[0]
                     ttl = min(ttl, got[1])
         backends, notes = srv_backends(records, addresses)
-        for note in notes:
-            log.warning("%s: %s", self.spec.text, note)
+        self.notes.report(notes)
         if not backends:
             raise NotFound(f"{name} SRV: no usable target ({'; '.join(notes) or 'no records'})")
         return tuple(backends), ttl
@@ -408,4 +424,4 @@ class SrvResolver(_DnsResolver):
 class AddressResolver(_DnsResolver):
     async def lookup(self) -> tuple[tuple[Backend, ...], float]:
         addrs, ttl = await lookup_addresses(self._resolver(), self.spec.name)
-        return tuple(Backend(a, self.spec.port, name=self.spec.name) for a in dict.fromkeys(addrs)), float(ttl)
+        return canonical(Backend(a, self.spec.port, name=self.spec.name) for a in addrs), float(ttl)

@@ -3,7 +3,8 @@
 Spec: ``etcd://[ENDPOINT]/PREFIX`` (progrium/ambassadord's form). The key is the path as
 written, leading slash included: ``etcd:///services/redis`` reads the key
 ``/services/redis`` (its value split on commas) and every key below ``/services/redis/``
-(each value ``host:port``). A malformed value is skipped with a log line naming its key.
+(each value ``host:port``). A malformed value is skipped with a log line naming its key,
+logged once (interface.Notes), not on every update of another key.
 
 Endpoints: the spec's, else ``--etcd`` (repeatable, a cluster), else ETCDCTL_ENDPOINTS,
 else 127.0.0.1:2379. After a failure the next endpoint is tried.
@@ -26,7 +27,9 @@ Client: etcd3 (the design card's choice; synchronous gRPC). Unary calls run in w
 threads (``abandon_on_cancel``) and are bounded by the client timeout; the watch callback
 runs in etcd3's gRPC thread and hands each response to trio through
 ``TrioToken.run_sync_soon`` (thread-safe, never blocks that thread) into an unbounded
-channel, so events keep their order.
+channel, so events keep their order. A callback can outlive its session (a response on
+its way while the resync or a reconnect closes the channel): it is dropped, in trio,
+where it would otherwise raise inside trio's run loop and kill the daemon.
 
 etcd3 0.12 is built against old protobuf: with protobuf >= 4 its generated modules fail
 to import unless protobuf's pure-Python implementation is used, which must be chosen
@@ -55,13 +58,17 @@ from .interface import (  # noqa: E402
     Backend,
     Backoff,
     BackendSet,
+    Notes,
     Publish,
     ResolveError,
     Resolver,
     ResolverOptions,
     Spec,
     SpecError,
+    answer_or_failure,
+    canonical,
     failed_set,
+    host_problem,
     parse_port,
     split_host_port,
     split_http_url,
@@ -128,6 +135,9 @@ def parse_endpoint(text: str, *, context: str) -> tuple[str, int]:
         raise SpecError(f"bad etcd endpoint {text!r} in {context}: {exc}") from None
     if not host or "/" in host:
         raise SpecError(f"bad etcd endpoint {text!r} in {context}: expected HOST[:PORT]")
+    problem = host_problem(host)
+    if problem:  # caught now, not by gRPC on every connection attempt for the route's life
+        raise SpecError(f"bad etcd endpoint {text!r} in {context}: host {host!r}: {problem}")
     return host, parse_port(port, context=f"etcd endpoint {text!r} in {context}")
 
 
@@ -164,6 +174,7 @@ class EtcdResolver(Resolver):
         self._turn = 0
         self.failures = 0
         self.compactions = 0
+        self.sessions = 0  # connections made by watch(): one per resync, reconnect or compaction
         # The state: key -> value, as of revision self.revision.
         self.values: dict[str, bytes] = {}
         self.revision = 0
@@ -212,14 +223,18 @@ class EtcdResolver(Resolver):
 
     # -- answers --
 
-    async def _backends(self) -> tuple[Backend, ...]:
-        pairs, notes = pairs_from_keys(self.spec.prefix, sorted(self.values.items()))
-        for note in notes:
-            log.warning("%s: %s", self.spec.text, note)
-        backends, errors = await backends_of(pairs)
-        for error in errors:
-            log.warning("%s: cannot resolve %s", self.spec.text, error)
-        return tuple(backends)
+    async def _backends(self) -> tuple[tuple[Backend, ...], list[str]]:
+        """(backends, notes on the values skipped) of the state held now.
+
+        Any exception is a TemporaryFailure (interface.answer_or_failure): the values come
+        from whoever can write to etcd, and none of them may end the watch.
+        """
+        async def backends():
+            pairs, notes = pairs_from_keys(self.spec.prefix, sorted(self.values.items()))
+            found, errors = await backends_of(pairs)
+            return canonical(found), notes + [f"cannot resolve {error}" for error in errors]
+
+        return await answer_or_failure(backends, TemporaryFailure, self.spec.text)
 
     async def resolve(self) -> tuple[Backend, ...]:
         errors = []
@@ -230,7 +245,10 @@ class EtcdResolver(Resolver):
                     await self._read_range(client)
                 finally:
                     client.close()
-                return await self._backends()
+                backends, notes = await self._backends()
+                for note in notes:
+                    log.warning("%s: %s", self.spec.text, note)
+                return backends
             except TemporaryFailure as exc:
                 errors.append(str(exc))
                 self._turn += 1
@@ -241,9 +259,23 @@ class EtcdResolver(Resolver):
     async def watch(self, publish: Publish) -> None:
         source = self.spec.text
         state = {"last": None}
+        notes, unusable = Notes(log, source), Notes(log, source)
 
         async def publish_current() -> None:
-            backends = await self._backends()
+            # Runs on every change under the prefix: what it logs, it logs once (Notes).
+            try:
+                backends, skipped = await self._backends()
+            except TemporaryFailure as exc:
+                # A value nobody foresaw, not an outage: keep following the watch, so that
+                # the change that mends it is seen.
+                last = state["last"]
+                unusable.report([f"{exc}; keeping the last known set (stale)"])
+                if last is None or not last.stale or last.error != str(exc):
+                    state["last"] = failed_set(last, source, str(exc))
+                    publish(state["last"])
+                return
+            unusable.report([])
+            notes.report(skipped)
             self.answered_at = time.time()
             last = state["last"]
             if last is None or last.backends != backends or last.stale:
@@ -284,16 +316,28 @@ class EtcdResolver(Resolver):
     async def _session(self, publish_current) -> None:
         """Connect, catch up (resume or read), then follow the watch until the resync timer."""
         etcd3 = _etcd3()
+        self.sessions += 1
         client = await self._thread(self._connect)
         watch_id = None
         try:
             send, receive = trio.open_memory_channel(math.inf)
             token = trio.lowlevel.current_trio_token()
 
+            def deliver(response) -> None:  # in trio, soon after the callback
+                # The session may have ended (resync, reconnect, cancellation) and closed
+                # the channel since the callback ran: drop the response. An exception
+                # raised here would be raised inside trio's run loop (TrioInternalError),
+                # killing the daemon: 1,000 malformed keys and 30 writes/s did so within
+                # 27 s, each slow update widening the window.
+                try:
+                    send.send_nowait(response)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    pass
+
             def callback(response) -> None:  # etcd3's gRPC thread
                 try:
-                    token.run_sync_soon(send.send_nowait, response)
-                except (trio.RunFinishedError, trio.ClosedResourceError, trio.BrokenResourceError):
+                    token.run_sync_soon(deliver, response)
+                except trio.RunFinishedError:  # trio is gone: nobody to deliver to
                     pass
 
             if self.revision == 0:

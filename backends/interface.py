@@ -18,10 +18,14 @@ Connections never call a resolver. They read whatever set the route currently ho
 from __future__ import annotations
 
 import ipaddress
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+
+log = logging.getLogger("ambassadord.resolver")
 
 
 class SpecError(ValueError):
@@ -59,12 +63,38 @@ class Backend:
         return f"{self.address}:{self.port}"
 
 
+def canonical(backends) -> tuple[Backend, ...]:
+    """``backends`` without duplicates, in one order that depends only on the set.
+
+    Every resolver whose source has no order of its own (DNS, Consul, etcd) returns its
+    answers in this one, so that an answer whose order alone changed (Consul's DNS
+    shuffles every SRV answer) compares equal to the last one: a publish, a route's
+    ``changed_at`` and its ``backends`` log line then mean a real change. The order is
+    the one a person reads best: priority, then weight (heaviest first), address, port.
+    (A static list keeps the order it was written in, which round-robin follows.)
+    """
+    unique = dict.fromkeys(backends)
+    return tuple(sorted(unique, key=lambda b: (b.priority, -b.weight, _address_key(b.address), b.port)))
+
+
+def _address_key(address: str) -> tuple:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return (2, 0, address)
+    return (ip.version, int(ip), "")
+
+
 @dataclass(frozen=True, slots=True)
 class BackendSet:
     """An immutable answer from a resolver.
 
     ``stale`` is True when the source failed and this is the last good answer kept alive;
     ``error`` then says why. ``updated`` is the wall-clock time of the last good answer.
+
+    Resolvers publish ``backends`` in an order that depends only on the set (the static
+    list's own, else :func:`canonical`), so that comparing two sets' ``backends`` tells
+    a change of set, never a mere reshuffle of the source's answer.
     """
 
     backends: tuple[Backend, ...]
@@ -149,6 +179,46 @@ def failed_set(last_good: BackendSet | None, source: str, error: str) -> Backend
     return BackendSet((), source=source, stale=True, error=error)
 
 
+class Notes:
+    """Logs each note about a source's answer once, while it holds.
+
+    A watch re-reads its whole answer on every change, so a malformed registry value (or a
+    backend that does not resolve) would otherwise be reported again on every update of
+    anything else: 1,000 bad keys and 30 writes/s made 94 MB of log in half a minute. A note
+    is logged when it first appears (a value that changes to another bad value makes a new
+    note); one that no longer holds is forgotten, so that it is reported again if it comes back.
+    """
+
+    def __init__(self, log, source: str):
+        self.log, self.source = log, source
+        self._current: set[str] = set()
+
+    def report(self, notes) -> None:
+        notes = set(notes)
+        for note in sorted(notes - self._current):
+            self.log.warning("%s: %s", self.source, note)
+        self._current = notes
+
+
+async def answer_or_failure(fn, failure: type[ResolveError], where: str):
+    """``await fn()``, where any exception but a ResolveError becomes ``failure``.
+
+    ``fn`` reads a source and makes backends of its answer. An exception nobody foresaw
+    there (a bug, or a value no parser was ready for) must not end the watch loop: the
+    route would stay frozen on its last set while it looks healthy (not stale, no error).
+    As a ``failure``, the loop handles it as it handles an outage: the last set keeps
+    serving, marked stale with this error, and the source is read again. The traceback
+    goes to the debug log; the loop's own log line names the exception.
+    """
+    try:
+        return await fn()
+    except ResolveError:
+        raise
+    except Exception as exc:
+        log.debug("%s: unexpected exception", where, exc_info=True)
+        raise failure(f"{where}: cannot use the answer ({type(exc).__name__}: {exc})") from exc
+
+
 class Resolver(ABC):
     """Turns one spec into backends; see the module docstring."""
 
@@ -177,11 +247,55 @@ class Spec(ABC):
         """Make the resolver that watches this spec's source."""
 
 
+def hostname_problem(host: str) -> str | None:
+    """What makes ``host`` unusable as a hostname to look up, or None when nothing does.
+
+    The rules of RFC 1035 2.3.4 and RFC 1123 2.1: at most 253 characters (a trailing dot
+    aside), labels of 1 to 63 letters, digits and '-', not starting or ending with '-';
+    underscores are accepted too, because real deployments use them and resolvers do not
+    mind. An all-numeric last label is no name (RFC 3696 2): a mistyped IPv4 address.
+
+    Checked wherever a spec, a registry value or an answer names a host, before the name
+    reaches getaddrinfo: Python's idna codec raises UnicodeError (not the OSError a
+    resolver expects) for an empty or over-long label, which used to escape a resolver's
+    error handling and freeze its route.
+    """
+    name = host[:-1] if host.endswith(".") else host
+    if not name:
+        return "empty hostname"
+    if not name.isascii():
+        return "not ASCII (write an internationalised name in its xn-- form)"
+    if len(name) > 253:
+        return f"{len(name)} characters long (a hostname has at most 253)"
+    for label in name.split("."):
+        if not label:
+            return "empty label (two dots in a row, or a leading dot)"
+        if len(label) > 63:
+            return f"label {label[:16] + '...'!r} is {len(label)} characters long (at most 63)"
+        bad = next((c for c in label if not (c.isalnum() or c in "-_")), None)
+        if bad is not None:
+            return f"label {label!r} has the character {bad!r} (allowed: letters, digits, '-' and '_')"
+        if label.startswith("-") or label.endswith("-"):
+            return f"label {label!r} starts or ends with '-'"
+    if name.rsplit(".", 1)[-1].isdigit():
+        return "neither an IP address nor a hostname (its last label is all digits)"
+    return None
+
+
+def host_problem(host: str) -> str | None:
+    """Like :func:`hostname_problem`, but an IP literal (v4 or v6, no brackets) is fine too."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return "not an IPv6 address" if ":" in host else hostname_problem(host)
+    return None
+
+
 def parse_host_port(item: str, *, context: str) -> tuple[str, int]:
     """Split ``host:port`` / ``[v6]:port`` and check the port.
 
-    Returns (host, port); host is an IP literal or a hostname. Raises SpecError naming
-    ``item`` and ``context`` (the whole spec) when it is malformed.
+    Returns (host, port); host is an IP literal or a valid hostname (:func:`hostname_problem`).
+    Raises SpecError naming ``item`` and ``context`` (the whole spec) when it is malformed.
     """
     item = item.strip()
     where = "" if item == context.strip() else f" in {context!r}"
@@ -210,6 +324,9 @@ def parse_host_port(item: str, *, context: str) -> tuple[str, int]:
             raise SpecError(
                 f"bad backend {item!r}{where}: IPv6 addresses go in brackets, e.g. [{host}]:{port_text}"
             )
+        problem = host_problem(host)
+        if problem:
+            raise SpecError(f"bad host {host!r}{where}: {problem}")
     return host, parse_port(port_text, context=f"backend {item!r}{where}")
 
 
@@ -232,13 +349,17 @@ def split_host_port(text: str, default_port: int) -> tuple[str, str]:
     """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` -> (host, port text, not yet checked).
 
     Shared by every address whose port may be left out (a Consul agent, an etcd
-    endpoint). Raises ValueError("expected [IPV6]:PORT") for an unclosed or malformed
-    bracket; callers turn it into a SpecError naming where the text came from.
+    endpoint). Raises ValueError for an unclosed or malformed bracket, or one around no
+    IPv6 address; callers turn it into a SpecError naming where the text came from.
     """
     if text.startswith("["):
         host, closed, rest = text[1:].partition("]")
         if not closed or (rest and not rest.startswith(":")):
             raise ValueError("expected [IPV6]:PORT")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in brackets is not an IPv6 address") from None
         return host, rest.removeprefix(":") or str(default_port)
     if text.count(":") == 1:
         host, port = text.split(":")
@@ -247,10 +368,15 @@ def split_host_port(text: str, default_port: int) -> tuple[str, str]:
 
 
 def parse_port(text: str, *, context: str) -> int:
-    """A TCP port 1..65535, or SpecError naming ``context``."""
+    """A TCP port 1..65535 in ASCII digits, or SpecError naming ``context``.
+
+    ASCII only: ``str.isdigit()`` and ``int()`` also take other scripts' digits (``６３７９``,
+    ``٦٣٧٩``), which a reader of the file or of ``ps`` would not see as the port in use.
+    """
     text = str(text).strip()
-    if not text.isdigit():
-        raise SpecError(f"bad port {text!r} in {context}: expected a number 1-65535")
+    if not (text.isascii() and text.isdigit()):
+        hint = " in ASCII digits 0-9" if text.isdigit() else ""
+        raise SpecError(f"bad port {text!r} in {context}: expected a number 1-65535{hint}")
     port = int(text)
     if not 1 <= port <= 65535:
         raise SpecError(f"bad port {text!r} in {context}: expected a number 1-65535")

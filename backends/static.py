@@ -23,7 +23,7 @@ from .interface import (
     Resolver,
     ResolverOptions,
     Spec,
-    SpecError,
+    canonical,
     failed_set,
     parse_host_port,
 )
@@ -49,10 +49,7 @@ class StaticSpec(Spec):
         items = text.split(",")
         entries = []
         for item in items:
-            host, port = parse_host_port(item, context=text)
-            if not _is_ip(host):
-                _check_hostname(host, text)
-            entries.append((host, port))
+            entries.append(parse_host_port(item, context=text))
         return cls(text=text, entries=tuple(dict.fromkeys(entries)))
 
     @property
@@ -64,21 +61,15 @@ class StaticSpec(Spec):
         return StaticResolver(self, options)
 
 
-def _check_hostname(host: str, context: str) -> None:
-    # RFC 1123 labels: letters, digits, hyphens; no empty labels. Underscores are accepted
-    # because real deployments use them (and getaddrinfo does not mind).
-    labels = host.rstrip(".").split(".")
-    for label in labels:
-        if not label or len(label) > 63 or not all(c.isalnum() or c in "-_" for c in label):
-            raise SpecError(f"bad host {host!r} in {context!r}: not an IP address or a valid hostname")
-
-
 async def backends_of(entries, *, priority: int = 0, weight: float = 1) -> tuple[list[Backend], list[str]]:
     """Backends for (host, port) pairs: IP literals as they are, hostnames via getaddrinfo.
 
-    Returns (backends, errors): one error string per hostname that did not resolve.
-    Shared by every resolver whose source may hold hostnames (static lists, Consul
-    addresses, KV values).
+    Returns (backends, errors): one error string per hostname that did not resolve. The
+    backends come in the order of ``entries``, each hostname's addresses in canonical
+    order (getaddrinfo's may change from one call to the next). Shared by every resolver
+    whose source may hold hostnames (static lists, Consul addresses, KV values); their
+    parsers have checked each hostname already (interface.hostname_problem), so an error
+    here is the look-up's.
     """
     backends: list[Backend] = []
     errors: list[str] = []
@@ -88,12 +79,11 @@ async def backends_of(entries, *, priority: int = 0, weight: float = 1) -> tuple
             continue
         try:
             infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: UnicodeError of the idna codec
             errors.append(f"{host}: {exc}")
             continue
-        for family, _, _, _, sockaddr in infos:
-            if family in (socket.AF_INET, socket.AF_INET6):
-                backends.append(Backend(sockaddr[0], port, priority, weight, name=host))
+        backends += canonical(Backend(sockaddr[0], port, priority, weight, name=host)
+                              for family, _, _, _, sockaddr in infos if family in (socket.AF_INET, socket.AF_INET6))
     return list(dict.fromkeys(backends)), errors
 
 

@@ -92,6 +92,24 @@ BAD_FLAGS = [
     pytest.param(["--map", "6379@10.0.0.0/33=1.2.3.4:1"], ["--map 6379@10.0.0.0/33=1.2.3.4:1", "10.0.0.0/33"], id="map-bad-cidr"),
     pytest.param(["--map", "6379=1.2.3.4:1", "--iptables-dest", "not-an-ip"], ["--iptables-dest", "not-an-ip"], id="iptables-dest"),
     pytest.param(["--map", "6379=1.2.3.4:1", "--mark", "0"], ["--mark", "'0'"], id="mark-zero"),
+    # Numbers are ASCII digits; durations are bounded; a bad value is quoted.
+    pytest.param(["--map", "６３７９=1.2.3.4:1"], ["--map ６３７９=1.2.3.4:1", "'６３７９'", "ASCII"], id="map-full-width-port"),
+    pytest.param(["--map", "-1=1.2.3.4:1"], ["--map -1=1.2.3.4:1", "bad port '-1'"], id="map-port-minus-1"),
+    pytest.param(["--map", "6379@172.17.0.1/16=1.2.3.4:1"], ["'172.17.0.1/16'", "did you mean 172.17.0.0/16?"],
+                 id="map-cidr-host-bits"),
+    pytest.param(["--connect-timeout", "1e300", "--map", "6379=1.2.3.4:1"], ["--connect-timeout", "'1e300'", "604800"],
+                 id="connect-timeout-1e300"),
+    pytest.param(["--connect-timeout", "7200", "--map", "6379=1.2.3.4:1"], ["--connect-timeout", "7200", "at most 3600"],
+                 id="connect-timeout-2h"),
+    pytest.param(["--connect-timeout", "0", "--map", "6379=1.2.3.4:1"], ["--connect-timeout", "more than 0"],
+                 id="connect-timeout-0"),
+    pytest.param(["--eject-for", "nan", "--map", "6379=1.2.3.4:1"], ["--eject-for", "'nan'"], id="eject-for-nan"),
+    pytest.param(["--idle-timeout", "inf", "--map", "6379=1.2.3.4:1"], ["--idle-timeout", "'inf'"], id="idle-timeout-inf"),
+    pytest.param(["--grace", "５", "--map", "6379=1.2.3.4:1"], ["--grace", "'５'"], id="grace-full-width"),
+    pytest.param(["--workers", "４", "--map", "6379=1.2.3.4:1"], ["--workers", "'４'"], id="workers-full-width"),
+    pytest.param(["--sockmap-size", "４", "--map", "6379=1.2.3.4:1"], ["--sockmap-size", "'４'"],
+                 id="sockmap-size-full-width"),
+    pytest.param(["--mark", "４", "--map", "6379=1.2.3.4:1"], ["--mark", "'４'"], id="mark-full-width"),
 ]
 
 
@@ -278,6 +296,35 @@ def test_check_without_anything_to_check_exits_2():
     assert_usage_error(cli("check"), "--config")
 
 
+def test_check_of_a_file_without_routes_exits_2_as_run_does(tmp_path):
+    path = write(tmp_path, "empty.toml", "[routes]\n")
+    checked, ran = cli("check", "--config", path), cli("run", "--config", path)
+    assert_usage_error(checked, "no routes")
+    assert_usage_error(ran, "no routes")
+    assert checked.stderr.removeprefix("ambassadord check: ") == ran.stderr.removeprefix("ambassadord run: ")
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_config_that_is_a_fifo_is_refused_at_once(tmp_path, command):
+    """Before: open() waited for a writer, forever."""
+    path = tmp_path / "routes.toml"
+    os.mkfifo(path)
+    assert_usage_error(cli(command, "--config", str(path), timeout=10), str(path), "it is a FIFO, not a regular file")
+
+
+def test_config_that_is_a_symlink_to_a_device_is_refused(tmp_path):
+    """Before: read /dev/zero until out of memory."""
+    path = tmp_path / "routes.toml"
+    path.symlink_to("/dev/zero")
+    assert_usage_error(cli("check", "--config", str(path), timeout=10), str(path), "character device")
+
+
+def test_config_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "routes.toml"
+    path.write_bytes(b'[routes]\n6379 = "1.2.3.4:1"\n# \xff\n')
+    assert_usage_error(cli("check", "--config", str(path)), f"{path}:3: not UTF-8")
+
+
 # ---- resolve ---------------------------------------------------------------------------
 
 
@@ -339,8 +386,9 @@ def test_iptables_install_without_port_exits_2():
     assert_usage_error(cli("iptables", "install"), "--port")
 
 
-def test_iptables_bad_port_exits_2():
-    assert_usage_error(cli("iptables", "install", "--port", "0"), "--port", "'0'")
+@pytest.mark.parametrize("port", ["0", "６３７９", "-1", "65536"])
+def test_iptables_bad_port_exits_2(port):
+    assert_usage_error(cli("iptables", "install", "--port", port), "--port", f"'{port}'")
 
 
 # ---- iptables install / remove ---------------------------------------------------------

@@ -134,6 +134,14 @@ def test_service_spec_parses(text, agent, service, tag, dc):
     "consul://10.0.0.5:http/redis",
     "consul://:8500/redis",
     "consul://[fd00::5]x/redis",
+    # an agent host that is no hostname (issue 12: it passed at start and failed forever after)
+    "consul://bad host/redis",
+    "consul://bad host:8500/redis",
+    "consul://agent..local/redis",
+    "consul://agent_1!/redis",
+    "consul://" + "a" * 64 + "/redis",
+    "consul://10.0.0.256/redis",
+    "consul://[zz]:8500/redis",
 ])
 def test_service_spec_errors_quote_the_text(text):
     with pytest.raises(SpecError) as info:
@@ -161,6 +169,7 @@ def test_kv_spec_parses(text, agent, path):
     "consul-kv:///svc#x",
     "consul-kv://10.0.0.5:0/svc",
     "consul-kv://10.0.0.5:x/svc",
+    "consul-kv://bad host/svc",
 ])
 def test_kv_spec_errors_quote_the_text(text):
     with pytest.raises(SpecError) as info:
@@ -821,6 +830,18 @@ def test_cli_bad_consul_options_exit_2(argv, env, names):
 def test_cli_bad_spec_exits_2():
     proc = cli("consul:///redis?zone=a")
     assert proc.returncode == 2 and "'consul:///redis?zone=a'" in proc.stderr, proc.stderr
+
+
+def test_agent_host_is_checked_when_the_spec_is_parsed():
+    """The message names the spec, the agent and what is wrong with its host."""
+    with pytest.raises(SpecError) as info:
+        parse_spec("consul://bad host/x")
+    assert str(info.value) == ("spec 'consul://bad host/x': bad agent address 'bad host': host 'bad host': "
+                               "label 'bad host' has the character ' ' (allowed: letters, digits, '-' and '_')")
+    proc = cli("consul://bad host/x")
+    assert proc.returncode == 2 and "'consul://bad host/x'" in proc.stderr and "' '" in proc.stderr, proc.stderr
+    proc = cli("--consul", "bad host:8500", "consul:///x")
+    assert proc.returncode == 2 and "--consul" in proc.stderr and "'bad host'" in proc.stderr, proc.stderr
 
 
 def test_cli_unknown_service_exits_1(agent):

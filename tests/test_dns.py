@@ -48,11 +48,14 @@ def test_dns_specs_parse(text, kind, fields):
         ("srv://a/b", "expected srv://NAME"),
         ("dns://redis.example.com", "expected dns://NAME:PORT"),
         ("dns://redis.example.com:0", "bad port '0'"),
-        ("dns://-bad.example:1", "label '-bad' is not valid"),
+        ("dns://-bad.example:1", "label '-bad' starts or ends with '-'"),
         ("10.0.0.5", "is an IP address, not a DNS name"),
         ("srv://10.0.0.5", "is an IP address"),
-        ("a..b", "label '' is not valid"),
-        ("x" * 64 + ".example", "is not valid"),
+        ("a..b", "empty label"),
+        ("x" * 64 + ".example", "is 64 characters long (at most 63)"),
+        ("srv://" + "abc." * 64 + "example", "263 characters long (a hostname has at most 253)"),
+        ("srv://bad!name.example", "label 'bad!name' has the character '!'"),
+        ("srv://münchen.example", "not ASCII"),
     ],
 )
 def test_bad_dns_specs(text, fragment):
@@ -93,6 +96,16 @@ def test_srv_backends_from_records():
     ]
     assert any("noaddr.test: no A/AAAA" in n for n in notes)
     assert any("port 0" in n for n in notes) and any("target '.'" in n for n in notes)
+
+
+def test_srv_backends_skip_targets_that_are_no_hostname():
+    """A DNS name may hold any byte (dnspython writes it as an escape); such a target is
+    skipped with a note, never handed to a look-up."""
+    records = [SrvRecord(10, 1, 6379, "a.test"), SrvRecord(10, 1, 6380, "bad\\032name.test")]
+    backends, notes = srv_backends(records, {"a.test": ["127.0.0.2"], "bad\\032name.test": ["127.0.0.3"]})
+    assert backends == [Backend("127.0.0.2", 6379, 10, 1)]
+    assert notes == ["target 'bad\\\\032name.test': label 'bad\\\\032name' has the character '\\\\' "
+                     "(allowed: letters, digits, '-' and '_'), skipped"]
 
 
 # ---- against a real dnsmasq -------------------------------------------------------------

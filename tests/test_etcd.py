@@ -234,6 +234,12 @@ def test_spec_parses(text, endpoint, prefix):
     "etcd://:2379/svc",
     "etcd://[::1]x/svc",
     "etcd://[::1]:x/svc",
+    # an endpoint host that is no hostname: caught now, not by gRPC on every attempt
+    "etcd://bad host/svc",
+    "etcd://etcd..local:2379/svc",
+    "etcd://" + "e" * 64 + "/svc",
+    "etcd://10.0.0.256/svc",
+    "etcd://[zz]/svc",
 ])
 def test_spec_errors_quote_the_text(text):
     if text == "etcd:///svc?":
@@ -270,6 +276,7 @@ def test_parse_endpoint(text, expected):
 @pytest.mark.parametrize("text", [
     "", ":2379", "ftp://127.0.0.1:2379", "unix:///run/etcd.sock", "127.0.0.1:0", "127.0.0.1:65536",
     "127.0.0.1:x", "127.0.0.1:", "http://", "http://127.0.0.1:2379/v3", "[::1]x", "[::1]:x", "host/path",
+    "bad host:2379", "etcd..local", "http://-etcd:2379", "[zz]:2379",
 ])
 def test_parse_endpoint_errors_quote_the_text_and_context(text):
     with pytest.raises(SpecError) as info:

@@ -30,11 +30,10 @@ PONG = b"+PONG\r\n"
 
 
 # The blackholed backend's address (local to the namespace), and the clients' source
-# address: neither is the 127.0.0.1 of the daemon's upstream connections. On one address,
-# the daemon's loop guard mistakes a client whose ephemeral port equals the local port of
-# one of its own upstream connects (Linux reuses a local port toward another destination)
-# for its own connection come back, and refuses it as "loop": a separate bug, reported,
-# not this test's subject.
+# address: neither is the 127.0.0.1 of the daemon's upstream connections, so that this
+# test does not depend on the loop guard telling a client that shares a local port with an
+# upstream of ours (Linux reuses a local port toward another destination) from our own
+# connection come back (this test found that bug; it is fixed and tested on its own).
 DEAD_HOST = "10.253.0.1"
 CLIENT_HOST = "127.0.0.2"
 

@@ -178,7 +178,7 @@ def test_check_options_from_defaults_flags_and_routes(tmp_path):
     f = tmp_path / "routes.toml"
     f.write_text('[defaults]\ncheck_interval = 5\ncheck_fall = 4\n\n[routes]\n'
                  '1 = "10.0.0.1:1"\n'
-                 '2 = { backend = "10.0.0.2:1", check_interval = "0.5s", check_rise = 1 }\n'
+                 '2 = { backend = "10.0.0.2:1", check_interval = 0.5, check_rise = 1 }\n'
                  '3 = { backend = "10.0.0.3:1", check_interval = 0 }\n')
     args = build_parser().parse_args(["run", "--config", str(f), "--check-rise", "3"])
     routes = {r.port: r for r in load_routes(config_file=str(f), flag_defaults=_route_defaults(args)).routes}

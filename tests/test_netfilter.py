@@ -16,6 +16,7 @@ import pytest
 from ambassadord import netfilter
 from ambassadord.netfilter import (
     DEFAULT_MARK,
+    NatState,
     NetfilterError,
     RedirectPlan,
     chain_name,
@@ -51,35 +52,40 @@ def _text(*lines: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+IN_CHAIN = f"{CHAIN}-IN"
+ANCHOR = f"-A {CHAIN} -p tcp -m mark --mark 0x1a3b -j REDIRECT --to-ports 10000"
+JUMP_OUT = f"-I OUTPUT -p tcp -j {CHAIN}"
+JUMP_PRE = f"-I PREROUTING -p tcp -j {IN_CHAIN}"
+
+
+def _head(to: int = 10000, mark: str = "0x1a3b") -> list[str]:
+    """The start of every install: both chains declared (created or flushed), the mark's
+    RETURN, and the anchor REDIRECT that never matches."""
+    chain = f"AMBASSADORD-{to}"
+    return [f":{chain} - [0:0]", f":{chain}-IN - [0:0]", f"-A {chain} -m mark --mark {mark} -j RETURN",
+            f"-A {chain} -p tcp -m mark --mark {mark} -j REDIRECT --to-ports {to}"]
+
+
 INSTALL_CASES = [
     pytest.param(
         RedirectPlan(10000, (6379, 11211)),
         4,
         set(),
-        _text(
-            "*nat",
-            f":{CHAIN} - [0:0]",
-            MARK_RULE,
-            _local(6379),
-            _local(11211),
-            f"-I OUTPUT -p tcp -j {CHAIN}",
-            f"-I PREROUTING -p tcp -j {CHAIN}",
-            "COMMIT",
-        ),
+        _text("*nat", *_head(), _local(6379), _local(11211), JUMP_OUT, JUMP_PRE, "COMMIT"),
         id="local-v4-no-jumps",
     ),
     pytest.param(
         RedirectPlan(10000, (6379,)),
         6,
         {"OUTPUT", "PREROUTING"},
-        _text("*nat", f":{CHAIN} - [0:0]", MARK_RULE, _local(6379), "COMMIT"),
+        _text("*nat", *_head(), _local(6379), "COMMIT"),
         id="local-v6-jumps-exist",
     ),
     pytest.param(
         RedirectPlan(10000, (6379,)),
         4,
         {"PREROUTING"},
-        _text("*nat", f":{CHAIN} - [0:0]", MARK_RULE, _local(6379), f"-I OUTPUT -p tcp -j {CHAIN}", "COMMIT"),
+        _text("*nat", *_head(), _local(6379), JUMP_OUT, "COMMIT"),
         id="only-missing-jump-added",
     ),
     pytest.param(
@@ -88,8 +94,7 @@ INSTALL_CASES = [
         {"OUTPUT", "PREROUTING"},
         _text(
             "*nat",
-            f":{CHAIN} - [0:0]",
-            MARK_RULE,
+            *_head(),
             _dest("172.17.0.1", 6379),
             _dest("10.0.0.1", 6379),
             _dest("172.17.0.1", 80),
@@ -102,43 +107,55 @@ INSTALL_CASES = [
         RedirectPlan(10000, (6379, 80), dests=(V4("172.17.0.1"), V6("fd00::5"))),
         6,
         {"OUTPUT", "PREROUTING"},
-        _text("*nat", f":{CHAIN} - [0:0]", MARK_RULE, _dest("fd00::5", 6379), _dest("fd00::5", 80), "COMMIT"),
+        _text("*nat", *_head(), _dest("fd00::5", 6379), _dest("fd00::5", 80), "COMMIT"),
         id="dests-v6-only-v6-addresses",
     ),
     pytest.param(
         RedirectPlan(10000, (6379,), dests=(V4("172.17.0.1"),)),
         6,
         set(),
-        _text(
-            "*nat",
-            f":{CHAIN} - [0:0]",
-            MARK_RULE,
-            f"-I OUTPUT -p tcp -j {CHAIN}",
-            f"-I PREROUTING -p tcp -j {CHAIN}",
-            "COMMIT",
-        ),
+        _text("*nat", *_head(), JUMP_OUT, JUMP_PRE, "COMMIT"),
         id="dests-none-of-family-mark-only-chain",
     ),
     pytest.param(
         RedirectPlan(7000, [443, 443, 22], mark=0xFF),
         4,
         {"OUTPUT", "PREROUTING"},
-        _text(
-            "*nat",
-            ":AMBASSADORD-7000 - [0:0]",
-            "-A AMBASSADORD-7000 -m mark --mark 0xff -j RETURN",
-            _local(443, 7000),
-            _local(22, 7000),
-            "COMMIT",
-        ),
+        _text("*nat", *_head(7000, "0xff"), _local(443, 7000), _local(22, 7000), "COMMIT"),
         id="custom-port-and-mark-duplicates-dropped",
     ),
     pytest.param(
         RedirectPlan(10000, ()),
         4,
         {"OUTPUT", "PREROUTING"},
-        _text("*nat", f":{CHAIN} - [0:0]", MARK_RULE, "COMMIT"),
-        id="no-ports",
+        _text("*nat", *_head(), "COMMIT"),
+        id="no-ports-anchor-stays",
+    ),
+    pytest.param(
+        RedirectPlan(10000, (6379,), from_interfaces=("docker0", "br-0a1b2c3d4e5f"),
+                     allow_from=((ipaddress.ip_network("10.0.0.0/8"), None),
+                                 (ipaddress.ip_network("192.168.0.0/16"), 6379),
+                                 (ipaddress.ip_network("::/0"), None))),
+        4,
+        {"OUTPUT", "PREROUTING"},
+        _text("*nat", *_head(), _local(6379),
+              f"-A {IN_CHAIN} -i docker0 -j {CHAIN}",
+              f"-A {IN_CHAIN} -i br-0a1b2c3d4e5f -j {CHAIN}",
+              f"-A {IN_CHAIN} -s 10.0.0.0/8 -j {CHAIN}",
+              f"-A {IN_CHAIN} -s 192.168.0.0/16 -p tcp --dport 6379 -j {CHAIN}",
+              "COMMIT"),
+        id="bridges-and-allowed-networks-v4",
+    ),
+    pytest.param(
+        RedirectPlan(10000, (6379,), from_interfaces=("docker0",),
+                     allow_from=((ipaddress.ip_network("10.0.0.0/8"), None), (ipaddress.ip_network("::/0"), 6379))),
+        6,
+        {"OUTPUT", "PREROUTING"},
+        _text("*nat", *_head(), _local(6379),
+              f"-A {IN_CHAIN} -i docker0 -j {CHAIN}",
+              f"-A {IN_CHAIN} -s ::/0 -p tcp --dport 6379 -j {CHAIN}",
+              "COMMIT"),
+        id="bridges-and-allowed-networks-v6",
     ),
 ]
 
@@ -148,14 +165,26 @@ def test_render_install(plan: RedirectPlan, family: int, existing: set[str], exp
     assert render_install(plan, family, existing) == expected
 
 
+def test_render_install_replaces_an_older_layouts_jump() -> None:
+    # Before the -IN chain, PREROUTING jumped to the main chain: an upgrade replaces it.
+    text = render_install(RedirectPlan(10000, (6379,)), 4, {"OUTPUT"}, [("PREROUTING", CHAIN)])
+    assert text == _text("*nat", f"-D PREROUTING -p tcp -j {CHAIN}", *_head(), _local(6379), JUMP_PRE, "COMMIT")
+
+
+def _state(jumps: set[str], chains: set[str], stale=()) -> NatState:
+    return NatState(chains=chains, jumps=jumps, stale_jumps=list(stale))
+
+
 REMOVE_CASES = [
     pytest.param(
-        {"OUTPUT", "PREROUTING"},
-        True,
+        _state({"OUTPUT", "PREROUTING"}, {CHAIN, IN_CHAIN}),
+        False,
         _text(
             "*nat",
             f"-D OUTPUT -p tcp -j {CHAIN}",
-            f"-D PREROUTING -p tcp -j {CHAIN}",
+            f"-D PREROUTING -p tcp -j {IN_CHAIN}",
+            f":{IN_CHAIN} - [0:0]",
+            f"-X {IN_CHAIN}",
             f":{CHAIN} - [0:0]",
             f"-X {CHAIN}",
             "COMMIT",
@@ -163,19 +192,34 @@ REMOVE_CASES = [
         id="everything",
     ),
     pytest.param(
-        {"PREROUTING"},
+        _state({"OUTPUT", "PREROUTING"}, {CHAIN, IN_CHAIN}),
         True,
-        _text("*nat", f"-D PREROUTING -p tcp -j {CHAIN}", f":{CHAIN} - [0:0]", f"-X {CHAIN}", "COMMIT"),
+        _text("*nat", f"-D OUTPUT -p tcp -j {CHAIN}", f"-D PREROUTING -p tcp -j {IN_CHAIN}", "COMMIT"),
+        id="jumps-only-chains-stay",
+    ),
+    pytest.param(
+        _state({"PREROUTING"}, {CHAIN, IN_CHAIN}),
+        False,
+        _text("*nat", f"-D PREROUTING -p tcp -j {IN_CHAIN}", f":{IN_CHAIN} - [0:0]", f"-X {IN_CHAIN}",
+              f":{CHAIN} - [0:0]", f"-X {CHAIN}", "COMMIT"),
         id="one-jump",
     ),
-    pytest.param(set(), True, _text("*nat", f":{CHAIN} - [0:0]", f"-X {CHAIN}", "COMMIT"), id="chain-only"),
-    pytest.param(set(), False, "", id="nothing-installed"),
+    pytest.param(
+        _state(set(), {CHAIN}, [("PREROUTING", CHAIN)]),
+        False,
+        _text("*nat", f"-D PREROUTING -p tcp -j {CHAIN}", f":{CHAIN} - [0:0]", f"-X {CHAIN}", "COMMIT"),
+        id="older-layout",
+    ),
+    pytest.param(_state(set(), {CHAIN}), False, _text("*nat", f":{CHAIN} - [0:0]", f"-X {CHAIN}", "COMMIT"),
+                 id="chain-only"),
+    pytest.param(_state(set(), set()), False, "", id="nothing-installed"),
+    pytest.param(_state(set(), {CHAIN, IN_CHAIN}), True, "", id="jumps-only-nothing-to-do"),
 ]
 
 
-@pytest.mark.parametrize(("existing", "chain_exists", "expected"), REMOVE_CASES)
-def test_render_remove(existing: set[str], chain_exists: bool, expected: str) -> None:
-    assert render_remove(10000, existing, chain_exists) == expected
+@pytest.mark.parametrize(("state", "jumps_only", "expected"), REMOVE_CASES)
+def test_render_remove(state: NatState, jumps_only: bool, expected: str) -> None:
+    assert render_remove(10000, state, jumps_only=jumps_only) == expected
 
 
 def test_chain_name() -> None:
@@ -197,6 +241,11 @@ def test_chain_name() -> None:
         ({"to_port": 10000, "ports": (80,), "families": (5,)}, "family 5"),
         ({"to_port": 10000, "ports": (80,), "families": ()}, "families is empty"),
         ({"to_port": 10000, "ports": (80,), "dests": ("10.0.0.1",)}, "'10.0.0.1'"),
+        ({"to_port": 10000, "ports": (80,), "from_interfaces": ("eth0 -j ACCEPT",)}, "'eth0 -j ACCEPT'"),
+        ({"to_port": 10000, "ports": (80,), "from_interfaces": ("a" * 16,)}, "a" * 16),
+        ({"to_port": 10000, "ports": (80,), "allow_from": (("10.0.0.0/8", None),)}, "'10.0.0.0/8'"),
+        ({"to_port": 10000, "ports": (80,), "allow_from": ((ipaddress.ip_network("10.0.0.0/8"), 0),)},
+         "allow_from port 0"),
     ],
 )
 def test_plan_rejects_bad_values(kwargs: dict, quoted: str) -> None:
@@ -219,7 +268,7 @@ def test_renderers_reject_unknown_hooks_and_families() -> None:
     with pytest.raises(ValueError, match="family 5"):
         render_install(RedirectPlan(10000, (80,)), 5, set())
     with pytest.raises(ValueError, match="INPUT"):
-        render_remove(10000, {"INPUT"}, True)
+        render_remove(10000, _state({"INPUT"}, {CHAIN}))
 
 
 # --- check_available -------------------------------------------------------------------
@@ -306,11 +355,15 @@ def add_unrelated_rules(ns: Netns) -> None:
 
 
 def expected_local_rules(ports: tuple[int, ...]) -> list[str]:
+    """What iptables-save shows of the main chain (lines naming it, the -IN chain's
+    declaration and its jump to the main chain included)."""
     return [
         f":{CHAIN} - [0:0]",
-        f"-A PREROUTING -p tcp -j {CHAIN}",
+        f":{IN_CHAIN} - [0:0]",
+        f"-A PREROUTING -p tcp -j {IN_CHAIN}",
         f"-A OUTPUT -p tcp -j {CHAIN}",
         MARK_RULE,
+        f"-A {CHAIN} -p tcp -m mark --mark 0x1a3b -j REDIRECT --to-ports 10000",
         *(
             f"-A {CHAIN} -p tcp -m tcp --dport {p} -m addrtype --dst-type LOCAL -j REDIRECT --to-ports 10000"
             for p in ports
@@ -331,7 +384,7 @@ def test_install_idempotent_replace_and_remove() -> None:
             # Our jumps come first in their hooks, ahead of the rules that were there.
             hooks = [line for line in first[family] if line.startswith(("-A OUTPUT", "-A PREROUTING"))]
             assert hooks == [
-                f"-A PREROUTING -p tcp -j {CHAIN}",
+                f"-A PREROUTING -p tcp -j {IN_CHAIN}",
                 "-A PREROUTING -p udp -m udp --dport 53 -j RETURN",
                 f"-A OUTPUT -p tcp -j {CHAIN}",
                 "-A OUTPUT -p udp -m udp --dport 53 -j RETURN",
@@ -502,11 +555,17 @@ def test_redirect_local_and_own_mark_excluded(family: int, loopback: str) -> Non
 
 def test_redirect_from_bridged_peer_via_prerouting() -> None:
     # A container on a bridge: its connection to the host's address enters through
-    # PREROUTING, not OUTPUT.
+    # PREROUTING, not OUTPUT, and is redirected because it came from a container bridge.
     require_prerequisites()
     with namespaces("nf-host", "nf-ctr") as (host, ctr):
-        link(host, ["10.78.0.1/24", "fd00:78::1/64"], ctr, ["10.78.0.2/24", "fd00:78::2/64"], tag=f"p{os.getpid()}")
-        install(RedirectPlan(10000, (6379,)), netns=host.name)
+        ifa, _ = link(host, [], ctr, ["10.78.0.2/24", "fd00:78::2/64"], tag=f"p{os.getpid()}")
+        host.exec(["ip", "link", "add", "br-test", "type", "bridge"])
+        host.exec(["ip", "link", "set", ifa, "master", "br-test"])
+        for addr in ("10.78.0.1/24", "fd00:78::1/64"):
+            host.exec(["ip", "addr", "add", addr, "dev", "br-test", *(["nodad"] if ":" in addr else [])])
+        host.exec(["ip", "link", "set", "br-test", "up"])
+        assert netfilter.container_bridges(netns=host.name) == ["br-test"]
+        install(RedirectPlan(10000, (6379,), from_interfaces=("br-test",)), netns=host.name)
         for family, address in ((socket.AF_INET, "10.78.0.1"), (socket.AF_INET6, "fd00:78::1")):
             with listening(host, family) as listener:
                 client = connect(ctr, family, address, 6379)
@@ -514,6 +573,42 @@ def test_redirect_from_bridged_peer_via_prerouting() -> None:
                     accepted, _ = listener.accept()
                     with accepted:
                         assert original_destination(accepted) == (address, 6379)
+
+
+def test_not_open_to_other_hosts_unless_allowed() -> None:
+    # Issue 12, item 11: another host on the LAN reached the backends through the mapped
+    # ports (before: redirected; the -IN chain did not exist). Now only this host's
+    # processes and its container bridges are redirected, unless --allow-from opens more.
+    require_prerequisites()
+    with namespaces("nf-me", "nf-lan") as (me, lan):
+        link(me, ["10.79.0.1/24", "fd00:79::1/64"], lan, ["10.79.0.2/24", "fd00:79::2/64"], tag=f"l{os.getpid()}")
+        # A LAN bridge (a physical-like port: a tap) is not a container bridge.
+        me.exec(["ip", "link", "add", "br-lan", "type", "bridge"])
+        me.exec(["ip", "tuntap", "add", "tap-lan", "mode", "tap"])
+        me.exec(["ip", "link", "set", "tap-lan", "master", "br-lan"])
+        assert netfilter.container_bridges(netns=me.name) == []
+        install(RedirectPlan(10000, (6379, 6380)), netns=me.name)
+        for family, address in ((socket.AF_INET, "10.79.0.1"), (socket.AF_INET6, "fd00:79::1")):
+            with listening(me, family):
+                assert_refused(lan, family, address, 6379)  # from the LAN: not redirected
+                loopback = "127.0.0.1" if family == socket.AF_INET else "::1"
+            with listening(me, family) as listener:
+                assert_redirected(me, listener, family, loopback, 6379)  # this host: redirected
+        # Opened to the LAN's network, for one port only.
+        install(RedirectPlan(10000, (6379, 6380), allow_from=((ipaddress.ip_network("10.79.0.0/24"), 6379),
+                                                              (ipaddress.ip_network("fd00:79::/64"), 6379))),
+                netns=me.name)
+        for family, address in ((socket.AF_INET, "10.79.0.1"), (socket.AF_INET6, "fd00:79::1")):
+            with listening(me, family) as listener:
+                assert_redirected(lan, listener, family, address, 6379)
+                assert_refused(lan, family, address, 6380)
+        # Opened to everyone.
+        install(RedirectPlan(10000, (6379, 6380), allow_from=((ipaddress.ip_network("0.0.0.0/0"), None),)),
+                netns=me.name)
+        with listening(me, socket.AF_INET) as listener:
+            assert_redirected(lan, listener, socket.AF_INET, "10.79.0.1", 6380)
+        remove(10000, netns=me.name)
+        assert chain_rules(me, 4) == [] and chain_rules(me, 6) == []
 
 
 def test_redirect_only_given_dests() -> None:
@@ -603,6 +698,12 @@ def test_namespaces_left_by_a_killed_run_are_swept_and_live_ones_kept():
         subprocess.run(["ip", "netns", "add", name], check=True)
     sleeper = subprocess.Popen(["ip", "netns", "exec", busy, "sleep", "60"])
     try:
+        # `ip netns exec` takes a moment to enter the namespace: sweeping before the sleeper
+        # is in it would (rightly) find it empty. On a loaded machine that race was lost.
+        from tests.daemon import wait_until
+
+        wait_until(lambda: subprocess.run(["ip", "netns", "pids", busy], capture_output=True, text=True).stdout.strip(),
+                   timeout=10, what=f"a process in {busy}")
         swept = sweep_stale()
         names = set(os.listdir("/run/netns"))
         assert stale in swept and stale not in names

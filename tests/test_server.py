@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import socket
+import subprocess
 from dataclasses import dataclass
 
 import pytest
@@ -20,7 +21,7 @@ import trio
 
 from ambassadord import server as server_mod
 from ambassadord.sockmap import Sockmap, SockmapError
-from ambassadord.routes import Route, RouteConfig, RouteTable
+from ambassadord.routes import Keepalive, Route, RouteConfig, RouteTable
 from ambassadord.server import ListenAddress, Server, bind_listeners
 from backends import parse_spec
 from backends.interface import Backend, BackendSet, Resolver, Spec
@@ -310,6 +311,106 @@ async def test_one_connection_crashing_does_not_stop_the_server(caplog, monkeypa
         assert recs[0]["outcome"] == "error" and "injected bug" in recs[0]["error"]
 
 
+# ---- limits -------------------------------------------------------------------------------
+
+
+async def echo_once(stream: trio.SocketStream, data: bytes) -> None:
+    await stream.send_all(data)
+    with trio.fail_after(5):
+        assert await stream.receive_some(100) == data
+
+
+async def test_route_at_max_connections_closes_new_ones_at_once(caplog):
+    async with tcp_server(echo) as bport, proxy(f"127.0.0.1:{bport}", max_connections=2) as p:
+        held = [await p.connect() for _ in range(2)]
+        for s in held:
+            await echo_once(s, b"held")
+        extra = await p.connect()
+        with trio.fail_after(5):
+            assert await recv_all(extra) == b""  # closed at once, nothing relayed
+        (rec,) = await wait_for_records(caplog, 1)
+        assert rec["outcome"] == "limit" and rec["backend"] is None and "max_connections 2" in rec["error"]
+        assert p.route().stats.outcomes == {"limit": 1}
+        (line,) = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "limit"]
+        assert "max_connections" in line.getMessage()
+        await held[0].aclose()
+        with trio.fail_after(5):  # a slot is free again
+            while p.route().stats.active > 1:
+                await trio.sleep(0.01)
+        again = await p.connect()
+        await echo_once(again, b"room again")
+
+
+async def test_backend_at_max_backend_connections_is_passed_over(caplog):
+    async with tcp_server(echo) as b1, tcp_server(echo) as b2, proxy(
+        f"127.0.0.1:{b1},127.0.0.1:{b2}", max_backend_connections=1
+    ) as p:
+        held = [await p.connect() for _ in range(2)]
+        for s in held:
+            await echo_once(s, b"x")
+        recs_backends = {b.backend.port: b.active for b in p.route().stats.backends.values()}
+        assert recs_backends == {b1: 1, b2: 1}  # the second went to the backend with room
+        third = await p.connect()
+        with trio.fail_after(5):
+            assert await recv_all(third) == b""
+        (rec,) = await wait_for_records(caplog, 1)
+        assert rec["outcome"] == "limit" and "max_backend_connections" in rec["error"]
+        assert p.route().stats.failures == 0 and not p.route().pick.ejections.until
+
+
+async def test_rate_limited_log_says_how_many_lines_it_held_back(caplog):
+    throttled = server_mod.Throttled(every=60)
+    for i in range(5):
+        throttled.log("k", logging.WARNING, "odd thing %d", i)
+    throttled._next["k"] = 0  # the minute is over
+    throttled.log("k", logging.WARNING, "odd thing %d", 5)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("odd thing")]
+    assert lines == ["odd thing 0", "odd thing 5 (and 4 more since the last such line)"]
+
+
+# ---- TCP keepalive ----------------------------------------------------------------------
+
+
+def keepalive_timers(port: int, bport: int) -> tuple[str | None, str | None]:
+    """The keepalive timer (``ss -o``, e.g. ``59sec``) of the daemon's accepted socket (local
+    port ``port``) and of its upstream socket (peer port ``bport``); None: no such timer."""
+    out = subprocess.run(["ss", "-tnoH", "state", "established"], capture_output=True, text=True, check=True).stdout
+    found: dict[str, str | None] = {}
+    for line in out.splitlines():
+        cols = line.split()
+        timer = next((c.split(",")[1] for c in cols[4:] if c.startswith("timer:(keepalive,")), None)
+        if cols[2] == f"127.0.0.1:{port}":
+            found["accepted"] = timer
+        elif cols[3] == f"127.0.0.1:{bport}":
+            found["upstream"] = timer
+    return found["accepted"], found["upstream"]
+
+
+@pytest.mark.parametrize("case", ["inherited from the listener", "set per connection", "off"])
+async def test_keepalive_is_on_both_sockets_of_a_connection(case):
+    """The listener carries the first route's keepalive (accepted sockets inherit it); a route
+    with other settings sets its own on the accepted socket; the upstream socket always gets
+    the route's."""
+    mine_ka = Keepalive.parse("off") if case == "off" else Keepalive(600, 5, 3)
+    other_ka = Keepalive(600, 5, 3) if case == "inherited from the listener" else Keepalive()
+    async with tcp_server(echo) as bport:
+        sockets = bind_listeners([ListenAddress("127.0.0.1", 0)])
+        port = sockets[0].getsockname()[1]
+        mine = Route(RouteConfig(port=port, spec=parse_spec(f"127.0.0.1:{bport}"), keepalive=mine_ka))
+        other = Route(RouteConfig(port=1, spec=parse_spec("127.0.0.1:1"), keepalive=other_ka))
+        srv = Server(RouteTable([other, mine]), sockets)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(srv.run)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await echo_once(stream, b"hello")
+            accepted, upstream = keepalive_timers(port, bport)
+            if case == "off":
+                assert (accepted, upstream) == (None, None)
+            else:  # 600 s, not the default 60: ss shows 9min59sec or so
+                assert "min" in accepted and "min" in upstream, (accepted, upstream)
+            srv.abort()
+
+
 # ---- idle timeout and shutdown -----------------------------------------------------------
 
 
@@ -440,3 +541,50 @@ async def test_route_that_never_resolves_refuses_after_connect_timeout(caplog):
             assert await recv_all(stream) == b""
         (rec,) = await wait_for_records(caplog, 1)
         assert rec["outcome"] == "no-backends"
+
+
+class CrashingResolver(ScriptedResolver):
+    """Publishes one set, then crashes: a resolver bug, as a test seam."""
+
+    async def watch(self, publish):
+        async for backends in self.receive:
+            publish(BackendSet(tuple(backends), source="scripted"))
+            raise RuntimeError("boom")
+
+
+@dataclass(frozen=True)
+class CrashingSpec(ScriptedSpec):
+    def resolver(self, options):
+        return CrashingResolver(self.receive)
+
+
+async def test_a_crashing_resolver_marks_its_route_stale_and_keeps_serving(caplog):
+    # Issue 12, item 6: a resolver that died left its route frozen and shown healthy.
+    send, receive = trio.open_memory_channel(10)
+    async with tcp_server(echo) as b1, proxy(CrashingSpec("crashing", receive)) as p:
+        await send.send([Backend("127.0.0.1", b1)])
+        with trio.fail_after(5):
+            while not p.route().backends.stale:
+                await trio.sleep(0.01)
+        assert "resolver crashed: RuntimeError: boom" in p.route().backends.error
+        assert p.route().backends.backends == (Backend("127.0.0.1", b1),)  # the last set still serves
+        stream = await p.connect()
+        await stream.send_all(b"x")
+        assert await stream.receive_some(10) == b"x"
+        await stream.aclose()
+
+
+async def test_a_client_that_shares_a_local_port_with_an_upstream_is_not_a_loop(caplog):
+    # Linux gives one local port to several connections with different destinations, so a
+    # client on 127.0.0.1 may come from the port that one of our upstream sockets uses
+    # toward another backend port. Before, the loop guard keyed on (ip, port) alone and
+    # refused such a client as "loop"; a looped-back upstream also has the port it dialled.
+    async with tcp_server(echo) as b1, proxy(f"127.0.0.1:{b1}") as p:
+        for port in range(1024, 65536):  # as if an upstream to port 1 held every local port
+            p.server._own_upstreams[("127.0.0.1", port, 1)] = 1
+        stream = await p.connect()
+        await stream.send_all(b"x")
+        with trio.fail_after(5):
+            assert await stream.receive_some(10) == b"x"
+        await stream.aclose()
+        p.server._own_upstreams.clear()
