@@ -235,3 +235,28 @@ def test_a_restarted_helper_learns_which_backends_are_down(redis, tmp_path):
         assert {r["backend"] for r in conns} == {good}
         assert not [r for r in d.records() if r.get("event") == "backend-failed"]
         d.stop()
+
+
+def test_a_reload_that_changes_a_route_keeps_what_its_checks_know(redis, tmp_path):
+    """A changed route gets a new Route and new checks; a backend that was down stays down
+    (and is not picked) until the new checks say otherwise."""
+    port, admin, dead_port = free_port(), free_port(), free_port()
+    good, dead = f"127.0.0.1:{redis.port}", f"127.0.0.1:{dead_port}"  # nothing listens on dead_port
+    config = tmp_path / "routes.toml"
+    route_line = f'{port} = {{ backend = "{good},{dead}", check_interval = 0.5, balance = "%s" }}\n'
+    config.write_text("[routes]\n" + route_line % "random")
+    with admin_daemon(["--listen", f"127.0.0.1:{port}", "--config", str(config), "--config-poll", "0.1",
+                       "--workers", "1"], admin, tmp_path) as d:
+        wait_until(lambda: backend(route(get_routes(admin), str(port)), dead)["state"] == "down", timeout=10,
+                   what=d.describe)
+        config.write_text("[routes]\n" + route_line % "round-robin")  # a change: a new Route
+        wait_until(lambda: get_routes(admin)["config"]["reloads"] == 1, timeout=10, what=d.describe)
+        view = route(get_routes(admin), str(port))
+        assert view["balance"] == "round-robin" and backend(view, dead)["state"] == "down", view
+        for _ in range(20):  # round-robin: every other one would try dead first
+            with contextlib.closing(connect("127.0.0.1", port)) as s:
+                assert ping(s) == PONG
+        conns = wait_until(lambda: len(c := served(d, port)) == 20 and c, timeout=10, what=d.describe)
+        assert {r["backend"] for r in conns} == {good}
+        assert not [r for r in d.records() if r.get("event") == "backend-failed"]
+        d.stop()
