@@ -7,11 +7,16 @@ the connection handlers see it. None of this is on the relay path: the relay onl
 integers (see stats.py), and the numbers are assembled here when someone asks.
 
 Metric names (all prefixed ``ambassadord_``) are listed in README, "Operations".
+
+Only requests whose Host header names this machine are answered (``host_allowed``): a web
+page that an attacker's DNS name points at 127.0.0.1 (DNS rebinding) could otherwise read
+/routes from a browser on this host. Every other Host gets 421 and a one-line reason.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import math
 import os
@@ -29,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route as HTTPRoute
 
-from . import __version__
+from . import __version__, health
 from .server import ListenAddress, Server, StartupError, parse_listen
 from .stats import merged
 
@@ -92,6 +97,89 @@ def bind_admin(addr: ListenAddress) -> socket.socket:
     return s
 
 
+# ---- which Host headers are ours -------------------------------------------------------
+
+
+def host_allowed(host: str | None, local_ip: str | None, *, bound: str, hostname: str) -> bool:
+    """Is ``host`` (a Host header, with or without port) a name of this admin listener?
+
+    Accepted: no Host at all (not a browser: browsers always send one); ``localhost`` and
+    ``*.localhost`` (RFC 6761: they never leave the machine); an IP literal that is a
+    loopback address, the address the listener is bound to (``bound``, also 0.0.0.0), or
+    the local address the request came in on (``local_ip``: with a wildcard bind, the
+    address the client used); and, unless the listener is bound to a loopback address,
+    the machine's host name (``hostname``, exactly: not its subdomains). A DNS-rebinding
+    page always sends its own DNS name, which is none of these.
+    """
+    if host is None:
+        return True
+    name = host.strip().lower()
+    if name.startswith("["):  # [v6]:port
+        end = name.find("]")
+        rest = name[end + 1:] if end > 0 else "x"
+        if rest and not (rest[:1] == ":" and rest[1:].isdigit()):
+            return False
+        name = name[1:end]
+    elif ":" in name:
+        name, _, port = name.partition(":")
+        if not port.isdigit():
+            return False
+    if name.endswith("."):  # the absolute form of a DNS name
+        name = name[:-1]
+    if not name:
+        return False
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    ip, bound_ip = _ip(name), _ip(bound)
+    if ip is None:
+        return name == hostname.lower() and not (bound_ip is not None and bound_ip.is_loopback)
+    return ip.is_loopback or ip in {bound_ip, _ip(local_ip)}
+
+
+def _ip(text: str | None):
+    """``text`` as an IP address (an IPv4-mapped IPv6 address as IPv4), or None."""
+    try:
+        ip = ipaddress.ip_address(text) if text else None
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip
+
+
+REFUSED_LOG_EVERY = 10.0  # seconds
+
+
+class HostCheck:
+    """ASGI middleware: answer 421 to a request whose Host is not ours (see host_allowed)."""
+
+    def __init__(self, app, *, bound: str):
+        self.app = app
+        self.bound = bound
+        self.hostname = socket.gethostname()
+        self._logged_at = -math.inf
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            hosts = [v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"host"]
+            server = scope.get("server")
+            local = server[0] if server else None
+            if len(hosts) > 1 or not host_allowed(hosts[0] if hosts else None, local, bound=self.bound,
+                                                  hostname=self.hostname):
+                shown = hosts[0][:100] if len(hosts) == 1 else f"{len(hosts)} Host headers"
+                now = time.monotonic()
+                if now - self._logged_at >= REFUSED_LOG_EVERY:  # a page may retry in a loop
+                    self._logged_at = now
+                    log.warning("admin API: refused a request for Host %r from %s (logged at most every %gs)",
+                                shown, (scope.get("client") or ("?",))[0], REFUSED_LOG_EVERY)
+                response = PlainTextResponse(
+                    f"ambassadord admin API: Host {shown!r} is not accepted (protection against DNS rebinding); "
+                    "use localhost, a loopback address or the address it listens on\n", status_code=421)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 # ---- the view of the live state ---------------------------------------------------------
 
 
@@ -144,14 +232,33 @@ def _backend_view(route, st, key: str, backend, now_mono: float) -> dict:
         "last_error": b.last_error if b else None,
         "last_failure": b.last_failure if b else None,
     }
+    view["check"] = _check_view(route, backend)
     if backend is None:
         view["state"] = "gone"  # left the set; connections still open on it
+    elif backend in route.pick.down:
+        view["state"] = "down"  # by its health checks (picked all the same if all are down)
     else:
         left = _ejected_for(route, st, backend, now_mono)
-        if left > 0:
-            view["state"] = "ejected"
+        if left > 0 or _on_trial(route, backend, now_mono):
+            view["state"] = "ejected"  # a trial (see balancer.py) in flight: ejected for 0 more seconds
             view["ejected_for"] = round(left, 3)
     return view
+
+
+def _on_trial(route, backend, now_mono: float) -> bool:
+    return route.pick.ejections.trials.get(backend, 0.0) > now_mono
+
+
+def _check_view(route, backend) -> dict | None:
+    """What the route's health checks know of ``backend`` (None: the route has none)."""
+    if not route.config.check_interval or backend is None:
+        return None
+    c = route.pick.checks.get(backend)
+    if c is None:
+        return {"state": "up", "successes": 0, "failures": 0, "checks": 0, "failed": 0, "last_result": None,
+                "last_at": None, "changed_at": None}
+    return {"state": "up" if c.up else "down", "successes": c.successes, "failures": c.failures, "checks": c.checks,
+            "failed": c.failed, "last_result": c.last_result, "last_at": c.last_at, "changed_at": c.changed_at}
 
 
 def _ejected_for(route, st, backend, now_mono: float) -> float:
@@ -181,6 +288,9 @@ def route_view(route, st=None) -> dict:
         "connect_timeout": cfg.connect_timeout,
         "idle_timeout": cfg.idle_timeout,
         "eject_for": cfg.eject_for,
+        "check": None if not cfg.check_interval else {
+            "interval": cfg.check_interval, "rise": cfg.check_rise, "fall": cfg.check_fall,
+            "all_down": health.all_down(route)},
         "resolved": route.resolved,
         "stale": bset.stale,
         "error": bset.error,
@@ -271,6 +381,11 @@ class DaemonCollector:
                                     "and backend.", labels=["route", "backend"])
         ejected = GaugeMetricFamily("ambassadord_backend_ejected", "1 while a backend is ejected after a failure.",
                                     labels=["route", "backend"])
+        check_up = GaugeMetricFamily("ambassadord_backend_check_up", "1 while a backend passes its route's health "
+                                     "checks, 0 while it is down by them (routes with checks only).",
+                                     labels=["route", "backend"])
+        checks = CounterMetricFamily("ambassadord_backend_checks", "Health checks of a backend, by result (ok or "
+                                     "failed).", labels=["route", "backend", "result"])
         nback = GaugeMetricFamily("ambassadord_route_backends", "Backends in the route's current set.", labels=["route"])
         updates = CounterMetricFamily("ambassadord_resolver_updates", "Answers published by the route's resolver.",
                                       labels=["route"])
@@ -297,6 +412,12 @@ class DaemonCollector:
                 bfail.add_metric([name, key], b.failures)
             for b in route.backends.backends:
                 ejected.add_metric([name, str(b)], 1 if _ejected_for(route, st, b, now_mono) > 0 else 0)
+            if route.config.check_interval:
+                for b in route.backends.backends:
+                    c = route.pick.checks.get(b)
+                    check_up.add_metric([name, str(b)], 0 if b in route.pick.down else 1)
+                    checks.add_metric([name, str(b), "ok"], c.checks - c.failed if c else 0)
+                    checks.add_metric([name, str(b), "failed"], c.failed if c else 0)
             nback.add_metric([name], len(route.backends.backends))
             updates.add_metric([name], route.updates)
             errors.add_metric([name], route.errors)
@@ -326,7 +447,7 @@ class DaemonCollector:
         wt = totals["workers"]
         workers.add_metric(["configured"], wt["count"])
         workers.add_metric(["answered"], wt["answered"])
-        yield from (conns, active, nbytes, connect, bconns, bactive, bfail, ejected, nback, updates, errors, stale, age,
+        yield from (conns, active, nbytes, connect, bconns, bactive, bfail, ejected, check_up, checks, nback, updates, errors, stale, age,
                     reloads, last_ok, loaded, routes, info, workers)
 
 
@@ -376,10 +497,12 @@ def make_app(server: Server, config: ConfigState) -> Starlette:
 
 
 async def serve_admin(app: Starlette, sock: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``app`` on the bound socket ``sock`` (which it takes over) until cancelled."""
+    """Serve ``app`` on the bound socket ``sock`` (which it takes over) until cancelled,
+    answering only requests whose Host names this listener (HostCheck)."""
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
+    app = HostCheck(app, bound=sock.getsockname()[0])
     config = Config()
     config.bind = [f"fd://{sock.detach()}"]
     config.accesslog = None

@@ -11,8 +11,19 @@ Order of a pick:
      but only chosen when the running-sum draw lands on 0, i.e. almost always last);
      with equal weights this is a uniform shuffle.
    * ``round-robin``: rotate the group by a per-route counter (weights ignored).
-3. Move ejected backends (recent connect failures) to the end, keeping their relative
+3. Leave out backends that active health checks (health.py) say are down, unless every
+   backend is down: then checks are ignored, as if the route had none.
+4. Move ejected backends (recent connect failures) to the end, keeping their relative
    order: they are still tried, as a last resort, when everything else fails.
+
+Ejection is half-open, like a circuit breaker's: when a backend's ejection expires it goes
+back to its place in the order, and the first pick that puts it first is its *trial*. While
+that one connection tries it, every other pick keeps it at the back, so a backend that
+drops packets stalls one connection per expiry, not every connection of that moment. The
+trial's success restores the backend (``restore``); its failure ejects it again for twice
+as long as the last time, up to ``MAX_BACKOFF`` times ``eject_for`` (``eject``). A trial
+that never reports (its connection was cancelled) lapses after ``trial_for`` seconds, and
+the next pick may try again.
 """
 
 from __future__ import annotations
@@ -74,32 +85,78 @@ def weighted_order(group: Sequence[Backend], rng: random.Random) -> list[Backend
     return out
 
 
+# An ejection that ends with a failed trial is renewed twice as long, at most this many
+# times eject_for (Envoy's outlier detection grows its ejections too, capped; it uses 300 s).
+MAX_BACKOFF = 8
+
+
 @dataclass
 class Ejections:
-    """Backends that failed recently, and until when they stay at the back of the order."""
+    """Backends that failed recently: until when they stay at the back of the order, which
+    of them is being tried again (half-open), and how long each was ejected last.
+
+    ``until`` holds only ejections not yet tried again; ``trials`` maps a backend whose
+    ejection expired and that one connection is trying to when that trial lapses; ``last``
+    keeps the length of each backend's last ejection until it connects again.
+    """
 
     until: dict[Backend, float] = field(default_factory=dict)
+    trials: dict[Backend, float] = field(default_factory=dict)
+    last: dict[Backend, float] = field(default_factory=dict)
 
-    def eject(self, backend: Backend, now: float, duration: float) -> None:
-        self.until[backend] = now + duration
+    def eject(self, backend: Backend, now: float, duration: float) -> float | None:
+        """``backend`` failed to connect. Returns how long it is now ejected for, or None if
+        it already was (a connection that began before the ejection failing late: the
+        ejection is not renewed, and a burst of such failures counts once)."""
+        if self.until.get(backend, 0.0) > now:
+            return None
+        prev = self.last.get(backend)
+        length = duration if prev is None else min(max(prev * 2, duration), duration * MAX_BACKOFF)
+        self.until[backend] = now + length
+        self.last[backend] = length
+        self.trials.pop(backend, None)
+        return length
+
+    def adopt(self, backend: Backend, now: float, duration: float) -> None:
+        """Another process (--workers) ejected ``backend`` for ``duration`` seconds."""
+        self.until[backend] = max(self.until.get(backend, 0.0), now + duration)
+        self.last[backend] = max(self.last.get(backend, 0.0), duration)
+        self.trials.pop(backend, None)
 
     def restore(self, backend: Backend) -> None:
-        self.until.pop(backend, None)
+        """``backend`` connected: it is healthy again (called on every successful connect)."""
+        if backend in self.last:
+            del self.last[backend]
+            self.until.pop(backend, None)
+            self.trials.pop(backend, None)
 
     def is_ejected(self, backend: Backend, now: float) -> bool:
+        """Ejected and not expired (a trial in flight does not count)."""
         t = self.until.get(backend)
-        if t is None:
-            return False
-        if t <= now:
-            del self.until[backend]
-            return False
-        return True
+        return t is not None and t > now
+
+    def _held(self, backend: Backend, now: float) -> bool:
+        """Kept at the back for this pick: ejected, or its trial is in flight."""
+        t = self.until.get(backend)
+        if t is not None:
+            return t > now
+        t = self.trials.get(backend)
+        return t is not None and t > now
+
+    def _due(self, backend: Backend) -> bool:
+        """Expired (or its trial lapsed) and not restored: the next pick that puts it first tries it."""
+        return backend in self.until or backend in self.trials
+
+    def _start_trial(self, backend: Backend, now: float, trial_for: float) -> None:
+        self.until.pop(backend, None)
+        self.trials[backend] = now + trial_for
 
     def forget_missing(self, current: Sequence[Backend]) -> None:
         """Drop state of backends no longer in the set (called when a resolver publishes)."""
         keep = set(current)
-        for b in [b for b in self.until if b not in keep]:
-            del self.until[b]
+        for d in (self.until, self.trials, self.last):
+            for b in [b for b in d if b not in keep]:
+                del d[b]
 
 
 @dataclass
@@ -108,6 +165,10 @@ class PickState:
 
     ejections: Ejections = field(default_factory=Ejections)
     rr_counter: int = 0
+    # Backends that active health checks say are down (health.py; in a --workers helper,
+    # as the main process sent them), and the checks' per-backend state (main process).
+    down: frozenset[Backend] = frozenset()
+    checks: dict = field(default_factory=dict)
 
 
 def pick_order(
@@ -116,6 +177,8 @@ def pick_order(
     state: PickState,
     now: float,
     rng: random.Random,
+    *,
+    trial_for: float = 2.0,
 ) -> list[Backend]:
     """The order in which to try ``backends`` for one new connection.
 
@@ -125,9 +188,16 @@ def pick_order(
         state: the route's PickState (round-robin counter, ejections); updated.
         now: monotonic time, for ejection expiry.
         rng: source of randomness.
+        trial_for: how long a trial of an expired ejection may take before another pick
+            may try that backend (the route's connect timeout).
     Returns:
-        Every backend exactly once; healthy ones first.
+        Every backend exactly once, healthy ones first; but without the backends that
+        health checks say are down, unless all of them are.
     """
+    if state.down:
+        up = [b for b in backends if b not in state.down]
+        if up:  # all down: as if the route had no checks (health.py logs it)
+            backends = up
     n = len(backends)
     if n == 0:
         return []
@@ -149,9 +219,11 @@ def pick_order(
             ordered.extend(weighted_order(group, rng))
         else:
             raise ValueError(f"unknown balance policy {policy!r}")
-    if state.ejections.until:
-        healthy = [b for b in ordered if not state.ejections.is_ejected(b, now)]
+    ej = state.ejections
+    if ej.last:
+        healthy = [b for b in ordered if not ej._held(b, now)]
         if len(healthy) != n:
-            ejected = [b for b in ordered if state.ejections.is_ejected(b, now)]
-            ordered = healthy + ejected
+            ordered = healthy + [b for b in ordered if ej._held(b, now)]
+        if healthy and ej._due(healthy[0]):
+            ej._start_trial(healthy[0], now, trial_for)
     return ordered

@@ -120,6 +120,18 @@ def _keepalive(text: str) -> Keepalive:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _check_interval(text: str) -> float:
+    from .health import MIN_INTERVAL
+
+    try:
+        v = float(text) if text.isascii() else float("nan")
+    except ValueError:
+        v = float("nan")
+    if not (v == 0 or MIN_INTERVAL <= v < float("inf")):  # (NaN fails both)
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds, at least {MIN_INTERVAL:g} (or 0: no checks)")
+    return v
+
+
 def _workers(text: str) -> int:
     if text == "auto":
         from .workers import default_count
@@ -363,6 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keepalive", type=_keepalive, metavar="IDLE[,INTVL,CNT]|off",
                    help="TCP keepalive on both sides: probe after IDLE s of silence, every INTVL s, give up after "
                    "CNT probes (default 60,10,6: a vanished peer is noticed in about 2 minutes)")
+    g = run.add_argument_group("active health checks (defaults for every route; off unless --check-interval)")
+    g.add_argument("--check-interval", type=_check_interval, metavar="SECONDS",
+                   help="TCP connect to every backend this often; a backend that is down is not picked "
+                   "(default: no checks; 0 = none)")
+    g.add_argument("--check-rise", type=_count("--check-rise", 100), metavar="N",
+                   help="checks in a row that must pass before a down backend is up again (default 2)")
+    g.add_argument("--check-fall", type=_count("--check-fall", 100), metavar="N",
+                   help="checks in a row that must fail before an up backend is down (default 3)")
     _add_dns_flags(run)
     _add_consul_flags(run)
     _add_etcd_flags(run)
@@ -445,7 +465,8 @@ def _route_defaults(args) -> dict:
     return {"balance": args.balance, "connect_timeout": args.connect_timeout,
             "idle_timeout": args.idle_timeout, "eject_for": args.eject_for,
             "max_connections": args.max_connections, "max_backend_connections": args.max_backend_connections,
-            "keepalive": args.keepalive}
+            "keepalive": args.keepalive, "check_interval": args.check_interval,
+            "check_rise": args.check_rise, "check_fall": args.check_fall}
 
 
 def _load(args, *, env: bool = True):

@@ -37,6 +37,7 @@ from backends import SpecError, parse_spec
 from backends.interface import parse_port
 
 from .balancer import BALANCE_POLICIES
+from .health import MIN_INTERVAL as MIN_CHECK_INTERVAL
 from .routes import DEFAULT_MAX_CONNECTIONS, Keepalive, RouteConfig
 
 
@@ -53,6 +54,9 @@ class RouteDefaults:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_backend_connections: int = 0
     keepalive: Keepalive = Keepalive()
+    check_interval: float | None = None
+    check_rise: int = 2
+    check_fall: int = 3
 
 
 # Values quoted in messages come from the input: show them bounded in length and depth
@@ -81,6 +85,7 @@ def _balance(value, where: str) -> str:
 DURATION_LIMITS = {
     "connect_timeout": (3600, "an hour"),
     "eject_for": (86400, "a day"),
+    "check_interval": (86400, "a day"),
     "idle_timeout": (604800, "a week"),
 }
 
@@ -155,6 +160,27 @@ def _keepalive(value, where: str) -> Keepalive:
         raise ConfigError(f"{where}: {exc}") from None
 
 
+_check_seconds = _duration("check_interval", zero="no checks")
+
+
+def _check_interval(value, where: str) -> float | None:
+    v = _check_seconds(value, where)
+    if v is not None and v < MIN_CHECK_INTERVAL:
+        raise ConfigError(f"{where}: check interval {_show(value)} is too short: at least {MIN_CHECK_INTERVAL:g} "
+                          "seconds (or 0 for no checks)")
+    return v
+
+
+# Rise and fall counts: HAProxy's defaults are 2 and 3; more than this is a typo.
+MAX_CHECK_COUNT = 100
+
+
+def _check_count(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CHECK_COUNT:
+        raise ConfigError(f"{where}: bad count {_show(value)}: expected a whole number from 1 to {MAX_CHECK_COUNT}")
+    return value
+
+
 OPTION_PARSERS = {
     "balance": _balance,
     "connect_timeout": _duration("connect_timeout"),
@@ -163,6 +189,9 @@ OPTION_PARSERS = {
     "max_connections": _limit,
     "max_backend_connections": _limit,
     "keepalive": _keepalive,
+    "check_interval": _check_interval,
+    "check_rise": _check_count,
+    "check_fall": _check_count,
 }
 
 
@@ -190,6 +219,9 @@ def _route(port: int, spec_text, where: str, defaults: RouteDefaults, **options)
         max_connections=defaults.max_connections,
         max_backend_connections=defaults.max_backend_connections,
         keepalive=defaults.keepalive,
+        check_interval=defaults.check_interval,
+        check_rise=defaults.check_rise,
+        check_fall=defaults.check_fall,
     )
     values.update(options)
     return RouteConfig(port=port, spec=spec, origin=where, **values)

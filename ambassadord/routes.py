@@ -86,6 +86,12 @@ class RouteConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # open at once; 0: no limit (per process)
     max_backend_connections: int = 0  # open or connecting at once per backend; 0: no limit
     keepalive: Keepalive = Keepalive()
+    # Active health checks (health.py): a TCP connect to each backend every check_interval
+    # seconds (None: no checks); down after check_fall failures in a row, up again after
+    # check_rise successes.
+    check_interval: float | None = None
+    check_rise: int = 2
+    check_fall: int = 3
     origin: str = ""
 
     @property
@@ -99,9 +105,11 @@ class RouteConfig:
     def same_route(self, other: RouteConfig) -> bool:
         """Equal in everything that matters for serving (``origin`` is only where it was read)."""
         return (self.port, self.spec, self.source, self.balance, self.connect_timeout, self.idle_timeout,
-                self.eject_for, self.max_connections, self.max_backend_connections, self.keepalive) == (
+                self.eject_for, self.max_connections, self.max_backend_connections, self.keepalive,
+                self.check_interval, self.check_rise, self.check_fall) == (
                     other.port, other.spec, other.source, other.balance, other.connect_timeout, other.idle_timeout,
-                    other.eject_for, other.max_connections, other.max_backend_connections, other.keepalive)
+                    other.eject_for, other.max_connections, other.max_backend_connections, other.keepalive,
+                    other.check_interval, other.check_rise, other.check_fall)
 
 
 @dataclass(eq=False)

@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
 from backends.interface import Backend, BackendSet, ResolverOptions, failed_set
 
-from . import original_dst
+from . import health, original_dst
 from .balancer import pick_order
 from .relay import RelayResult, relay
 from .routes import Keepalive, Route, RouteConfig, RouteTable
@@ -383,6 +384,8 @@ class Server:
                 # still in the new set stays at the back of the order.
                 route.stats = old.stats
                 route.pick.ejections = old.pick.ejections
+                if cfg.check_interval:  # and what the checks know, unless they are off now
+                    route.pick.checks, route.pick.down = old.pick.checks, old.pick.down
                 retired.append(old)
                 summary.changed.append(route.name)
             else:
@@ -416,7 +419,46 @@ class Server:
 
     async def _watch(self, route: Route, scope: trio.CancelScope) -> None:
         with scope:
-            await self._watch_route(route)
+            if not route.config.check_interval:
+                await self._watch_route(route)
+                return
+            async with trio.open_nursery() as nursery:  # the route's health checks, beside its resolver
+                nursery.start_soon(health.check_route, route, self._check_connect, self._checks_changed,
+                                   name=f"health checks {route.name}")
+                await self._watch_route(route)
+
+    async def _check_connect(self, backend: Backend, timeout: float) -> None:
+        """One health check's connect (health.py): our own upstream socket (SO_MARK, loop
+        guard), closed with a reset at once, so that checks leave no TIME_WAIT behind."""
+        if self._is_own_listener(backend):  # it would be accepted, and counted, as a client
+            raise OSError(errno.ELOOP, "is ambassadord's own listener (loop)")
+        try:
+            sock = await self._new_upstream(backend, timeout)
+        except OutOfResources as exc:
+            raise health.NoResult(str(exc)) from None
+        try:
+            self._forget_upstream(await self._connect(sock, backend, timeout))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError as exc:
+            if exc.errno in LOCAL_CONNECT_ERRNOS:  # this host's capacity, not the backend's health
+                raise health.NoResult(exc.strerror or str(exc)) from None
+            raise
+        finally:
+            sock.close()
+
+    def _checks_changed(self, route: Route) -> None:
+        """The set of backends that route's checks say are down changed."""
+        if self.workers is not None:
+            self.workers.down(route.config.key, route.pick.down)
+        if health.all_down(route):
+            log.warning("route %s: every backend is down by its health checks; picking as if it had none", route.name,
+                        extra={"fields": {"event": "check-all-down", "route": route.name}})
+
+    def apply_down(self, key, down: frozenset) -> None:
+        """A --workers helper: the main process's checks of route ``key`` say ``down`` are down."""
+        for route in self.table.routes:
+            if route.config.key == key:
+                route.pick.down = down
 
     async def _watch_route(self, route: Route) -> None:
         resolver = route.resolver = route.config.spec.resolver(self.options)
@@ -465,7 +507,7 @@ class Server:
         """Another process of this daemon (--workers) saw ``backend`` of route ``key`` fail."""
         for route in self.table.routes:
             if route.config.key == key and backend in route.backends.backends:
-                route.pick.ejections.eject(backend, time.monotonic(), duration)
+                route.pick.ejections.adopt(backend, time.monotonic(), duration)
 
     def stats_snapshot(self) -> dict:
         """This process's counters, for the main process's admin API (--workers)."""
@@ -583,7 +625,9 @@ class Server:
             if not route.resolved and (first := self._first_answer.get(route)) is not None:
                 with trio.move_on_after(cfg.connect_timeout):
                     await first.wait()
-            order = pick_order(route.backends.backends, cfg.balance, route.pick, time.monotonic(), self.rng)
+            # A trial of an expired ejection may wait for a socket and then for the connect.
+            order = pick_order(route.backends.backends, cfg.balance, route.pick, time.monotonic(), self.rng,
+                               trial_for=2 * cfg.connect_timeout)
             if not order:
                 outcome, level = "no-backends", logging.WARNING
                 fields["error"] = route.backends.error or "the route has no backends"
@@ -641,10 +685,11 @@ class Server:
                     b.failures += 1
                     stats.failures += 1
                     b.last_error, b.last_failure = reason, time.time()
-                    route.pick.ejections.eject(backend, time.monotonic(), cfg.eject_for)
-                    if self.workers is not None:
-                        self.workers.ejected(route.config.key, backend, cfg.eject_for)
-                    log.warning("route %s: backend %s failed (%s); ejected for %gs", route.name, backend, reason, cfg.eject_for,
+                    ejected = route.pick.ejections.eject(backend, time.monotonic(), cfg.eject_for)
+                    if ejected is not None and self.workers is not None:
+                        self.workers.ejected(route.config.key, backend, ejected)
+                    log.warning("route %s: backend %s failed (%s); %s", route.name, backend, reason,
+                                "still ejected" if ejected is None else f"ejected for {ejected:g}s",
                                 extra={"fields": {"event": "backend-failed", "route": route.name, "backend": str(backend), "error": reason}})
                     continue
                 except BaseException:  # cancelled mid-connect: this socket is nobody else's

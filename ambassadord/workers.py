@@ -19,7 +19,8 @@ this program). What travels:
 ======================  ==========================================================
 main -> helper          ``init`` (settings), ``routes`` (the table and current sets),
                         ``backends`` (one route's new set), ``eject`` (a backend
-                        failed in another process), ``stats`` (a request),
+                        failed in another process), ``down`` (a route's backends that
+                        health checks say are down), ``stats`` (a request),
                         ``stop`` / ``abort``
 helper -> main          ``ready``, ``failed`` (why it cannot start), ``eject``,
                         ``stats`` (the answer: its counters)
@@ -258,6 +259,10 @@ class WorkerPool:
     def ejected(self, key, backend, duration: float, *, source: _Helper | None = None) -> None:
         self._broadcast(("eject", key, backend, duration), skip=source)
 
+    def down(self, key, down) -> None:
+        """The main process's health checks of route ``key`` say ``down`` are down (health.py)."""
+        self._broadcast(("down", key, down))
+
     def stop(self) -> None:
         self.stopping = True
         self._broadcast(("stop",))
@@ -365,6 +370,9 @@ class WorkerPool:
         ch.send(("init", self.settings, h.index))
         ch.send(("routes", light_configs(r.config for r in server.table.routes),
                  {r.config.key: r.backends for r in server.table.routes if r.resolved}, self.routes_seq))
+        for r in server.table.routes:
+            if r.pick.down:
+                ch.send(("down", r.config.key, r.pick.down))
         if self.stopping:
             ch.send(("abort",) if self.aborting else ("stop",))
         error = "exited"
@@ -444,8 +452,11 @@ class _Link:
     def ejected(self, key, backend, duration: float) -> None:
         self.channel.send(("eject", key, backend, duration))
 
-    # The main process's table and sets arrive as messages; nothing to tell it here.
+    # The main process's table, sets and checks arrive as messages; nothing to tell it here.
     def routes(self, configs) -> None:
+        pass
+
+    def down(self, key, down) -> None:
         pass
 
     def backends(self, key, bset) -> None:
@@ -511,6 +522,8 @@ def _helper_main(fd: int) -> int:
                         channel.send(("routes-ok", msg[3]))
                     elif kind == "eject":
                         server.apply_ejection(msg[1], msg[2], msg[3])
+                    elif kind == "down":
+                        server.apply_down(msg[1], msg[2])
                     elif kind == "stats":
                         channel.send(("stats", msg[1], server.stats_snapshot()))
                     elif kind == "stop":

@@ -769,3 +769,106 @@ def test_sd_notify_to_a_dead_socket_does_not_stop_the_daemon(redis, tmp_path):
         d.wait_for(lambda r: r.get("event") == "reload", timeout=10)
         d.stop()
         assert sum("sd_notify" in r.get("msg", "") for r in d.records()) == 1, d.text()
+
+
+# ---- the Host header (DNS rebinding) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("host, local, bound, ok", [
+    (None, "127.0.0.1", "127.0.0.1", True),  # no Host: not a browser
+    ("localhost", "127.0.0.1", "127.0.0.1", True),
+    ("LocalHost:10001", "127.0.0.1", "127.0.0.1", True),
+    ("admin.localhost:10001", "127.0.0.1", "127.0.0.1", True),
+    ("localhost.:10001", "127.0.0.1", "127.0.0.1", True),
+    ("127.0.0.1:10001", "127.0.0.1", "127.0.0.1", True),
+    ("127.0.0.2", "127.0.0.1", "127.0.0.1", True),  # any loopback address
+    ("[::1]:10001", "::1", "::1", True),
+    ("[::1]", "127.0.0.1", "127.0.0.1", True),
+    ("0.0.0.0:10001", "127.0.0.1", "0.0.0.0", True),  # the bind address
+    ("0.0.0.0:10001", "127.0.0.1", "127.0.0.1", False),
+    ("10.0.0.5:10001", "10.0.0.5", "0.0.0.0", True),  # the address the request came in on
+    ("10.0.0.5:10001", "10.0.0.5", "10.0.0.5", True),
+    ("10.0.0.6:10001", "10.0.0.5", "0.0.0.0", False),
+    ("10.0.0.5", "::ffff:10.0.0.5", "::", True),
+    ("myhost:10001", "10.0.0.5", "0.0.0.0", True),  # the host name, if not bound to loopback
+    ("MYHOST", "127.0.0.1", "0.0.0.0", True),
+    ("myhost:10001", "127.0.0.1", "127.0.0.1", False),
+    ("myhost", "::1", "::1", False),
+    ("myhost.evil.example", "10.0.0.5", "0.0.0.0", False),
+    ("evil.example", "127.0.0.1", "127.0.0.1", False),
+    ("evil.example:10001", "10.0.0.5", "0.0.0.0", False),
+    ("localhost.evil.example", "127.0.0.1", "127.0.0.1", False),
+    ("127.0.0.1.nip.io", "127.0.0.1", "127.0.0.1", False),
+    ("127.0.0.1:x", "127.0.0.1", "127.0.0.1", False),
+    ("[::1]x", "::1", "::1", False),
+    ("[::1", "::1", "::1", False),
+    ("", "127.0.0.1", "127.0.0.1", False),
+    (":10001", "127.0.0.1", "127.0.0.1", False),
+])
+def test_host_allowed(host, local, bound, ok):
+    from ambassadord.admin import host_allowed
+
+    assert host_allowed(host, local, bound=bound, hostname="myhost") is ok
+
+
+def raw_get(port: int, request: bytes, *, host: str = "127.0.0.1", ns: Netns | None = None) -> bytes:
+    """Send ``request`` as it is; the whole answer (HTTP/1.0: the server closes)."""
+    with contextlib.closing(connect(host, port, ns=ns)) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        return data
+
+
+def test_forged_host_headers_are_refused_with_421(redis, tmp_path):
+    port, admin = free_port(), free_port()
+    with admin_daemon(["--listen", f"127.0.0.1:{port}", "--map", f"{port}=127.0.0.1:{redis.port}"], admin,
+                      tmp_path) as d:
+        for host in ("evil.example", f"evil.example:{admin}", f"localhost.evil.example:{admin}",
+                     socket.gethostname(), "10.1.2.3"):
+            for path in ("/routes", "/metrics", "/", "/healthz"):
+                status, headers, body = http_get(admin, path, headers={"Host": host})
+                assert status == 421, (host, path, status, body)
+                assert headers["content-type"].startswith("text/plain"), headers
+                assert f"Host {host!r} is not accepted" in body.decode(), body
+                assert b"routes" not in body and str(redis.port).encode() not in body
+        for host in (f"localhost:{admin}", "localhost", f"127.0.0.1:{admin}", f"127.0.0.9:{admin}", f"[::1]:{admin}",
+                     f"status.localhost:{admin}"):
+            assert get_routes(admin, headers={"Host": host})["routes"], host
+        # No Host at all (HTTP/1.0, as curl -0 or a health checker sends it): answered.
+        assert raw_get(admin, b"GET /healthz HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200")
+        # Two Host headers: refused.
+        both = raw_get(admin, b"GET /routes HTTP/1.0\r\nHost: localhost\r\nHost: evil.example\r\n\r\n")
+        assert both.split(b"\r\n")[0] in (b"HTTP/1.1 421 ", b"HTTP/1.1 400 "), both[:200]
+        # `ambassadord status` keeps working, and the refusals were logged (once: rate-limited).
+        proc = cli("status", "--admin", f"127.0.0.1:{admin}")
+        assert proc.returncode == 0 and str(port) in proc.stdout, shown(proc)
+        refusals = [line for line in d.lines() if "admin API: refused a request for Host" in line]
+        assert len(refusals) == 1, refusals
+        d.stop()
+
+
+@pytest.mark.netns
+def test_a_wildcard_admin_answers_its_own_addresses_and_the_host_name_only(ns, tmp_path):
+    """Bound to 0.0.0.0: an IP literal must be the address the request came in on (or
+    loopback); the machine's host name is accepted too (a browser on another machine may
+    use it); any other name is refused."""
+    require("redis-server")
+    ns.exec(["ip", "addr", "add", "10.252.0.1/32", "dev", "lo"])  # a local address that is not loopback
+    hostname = socket.gethostname()  # a network namespace shares the UTS name of the machine
+    with RedisProcess(7000, ns=ns, workdir=tmp_path):
+        with admin_daemon(["--listen", "127.0.0.1:10000", "--map", "10000=127.0.0.1:7000"], 10001, tmp_path, ns=ns,
+                          admin_host="0.0.0.0") as d:
+            def status(host: str, via: str) -> int:
+                return http_get(10001, "/routes", host=via, ns=ns, headers={"Host": host})[0]
+
+            assert status("10.252.0.1:10001", "10.252.0.1") == 200
+            assert status(f"{hostname}:10001", "10.252.0.1") == 200
+            assert status("localhost:10001", "10.252.0.1") == 200
+            assert status("127.0.0.1:10001", "127.0.0.1") == 200
+            assert status("10.252.0.7:10001", "10.252.0.1") == 421  # not the address it came in on
+            assert status("10.252.0.1:10001", "127.0.0.1") == 421
+            assert status("evil.example:10001", "10.252.0.1") == 421
+            assert status(f"{hostname}.evil.example", "10.252.0.1") == 421
+            d.stop()

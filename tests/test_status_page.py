@@ -295,6 +295,36 @@ def test_page_shows_an_ejected_backend(page, tmp_path):
                 != backend_field(page, listen, b1, "state").evaluate(colour))
 
 
+def test_page_shows_health_checks(page, tmp_path):
+    listen, admin, b2_port = free_port(), free_port(), free_port()
+    with contextlib.ExitStack() as stack:
+        r1 = stack.enter_context(RedisProcess(free_port()))
+        b1, b2 = f"127.0.0.1:{r1.port}", f"127.0.0.1:{b2_port}"
+        config = write_config(tmp_path / "routes.toml", {
+            listen: {"backend": f"{b1},{b2}", "check_interval": 0.2, "check_rise": 2, "check_fall": 3}})
+        stack.enter_context(running_daemon(tmp_path, config, listen, admin))
+        page.goto(f"http://127.0.0.1:{admin}/")
+        expect(route_field(page, listen, "check")).to_have_text("every 0.2s, rise 2, fall 3")
+        # Nothing listens on b2: its first check takes it down.
+        expect(backend_row(page, listen, b2)).to_have_attribute("data-state", "down")
+        expect(backend_field(page, listen, b2, "state")).to_have_text("down")
+        expect(backend_field(page, listen, b2, "check")).to_have_text(re.compile(r"^down · Connection refused \d+s ago$"))
+        expect(backend_field(page, listen, b1, "check")).to_have_text(re.compile(r"^up · ok \d+s ago$"))
+        colour = "el => getComputedStyle(el).backgroundColor"
+        assert (backend_field(page, listen, b2, "state").evaluate(colour)
+                != backend_field(page, listen, b1, "state").evaluate(colour))
+
+        r2 = stack.enter_context(RedisProcess(b2_port))  # up after two checks
+        expect(backend_row(page, listen, b2)).to_have_attribute("data-state", "up")
+        expect(backend_field(page, listen, b2, "check")).to_have_text(re.compile(r"^up · ok \d+s ago$"))
+        expect(route_field(page, listen, "state")).to_have_text("resolved")
+
+        r1.stop()
+        r2.stop()  # every backend down: the route says it picks as if there were no checks
+        expect(route_field(page, listen, "state")).to_have_text("all down")
+        expect(route_field(page, listen, "error")).to_contain_text("health checks")
+
+
 def test_page_shows_a_rejected_reload_and_a_daemon_that_stops_answering(page, tmp_path):
     # The config file's name comes back in the header and in the reload error: markup in
     # it must show as text, not become an element.
