@@ -47,6 +47,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import socket
 import struct
 from dataclasses import dataclass
@@ -269,6 +270,9 @@ def _closed(sock: socket.socket) -> bool:
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE
 
 
+_HUP_OR_ERR = select.EPOLLHUP | select.EPOLLERR
+
+
 def _was_reset(sock: socket.socket, write_shut: bool) -> bool:
     """Whether the peer of a socket in the sockmap reset it (or it failed otherwise).
 
@@ -333,9 +337,12 @@ async def _relay_kernel(client, backend, sockmap, watcher, result: RelayResult) 
     try:
         while ends:
             news = await flow.wait()
-            for fd in news:
+            for fd, mask in news.items():
                 sock, name = names[fd]
-                if _was_reset(sock, fd in shut):
+                # A reset socket is in TCP CLOSE, which epoll always reports as EPOLLHUP (or
+                # carries an error, EPOLLERR): without either, this is a FIN or data, and the
+                # two getsockopt calls of the check are saved (every connection's EOF path).
+                if mask & _HUP_OR_ERR and _was_reset(sock, fd in shut):
                     result.outcome = f"{name}-reset"
                     return
                 if fd not in ends:
