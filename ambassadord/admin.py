@@ -45,7 +45,7 @@ DEFAULT_ADMIN = "127.0.0.1:10001"
 
 @dataclass
 class ConfigState:
-    """What the admin API says about configuration and reloads (written by cli.py)."""
+    """What the admin API says about configuration and reloads (written by daemon.py)."""
 
     file: str | None = None
     loaded_at: float = field(default_factory=time.time)

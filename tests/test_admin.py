@@ -602,7 +602,7 @@ def test_admin_overlapping_a_wildcard_listener_is_a_usage_error_but_another_addr
                timeout=15)
     assert proc.returncode == 2 and "same address and port" in proc.stderr, shown(proc)
     # Another address (127.0.0.2 is loopback too) or another family: both can be bound.
-    from ambassadord.cli import _overlap
+    from ambassadord.settings import _overlap
     from ambassadord.server import ListenAddress
     assert not _overlap(ListenAddress("127.0.0.1", port), ListenAddress("127.0.0.2", port))
     assert not _overlap(ListenAddress("0.0.0.0", port), ListenAddress("::1", port))

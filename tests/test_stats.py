@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from ambassadord.admin import parse_admin
-from ambassadord.cli import render_status
+from ambassadord.status import render_status
 from ambassadord.config import load_routes
 from ambassadord.relay import RelayResult
 from ambassadord.routes import Route, RouteTable
