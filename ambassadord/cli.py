@@ -19,7 +19,7 @@ import trio
 
 from backends import ResolveError, SpecError, parse_spec
 
-from . import logs
+from . import logs, status
 from .config import ConfigError
 from .parser import build_parser
 from .settings import NO_ROUTES, UsageError, check_sources, resolver_options, run_settings
@@ -32,8 +32,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from . import status
-
     return status.show(args.admin, timeout=args.timeout, as_json=args.json)
 
 
@@ -103,9 +101,7 @@ def cmd_check(args) -> int:
     for r in sorted(routes, key=lambda r: (r.port, str(r.source))):
         rows.append((str(r.port), str(r.source or "any"), r.spec.text, r.balance, f"{r.connect_timeout:g}s",
                      f"{r.idle_timeout:g}s" if r.idle_timeout else "-", r.origin))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    print("\n".join(status.columns(rows)))
     print(f"{len(routes)} route(s) OK")
     return 0
 

@@ -83,8 +83,13 @@ def run(settings: RunSettings) -> int:
                 log.error("--sockmap on: %s", exc)
                 return 1
             log.info("sockmap not available (%s); relaying in user space", exc)
+    return _serve(settings, configs, plan, sockmap)
 
+
+def _serve(settings: RunSettings, configs, plan, sockmap) -> int:
+    """Start, step by step, each undone by the stack; serve until stopped; the exit status."""
     with contextlib.ExitStack() as stack:
+        # Until the event loop's receiver is up, signals wait (the module's docstring says why).
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         stack.callback(signal.pthread_sigmask, signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         try:

@@ -249,6 +249,13 @@ def _add_run(run: argparse.ArgumentParser) -> None:
     g = run.add_argument_group("listening")
     g.add_argument("--listen", action="append", type=_listen, metavar="ADDR:PORT",
                    help=f"address to accept on; repeatable (default 0.0.0.0:{DEFAULT_PORT} and [::]:{DEFAULT_PORT})")
+    _add_route_default_flags(run)
+    _add_resolver_flags(run)
+    _add_iptables_and_admin_flags(run)
+    _add_process_flags(run)
+
+
+def _add_route_default_flags(run: argparse.ArgumentParser) -> None:
     g = run.add_argument_group("balancing and failover (defaults for every route)")
     g.add_argument("--balance", choices=BALANCE_POLICIES, help="pick order within a priority (default random)")
     g.add_argument("--connect-timeout", type=_seconds, metavar="SECONDS",
@@ -274,7 +281,9 @@ def _add_run(run: argparse.ArgumentParser) -> None:
                    help="checks in a row that must pass before a down backend is up again (default 2)")
     g.add_argument("--check-fall", type=_count(100), metavar="N",
                    help="checks in a row that must fail before an up backend is down (default 3)")
-    _add_resolver_flags(run)
+
+
+def _add_iptables_and_admin_flags(run: argparse.ArgumentParser) -> None:
     g = run.add_argument_group("iptables")
     g.add_argument("--iptables", action="store_true",
                    help="install REDIRECT rules for the mapped ports on start, remove them on exit")
@@ -290,6 +299,9 @@ def _add_run(run: argparse.ArgumentParser) -> None:
                    help=f"SO_MARK on upstream connections, exempted from the redirect (default {netfilter.DEFAULT_MARK:#x})")
     g.add_argument("--admin", type=_admin, default=DEFAULT_ADMIN, metavar="ADDR:PORT|off",
                    help=f"admin HTTP API: /, /healthz, /routes, /metrics (default {DEFAULT_ADMIN}; off = none)")
+
+
+def _add_process_flags(run: argparse.ArgumentParser) -> None:
     g = run.add_argument_group("process")
     g.add_argument("--grace", type=_seconds, default=10.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long open connections may take to finish (default 10)")

@@ -8,13 +8,14 @@ import sys
 import urllib.error
 import urllib.request
 
-from .admin import admin_url
 from .server import ListenAddress
 from .settings import UsageError
 
 
 def show(admin: ListenAddress | None, *, timeout: float, as_json: bool = False) -> int:
     """Print the daemon's route table; the exit status (1: no answer, or not ours)."""
+    from .admin import admin_url  # (Starlette: not for check, which uses columns())
+
     if admin is None:
         raise UsageError("--admin off: status needs the daemon's admin address")
     url = admin_url(admin) + "/routes"
@@ -57,45 +58,53 @@ def _ago(ts, now) -> str:
 
 
 def render_status(data: dict) -> str:
-    """The /routes JSON as a table: one line per backend, route columns on its first line."""
+    """The /routes JSON as a table: one line per backend, route columns on its first line;
+    then the totals, and notes on what went wrong."""
     now = data.get("now") or 0
-    head = ("ROUTE", "SPEC", "BACKEND", "STATE", "ACTIVE", "CONNS", "FAILS", "UP", "DOWN", "UPDATED")
-    rows = [head]
-    notes = []
+    rows = [("ROUTE", "SPEC", "BACKEND", "STATE", "ACTIVE", "CONNS", "FAILS", "UP", "DOWN", "UPDATED")]
     for r in data["routes"]:
-        route_cols = (r["name"], r["spec"])
-        backends = r["backends"]
-        if not backends:
-            state = "not resolved" if not r["resolved"] else "no backends"
-            rows.append((*route_cols, "-", state, str(r["active"]), str(r["connections"]), "-",
-                         _size(r["bytes_up"]), _size(r["bytes_down"]), _ago(r["updated_at"], now)))
-        for i, b in enumerate(backends):
-            state = b["state"]
-            if state == "ejected" and b.get("ejected_for") is not None:
-                state = f"ejected {b['ejected_for']:.0f}s"
-            if r["stale"] and b["in_set"]:
-                state += " (stale)"
-            rows.append((*(route_cols if i == 0 else ("", "")), b["name"], state, str(b["active"]),
-                         str(b["connections"]), str(b["failures"]), _size(b["bytes_up"]), _size(b["bytes_down"]),
-                         _ago(r["updated_at"], now) if i == 0 else ""))
-        if r["error"]:
-            notes.append(f"route {r['name']}: {'stale: ' if r['stale'] else ''}{r['error']}")
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    conns = data.get("connections", {})
+        rows += _route_rows(r, now)
+    notes = [f"route {r['name']}: {'stale: ' if r['stale'] else ''}{r['error']}" for r in data["routes"] if r["error"]]
     cfg = data.get("config", {})
-    lines.append("")
-    lines.append(f"{len(data['routes'])} route(s), {conns.get('active', 0)} open connection(s), "
-                 f"{conns.get('total', 0)} since start; config loaded {_ago(cfg.get('loaded_at'), now)}"
-                 + (f" from {cfg['file']}" if cfg.get("file") else ""))
+    last = cfg.get("last_reload")
+    if last and not last.get("ok"):
+        notes.append(f"last reload ({_ago(last.get('at'), now)}) was rejected: {last.get('error')}")
+    return "\n".join([*columns(rows), "", *_totals(data, cfg, now), *notes])
+
+
+def columns(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows of text cells as lines, each column as wide as its widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def _route_rows(r: dict, now: float) -> list[tuple[str, ...]]:
+    route_cols = (r["name"], r["spec"])
+    if not r["backends"]:
+        state = "not resolved" if not r["resolved"] else "no backends"
+        return [(*route_cols, "-", state, str(r["active"]), str(r["connections"]), "-",
+                 _size(r["bytes_up"]), _size(r["bytes_down"]), _ago(r["updated_at"], now))]
+    rows = []
+    for i, b in enumerate(r["backends"]):
+        state = b["state"]
+        if state == "ejected" and b.get("ejected_for") is not None:
+            state = f"ejected {b['ejected_for']:.0f}s"
+        if r["stale"] and b["in_set"]:
+            state += " (stale)"
+        rows.append((*(route_cols if i == 0 else ("", "")), b["name"], state, str(b["active"]),
+                     str(b["connections"]), str(b["failures"]), _size(b["bytes_up"]), _size(b["bytes_down"]),
+                     _ago(r["updated_at"], now) if i == 0 else ""))
+    return rows
+
+
+def _totals(data: dict, cfg: dict, now: float) -> list[str]:
+    conns = data.get("connections", {})
+    lines = [f"{len(data['routes'])} route(s), {conns.get('active', 0)} open connection(s), "
+             f"{conns.get('total', 0)} since start; config loaded {_ago(cfg.get('loaded_at'), now)}"
+             + (f" from {cfg['file']}" if cfg.get("file") else "")]
     workers = data.get("workers")
     if workers and workers.get("count", 1) > 1:
         lines.append(f"{workers['count']} worker processes" + (
             f"; only {workers['answered']} answered, counts are partial" if workers["answered"] < workers["count"]
             else "") + (f"; {workers['restarts']} restarted" if workers.get("restarts") else ""))
-    last = cfg.get("last_reload")
-    if last and not last.get("ok"):
-        notes.append(f"last reload ({_ago(last.get('at'), now)}) was rejected: {last.get('error')}")
-    lines += notes
-    return "\n".join(lines)
-
+    return lines
