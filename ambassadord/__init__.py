@@ -2,9 +2,13 @@
 
 How the pieces fit (one feature per module):
 
-* ``cli``: the command line (run / status / iptables / resolve / check); validates
-  everything before starting anything; in ``run``, signals, sd_notify (``sdnotify``) and
-  reloads (SIGHUP or a changed ``--config``: validated whole, then swapped in).
+* ``cli``: the command line (run / status / iptables / resolve / check): each command
+  from its flags (``parser``, which only parses) to frozen settings (``settings``: flags
+  weighed against each other and the env, validated before anything starts).
+* ``daemon``: ``run``'s life cycle: a start whose every step is undone in reverse order
+  (instance guard, listeners, admin socket, iptables rules), signals, sd_notify
+  (``sdnotify``), reloads (SIGHUP or a changed ``--config``: validated whole, then
+  swapped in) and the container bridges. ``status``: the ``status`` command's table.
 * ``config``: routes from ``--map``, a TOML file, ``BACKEND_<PORT>`` and Docker link env
   vars, as frozen ``RouteConfig`` values whose errors name their origin.
 * ``routes`` and ``balancer``: the pure core. Route lookup by (intended port, source
