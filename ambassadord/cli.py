@@ -117,7 +117,3 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"ambassadord {args.command}: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
