@@ -35,7 +35,7 @@ from dataclasses import replace
 import trio
 
 from . import logs, netfilter, sdnotify
-from .admin import ConfigState
+from .admin import ConfigState, admin_url, bind_admin, make_app, serve_admin
 from .config import ConfigError
 from .routes import Route, RouteTable
 from .server import ListenAddress, Server, StartupError, bind_listeners
@@ -156,8 +156,6 @@ def _bind(stack: contextlib.ExitStack, settings: RunSettings) -> tuple[list[sock
         stack.enter_context(s)
     if settings.admin is None:
         return sockets, None
-    from .admin import bind_admin
-
     return sockets, stack.enter_context(bind_admin(settings.admin))
 
 
@@ -304,8 +302,6 @@ class _Daemon:
             nursery.start_soon(self._on_signals)
             await nursery.start(self._run_server)
             if self.admin_sock is not None:
-                from .admin import admin_url, make_app, serve_admin
-
                 sock, self.admin_sock = self.admin_sock, None
                 await nursery.start(serve_admin, make_app(server, self.config), sock)
                 log.info("admin API on %s", admin_url(self.settings.admin))
