@@ -301,12 +301,13 @@ class _Daemon:
             self._nursery = nursery
             nursery.start_soon(self._on_signals)
             await nursery.start(self._run_server)
+            if self.settings.routes.config and self.settings.config_poll > 0:
+                # Before the admin API answers: a change made once it does is noticed.
+                await nursery.start(self._watch_config_file)
             if self.admin_sock is not None:
                 sock, self.admin_sock = self.admin_sock, None
                 await nursery.start(serve_admin, make_app(server, self.config), sock)
                 log.info("admin API on %s", admin_url(self.settings.admin))
-            if self.settings.routes.config and self.settings.config_poll > 0:
-                nursery.start_soon(self._watch_config_file)
             if self.rules is not None:
                 nursery.start_soon(self._watch_bridges)
             sdnotify.ready(f"serving {len(server.table)} route(s)")
@@ -348,7 +349,7 @@ class _Daemon:
                     log.warning("%s again: closing open connections now", name)
                     server.abort()
 
-    async def _watch_config_file(self) -> None:
+    async def _watch_config_file(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Reload when --config changes: (device, inode, size, mtime) is polled, and a change
         must hold still for one more poll (a file being written is not read half-way).
         stat() runs in a thread: on a hung network file system it blocks."""
@@ -358,6 +359,7 @@ class _Daemon:
             return await trio.to_thread.run_sync(_file_signature, path, abandon_on_cancel=True)
 
         seen = await signature()
+        task_status.started()
         while True:
             await trio.sleep(interval)
             now = await signature()
