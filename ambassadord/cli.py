@@ -516,7 +516,7 @@ def cmd_run(args) -> int:
 
     sockmap = None
     if args.sockmap != "off":
-        from .sockmap import Sockmap, SockmapError
+        from .relay import Sockmap, SockmapError
 
         try:
             sockmap = Sockmap(2 * args.sockmap_size)

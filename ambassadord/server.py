@@ -245,7 +245,7 @@ class Server:
         # Watcher (one task) tells their relays about EOF and errors.
         self._kernel_relay = None
         if sockmap is not None:
-            from .sockmap import Watcher
+            from .relay.sockmap import Watcher
 
             self._kernel_relay = (sockmap, Watcher())
         self.rng = rng or random.Random()

@@ -489,7 +489,7 @@ def _helper_main(fd: int) -> int:
         _, configs, sets, seq = await channel.recv()
         sockmap = None
         if settings.sockmap == "on":
-            from .sockmap import Sockmap, SockmapError
+            from .relay import Sockmap, SockmapError
 
             try:
                 sockmap = Sockmap(2 * settings.sockmap_size)

@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from ambassadord import server as server_mod
-from ambassadord.sockmap import Sockmap, SockmapError
+from ambassadord.relay import Sockmap, SockmapError
 from ambassadord.routes import Keepalive, Route, RouteConfig, RouteTable
 from ambassadord.server import ListenAddress, Server, bind_listeners
 from backends import parse_spec

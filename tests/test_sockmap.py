@@ -18,7 +18,7 @@ import struct
 
 import pytest
 
-from ambassadord.sockmap import Sockmap, SockmapError, bpf_syscall_number, cookie
+from ambassadord.relay import Sockmap, SockmapError, bpf_syscall_number, cookie
 from tests.daemon import Daemon, RedisProcess, connect, free_port, ping as redis_ping, require, wait_until
 
 
