@@ -514,12 +514,12 @@ def cmd_run(args) -> int:
                                       mark=args.mark, families=_families_for(listen), from_interfaces=bridges,
                                       allow_from=tuple(a for group in args.allow_from for a in group))
 
-    sockmap = None
+    kernel = None
     if args.sockmap != "off":
-        from .relay import Sockmap, SockmapError
+        from .relay import KernelRelay, SockmapError
 
         try:
-            sockmap = Sockmap(2 * args.sockmap_size)
+            kernel = KernelRelay(args.sockmap_size)
             log.info("sockmap: established connections are relayed in the kernel")
         except SockmapError as exc:
             if args.sockmap == "on":
@@ -544,6 +544,8 @@ def cmd_run(args) -> int:
     except StartupError as exc:
         log.error("%s", exc)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        if kernel is not None:
+            kernel.close()
         return 1
     use_splice = args.splice == "on" or (args.splice == "auto" and SPLICE_AVAILABLE)
     mark = args.mark if args.iptables else None
@@ -552,11 +554,11 @@ def cmd_run(args) -> int:
 
         bound = tuple(ListenAddress(*s.getsockname()[:2]) for s in sockets)
         pool = WorkerPool(args.workers, Settings(listen=bound, grace=args.grace, mark=mark, use_splice=use_splice,
-                                                 sockmap="on" if sockmap is not None else "off",
+                                                 sockmap="on" if kernel is not None else "off",
                                                  sockmap_size=args.sockmap_size, log_format=args.log_format,
                                                  log_level=args.log_level))
     server = Server(RouteTable([Route(c) for c in configs]), sockets,
-                    options=options, grace=args.grace, sockmap=sockmap,
+                    options=options, grace=args.grace, kernel=kernel,
                     mark=mark, use_splice=use_splice, workers=pool)
     daemon = None
     try:
@@ -592,6 +594,8 @@ def cmd_run(args) -> int:
             admin_sock.close()
         for s in sockets:
             s.close()
+        if kernel is not None:
+            kernel.close()
         if plan is not None:
             _remove_rules(daemon.plan if daemon is not None else plan, after_stop=daemon is not None and daemon.stopping)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)

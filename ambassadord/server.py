@@ -13,7 +13,7 @@ Concurrency layout (structured, outermost first)::
         accept nursery      one accept loop per listener; cancelled first on shutdown
 
 Sockets are plain non-blocking stdlib sockets driven with trio.lowlevel.wait_readable /
-wait_writable (see relay.py for why).
+wait_writable (see relay/user.py for why).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from backends.interface import Backend, BackendSet, ResolverOptions, failed_set
 
 from . import health, original_dst
 from .balancer import pick_order
-from .relay import RelayResult, relay
+from .relay import KernelRelay, RelayResult, relay
 from .routes import Keepalive, Route, RouteConfig, RouteTable
 
 log = logging.getLogger("ambassadord")
@@ -214,7 +214,8 @@ class Server:
         grace: seconds open connections may take to finish after shutdown() is called.
         mark: SO_MARK for upstream sockets (so the iptables chain skips them), or None.
         use_splice: in user space, switch bulky directions to splice(2).
-        sockmap: a sockmap.Sockmap: relay established connections in the kernel.
+        kernel: a relay.KernelRelay: relay established connections in the kernel (its
+            Watcher task runs here; the caller made it and closes it after run()).
         resolve: run the routes' resolvers (False in a --workers helper: the main process
             sends the sets, see install()).
         workers: the workers.WorkerPool of the main process, or a helper's link to it: told
@@ -230,7 +231,7 @@ class Server:
         grace: float = 10.0,
         mark: int | None = None,
         use_splice: bool = False,
-        sockmap=None,
+        kernel: KernelRelay | None = None,
         rng: random.Random | None = None,
         resolve: bool = True,
         workers=None,
@@ -241,13 +242,7 @@ class Server:
         self.grace = grace
         self.mark = mark
         self.use_splice = use_splice
-        # With a sockmap.Sockmap, established connections are relayed in the kernel; its
-        # Watcher (one task) tells their relays about EOF and errors.
-        self._kernel_relay = None
-        if sockmap is not None:
-            from .relay.sockmap import Watcher
-
-            self._kernel_relay = (sockmap, Watcher())
+        self.kernel = kernel
         self.rng = rng or random.Random()
         self.resolve = resolve
         self.workers = workers
@@ -288,8 +283,8 @@ class Server:
         try:
             async with trio.open_nursery() as resolvers:
                 self._resolvers = resolvers
-                if self._kernel_relay is not None:
-                    resolvers.start_soon(self._kernel_relay[1].run, name="sockmap watcher")
+                if self.kernel is not None:
+                    resolvers.start_soon(self.kernel.run, name="sockmap watcher")
                 for route in self.table.routes:
                     self._start_resolver(route)
                 pool = self.pool
@@ -726,7 +721,7 @@ class Server:
                 return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await relay(conn, upstream, idle_timeout=cfg.idle_timeout, use_splice=self.use_splice,
-                        sockmap=self._kernel_relay, result=result)
+                        kernel=self.kernel, result=result)
             outcome = result.outcome
         except Exception as exc:  # one connection's bug is logged and contained
             outcome, level = "error", logging.ERROR

@@ -487,12 +487,12 @@ def _helper_main(fd: int) -> int:
         logs.setup(settings.log_format, settings.log_level)
         logging.getLogger().handlers[0].addFilter(_tag(index))
         _, configs, sets, seq = await channel.recv()
-        sockmap = None
+        kernel = None
         if settings.sockmap == "on":
-            from .relay import Sockmap, SockmapError
+            from .relay import KernelRelay, SockmapError
 
             try:
-                sockmap = Sockmap(2 * settings.sockmap_size)
+                kernel = KernelRelay(settings.sockmap_size)
             except SockmapError as exc:
                 log.warning("worker %d: sockmap not available (%s); relaying in user space", index, exc)
         try:
@@ -500,9 +500,11 @@ def _helper_main(fd: int) -> int:
         except StartupError as exc:
             channel.send(("failed", str(exc)))
             await _flush(channel)
+            if kernel is not None:
+                kernel.close()
             return 1
         server = Server(RouteTable([Route(c) for c in configs]), listeners, grace=settings.grace,
-                        mark=settings.mark, use_splice=settings.use_splice, sockmap=sockmap, resolve=False,
+                        mark=settings.mark, use_splice=settings.use_splice, kernel=kernel, resolve=False,
                         workers=_Link(channel))
         for key, bset in sets.items():
             server.install(key, bset)
@@ -545,6 +547,8 @@ def _helper_main(fd: int) -> int:
             channel.send(("routes-ok", seq))
             channel.send(("ready", os.getpid()))
             nursery.start_soon(serve_messages)
+        if kernel is not None:
+            kernel.close()
         return 0
 
     return trio.run(main)
