@@ -40,8 +40,8 @@ _scratch_view = memoryview(_scratch)
 
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 SPLICE_AVAILABLE = hasattr(os, "splice")
-# Pipe capacity for splice (fcntl F_SETPIPE_SZ): 1 MiB lets one syscall move a large
-# chunk (default is 64 KiB).
+# Pipe capacity for splice: 1 MiB lets one syscall move a large chunk (default is 64 KiB).
+_F_SETPIPE_SZ = fcntl.F_SETPIPE_SZ
 _PIPE_SIZE = 1024 * 1024
 # With splice on, a direction starts with recv/send and moves to splice once it has moved
 # this much, or once one read filled the whole buffer: small request/response traffic
@@ -134,7 +134,7 @@ async def _pump_splice(src, dst, result: RelayResult, up: bool, src_name: str, d
         return await _pump_copy(src, dst, result, up, src_name, dst_name, scope, idle)
     try:
         try:
-            fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+            fcntl.fcntl(wfd, _F_SETPIPE_SZ, _PIPE_SIZE)
         except OSError:
             pass  # fine: default pipe size, more syscalls
         splice = os.splice
