@@ -145,9 +145,8 @@ def main() -> None:
                 proc.terminate()
                 proc.wait()
     print(f"{'path':<31}{'bulk MiB/s':>12}{'ping-pong rt/s':>16}")
-    print(f"{'direct (no proxy)':<31}{statistics.median(direct['bulk']):>12.0f}{statistics.median(direct['pingpong']):>16.0f}")
-    for name, r in results.items():
-        label = f"ambassadord {name}"
+    rows = {"direct (no proxy)": direct, **{f"ambassadord {name}": r for name, r in results.items()}}
+    for label, r in rows.items():
         print(f"{label:<31}{statistics.median(r['bulk']):>12.0f}{statistics.median(r['pingpong']):>16.0f}")
 
 
