@@ -476,9 +476,9 @@ def _helper_main(fd: int) -> int:
     channel = Channel(sock)
 
     async def main() -> int:
-        from . import logs
-        from .routes import Route, RouteTable
-        from .server import Server, StartupError, bind_listeners
+        from .. import logs
+        from ..routes import Route, RouteTable
+        from ..server import Server, StartupError, bind_listeners
 
         msg = await channel.recv()
         assert msg[0] == "init", msg
@@ -489,7 +489,7 @@ def _helper_main(fd: int) -> int:
         _, configs, sets, seq = await channel.recv()
         sockmap = None
         if settings.sockmap == "on":
-            from .sockmap import Sockmap, SockmapError
+            from ..sockmap import Sockmap, SockmapError
 
             try:
                 sockmap = Sockmap(2 * settings.sockmap_size)
@@ -571,7 +571,3 @@ async def _flush(channel: Channel) -> None:
             while channel._out and not channel.closed:
                 await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
-
-
-if __name__ == "__main__":
-    sys.exit(_helper_main(int(sys.argv[1])))
