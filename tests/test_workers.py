@@ -323,7 +323,7 @@ def _cgroup(tmp_path, path: str, limits: dict[str, str]):
     ({"/a/b": "garbage"}, None),
 ])
 def test_auto_is_capped_by_the_cgroup_cpu_quota(tmp_path, limits, expected):
-    from ambassadord.workers import _cgroup_cpus, default_count
+    from ambassadord.workers.count import _cgroup_cpus, default_count
 
     root, proc = _cgroup(tmp_path, "/a/b", limits)
     assert _cgroup_cpus(root, proc) == expected
@@ -332,7 +332,7 @@ def test_auto_is_capped_by_the_cgroup_cpu_quota(tmp_path, limits, expected):
 
 
 def test_auto_without_cgroup_v2_is_the_affinity(tmp_path):
-    from ambassadord.workers import default_count
+    from ambassadord.workers.count import default_count
 
     (tmp_path / "cgroup").write_text("4:memory:/x\n")
     assert default_count(str(tmp_path), str(tmp_path / "cgroup")) == len(os.sched_getaffinity(0))

@@ -1,5 +1,7 @@
+"""``python -m ambassadord.workers FD``: a helper process (helper.py), started by pool.py."""
+
 import sys
 
-from .pool import _helper_main
+from .helper import main
 
-sys.exit(_helper_main(int(sys.argv[1])))
+sys.exit(main(int(sys.argv[1])))
