@@ -60,6 +60,8 @@ class WorkerStartError(RuntimeError):
 
 
 class _Helper:
+    """One helper process as the pool knows it; restarted in place (same index)."""
+
     def __init__(self, index: int):
         self.index = index
         self.proc = None
@@ -97,7 +99,7 @@ class WorkerPool(Peers):
         self.routes_seq = 0  # the last table sent (a reload); each helper says which it has
         self._synced = trio.Event()
 
-    # -- what the server tells every helper --
+    # -- Peers: what the server tells every helper --
 
     def routes(self, configs) -> None:
         """A reload: every helper gets the new table (see synced())."""
