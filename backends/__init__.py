@@ -3,9 +3,12 @@
 How the pieces fit:
 
 * ``interface.py``: the shared data (``Backend``, ``BackendSet``, kept in one canonical
-  order), the ``Spec`` and ``Resolver`` interfaces, the ``host:port`` parsing and
-  hostname checks every module uses, and what every watch loop shares (backoff, notes
-  logged once, unforeseen exceptions turned into failures).
+  order), the ``Spec`` and ``Resolver`` interfaces, the two ways a source fails
+  (``NotFound``, ``TemporaryFailure``), the ``host:port`` parsing and hostname checks
+  every module uses, and what every watch loop shares (backoff, notes logged once,
+  unforeseen exceptions turned into failures).
+* ``state.py``: the one state machine every watch loop feeds (answer, not found,
+  failure): the last good set, its stale age, and what to publish. Pure.
 * ``static.py``: ``host:port[,host:port...]`` lists (hostnames re-resolved periodically).
 * ``dns.py``: ``srv://NAME`` and bare names (SRV, RFC 2782), ``dns://NAME:PORT`` (A/AAAA).
 * ``consul.py``: ``consul://[AGENT]/SERVICE`` (passing instances) and
@@ -25,23 +28,27 @@ import importlib
 from .interface import (
     Backend,
     BackendSet,
+    NotFound,
     Publish,
     ResolveError,
     Resolver,
     ResolverOptions,
     Spec,
     SpecError,
+    TemporaryFailure,
 )
 
 __all__ = [
     "Backend",
     "BackendSet",
+    "NotFound",
     "Publish",
     "ResolveError",
     "Resolver",
     "ResolverOptions",
     "Spec",
     "SpecError",
+    "TemporaryFailure",
     "parse_spec",
     "SCHEMES",
 ]

@@ -56,20 +56,21 @@ from .interface import (
     BACKOFF_MAX,
     Backend,
     Backoff,
-    BackendSet,
     Notes,
+    NotFound,
     Publish,
     ResolveError,
     Resolver,
     ResolverOptions,
     Spec,
     SpecError,
+    TemporaryFailure,
     answer_or_failure,
     canonical,
-    failed_set,
     hostname_problem,
     parse_port,
 )
+from .state import ResolverState
 
 log = logging.getLogger("ambassadord.resolver.dns")
 
@@ -78,14 +79,6 @@ REFRESH_FRACTION = 0.8
 # Per-query time limit (dnspython's timeout); the whole look-up's is options.dns_timeout.
 QUERY_TIMEOUT = 2.0
 EDNS_PAYLOAD = 1232
-
-
-class NotFound(ResolveError):
-    """NXDOMAIN or no records: authoritative, the route has no backends."""
-
-
-class TemporaryFailure(ResolveError):
-    """Timeout, SERVFAIL, network error, malformed answer: keep the last good set."""
 
 
 # ---- specs ------------------------------------------------------------------------
@@ -340,43 +333,34 @@ class _DnsResolver(Resolver):
 
     async def watch(self, publish: Publish) -> None:
         source = self.spec.text
-        last_good: BackendSet | None = None
-        last_good_at = 0.0
-        last_published: BackendSet | None = None
+        state = ResolverState(source, stale_for=self.options.dns_stale_for)
         backoff = Backoff(self.rng, BACKOFF_FIRST, BACKOFF_MAX)
         while True:
             try:
-                backends, ttl = await answer_or_failure(self.lookup, TemporaryFailure, source)
+                backends, ttl = await answer_or_failure(self.lookup, source)
             except NotFound as exc:
                 backoff.reset()
-                last_good = None
-                if last_published is None or last_published.backends or last_published.error != str(exc):
+                step = state.not_found(str(exc), trio.current_time(), time.time())
+                if step.publish is not None:
                     log.warning("%s: %s; the route has no backends", source, exc)
-                    last_published = BackendSet((), source=source, error=str(exc))
-                    publish(last_published)
                 delay = self._clamp(NEGATIVE_REFRESH)
             except TemporaryFailure as exc:
                 self.failures += 1
-                age = time.monotonic() - last_good_at
-                if last_good is not None and age <= self.options.dns_stale_for:
+                step = state.failed(str(exc), trio.current_time(), time.time())  # published, so it is counted
+                if step.age is not None:
                     log.warning("%s: %s; serving the last good answer (stale, %.0fs old), retrying in %.1fs",
-                                source, exc, age, backoff.step)
+                                source, exc, step.age, backoff.step)
                 else:
-                    why = "the last good answer is too old" if last_good is not None else "no answer yet"
+                    why = "the last good answer is too old" if step.dropped else "no answer yet"
                     log.error("%s: %s; %s: the route has no backends, retrying in %.1fs", source, exc, why, backoff.step)
-                    last_good = None
-                last_published = failed_set(last_good, source, str(exc))
-                publish(last_published)  # every failure is published, so it is counted
                 delay = backoff.next_delay()
             else:
                 backoff.reset()
                 self.answered_at = time.time()
-                if last_published is None or last_published.backends != backends or last_published.stale \
-                        or last_published.error:
-                    last_published = BackendSet(backends, source=source)
-                    publish(last_published)
-                last_good, last_good_at = last_published, time.monotonic()
+                step = state.answer(backends, trio.current_time(), self.answered_at)
                 delay = self._clamp(ttl) * REFRESH_FRACTION
+            if step.publish is not None:
+                publish(step.publish)
             await trio.sleep(delay)
 
 

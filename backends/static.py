@@ -17,16 +17,15 @@ import trio
 
 from .interface import (
     Backend,
-    BackendSet,
     Publish,
-    ResolveError,
     Resolver,
     ResolverOptions,
     Spec,
+    TemporaryFailure,
     canonical,
-    failed_set,
     parse_host_port,
 )
+from .state import ResolverState
 
 log = logging.getLogger("ambassadord.resolver.static")
 
@@ -95,31 +94,27 @@ class StaticResolver(Resolver):
     async def resolve(self) -> tuple[Backend, ...]:
         backends, errors = await backends_of(self.spec.entries)
         if not backends:
-            raise ResolveError(f"{self.spec.text!r}: no address for " + "; ".join(errors))
+            raise TemporaryFailure(f"{self.spec.text!r}: no address for " + "; ".join(errors))
         for error in errors:  # partial answer: serve what resolved, say what did not
             log.warning("static spec %r: cannot resolve %s", self.spec.text, error)
         return tuple(backends)
 
     async def watch(self, publish: Publish) -> None:
-        if self.spec.literal:
-            backends = await self.resolve()
-            self.answered_at = time.time()
-            publish(BackendSet(backends, source=self.spec.text))
-            await trio.sleep_forever()
-        last: BackendSet | None = None
+        state = ResolverState(self.spec.text)
         while True:
             try:
                 backends = await self.resolve()
-            except ResolveError as exc:
-                if last is not None and last.backends:
+            except TemporaryFailure as exc:
+                step = state.failed(str(exc), trio.current_time(), time.time())
+                if step.age is not None:
                     log.warning("static spec %r: %s; keeping last good set (stale)", self.spec.text, exc)
                 else:
                     log.error("static spec %r: %s", self.spec.text, exc)
-                last = failed_set(last, self.spec.text, str(exc))
-                publish(last)
             else:
                 self.answered_at = time.time()
-                if last is None or last.backends != backends or last.stale:
-                    last = BackendSet(backends, source=self.spec.text)
-                    publish(last)
+                step = state.answer(backends, trio.current_time(), self.answered_at)
+            if step.publish is not None:
+                publish(step.publish)
+            if self.spec.literal:
+                await trio.sleep_forever()  # nothing to resolve again, ever
             await trio.sleep(self.options.refresh_interval)

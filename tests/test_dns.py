@@ -15,8 +15,8 @@ import pytest
 import trio
 
 from ambassadord.balancer import PickState, pick_order
-from backends import SpecError, parse_spec
-from backends.dns import NotFound, SrvRecord, TemporaryFailure, parse_dns_server, srv_backends
+from backends import NotFound, SpecError, TemporaryFailure, parse_spec
+from backends.dns import SrvRecord, parse_dns_server, srv_backends
 from backends.interface import Backend, ResolverOptions
 from tests.daemon import Daemon, RedisProcess, connect, free_port, read_to_eof, wait_until
 from tests.dns_server import Dnsmasq
