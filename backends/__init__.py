@@ -15,7 +15,6 @@ How the pieces fit:
   ``consul-kv://[AGENT]/PATH``, watched with blocking queries.
 * ``etcd.py``: ``etcd://[ENDPOINT]/PREFIX``, read then watched, resumed after restarts.
 * ``keyvalues.py``: the value format shared by Consul KV and etcd.
-* later modules (``dns``, ``consul``, ``etcd``) register their schemes in ``SCHEMES``.
 
 ``parse_spec(text)`` is the one entry point the daemon uses: it picks the module by the
 spec's scheme (the part before ``://``) or, for scheme-less values, by its shape.
@@ -68,11 +67,6 @@ def _spec_class(module: str, name: str) -> type[Spec]:
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 
-# Schemes of the design's grammar whose resolvers are not built yet: a clear "not yet"
-# beats a confusing "bad host:port".
-_PLANNED: set[str] = set()
-
-
 def parse_spec(text: str) -> Spec:
     """Parse a route value into its Spec.
 
@@ -89,9 +83,7 @@ def parse_spec(text: str) -> Spec:
         where = SCHEMES.get(scheme)
         if where is not None:
             return _spec_class(*where).parse(text)
-        if scheme in _PLANNED:
-            raise SpecError(f"spec {text!r}: the {scheme}:// resolver is not available in this version")
-        known = ", ".join(sorted(SCHEMES)) or "none"
+        known = ", ".join(sorted(SCHEMES))
         raise SpecError(f"spec {text!r}: unknown scheme {scheme!r} (known schemes: {known}; or HOST:PORT[,HOST:PORT...])")
     if ":" not in text and "," not in text:
         # A bare name with no port: a DNS SRV name, as in ambassadord (redis.service.consul).

@@ -311,7 +311,7 @@ class _DnsResolver(Resolver):
         self.spec = spec
         self.options = options
         self._dns = None
-        self.failures = 0  # temporary failures so far (counted; exposed to metrics later)
+        self.failures = 0  # temporary failures so far (the tests read it)
         self.rng = random.Random()
         self.notes = Notes(log, spec.text)  # skipped records, logged once each (answers repeat every TTL)
 

@@ -186,12 +186,10 @@ class EtcdResolver(Resolver):
         return f"etcd {'[' + host + ']' if ':' in host else host}:{port}"
 
     async def _thread(self, fn, *args, **kw):
-        etcd3 = _etcd3()
+        _etcd3()  # a client that cannot load says so, not as an error of the call
         try:
             return await trio.to_thread.run_sync(lambda: fn(*args, **kw), abandon_on_cancel=True, limiter=_limiter)
-        except etcd3.exceptions.Etcd3Exception as exc:
-            raise TemporaryFailure(f"{self._where()}: {_describe(exc)}") from None
-        except Exception as exc:  # grpc errors, auth failures, bad TLS files ...
+        except Exception as exc:  # etcd3's own errors, grpc errors, auth failures, bad TLS files ...
             raise TemporaryFailure(f"{self._where()}: {_describe(exc)}") from None
 
     def _connect(self):

@@ -60,7 +60,7 @@ class StaticSpec(Spec):
         return StaticResolver(self, options)
 
 
-async def backends_of(entries, *, priority: int = 0, weight: float = 1) -> tuple[list[Backend], list[str]]:
+async def backends_of(entries, *, weight: float = 1) -> tuple[list[Backend], list[str]]:
     """Backends for (host, port) pairs: IP literals as they are, hostnames via getaddrinfo.
 
     Returns (backends, errors): one error string per hostname that did not resolve. The
@@ -74,14 +74,14 @@ async def backends_of(entries, *, priority: int = 0, weight: float = 1) -> tuple
     errors: list[str] = []
     for host, port in entries:
         if _is_ip(host):
-            backends.append(Backend(str(ipaddress.ip_address(host)), port, priority, weight, name=host))
+            backends.append(Backend(str(ipaddress.ip_address(host)), port, weight=weight, name=host))
             continue
         try:
             infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, ValueError) as exc:  # ValueError: UnicodeError of the idna codec
             errors.append(f"{host}: {exc}")
             continue
-        backends += canonical(Backend(sockaddr[0], port, priority, weight, name=host)
+        backends += canonical(Backend(sockaddr[0], port, weight=weight, name=host)
                               for family, _, _, _, sockaddr in infos if family in (socket.AF_INET, socket.AF_INET6))
     return list(dict.fromkeys(backends)), errors
 
