@@ -69,6 +69,7 @@ from .interface import (
     canonical,
     hostname_problem,
     parse_port,
+    split_host_port,
 )
 from .state import ResolverState
 
@@ -144,15 +145,10 @@ class DnsSpec(Spec):
 
 def parse_dns_server(text: str) -> tuple[str, int]:
     """``HOST[:PORT]`` / ``[V6]:PORT`` / ``V6`` -> (ip, port); ValueError quoting the text."""
-    t = text.strip()
-    host, port = t, "53"
-    if t.startswith("["):
-        host, sep, port = t[1:].partition("]")
-        if port and not port.startswith(":"):
-            raise ValueError(f"bad DNS server {text!r}: expected HOST[:PORT] or [IPV6]:PORT")
-        port = port[1:] or "53"
-    elif t.count(":") == 1:
-        host, port = t.split(":")
+    try:
+        host, port = split_host_port(text.strip(), 53)
+    except ValueError as exc:
+        raise ValueError(f"bad DNS server {text!r}: {exc}") from None
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:

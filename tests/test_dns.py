@@ -73,7 +73,7 @@ def test_parse_dns_server(text, expected):
     assert parse_dns_server(text) == expected
 
 
-@pytest.mark.parametrize("text", ["consul", "127.0.0.1:x", "127.0.0.1:70000", "[::1]x", ""])
+@pytest.mark.parametrize("text", ["consul", "127.0.0.1:x", "127.0.0.1:70000", "[::1]x", "", "[::1", "[127.0.0.1]:53"])
 def test_bad_dns_server(text):
     with pytest.raises(ValueError, match="bad DNS server"):
         parse_dns_server(text)
