@@ -1,9 +1,9 @@
 """What every resolver's watch loop remembers, and what it publishes after each answer.
 
 A watch loop fetches and waits; this module decides. It is pure (no trio, no sockets, no
-clock of its own): the loop feeds it what the source said and the time, and gets back the
-:class:`BackendSet` to publish, or None when the route already holds that set. Feeding
-it, per resolver:
+clock of its own): the loop feeds it what the source said and the time, and gets back a
+:class:`Step`: the :class:`BackendSet` to publish (None when the route already holds that
+set) and, on a failure, the stale age. The loop keeps its own log lines. The inputs:
 
 * ``answer(backends)``: the source answered with backends (DNS records, passing
   instances, values under a key).
