@@ -549,17 +549,20 @@ def cmd_run(args) -> int:
         return 1
     use_splice = args.splice == "on" or (args.splice == "auto" and SPLICE_AVAILABLE)
     mark = args.mark if args.iptables else None
+    server = Server(RouteTable([Route(c) for c in configs]), sockets,
+                    options=options, grace=args.grace, kernel=kernel,
+                    mark=mark, use_splice=use_splice)
     if args.workers > 1:
         from .workers import Settings, WorkerPool
 
         bound = tuple(ListenAddress(*s.getsockname()[:2]) for s in sockets)
-        pool = WorkerPool(args.workers, Settings(listen=bound, grace=args.grace, mark=mark, use_splice=use_splice,
-                                                 sockmap="on" if kernel is not None else "off",
-                                                 sockmap_size=args.sockmap_size, log_format=args.log_format,
-                                                 log_level=args.log_level))
-    server = Server(RouteTable([Route(c) for c in configs]), sockets,
-                    options=options, grace=args.grace, kernel=kernel,
-                    mark=mark, use_splice=use_splice, workers=pool)
+        # The server's peers; the pool reaches the server only through the two callables.
+        server.peers = pool = WorkerPool(
+            args.workers, Settings(listen=bound, grace=args.grace, mark=mark, use_splice=use_splice,
+                                   sockmap="on" if kernel is not None else "off",
+                                   sockmap_size=args.sockmap_size, log_format=args.log_format,
+                                   log_level=args.log_level),
+            table=lambda: server.table, apply_ejection=server.apply_ejection)
     daemon = None
     try:
         if plan is not None:
@@ -572,7 +575,7 @@ def cmd_run(args) -> int:
                 return 1
             log.info("iptables: redirecting ports %s to %d", ",".join(map(str, plan.ports)) or "(none)", plan.to_port)
             _log_exposure(plan)
-        daemon = _Daemon(args, server, plan, admin_sock)
+        daemon = _Daemon(args, server, plan, admin_sock, pool)
         admin_sock = None  # the daemon's now
         try:
             trio.run(daemon.serve)
@@ -703,11 +706,12 @@ class _Daemon:
     4. only then, in cmd_run, the chains go.
     """
 
-    def __init__(self, args, server: Server, plan, admin_sock):
+    def __init__(self, args, server: Server, plan, admin_sock, pool=None):
         from .admin import ConfigState
 
         self.args = args
         self.server = server
+        self.pool = pool  # the WorkerPool (--workers N > 1), or None
         self.plan = plan
         self.admin_sock = admin_sock
         self.config = ConfigState(file=os.path.abspath(args.config) if args.config else None)
@@ -727,7 +731,7 @@ class _Daemon:
                 from .admin import admin_url, make_app, serve_admin
 
                 sock, self.admin_sock = self.admin_sock, None
-                await nursery.start(serve_admin, make_app(server, self.config), sock)
+                await nursery.start(serve_admin, make_app(server, self.config, self.pool), sock)
                 log.info("admin API on %s", admin_url(self.args.admin))
             if self.args.config and self.args.config_poll > 0:
                 nursery.start_soon(self._watch_config_file)
@@ -868,9 +872,9 @@ class _Daemon:
                 if self.stopping:  # SIGTERM came while the rules were changing
                     return
                 summary = self.server.reload(configs)
-                if self.server.pool is not None:
+                if self.pool is not None:
                     # Over (and READY=1) only once every process serves the new table.
-                    await self.server.pool.synced()
+                    await self.pool.synced()
             except _Rejected as exc:
                 self.config.failed(str(exc))
                 log.error("reload (%s) rejected: %s; still serving the previous configuration", why, exc,

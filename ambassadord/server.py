@@ -35,6 +35,7 @@ from backends.interface import Backend, BackendSet, ResolverOptions, failed_set
 
 from . import health, original_dst
 from .balancer import pick_order
+from .peers import NO_PEERS, Peers
 from .relay import KernelRelay, RelayResult, relay
 from .routes import Keepalive, Route, RouteConfig, RouteTable
 
@@ -218,8 +219,8 @@ class Server:
             Watcher task runs here; the caller made it and closes it after run()).
         resolve: run the routes' resolvers (False in a --workers helper: the main process
             sends the sets, see install()).
-        workers: the workers.WorkerPool of the main process, or a helper's link to it: told
-            about new sets, reloads and ejections (workers.py).
+        peers: the other processes of this daemon (--workers; peers.py), told about new
+            sets, reloads, ejections, health checks' verdicts, stop and abort; none by default.
     """
 
     def __init__(
@@ -234,7 +235,7 @@ class Server:
         kernel: KernelRelay | None = None,
         rng: random.Random | None = None,
         resolve: bool = True,
-        workers=None,
+        peers: Peers | None = None,
     ):
         self.table = table
         self.listeners = listeners
@@ -245,9 +246,7 @@ class Server:
         self.kernel = kernel
         self.rng = rng or random.Random()
         self.resolve = resolve
-        self.workers = workers
-        if workers is not None and hasattr(workers, "server"):
-            workers.server = self
+        self.peers = peers if peers is not None else NO_PEERS
         self.active = 0
         self.total = 0
         self.unrouted: dict[str, int] = {}  # connections closed before a route was found, by outcome
@@ -287,9 +286,7 @@ class Server:
                     resolvers.start_soon(self.kernel.run, name="sockmap watcher")
                 for route in self.table.routes:
                     self._start_resolver(route)
-                pool = self.pool
-                if pool is not None:
-                    await resolvers.start(pool.run)
+                await resolvers.start(self.peers.run)
                 with trio.CancelScope() as self._conn_scope:
                     if self._aborted:
                         self._conn_scope.cancel()
@@ -311,9 +308,8 @@ class Server:
                         self._conn_scope.deadline = trio.current_time() + self.grace
                 if self._conn_scope.cancelled_caught:
                     log.warning("grace period over: closed the connections still open")
-                if pool is not None:
-                    # The helpers had the same grace period, from about the same moment.
-                    await pool.wait_closed(self.grace + 5.0)
+                # The other processes had the same grace period, from about the same moment.
+                await self.peers.wait_closed(self.grace + 5.0)
                 resolvers.cancel_scope.cancel()
         finally:
             self._close_listeners()
@@ -323,8 +319,7 @@ class Server:
         self.stopping = True
         if self._accept_scope is not None:
             self._accept_scope.cancel()
-        if self.workers is not None:
-            self.workers.stop()
+        self.peers.stop()
 
     def abort(self) -> None:
         """Stop at once: cancel open connections too."""
@@ -332,15 +327,7 @@ class Server:
         self._aborted = True
         if self._conn_scope is not None:
             self._conn_scope.cancel()
-        if self.workers is not None:
-            self.workers.abort()
-
-    @property
-    def pool(self):
-        """The WorkerPool, in the main process of --workers N (N > 1); else None."""
-        from .workers import WorkerPool
-
-        return self.workers if isinstance(self.workers, WorkerPool) else None
+        self.peers.abort()
 
     def _close_listeners(self) -> None:
         for sock in self.listeners:
@@ -398,8 +385,7 @@ class Server:
             if scope is not None:
                 scope.cancel()
             self._first_answer.pop(route, None)
-        if self.workers is not None:
-            self.workers.routes(configs)
+        self.peers.routes(configs)
         return summary
 
     # ---- resolvers -----------------------------------------------------------------
@@ -443,8 +429,7 @@ class Server:
 
     def _checks_changed(self, route: Route) -> None:
         """The set of backends that route's checks say are down changed."""
-        if self.workers is not None:
-            self.workers.down(route.config.key, route.pick.down)
+        self.peers.down(route.config.key, route.pick.down)
         if health.all_down(route):
             log.warning("route %s: every backend is down by its health checks; picking as if it had none", route.name,
                         extra={"fields": {"event": "check-all-down", "route": route.name}})
@@ -465,8 +450,7 @@ class Server:
             old = route.backends
             route.update(new)
             event.set()
-            if self.workers is not None:
-                self.workers.backends(route.config.key, new)
+            self.peers.backends(route.config.key, new)
             if new.backends != old.backends or new.stale != old.stale or new.error != old.error:
                 log.log(
                     logging.WARNING if new.stale or not new.backends else logging.INFO, "route %s backends", route.name,
@@ -681,8 +665,8 @@ class Server:
                     stats.failures += 1
                     b.last_error, b.last_failure = reason, time.time()
                     ejected = route.pick.ejections.eject(backend, time.monotonic(), cfg.eject_for)
-                    if ejected is not None and self.workers is not None:
-                        self.workers.ejected(route.config.key, backend, ejected)
+                    if ejected is not None:
+                        self.peers.ejected(route.config.key, backend, ejected)
                     log.warning("route %s: backend %s failed (%s); %s", route.name, backend, reason,
                                 "still ejected" if ejected is None else f"ejected for {ejected:g}s",
                                 extra={"fields": {"event": "backend-failed", "route": route.name, "backend": str(backend), "error": reason}})
