@@ -14,8 +14,8 @@ holds kernel resources for the daemon's lifetime, and the daemon treats both ali
   Idempotent, and a context manager, so the daemon's exit stack closes it on every path.
 
 The proxy's files do not change for a new plane: it is a module or package of its own,
-made and closed by the daemon's life cycle, and told about backend sets as a peer of the
-Server (relay/__init__.py says more).
+made and closed by the daemon's life cycle, and told about backend sets through the
+Server's ``peers.Peers`` interface (relay/__init__.py says more).
 """
 
 from __future__ import annotations

@@ -52,10 +52,11 @@ that sends the consumer straight to a backend, no proxy hop) plugs in beside thi
 not into it: a package of its own (e.g. ``ambassadord/connect/``) whose object keeps the
 ``dataplane.DataPlane`` contract that ``KernelRelay`` keeps (made at start, one ``run()``
 task for the daemon's lifetime, ``close()`` at exit, a context manager). The daemon's life
-cycle makes it for the routes in that mode and closes it; it learns new backend sets as a
-peer of the Server (the interface the worker pool uses), and the routes in that mode get no
-REDIRECT rule. server.py and this package stay as they are: a connection that reaches the
-proxy is still relayed here.
+cycle makes it for the routes in that mode and closes it; it learns each route's backend
+sets and ejections through the Server's ``peers.Peers`` interface (``backends``,
+``ejected``, ``down``: what the worker pool hears; a Peers that tells both is the daemon's
+to make), and the routes in that mode get no REDIRECT rule. server.py and this package stay
+as they are: a connection that reaches the proxy is still relayed here.
 
 Measured: bench/compare.py and bench/relay_modes.py (README, "Performance").
 """
