@@ -4,11 +4,12 @@ Start (:func:`run`). The routes are read and every setting was checked before an
 starts. Then each step's undo goes on one ``ExitStack``, so that a failed step, or the
 end, undoes everything started before it, in reverse order:
 
-1. SIGTERM, SIGINT and SIGHUP are blocked: one that comes while the rules go in waits
+1. the kernel relay (``--sockmap``), made just before, goes on the stack first;
+2. SIGTERM, SIGINT and SIGHUP are blocked: one that comes while the rules go in waits
    (it is not lost, and SIGHUP does not kill) until the event loop's receiver takes it;
-2. with ``--workers``, the instance guard (one daemon per port);
-3. the listeners, then the admin listener;
-4. with ``--iptables``, the REDIRECT rules (:class:`RedirectRules`).
+3. with ``--workers``, the instance guard (one daemon per port);
+4. the listeners, then the admin listener;
+5. with ``--iptables``, the REDIRECT rules (:class:`RedirectRules`).
 
 Then the event loop runs :meth:`_Daemon.serve`: the server, the admin API, the signals,
 reloads (SIGHUP, a changed ``--config``) and the container bridges.
@@ -71,24 +72,26 @@ def run(settings: RunSettings) -> int:
             log.error("iptables: %s", exc)
             return 1
 
-    sockmap = None
+    kernel = None
     if settings.sockmap != "off":
-        from .sockmap import Sockmap, SockmapError
+        from .relay import KernelRelay, SockmapError
 
         try:
-            sockmap = Sockmap(2 * settings.sockmap_size)
+            kernel = KernelRelay(settings.sockmap_size)
             log.info("sockmap: established connections are relayed in the kernel")
         except SockmapError as exc:
             if settings.sockmap == "on":
                 log.error("--sockmap on: %s", exc)
                 return 1
             log.info("sockmap not available (%s); relaying in user space", exc)
-    return _serve(settings, configs, plan, sockmap)
+    return _serve(settings, configs, plan, kernel)
 
 
-def _serve(settings: RunSettings, configs, plan, sockmap) -> int:
+def _serve(settings: RunSettings, configs, plan, kernel) -> int:
     """Start, step by step, each undone by the stack; serve until stopped; the exit status."""
     with contextlib.ExitStack() as stack:
+        if kernel is not None:
+            stack.enter_context(kernel)
         # Until the event loop's receiver is up, signals wait (the module's docstring says why).
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         stack.callback(signal.pthread_sigmask, signal.SIG_UNBLOCK, HANDLED_SIGNALS)
@@ -97,19 +100,22 @@ def _serve(settings: RunSettings, configs, plan, sockmap) -> int:
         except StartupError as exc:
             log.error("%s", exc)
             return 1
+        server = Server(RouteTable([Route(c) for c in configs]), sockets,
+                        options=settings.resolver, grace=settings.grace, kernel=kernel,
+                        mark=settings.mark, use_splice=settings.use_splice)
         pool = None
         if settings.workers > 1:
             from .workers import Settings, WorkerPool
 
             bound = tuple(ListenAddress(*s.getsockname()[:2]) for s in sockets)
-            pool = WorkerPool(settings.workers, Settings(listen=bound, grace=settings.grace, mark=settings.mark,
-                                                         use_splice=settings.use_splice,
-                                                         sockmap="on" if sockmap is not None else "off",
-                                                         sockmap_size=settings.sockmap_size,
-                                                         log_format=settings.log_format, log_level=settings.log_level))
-        server = Server(RouteTable([Route(c) for c in configs]), sockets,
-                        options=settings.resolver, grace=settings.grace, sockmap=sockmap,
-                        mark=settings.mark, use_splice=settings.use_splice, workers=pool)
+            # The server's peers; the pool reaches the server only through the two callables.
+            server.peers = pool = WorkerPool(
+                settings.workers, Settings(listen=bound, grace=settings.grace, mark=settings.mark,
+                                           use_splice=settings.use_splice,
+                                           sockmap="on" if kernel is not None else "off",
+                                           sockmap_size=settings.sockmap_size, log_format=settings.log_format,
+                                           log_level=settings.log_level),
+                table=lambda: server.table, apply_ejection=server.apply_ejection)
         rules = None
         if plan is not None:
             try:
@@ -118,7 +124,7 @@ def _serve(settings: RunSettings, configs, plan, sockmap) -> int:
                 log.error("iptables: %s", exc)
                 return 1
         try:
-            trio.run(_Daemon(settings, server, rules, admin_sock).serve)
+            trio.run(_Daemon(settings, server, rules, admin_sock, pool).serve)
         except KeyboardInterrupt:
             pass
         except BaseExceptionGroup as group:
@@ -282,9 +288,10 @@ class _Daemon:
     (the module's docstring says in which order a stop goes)."""
 
     def __init__(self, settings: RunSettings, server: Server, rules: RedirectRules | None,
-                 admin_sock: socket.socket | None):
+                 admin_sock: socket.socket | None, pool=None):
         self.settings = settings
         self.server = server
+        self.pool = pool  # the WorkerPool (--workers N > 1), or None
         self.rules = rules
         self.admin_sock = admin_sock
         config = settings.routes.config
@@ -306,7 +313,7 @@ class _Daemon:
                 await nursery.start(self._watch_config_file)
             if self.admin_sock is not None:
                 sock, self.admin_sock = self.admin_sock, None
-                await nursery.start(serve_admin, make_app(server, self.config), sock)
+                await nursery.start(serve_admin, make_app(server, self.config, self.pool), sock)
                 log.info("admin API on %s", admin_url(self.settings.admin))
             if self.rules is not None:
                 nursery.start_soon(self._watch_bridges)
@@ -413,9 +420,9 @@ class _Daemon:
                 if self.stopping:  # SIGTERM came while the rules were changing
                     return
                 summary = self.server.reload(configs)
-                if self.server.pool is not None:
+                if self.pool is not None:
                     # Over (and READY=1) only once every process serves the new table.
-                    await self.server.pool.synced()
+                    await self.pool.synced()
             except _Rejected as exc:
                 self.config.failed(str(exc))
                 log.error("reload (%s) rejected: %s; still serving the previous configuration", why, exc,
