@@ -17,7 +17,7 @@ import sys
 
 import trio
 
-from backends import ResolveError, SpecError, parse_spec
+from ambassadord.backends import ResolveError, SpecError, parse_spec
 
 from . import logs, status
 from .config import ConfigError

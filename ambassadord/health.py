@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 
 import trio
 
-from backends.interface import Backend
+from ambassadord.backends.interface import Backend
 
 log = logging.getLogger("ambassadord")
 

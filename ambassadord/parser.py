@@ -170,7 +170,7 @@ def _admin(text: str) -> ListenAddress | None:
 
 
 def _dns_server(text: str) -> tuple[str, int]:
-    from backends.dns import parse_dns_server
+    from ambassadord.backends.dns import parse_dns_server
 
     return _quoting(parse_dns_server, text)
 

@@ -18,7 +18,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
-from backends import ResolverOptions, SpecError
+from ambassadord.backends import ResolverOptions, SpecError
 
 from .config import LoadedConfig, load_routes
 from .relay import SPLICE_AVAILABLE
@@ -204,8 +204,8 @@ def consul_options(args, env: Mapping[str, str]) -> dict:
     scheme = "https" if env.get("CONSUL_HTTP_SSL", "").lower() in ("1", "true", "yes") else "http"
     addr = ("127.0.0.1", 8500)
     if text:
-        from backends.consul import _agent
-        from backends.interface import split_http_url
+        from ambassadord.backends.consul import _agent
+        from ambassadord.backends.interface import split_http_url
 
         try:
             given, rest = split_http_url(text)
@@ -225,7 +225,7 @@ def consul_options(args, env: Mapping[str, str]) -> dict:
 
 def etcd_options(args, env: Mapping[str, str]) -> dict:
     """etcd settings from flags, else etcdctl's env vars. Raises UsageError naming the source."""
-    from backends.etcd import parse_endpoint
+    from ambassadord.backends.etcd import parse_endpoint
 
     if args.etcd:
         texts, where = args.etcd, "--etcd"

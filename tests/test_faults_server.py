@@ -24,7 +24,7 @@ import trio
 
 from ambassadord.routes import Route, RouteConfig, RouteTable
 from ambassadord.server import ListenAddress, Server, bind_listeners
-from backends import parse_spec
+from ambassadord.backends import parse_spec
 from tests.daemon import Daemon, RedisProcess, connect, ping, wait_until
 from tests.netns import link, namespaces, require_prerequisites
 from tests.admin_client import backend, get_routes, route

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from ambassadord.balancer import MAX_BACKOFF, Ejections, PickState, pick_order
-from backends.interface import Backend
+from ambassadord.backends.interface import Backend
 
 A, B, C = (Backend(f"10.0.0.{i}", 80) for i in range(1, 4))
 

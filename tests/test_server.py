@@ -23,8 +23,8 @@ from tests.trio_servers import echo, tcp_server
 from ambassadord.relay import KernelRelay, SockmapError
 from ambassadord.routes import Keepalive, Route, RouteConfig, RouteTable
 from ambassadord.server import ListenAddress, Server, bind_listeners
-from backends import parse_spec
-from backends.interface import Backend, BackendSet, Resolver, Spec
+from ambassadord.backends import parse_spec
+from ambassadord.backends.interface import Backend, BackendSet, Resolver, Spec
 
 # Relay modes: recv/send; splice once a direction is bulky; the kernel (BPF sockmap).
 MODES = ["copy", "splice", "sockmap"]

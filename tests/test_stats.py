@@ -19,7 +19,7 @@ from ambassadord.relay import RelayResult
 from ambassadord.routes import Route, RouteTable
 from ambassadord.server import ListenAddress, Server, bind_listeners
 from ambassadord.stats import CONNECT_BUCKETS, RouteStats
-from backends.interface import Backend, BackendSet
+from ambassadord.backends.interface import Backend, BackendSet
 
 
 def test_histogram_buckets_are_cumulative_and_end_with_inf():
