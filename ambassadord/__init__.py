@@ -27,6 +27,12 @@ How the pieces fit (one feature per module):
   lists its modules.
 * ``dataplane``: what the daemon asks of a data plane (made at start, one task, closed
   at exit), the seam for a second one beside the proxy.
+* ``health``: active health checks (a TCP connect per backend every interval) through
+  a pure rise/fall state machine; a down backend is not picked.
+* ``peers``: what the Server tells the daemon's other processes (no-op by default).
+* ``workers`` (a package): ``--workers N``: ``protocol`` (typed messages), ``channel``
+  (frames over a socketpair), ``pool`` (the main process's side), ``helper``
+  (``python -m ambassadord.workers``), ``count`` (``auto``).
 * ``netfilter``: the nat REDIRECT chain (iptables-restore, v4 and v6) and interface
   addresses (pyroute2).
 * ``logs``: text or JSON log lines, one per connection.
