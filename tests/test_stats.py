@@ -101,7 +101,7 @@ async def test_reload_keeps_unchanged_routes_and_replaces_changed_ones():
         await trio.testing.wait_all_tasks_blocked()
         assert kept.resolved
         kept.pick.rr_counter = 7
-        changed.stats.count("ok")
+        changed.stats.outcomes["ok"] = 1
         summary = server.reload(_configs("1001=10.0.0.1:1", "1002=10.0.0.22:1", "1004=10.0.0.4:1"))
         assert (summary.added, summary.removed, summary.changed) == (["1004"], ["1003"], ["1002"])
         assert str(summary) == "added 1004; removed 1003; changed 1002"
