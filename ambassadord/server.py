@@ -181,6 +181,19 @@ OUTCOME_LEVELS = {Outcome.LOOP: logging.ERROR, Outcome.CAPACITY: logging.ERROR, 
                   Outcome.ERROR: logging.ERROR, Outcome.NO_ROUTE: logging.WARNING, Outcome.NO_BACKENDS: logging.WARNING}
 
 
+def _log_connection(level: int, fields: dict, result: RelayResult, outcome: str, error: str | None,
+                    started: float) -> None:
+    """A connection's one line (README, "Logs"): ``fields`` as the handler filled them in,
+    then what it came to."""
+    fields["src"] = _addr_str(fields["src"])
+    fields["up"], fields["down"] = result.up, result.down
+    if error is not None:
+        fields["error"] = error
+    fields["duration"] = round(time.monotonic() - started, 6)
+    fields["outcome"] = outcome
+    conn_log.log(level, "connection", extra={"fields": {"event": "connection", **fields}})
+
+
 class Server:
     """Accepts redirected connections and relays them to the routes' backends.
 
@@ -526,7 +539,7 @@ class Server:
         self.active += 1
         self.total += 1
         fields = {"src": peer, "port": None, "backend": None, "up": 0, "down": 0}
-        outcome, result = Outcome.ERROR, RelayResult()
+        outcome, error, result = Outcome.ERROR, None, RelayResult()
         route = upstream = own = bstats = None
         try:
             fields["port"] = port = intended_port(_original_destination(conn), listen_port)
@@ -551,11 +564,9 @@ class Server:
                         sockmap=self._kernel_relay, result=result)
             outcome = result.outcome
         except Refused as exc:
-            outcome = exc.outcome
-            if exc.error is not None:
-                fields["error"] = exc.error
+            outcome, error = exc.outcome, exc.error
         except Exception as exc:  # one connection's bug is logged and contained
-            outcome, fields["error"] = Outcome.ERROR, repr(exc)
+            outcome, error = Outcome.ERROR, repr(exc)
             log.exception("connection from %s: unexpected error", _addr_str(peer))
         except BaseException:
             # Cancelled (the grace period ran out), possibly wrapped in the relay nursery's
@@ -572,11 +583,7 @@ class Server:
                 self.upstreams.release(upstream, own)
             conn.close()
             if conn_log.isEnabledFor(level := OUTCOME_LEVELS.get(outcome, logging.INFO)):
-                fields["src"] = _addr_str(peer)
-                fields["up"], fields["down"] = result.up, result.down
-                fields["duration"] = round(time.monotonic() - started, 6)
-                fields["outcome"] = outcome
-                conn_log.log(level, "connection", extra={"fields": {"event": "connection", **fields}})
+                _log_connection(level, fields, result, outcome, error, started)
 
     def _at_limit(self, route: Route) -> Refused:
         """``route`` holds max_connections already: the next one is closed at once."""

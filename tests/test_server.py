@@ -23,7 +23,7 @@ from ambassadord import server as server_mod
 from ambassadord.logs import Throttled
 from ambassadord.sockmap import Sockmap, SockmapError
 from ambassadord.routes import Keepalive, Route, RouteConfig, RouteTable
-from ambassadord.server import ListenAddress, Server, bind_listeners
+from ambassadord.server import ListenAddress, Server, bind_listeners, intended_port
 from backends import parse_spec
 from backends.interface import Backend, BackendSet, Resolver, Spec
 
@@ -155,6 +155,22 @@ async def wait_for_records(caplog, n, timeout=5):
 @pytest.fixture(autouse=True)
 def _capture_logs(caplog):
     caplog.set_level(logging.DEBUG)
+
+
+# ---- the intended port -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("original, listen_port, port", [
+    (("10.99.0.1", 6379), 10000, 6379),  # redirected: the port it was meant for
+    (("127.0.0.1", 6379), 10000, 6379),
+    (("::1", 6379), 10000, 6379),
+    (None, 10000, 10000),  # no conntrack entry: not redirected, the port it arrived on
+    (("127.0.0.1", 10000), 10000, 10000),  # tracked, not redirected: reads back its own address
+    (("10.99.0.1", 10000), 10000, 10000),  # redirected from another address's port 10000
+    (("127.0.0.1", 10001), 10000, 10001),  # a mapped port that is another listener's
+])
+def test_intended_port(original, listen_port, port):
+    assert intended_port(original, listen_port) == port
 
 
 # ---- relay ---------------------------------------------------------------------------
