@@ -22,7 +22,11 @@ How the pieces fit (one feature per module):
 * ``stats``: per-route and per-backend counters, plain integers bumped by the connection
   handler; ``admin`` reads them for ``/routes``, ``/metrics`` and the status page
   (hypercorn + Starlette in the same trio loop; prometheus_client for the exposition).
-* ``relay``: bytes both ways, half-close aware, recv/send or splice(2).
+* ``relay`` (a package): bytes both ways, half-close aware; in the kernel (a BPF sockmap,
+  whose resources one ``KernelRelay`` owns), or recv/send and splice(2). Its docstring
+  lists its modules.
+* ``dataplane``: what the daemon asks of a data plane (made at start, one task, closed
+  at exit), the seam for a second one beside the proxy.
 * ``netfilter``: the nat REDIRECT chain (iptables-restore, v4 and v6) and interface
   addresses (pyroute2).
 * ``logs``: text or JSON log lines, one per connection; ``Throttled`` for floods.

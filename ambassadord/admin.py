@@ -24,6 +24,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import trio
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -37,6 +38,9 @@ from starlette.routing import Route as HTTPRoute
 from . import __version__, health
 from .server import ListenAddress, Server, StartupError, parse_listen
 from .stats import merged
+
+if TYPE_CHECKING:
+    from .workers import WorkerPool
 
 log = logging.getLogger("ambassadord.admin")
 
@@ -189,12 +193,11 @@ def own_totals(server: Server) -> dict:
             "workers": {"count": 1, "answered": 1, "pids": [os.getpid()], "restarts": 0}}
 
 
-async def live_view(server: Server) -> tuple[dict, dict]:
+async def live_view(server: Server, pool: WorkerPool | None = None) -> tuple[dict, dict]:
     """Each route's RouteStats and the connection totals, summed over every process of
-    --workers (the helpers are asked now; see workers.py). Without helpers, the route's own."""
+    --workers (``pool``'s helpers are asked now; see workers/). Without helpers, the route's own."""
     totals = own_totals(server)
     routes = server.table.routes
-    pool = server.pool
     if pool is None:
         return {r: r.stats for r in routes}, totals
     snaps = await pool.collect()
@@ -462,7 +465,7 @@ def make_registry(server: Server, config: ConfigState, collector: DaemonCollecto
 # ---- the HTTP app -------------------------------------------------------------------
 
 
-def make_app(server: Server, config: ConfigState) -> Starlette:
+def make_app(server: Server, config: ConfigState, pool: WorkerPool | None = None) -> Starlette:
     collector = DaemonCollector(server, config)
     registry = make_registry(server, config, collector)
     page = resources.files("ambassadord").joinpath("static/status.html").read_text(encoding="utf-8")
@@ -477,12 +480,12 @@ def make_app(server: Server, config: ConfigState) -> Starlette:
         return PlainTextResponse("ok\n")
 
     async def routes(request: Request) -> Response:
-        views, totals = await live_view(server)
+        views, totals = await live_view(server, pool)
         return JSONResponse(snapshot(server, config, views, totals), headers={"cache-control": "no-store"})
 
     async def metrics(request: Request) -> Response:
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))
-        collector.views, collector.totals = await live_view(server)
+        collector.views, collector.totals = await live_view(server, pool)
         return Response(encoder(registry), media_type=content_type)
 
     async def status_page(request: Request) -> Response:

@@ -514,12 +514,12 @@ def cmd_run(args) -> int:
                                       mark=args.mark, families=_families_for(listen), from_interfaces=bridges,
                                       allow_from=tuple(a for group in args.allow_from for a in group))
 
-    sockmap = None
+    kernel = None
     if args.sockmap != "off":
-        from .sockmap import Sockmap, SockmapError
+        from .relay import KernelRelay, SockmapError
 
         try:
-            sockmap = Sockmap(2 * args.sockmap_size)
+            kernel = KernelRelay(args.sockmap_size)
             log.info("sockmap: established connections are relayed in the kernel")
         except SockmapError as exc:
             if args.sockmap == "on":
@@ -544,20 +544,25 @@ def cmd_run(args) -> int:
     except StartupError as exc:
         log.error("%s", exc)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        if kernel is not None:
+            kernel.close()
         return 1
     use_splice = args.splice == "on" or (args.splice == "auto" and SPLICE_AVAILABLE)
     mark = args.mark if args.iptables else None
+    server = Server(RouteTable([Route(c) for c in configs]), sockets,
+                    options=options, grace=args.grace, kernel=kernel,
+                    mark=mark, use_splice=use_splice)
     if args.workers > 1:
         from .workers import Settings, WorkerPool
 
         bound = tuple(ListenAddress(*s.getsockname()[:2]) for s in sockets)
-        pool = WorkerPool(args.workers, Settings(listen=bound, grace=args.grace, mark=mark, use_splice=use_splice,
-                                                 sockmap="on" if sockmap is not None else "off",
-                                                 sockmap_size=args.sockmap_size, log_format=args.log_format,
-                                                 log_level=args.log_level))
-    server = Server(RouteTable([Route(c) for c in configs]), sockets,
-                    options=options, grace=args.grace, sockmap=sockmap,
-                    mark=mark, use_splice=use_splice, workers=pool)
+        # The server's peers; the pool reaches the server only through the two callables.
+        server.peers = pool = WorkerPool(
+            args.workers, Settings(listen=bound, grace=args.grace, mark=mark, use_splice=use_splice,
+                                   sockmap="on" if kernel is not None else "off",
+                                   sockmap_size=args.sockmap_size, log_format=args.log_format,
+                                   log_level=args.log_level),
+            table=lambda: server.table, apply_ejection=server.apply_ejection)
     daemon = None
     try:
         if plan is not None:
@@ -570,7 +575,7 @@ def cmd_run(args) -> int:
                 return 1
             log.info("iptables: redirecting ports %s to %d", ",".join(map(str, plan.ports)) or "(none)", plan.to_port)
             _log_exposure(plan)
-        daemon = _Daemon(args, server, plan, admin_sock)
+        daemon = _Daemon(args, server, plan, admin_sock, pool)
         admin_sock = None  # the daemon's now
         try:
             trio.run(daemon.serve)
@@ -592,6 +597,8 @@ def cmd_run(args) -> int:
             admin_sock.close()
         for s in sockets:
             s.close()
+        if kernel is not None:
+            kernel.close()
         if plan is not None:
             _remove_rules(daemon.plan if daemon is not None else plan, after_stop=daemon is not None and daemon.stopping)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
@@ -699,11 +706,12 @@ class _Daemon:
     4. only then, in cmd_run, the chains go.
     """
 
-    def __init__(self, args, server: Server, plan, admin_sock):
+    def __init__(self, args, server: Server, plan, admin_sock, pool=None):
         from .admin import ConfigState
 
         self.args = args
         self.server = server
+        self.pool = pool  # the WorkerPool (--workers N > 1), or None
         self.plan = plan
         self.admin_sock = admin_sock
         self.config = ConfigState(file=os.path.abspath(args.config) if args.config else None)
@@ -723,7 +731,7 @@ class _Daemon:
                 from .admin import admin_url, make_app, serve_admin
 
                 sock, self.admin_sock = self.admin_sock, None
-                await nursery.start(serve_admin, make_app(server, self.config), sock)
+                await nursery.start(serve_admin, make_app(server, self.config, self.pool), sock)
                 log.info("admin API on %s", admin_url(self.args.admin))
             if self.args.config and self.args.config_poll > 0:
                 nursery.start_soon(self._watch_config_file)
@@ -864,9 +872,9 @@ class _Daemon:
                 if self.stopping:  # SIGTERM came while the rules were changing
                     return
                 summary = self.server.reload(configs)
-                if self.server.pool is not None:
+                if self.pool is not None:
                     # Over (and READY=1) only once every process serves the new table.
-                    await self.server.pool.synced()
+                    await self.pool.synced()
             except _Rejected as exc:
                 self.config.failed(str(exc))
                 log.error("reload (%s) rejected: %s; still serving the previous configuration", why, exc,

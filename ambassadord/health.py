@@ -15,7 +15,7 @@ cannot connect would turn a broken check into an outage.
 Two parts, as everywhere here: ``observe`` is the pure rise/fall state machine (tested by
 tables in tests/test_health.py); ``check_route`` is the I/O loop, one task per route with
 checks, run beside the route's resolver and only in the main process of --workers (its
-results reach the helpers as the route's set of down backends, see workers.py).
+results reach the helpers as the route's set of down backends, see workers/).
 
 Checks connect through the server's own upstream socket path (``SO_MARK``, the loop
 guard) but are not connections: they count nowhere in the connection counters, only in

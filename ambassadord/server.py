@@ -13,7 +13,7 @@ Concurrency layout (structured, outermost first)::
         accept nursery      one accept loop per listener; cancelled first on shutdown
 
 Sockets are plain non-blocking stdlib sockets driven with trio.lowlevel.wait_readable /
-wait_writable (see relay.py for why).
+wait_writable (see relay/user.py for why).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from backends.interface import Backend, BackendSet, ResolverOptions, failed_set
 from . import health, original_dst
 from .balancer import pick_order
 from .logs import Throttled
-from .relay import RelayResult, relay
+from .peers import NO_PEERS, Peers
+from .relay import KernelRelay, RelayResult, relay
 from .routes import Keepalive, Route, RouteConfig, RouteTable
 from .stats import Outcome
 from .upstream import CAPACITY_ERRNOS, CAPACITY_SLEEP, Connector, Refused, set_keepalive
@@ -205,11 +206,12 @@ class Server:
         grace: seconds open connections may take to finish after shutdown() is called.
         mark: SO_MARK for upstream sockets (so the iptables chain skips them), or None.
         use_splice: in user space, switch bulky directions to splice(2).
-        sockmap: a sockmap.Sockmap: relay established connections in the kernel.
+        kernel: a relay.KernelRelay: relay established connections in the kernel (its
+            Watcher task runs here; the caller made it and closes it after run()).
         resolve: run the routes' resolvers (False in a --workers helper: the main process
             sends the sets, see install()).
-        workers: the workers.WorkerPool of the main process, or a helper's link to it: told
-            about new sets, reloads and ejections (workers.py).
+        peers: the other processes of this daemon (--workers; peers.py), told about new
+            sets, reloads, ejections, health checks' verdicts, stop and abort; none by default.
     """
 
     def __init__(
@@ -221,28 +223,20 @@ class Server:
         grace: float = 10.0,
         mark: int | None = None,
         use_splice: bool = False,
-        sockmap=None,
+        kernel: KernelRelay | None = None,
         rng: random.Random | None = None,
         resolve: bool = True,
-        workers=None,
+        peers: Peers | None = None,
     ):
         self.table = table
         self.listeners = listeners
         self.options = options or ResolverOptions()
         self.grace = grace
         self.use_splice = use_splice
-        # With a sockmap.Sockmap, established connections are relayed in the kernel; its
-        # Watcher (one task) tells their relays about EOF and errors.
-        self._kernel_relay = None
-        if sockmap is not None:
-            from .sockmap import Watcher
-
-            self._kernel_relay = (sockmap, Watcher())
+        self.kernel = kernel
         self.rng = rng or random.Random()
         self.resolve = resolve
-        self.workers = workers
-        if workers is not None and hasattr(workers, "server"):
-            workers.server = self
+        self.peers = peers if peers is not None else NO_PEERS
         self.active = 0
         self.total = 0
         self.unrouted: dict[str, int] = {}  # connections closed before a route was found, by outcome
@@ -272,13 +266,11 @@ class Server:
         try:
             async with trio.open_nursery() as resolvers:
                 self._resolvers = resolvers
-                if self._kernel_relay is not None:
-                    resolvers.start_soon(self._kernel_relay[1].run, name="sockmap watcher")
+                if self.kernel is not None:
+                    resolvers.start_soon(self.kernel.run, name="sockmap watcher")
                 for route in self.table.routes:
                     self._start_resolver(route)
-                pool = self.pool
-                if pool is not None:
-                    await resolvers.start(pool.run)
+                await resolvers.start(self.peers.run)
                 with trio.CancelScope() as self._conn_scope:
                     if self._aborted:
                         self._conn_scope.cancel()
@@ -300,9 +292,8 @@ class Server:
                         self._conn_scope.deadline = trio.current_time() + self.grace
                 if self._conn_scope.cancelled_caught:
                     log.warning("grace period over: closed the connections still open")
-                if pool is not None:
-                    # The helpers had the same grace period, from about the same moment.
-                    await pool.wait_closed(self.grace + 5.0)
+                # The other processes had the same grace period, from about the same moment.
+                await self.peers.wait_closed(self.grace + 5.0)
                 resolvers.cancel_scope.cancel()
         finally:
             self._close_listeners()
@@ -312,8 +303,7 @@ class Server:
         self.stopping = True
         if self._accept_scope is not None:
             self._accept_scope.cancel()
-        if self.workers is not None:
-            self.workers.stop()
+        self.peers.stop()
 
     def abort(self) -> None:
         """Stop at once: cancel open connections too."""
@@ -321,15 +311,7 @@ class Server:
         self._aborted = True
         if self._conn_scope is not None:
             self._conn_scope.cancel()
-        if self.workers is not None:
-            self.workers.abort()
-
-    @property
-    def pool(self):
-        """The WorkerPool, in the main process of --workers N (N > 1); else None."""
-        from .workers import WorkerPool
-
-        return self.workers if isinstance(self.workers, WorkerPool) else None
+        self.peers.abort()
 
     def _close_listeners(self) -> None:
         for sock in self.listeners:
@@ -387,8 +369,7 @@ class Server:
             if scope is not None:
                 scope.cancel()
             self._first_answer.pop(route, None)
-        if self.workers is not None:
-            self.workers.routes(configs)
+        self.peers.routes(configs)
         return summary
 
     # ---- resolvers -----------------------------------------------------------------
@@ -413,8 +394,7 @@ class Server:
 
     def _checks_changed(self, route: Route) -> None:
         """The set of backends that route's checks say are down changed."""
-        if self.workers is not None:
-            self.workers.down(route.config.key, route.pick.down)
+        self.peers.down(route.config.key, route.pick.down)
         if health.all_down(route):
             log.warning("route %s: every backend is down by its health checks; picking as if it had none", route.name,
                         extra={"fields": {"event": "check-all-down", "route": route.name}})
@@ -435,8 +415,7 @@ class Server:
             old = route.backends
             route.update(new)
             event.set()
-            if self.workers is not None:
-                self.workers.backends(route.config.key, new)
+            self.peers.backends(route.config.key, new)
             if new.backends != old.backends or new.stale != old.stale or new.error != old.error:
                 log.log(
                     logging.WARNING if new.stale or not new.backends else logging.INFO, "route %s backends", route.name,
@@ -561,7 +540,7 @@ class Server:
             fields["backend"] = result.backend
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await relay(conn, upstream, idle_timeout=cfg.idle_timeout, use_splice=self.use_splice,
-                        sockmap=self._kernel_relay, result=result)
+                        kernel=self.kernel, result=result)
             outcome = result.outcome
         except Refused as exc:
             outcome, error = exc.outcome, exc.error
@@ -618,5 +597,4 @@ class Server:
 
     def _ejected(self, route: Route, backend: Backend, ejected: float) -> None:
         """A failed connect ejected ``backend`` of ``route``: so do the other processes."""
-        if self.workers is not None:
-            self.workers.ejected(route.config.key, backend, ejected)
+        self.peers.ejected(route.config.key, backend, ejected)

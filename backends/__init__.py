@@ -3,16 +3,18 @@
 How the pieces fit:
 
 * ``interface.py``: the shared data (``Backend``, ``BackendSet``, kept in one canonical
-  order), the ``Spec`` and ``Resolver`` interfaces, the ``host:port`` parsing and
-  hostname checks every module uses, and what every watch loop shares (backoff, notes
-  logged once, unforeseen exceptions turned into failures).
+  order), the ``Spec`` and ``Resolver`` interfaces, the two ways a source fails
+  (``NotFound``, ``TemporaryFailure``), the ``host:port`` parsing and hostname checks
+  every module uses, and what every watch loop shares (backoff, notes logged once,
+  unforeseen exceptions turned into failures).
+* ``state.py``: the one state machine every watch loop feeds (answer, not found,
+  failure): the last good set, its stale age, and what to publish. Pure.
 * ``static.py``: ``host:port[,host:port...]`` lists (hostnames re-resolved periodically).
 * ``dns.py``: ``srv://NAME`` and bare names (SRV, RFC 2782), ``dns://NAME:PORT`` (A/AAAA).
 * ``consul.py``: ``consul://[AGENT]/SERVICE`` (passing instances) and
   ``consul-kv://[AGENT]/PATH``, watched with blocking queries.
 * ``etcd.py``: ``etcd://[ENDPOINT]/PREFIX``, read then watched, resumed after restarts.
 * ``keyvalues.py``: the value format shared by Consul KV and etcd.
-* later modules (``dns``, ``consul``, ``etcd``) register their schemes in ``SCHEMES``.
 
 ``parse_spec(text)`` is the one entry point the daemon uses: it picks the module by the
 spec's scheme (the part before ``://``) or, for scheme-less values, by its shape.
@@ -25,23 +27,27 @@ import importlib
 from .interface import (
     Backend,
     BackendSet,
+    NotFound,
     Publish,
     ResolveError,
     Resolver,
     ResolverOptions,
     Spec,
     SpecError,
+    TemporaryFailure,
 )
 
 __all__ = [
     "Backend",
     "BackendSet",
+    "NotFound",
     "Publish",
     "ResolveError",
     "Resolver",
     "ResolverOptions",
     "Spec",
     "SpecError",
+    "TemporaryFailure",
     "parse_spec",
     "SCHEMES",
 ]
@@ -61,11 +67,6 @@ def _spec_class(module: str, name: str) -> type[Spec]:
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 
-# Schemes of the design's grammar whose resolvers are not built yet: a clear "not yet"
-# beats a confusing "bad host:port".
-_PLANNED: set[str] = set()
-
-
 def parse_spec(text: str) -> Spec:
     """Parse a route value into its Spec.
 
@@ -82,9 +83,7 @@ def parse_spec(text: str) -> Spec:
         where = SCHEMES.get(scheme)
         if where is not None:
             return _spec_class(*where).parse(text)
-        if scheme in _PLANNED:
-            raise SpecError(f"spec {text!r}: the {scheme}:// resolver is not available in this version")
-        known = ", ".join(sorted(SCHEMES)) or "none"
+        known = ", ".join(sorted(SCHEMES))
         raise SpecError(f"spec {text!r}: unknown scheme {scheme!r} (known schemes: {known}; or HOST:PORT[,HOST:PORT...])")
     if ":" not in text and "," not in text:
         # A bare name with no port: a DNS SRV name, as in ambassadord (redis.service.consul).

@@ -59,22 +59,21 @@ from .interface import (
     BACKOFF_MAX,
     Backend,
     Backoff,
-    BackendSet,
+    Notes,
     Publish,
-    ResolveError,
     Resolver,
     ResolverOptions,
     Spec,
-    Notes,
     SpecError,
+    TemporaryFailure,
     answer_or_failure,
     canonical,
-    failed_set,
     host_problem,
     parse_port,
     split_host_port,
 )
 from .keyvalues import pairs_from_keys
+from .state import ResolverState
 from .static import backends_of
 
 log = logging.getLogger("ambassadord.resolver.consul")
@@ -86,10 +85,6 @@ HTTP_MARGIN = 5.0
 _limiter = trio.CapacityLimiter(256)
 
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class TemporaryFailure(ResolveError):
-    """The agent could not answer (down, refused, denied, ...): keep the last known set."""
 
 
 # ---- specs ----------------------------------------------------------------------------
@@ -315,7 +310,7 @@ class _ConsulResolver(Resolver):
             new_index, raw = await self.fetch(index, wait)
             return (new_index, *await self.to_backends(raw))
 
-        return await answer_or_failure(read, TemporaryFailure, self.agent_url)
+        return await answer_or_failure(read, self.agent_url)
 
     async def resolve(self) -> tuple[Backend, ...]:
         _, backends, notes = await self._read(0, None)
@@ -326,8 +321,7 @@ class _ConsulResolver(Resolver):
     async def watch(self, publish: Publish) -> None:
         source = self.spec.text
         index = 0
-        last_good: BackendSet | None = None
-        last_published: BackendSet | None = None
+        state = ResolverState(source)
         backoff = Backoff(self.rng, BACKOFF_FIRST, BACKOFF_MAX)
         last_query = -MIN_QUERY_INTERVAL
         notes = Notes(log, source)
@@ -342,12 +336,11 @@ class _ConsulResolver(Resolver):
             except TemporaryFailure as exc:
                 self.failures += 1
                 index = 0  # the agent may come back with a lower index: start over
-                if last_good is not None:
+                if state.answered:
                     log.warning("%s: %s; keeping the last known set (stale), retrying in %.1fs", source, exc, backoff.step)
                 else:
                     log.error("%s: %s; no backends known yet, retrying in %.1fs", source, exc, backoff.step)
-                last_published = failed_set(last_good, source, str(exc))
-                publish(last_published)
+                publish(state.failed(str(exc), trio.current_time(), time.time()).publish)
                 await trio.sleep(backoff.next_delay())
                 continue
             backoff.reset()
@@ -357,8 +350,11 @@ class _ConsulResolver(Resolver):
                 index = 0
             else:
                 index = max(new_index, 1)
-            if last_published is None or last_published.backends != backends or last_published.stale:
-                if not backends:
+            if backends:
+                step = state.answer(backends, trio.current_time(), self.answered_at)
+            else:
+                step = state.not_found(self.empty_answer, trio.current_time(), self.answered_at)
+                if step.publish is not None:
                     # Consul does not refuse a token-less read under a default-deny ACL: it
                     # filters the answer to nothing. Say so, or a forgotten token looks
                     # exactly like a service without instances.
@@ -366,10 +362,8 @@ class _ConsulResolver(Resolver):
                         " (if the agent enforces ACLs, a missing --consul-token / CONSUL_HTTP_TOKEN hides them)")
                     log.warning("%s: %s on %s; the route has no backends%s", source, self.empty_answer,
                                 self.agent_url, hint)
-                last_published = BackendSet(backends, source=source,
-                                            error=None if backends else self.empty_answer)
-                publish(last_published)
-            last_good = last_published
+            if step.publish is not None:
+                publish(step.publish)
 
 
 def _reason(exc: Exception) -> str:

@@ -56,20 +56,22 @@ from .interface import (
     BACKOFF_MAX,
     Backend,
     Backoff,
-    BackendSet,
     Notes,
+    NotFound,
     Publish,
     ResolveError,
     Resolver,
     ResolverOptions,
     Spec,
     SpecError,
+    TemporaryFailure,
     answer_or_failure,
     canonical,
-    failed_set,
     hostname_problem,
     parse_port,
+    split_host_port,
 )
+from .state import ResolverState
 
 log = logging.getLogger("ambassadord.resolver.dns")
 
@@ -78,14 +80,6 @@ REFRESH_FRACTION = 0.8
 # Per-query time limit (dnspython's timeout); the whole look-up's is options.dns_timeout.
 QUERY_TIMEOUT = 2.0
 EDNS_PAYLOAD = 1232
-
-
-class NotFound(ResolveError):
-    """NXDOMAIN or no records: authoritative, the route has no backends."""
-
-
-class TemporaryFailure(ResolveError):
-    """Timeout, SERVFAIL, network error, malformed answer: keep the last good set."""
 
 
 # ---- specs ------------------------------------------------------------------------
@@ -151,15 +145,10 @@ class DnsSpec(Spec):
 
 def parse_dns_server(text: str) -> tuple[str, int]:
     """``HOST[:PORT]`` / ``[V6]:PORT`` / ``V6`` -> (ip, port); ValueError quoting the text."""
-    t = text.strip()
-    host, port = t, "53"
-    if t.startswith("["):
-        host, sep, port = t[1:].partition("]")
-        if port and not port.startswith(":"):
-            raise ValueError(f"bad DNS server {text!r}: expected HOST[:PORT] or [IPV6]:PORT")
-        port = port[1:] or "53"
-    elif t.count(":") == 1:
-        host, port = t.split(":")
+    try:
+        host, port = split_host_port(text.strip(), 53)
+    except ValueError as exc:
+        raise ValueError(f"bad DNS server {text!r}: {exc}") from None
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -318,7 +307,7 @@ class _DnsResolver(Resolver):
         self.spec = spec
         self.options = options
         self._dns = None
-        self.failures = 0  # temporary failures so far (counted; exposed to metrics later)
+        self.failures = 0  # temporary failures so far (the tests read it)
         self.rng = random.Random()
         self.notes = Notes(log, spec.text)  # skipped records, logged once each (answers repeat every TTL)
 
@@ -340,43 +329,34 @@ class _DnsResolver(Resolver):
 
     async def watch(self, publish: Publish) -> None:
         source = self.spec.text
-        last_good: BackendSet | None = None
-        last_good_at = 0.0
-        last_published: BackendSet | None = None
+        state = ResolverState(source, stale_for=self.options.dns_stale_for)
         backoff = Backoff(self.rng, BACKOFF_FIRST, BACKOFF_MAX)
         while True:
             try:
-                backends, ttl = await answer_or_failure(self.lookup, TemporaryFailure, source)
+                backends, ttl = await answer_or_failure(self.lookup, source)
             except NotFound as exc:
                 backoff.reset()
-                last_good = None
-                if last_published is None or last_published.backends or last_published.error != str(exc):
+                step = state.not_found(str(exc), trio.current_time(), time.time())
+                if step.publish is not None:
                     log.warning("%s: %s; the route has no backends", source, exc)
-                    last_published = BackendSet((), source=source, error=str(exc))
-                    publish(last_published)
                 delay = self._clamp(NEGATIVE_REFRESH)
             except TemporaryFailure as exc:
                 self.failures += 1
-                age = time.monotonic() - last_good_at
-                if last_good is not None and age <= self.options.dns_stale_for:
+                step = state.failed(str(exc), trio.current_time(), time.time())  # published, so it is counted
+                if step.age is not None:
                     log.warning("%s: %s; serving the last good answer (stale, %.0fs old), retrying in %.1fs",
-                                source, exc, age, backoff.step)
+                                source, exc, step.age, backoff.step)
                 else:
-                    why = "the last good answer is too old" if last_good is not None else "no answer yet"
+                    why = "the last good answer is too old" if step.dropped else "no answer yet"
                     log.error("%s: %s; %s: the route has no backends, retrying in %.1fs", source, exc, why, backoff.step)
-                    last_good = None
-                last_published = failed_set(last_good, source, str(exc))
-                publish(last_published)  # every failure is published, so it is counted
                 delay = backoff.next_delay()
             else:
                 backoff.reset()
                 self.answered_at = time.time()
-                if last_published is None or last_published.backends != backends or last_published.stale \
-                        or last_published.error:
-                    last_published = BackendSet(backends, source=source)
-                    publish(last_published)
-                last_good, last_good_at = last_published, time.monotonic()
+                step = state.answer(backends, trio.current_time(), self.answered_at)
                 delay = self._clamp(ttl) * REFRESH_FRACTION
+            if step.publish is not None:
+                publish(step.publish)
             await trio.sleep(delay)
 
 

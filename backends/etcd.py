@@ -57,23 +57,22 @@ from .interface import (  # noqa: E402
     BACKOFF_MAX,
     Backend,
     Backoff,
-    BackendSet,
     Notes,
     Publish,
-    ResolveError,
     Resolver,
     ResolverOptions,
     Spec,
     SpecError,
+    TemporaryFailure,
     answer_or_failure,
     canonical,
-    failed_set,
     host_problem,
     parse_port,
     split_host_port,
     split_http_url,
 )
 from .keyvalues import pairs_from_keys  # noqa: E402
+from .state import ResolverState  # noqa: E402
 from .static import backends_of  # noqa: E402
 
 log = logging.getLogger("ambassadord.resolver.etcd")
@@ -82,10 +81,6 @@ log = logging.getLogger("ambassadord.resolver.etcd")
 # an etcd restart takes a second or two, and the route should catch up within the next.
 FAST_RETRY_WINDOW = 10.0
 _limiter = trio.CapacityLimiter(64)
-
-
-class TemporaryFailure(ResolveError):
-    """etcd could not answer: keep the last known set."""
 
 
 class _Compacted(Exception):
@@ -191,12 +186,10 @@ class EtcdResolver(Resolver):
         return f"etcd {'[' + host + ']' if ':' in host else host}:{port}"
 
     async def _thread(self, fn, *args, **kw):
-        etcd3 = _etcd3()
+        _etcd3()  # a client that cannot load says so, not as an error of the call
         try:
             return await trio.to_thread.run_sync(lambda: fn(*args, **kw), abandon_on_cancel=True, limiter=_limiter)
-        except etcd3.exceptions.Etcd3Exception as exc:
-            raise TemporaryFailure(f"{self._where()}: {_describe(exc)}") from None
-        except Exception as exc:  # grpc errors, auth failures, bad TLS files ...
+        except Exception as exc:  # etcd3's own errors, grpc errors, auth failures, bad TLS files ...
             raise TemporaryFailure(f"{self._where()}: {_describe(exc)}") from None
 
     def _connect(self):
@@ -234,7 +227,7 @@ class EtcdResolver(Resolver):
             found, errors = await backends_of(pairs)
             return canonical(found), notes + [f"cannot resolve {error}" for error in errors]
 
-        return await answer_or_failure(backends, TemporaryFailure, self.spec.text)
+        return await answer_or_failure(backends, self.spec.text)
 
     async def resolve(self) -> tuple[Backend, ...]:
         errors = []
@@ -258,7 +251,7 @@ class EtcdResolver(Resolver):
 
     async def watch(self, publish: Publish) -> None:
         source = self.spec.text
-        state = {"last": None}
+        state = ResolverState(source)
         notes, unusable = Notes(log, source), Notes(log, source)
 
         async def publish_current() -> None:
@@ -267,23 +260,22 @@ class EtcdResolver(Resolver):
                 backends, skipped = await self._backends()
             except TemporaryFailure as exc:
                 # A value nobody foresaw, not an outage: keep following the watch, so that
-                # the change that mends it is seen.
-                last = state["last"]
+                # the change that mends it is seen; published once, not on every change.
                 unusable.report([f"{exc}; keeping the last known set (stale)"])
-                if last is None or not last.stale or last.error != str(exc):
-                    state["last"] = failed_set(last, source, str(exc))
-                    publish(state["last"])
-                return
-            unusable.report([])
-            notes.report(skipped)
-            self.answered_at = time.time()
-            last = state["last"]
-            if last is None or last.backends != backends or last.stale:
-                if not backends:
-                    log.warning("%s: no backend under %r; the route has no backends", source, self.spec.prefix)
-                state["last"] = BackendSet(backends, source=source,
-                                           error=None if backends else f"no backend under etcd key {self.spec.prefix!r}")
-                publish(state["last"])
+                step = state.failed(str(exc), trio.current_time(), time.time(), changes_only=True)
+            else:
+                unusable.report([])
+                notes.report(skipped)
+                self.answered_at = time.time()
+                if backends:
+                    step = state.answer(backends, trio.current_time(), self.answered_at)
+                else:
+                    step = state.not_found(f"no backend under etcd key {self.spec.prefix!r}", trio.current_time(),
+                                           self.answered_at)
+                    if step.publish is not None:
+                        log.warning("%s: no backend under %r; the route has no backends", source, self.spec.prefix)
+            if step.publish is not None:
+                publish(step.publish)
 
         backoff = Backoff(self.rng, BACKOFF_FIRST, BACKOFF_MAX)
         outage_since = None
@@ -300,13 +292,12 @@ class EtcdResolver(Resolver):
                 outage_since = outage_since if outage_since is not None else now
                 if now - outage_since < FAST_RETRY_WINDOW:
                     backoff.reset()
-                last = state["last"]
-                if last is not None and last.backends:
+                step = state.failed(str(exc), now, time.time())
+                if step.age is not None:
                     log.warning("%s: %s; keeping the last known set (stale), retrying in %.1fs", source, exc, backoff.step)
                 else:
                     log.error("%s: %s; no backends known, retrying in %.1fs", source, exc, backoff.step)
-                state["last"] = failed_set(last, source, str(exc))
-                publish(state["last"])
+                publish(step.publish)
                 self._turn += 1  # next endpoint of a cluster
                 await trio.sleep(backoff.next_delay())
                 continue

@@ -11,6 +11,8 @@ A resolver turns a spec into backends. It offers two things:
 * ``watch(publish)``: runs for the daemon's lifetime, calling ``publish`` with a fresh,
   immutable :class:`BackendSet` whenever the answer changes. It never returns on a
   discovery outage: it keeps the last good set (republished with ``stale=True``) and retries.
+  What to publish after each answer or failure, every watch loop asks one pure state
+  machine (``state.ResolverState``); the loop itself only fetches and waits.
 
 Connections never call a resolver. They read whatever set the route currently holds.
 """
@@ -34,6 +36,15 @@ class SpecError(ValueError):
 
 class ResolveError(Exception):
     """A resolver could not produce an answer (source unreachable, bad answer, ...)."""
+
+
+class NotFound(ResolveError):
+    """An authoritative empty answer (NXDOMAIN, no records): the route has no backends."""
+
+
+class TemporaryFailure(ResolveError):
+    """The source could not answer (timeout, refused, denied, malformed answer, ...): the
+    last good set keeps serving, marked stale."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,12 +182,13 @@ class Backoff:
         return delay
 
 
-def failed_set(last_good: BackendSet | None, source: str, error: str) -> BackendSet:
+def failed_set(last_good: BackendSet | None, source: str, error: str, *, updated: float | None = None) -> BackendSet:
     """What a resolver publishes when its source fails: the last good backends marked stale
-    (with the error), or, with none to keep, an empty stale set (the route refuses)."""
+    (with the error and their own ``updated``), or, with none to keep, an empty stale set
+    (the route refuses) made at ``updated`` (default: now)."""
     if last_good is not None and last_good.backends:
         return BackendSet(last_good.backends, source=source, updated=last_good.updated, stale=True, error=error)
-    return BackendSet((), source=source, stale=True, error=error)
+    return BackendSet((), source=source, updated=time.time() if updated is None else updated, stale=True, error=error)
 
 
 class Notes:
@@ -200,13 +212,13 @@ class Notes:
         self._current = notes
 
 
-async def answer_or_failure(fn, failure: type[ResolveError], where: str):
-    """``await fn()``, where any exception but a ResolveError becomes ``failure``.
+async def answer_or_failure(fn, where: str):
+    """``await fn()``, where any exception but a ResolveError becomes a TemporaryFailure.
 
     ``fn`` reads a source and makes backends of its answer. An exception nobody foresaw
     there (a bug, or a value no parser was ready for) must not end the watch loop: the
     route would stay frozen on its last set while it looks healthy (not stale, no error).
-    As a ``failure``, the loop handles it as it handles an outage: the last set keeps
+    As a failure, the loop handles it as it handles an outage: the last set keeps
     serving, marked stale with this error, and the source is read again. The traceback
     goes to the debug log; the loop's own log line names the exception.
     """
@@ -216,7 +228,7 @@ async def answer_or_failure(fn, failure: type[ResolveError], where: str):
         raise
     except Exception as exc:
         log.debug("%s: unexpected exception", where, exc_info=True)
-        raise failure(f"{where}: cannot use the answer ({type(exc).__name__}: {exc})") from exc
+        raise TemporaryFailure(f"{where}: cannot use the answer ({type(exc).__name__}: {exc})") from exc
 
 
 class Resolver(ABC):

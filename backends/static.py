@@ -17,16 +17,15 @@ import trio
 
 from .interface import (
     Backend,
-    BackendSet,
     Publish,
-    ResolveError,
     Resolver,
     ResolverOptions,
     Spec,
+    TemporaryFailure,
     canonical,
-    failed_set,
     parse_host_port,
 )
+from .state import ResolverState
 
 log = logging.getLogger("ambassadord.resolver.static")
 
@@ -61,7 +60,7 @@ class StaticSpec(Spec):
         return StaticResolver(self, options)
 
 
-async def backends_of(entries, *, priority: int = 0, weight: float = 1) -> tuple[list[Backend], list[str]]:
+async def backends_of(entries, *, weight: float = 1) -> tuple[list[Backend], list[str]]:
     """Backends for (host, port) pairs: IP literals as they are, hostnames via getaddrinfo.
 
     Returns (backends, errors): one error string per hostname that did not resolve. The
@@ -75,14 +74,14 @@ async def backends_of(entries, *, priority: int = 0, weight: float = 1) -> tuple
     errors: list[str] = []
     for host, port in entries:
         if _is_ip(host):
-            backends.append(Backend(str(ipaddress.ip_address(host)), port, priority, weight, name=host))
+            backends.append(Backend(str(ipaddress.ip_address(host)), port, weight=weight, name=host))
             continue
         try:
             infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, ValueError) as exc:  # ValueError: UnicodeError of the idna codec
             errors.append(f"{host}: {exc}")
             continue
-        backends += canonical(Backend(sockaddr[0], port, priority, weight, name=host)
+        backends += canonical(Backend(sockaddr[0], port, weight=weight, name=host)
                               for family, _, _, _, sockaddr in infos if family in (socket.AF_INET, socket.AF_INET6))
     return list(dict.fromkeys(backends)), errors
 
@@ -95,31 +94,27 @@ class StaticResolver(Resolver):
     async def resolve(self) -> tuple[Backend, ...]:
         backends, errors = await backends_of(self.spec.entries)
         if not backends:
-            raise ResolveError(f"{self.spec.text!r}: no address for " + "; ".join(errors))
+            raise TemporaryFailure(f"{self.spec.text!r}: no address for " + "; ".join(errors))
         for error in errors:  # partial answer: serve what resolved, say what did not
             log.warning("static spec %r: cannot resolve %s", self.spec.text, error)
         return tuple(backends)
 
     async def watch(self, publish: Publish) -> None:
-        if self.spec.literal:
-            backends = await self.resolve()
-            self.answered_at = time.time()
-            publish(BackendSet(backends, source=self.spec.text))
-            await trio.sleep_forever()
-        last: BackendSet | None = None
+        state = ResolverState(self.spec.text)
         while True:
             try:
                 backends = await self.resolve()
-            except ResolveError as exc:
-                if last is not None and last.backends:
+            except TemporaryFailure as exc:
+                step = state.failed(str(exc), trio.current_time(), time.time())
+                if step.age is not None:
                     log.warning("static spec %r: %s; keeping last good set (stale)", self.spec.text, exc)
                 else:
                     log.error("static spec %r: %s", self.spec.text, exc)
-                last = failed_set(last, self.spec.text, str(exc))
-                publish(last)
             else:
                 self.answered_at = time.time()
-                if last is None or last.backends != backends or last.stale:
-                    last = BackendSet(backends, source=self.spec.text)
-                    publish(last)
+                step = state.answer(backends, trio.current_time(), self.answered_at)
+            if step.publish is not None:
+                publish(step.publish)
+            if self.spec.literal:
+                await trio.sleep_forever()  # nothing to resolve again, ever
             await trio.sleep(self.options.refresh_interval)

@@ -6,7 +6,11 @@ prints medians of:
   * bulk: one connection streaming N MiB through the proxy into a sink, MiB/s;
   * ping-pong: one connection, 1-byte request / 1-byte reply round trips per second.
 
-Usage: .venv/bin/python bench/relay_modes.py [--rounds 5] [--mib 1024]
+Usage: .venv/bin/python bench/relay_modes.py [--rounds 5] [--mib 1024] [--before DIR]
+
+``--before DIR``: every mode also runs from the source tree DIR (e.g. ``git worktree add
+/tmp/before <commit>``), interleaved with this one, as "before": a before/after from one
+run, on the same machine state.
 The side-by-side benchmark against socat, HAProxy and nginx is bench/compare.py.
 """
 
@@ -59,11 +63,13 @@ MODES = {
 }
 
 
-def start_proxy(mode: str, port: int, backend: int) -> subprocess.Popen:
+def start_proxy(mode: str, port: int, backend: int, source: str | None = None) -> subprocess.Popen:
+    """ambassadord in ``mode``; from the source tree ``source`` if given (``python -m``
+    imports the package from its working directory)."""
     p = subprocess.Popen(
         [sys.executable, "-m", "ambassadord", "run", "--listen", f"127.0.0.1:{port}", "--map", f"{port}=127.0.0.1:{backend}",
          *MODES[mode], "--log-level", "warning"],
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, cwd=source,
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -110,31 +116,38 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--mib", type=int, default=1024)
+    ap.add_argument("--before", metavar="DIR", help="also run every mode from this source tree, as 'before'")
     args = ap.parse_args()
+    if args.before is not None and not os.path.exists(os.path.join(args.before, "ambassadord", "__main__.py")):
+        ap.error(f"--before {args.before}: holds no ambassadord source tree")
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = {mode: (mode, here) for mode in MODES}
+    if args.before is not None:
+        runs = {name: run for mode in MODES
+                for name, run in ((f"{mode} (before)", (mode, args.before)), (mode, (mode, here)))}
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(16)
     backend = lsock.getsockname()[1]
     threading.Thread(target=sink_and_echo_server, args=(lsock,), daemon=True).start()
-    results = {m: {"bulk": [], "pingpong": []} for m in MODES}
+    results = {name: {"bulk": [], "pingpong": []} for name in runs}
     direct = {"bulk": [], "pingpong": []}
     for _ in range(args.rounds):
         direct["bulk"].append(bulk(backend, args.mib))
         direct["pingpong"].append(pingpong(backend))
-        for mode in MODES:
+        for name, (mode, source) in runs.items():
             port = free_port()
-            proc = start_proxy(mode, port, backend)
+            proc = start_proxy(mode, port, backend, source)
             try:
-                results[mode]["bulk"].append(bulk(port, args.mib))
-                results[mode]["pingpong"].append(pingpong(port))
+                results[name]["bulk"].append(bulk(port, args.mib))
+                results[name]["pingpong"].append(pingpong(port))
             finally:
                 proc.terminate()
                 proc.wait()
-    print(f"{'path':<22}{'bulk MiB/s':>12}{'ping-pong rt/s':>16}")
-    print(f"{'direct (no proxy)':<22}{statistics.median(direct['bulk']):>12.0f}{statistics.median(direct['pingpong']):>16.0f}")
-    for mode in MODES:
-        r, name = results[mode], f"ambassadord {mode}"
-        print(f"{name:<22}{statistics.median(r['bulk']):>12.0f}{statistics.median(r['pingpong']):>16.0f}")
+    print(f"{'path':<31}{'bulk MiB/s':>12}{'ping-pong rt/s':>16}")
+    rows = {"direct (no proxy)": direct, **{f"ambassadord {name}": r for name, r in results.items()}}
+    for label, r in rows.items():
+        print(f"{label:<31}{statistics.median(r['bulk']):>12.0f}{statistics.median(r['pingpong']):>16.0f}")
 
 
 if __name__ == "__main__":

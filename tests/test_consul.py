@@ -38,13 +38,12 @@ import pytest
 import trio
 
 import backends.consul as consul_backend
-from backends import BackendSet, ResolverOptions, SpecError, parse_spec
+from backends import BackendSet, ResolverOptions, SpecError, TemporaryFailure, parse_spec
 from backends.consul import (
     ConsulKVSpec,
     ConsulServiceResolver,
     ConsulServiceSpec,
     Instance,
-    TemporaryFailure,
     kv_entries,
     service_instances,
 )

@@ -53,7 +53,7 @@ import yaml
 from dockerfile_parse import DockerfileParser
 
 from ambassadord.cli import build_parser
-from ambassadord.sockmap import Sockmap, SockmapError
+from ambassadord.relay import Sockmap, SockmapError
 from tests import topology
 from tests.consul import ConsulAgent, consul_binary
 from tests.daemon import Daemon, RedisProcess, connect, free_port, ping, require, wait_until

@@ -1,6 +1,6 @@
-"""DNS resolvers (backends/dns.py): specs and answer handling (pure), then against a real
-dnsmasq: SRV order and weights, A/AAAA, TTL refresh, NXDOMAIN, outages; and end to end
-through a real daemon and real Redis servers."""
+"""DNS resolvers (backends/dns.py): specs and answer handling (pure), the watch loop's stale
+limit in virtual time, then against a real dnsmasq: SRV order and weights, A/AAAA, TTL
+refresh, NXDOMAIN, outages; and end to end through a real daemon and real Redis servers."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 import trio
 
 from ambassadord.balancer import PickState, pick_order
-from backends import SpecError, parse_spec
-from backends.dns import NotFound, SrvRecord, TemporaryFailure, parse_dns_server, srv_backends
+from backends import NotFound, SpecError, TemporaryFailure, parse_spec
+from backends.dns import AddressResolver, DnsSpec, SrvRecord, parse_dns_server, srv_backends
 from backends.interface import Backend, ResolverOptions
 from tests.daemon import Daemon, RedisProcess, connect, free_port, read_to_eof, wait_until
 from tests.dns_server import Dnsmasq
@@ -73,7 +73,7 @@ def test_parse_dns_server(text, expected):
     assert parse_dns_server(text) == expected
 
 
-@pytest.mark.parametrize("text", ["consul", "127.0.0.1:x", "127.0.0.1:70000", "[::1]x", ""])
+@pytest.mark.parametrize("text", ["consul", "127.0.0.1:x", "127.0.0.1:70000", "[::1]x", "", "[::1", "[127.0.0.1]:53"])
 def test_bad_dns_server(text):
     with pytest.raises(ValueError, match="bad DNS server"):
         parse_dns_server(text)
@@ -106,6 +106,50 @@ def test_srv_backends_skip_targets_that_are_no_hostname():
     assert backends == [Backend("127.0.0.2", 6379, 10, 1)]
     assert notes == ["target 'bad\\\\032name.test': label 'bad\\\\032name' has the character '\\\\' "
                      "(allowed: letters, digits, '-' and '_'), skipped"]
+
+
+# ---- the watch loop, with a scripted look-up (virtual time) ----------------------------------
+
+
+class ScriptedAddressResolver(AddressResolver):
+    """dns://x.test:1 whose look-ups answer from a script: backends, or an exception to raise.
+    Records each look-up's time; when the script runs out, the look-up blocks."""
+
+    def __init__(self, script, **options):
+        super().__init__(DnsSpec.parse("dns://x.test:1"), ResolverOptions(**options))
+        self.script, self.times, self.done, self.rng = list(script), [], trio.Event(), random.Random(7)
+
+    async def lookup(self):
+        self.times.append(trio.current_time())
+        if not self.script:
+            self.done.set()
+            await trio.sleep_forever()
+        step = self.script.pop(0)
+        if isinstance(step, BaseException):
+            raise step
+        return step, 30.0  # TTL 30 s: refreshed after 24
+
+
+async def test_watch_drops_the_stale_answer_past_dns_stale_for_and_recovers(autojump_clock, caplog):
+    a, b = Backend("10.0.0.1", 1), Backend("10.0.0.2", 1)
+    down = TemporaryFailure("x.test A: timeout (scripted)")
+    r = ScriptedAddressResolver([(a,), (a,)] + [down] * 8 + [(b,)], dns_stale_for=30.0)
+    published = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(r.watch, published.append)
+        await r.done.wait()
+        nursery.cancel_scope.cancel()
+    confirmed = r.times[1]  # the second answer confirmed the first: the stale age counts from it
+    failures = r.times[2:10]
+    kept = [t - confirmed <= 30 for t in failures]
+    assert kept == sorted(kept, reverse=True) and True in kept and False in kept, failures  # kept, then dropped
+    n = kept.count(True)
+    assert published[0].backends == (a,) and not published[0].stale and len(published) == 1 + 8 + 1
+    assert all(s.backends == (a,) and s.stale and s.updated == published[0].updated for s in published[1:1 + n])
+    assert all(s.backends == () and s.stale and "timeout" in s.error for s in published[1 + n:9])
+    assert published[9].backends == (b,) and not published[9].stale and published[9].error is None
+    too_old = [rec for rec in caplog.records if "the last good answer is too old" in rec.getMessage()]
+    assert len(too_old) == 1, [rec.getMessage() for rec in caplog.records]
 
 
 # ---- against a real dnsmasq -------------------------------------------------------------

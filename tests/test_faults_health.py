@@ -211,7 +211,7 @@ def test_a_backend_that_dies_is_down_after_fall_checks_and_up_after_rise(ns, tmp
 def test_a_restarted_helper_learns_which_backends_are_down(redis, tmp_path):
     """--workers: only the main process checks; a helper that died and was restarted gets
     the down sets with the route table, not only at the next change."""
-    from tests.test_workers import helpers_of, worker_of
+    from tests.worker_processes import helpers_of, worker_of
 
     port, admin, dead_port = free_port(), free_port(), free_port()
     good, dead = f"127.0.0.1:{redis.port}", f"127.0.0.1:{dead_port}"  # nothing listens on dead_port

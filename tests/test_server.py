@@ -21,7 +21,7 @@ import trio
 
 from ambassadord import server as server_mod
 from ambassadord.logs import Throttled
-from ambassadord.sockmap import Sockmap, SockmapError
+from ambassadord.relay import KernelRelay, SockmapError
 from ambassadord.routes import Keepalive, Route, RouteConfig, RouteTable
 from ambassadord.server import ListenAddress, Server, bind_listeners, intended_port
 from backends import parse_spec
@@ -94,31 +94,31 @@ async def proxy(spec: str | Spec | None, *, use_splice=False, grace=5.0, **route
     """Run a Server on 127.0.0.1:<free port>, routing that port to ``spec`` (None: no route).
     ``use_splice``: a bool, or one of MODES."""
     mode = use_splice if isinstance(use_splice, str) else ("splice" if use_splice else "copy")
-    sockmap = None
+    kernel = None
     if mode == "sockmap":
         try:
-            sockmap = Sockmap(1024)
+            kernel = KernelRelay(512)
         except SockmapError as exc:
             if os.environ.get("CI") == "true":
                 raise
             pytest.skip(f"no BPF sockmap here: {exc}")
     try:
-        async with _proxy(spec, mode == "splice", sockmap, grace, route_opts) as p:
+        async with _proxy(spec, mode == "splice", kernel, grace, route_opts) as p:
             yield p
     finally:
-        if sockmap is not None:
-            sockmap.close()
+        if kernel is not None:
+            kernel.close()
 
 
 @contextlib.asynccontextmanager
-async def _proxy(spec, use_splice, sockmap, grace, route_opts):
+async def _proxy(spec, use_splice, kernel, grace, route_opts):
     sockets = bind_listeners([ListenAddress("127.0.0.1", 0)])
     port = sockets[0].getsockname()[1]
     routes = []
     if spec is not None:
         spec = parse_spec(spec) if isinstance(spec, str) else spec
         routes.append(Route(RouteConfig(port=port, spec=spec, origin="test", **route_opts)))
-    srv = Server(RouteTable(routes), sockets, grace=grace, use_splice=use_splice, sockmap=sockmap)
+    srv = Server(RouteTable(routes), sockets, grace=grace, use_splice=use_splice, kernel=kernel)
     async with trio.open_nursery() as nursery:
         await nursery.start(srv.run)
         yield Proxy(srv, port)

@@ -1,10 +1,11 @@
-"""The kernel relay (BPF sockmap, ambassadord/sockmap.py) with a real daemon and real Redis.
+"""The kernel relay (ambassadord/relay/: kernel.py, sockmap.py) with a real daemon and real Redis.
 
 The proof that the kernel moves the bytes: with the daemon stopped (SIGSTOP), a connection
 it already relays keeps working under ``--sockmap on``, and stalls under ``--sockmap off``
 (so the test can fail). The relay semantics (half-close, large payloads both ways at once,
 byte counts) are tested for every mode in test_server.py; these are the daemon-level and
-map-level checks; and the bpf(2) system call number of each architecture.
+map-level checks; what the KernelRelay owns and releases; and the bpf(2) system call number
+of each architecture.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import resource
 import signal
 import socket
 import struct
 
 import pytest
 
-from ambassadord.sockmap import Sockmap, SockmapError, bpf_syscall_number, cookie
+from ambassadord.dataplane import DataPlane
+from ambassadord.relay import KernelRelay, Sockmap, SockmapError, bpf_syscall_number, cookie
 from tests.daemon import Daemon, RedisProcess, connect, free_port, ping as redis_ping, require, wait_until
 
 
@@ -163,6 +166,55 @@ def _queued(sock: socket.socket) -> int:
     import termios
 
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+# ---- the KernelRelay: one owner for the kernel resources ----------------------------------
+
+
+def _open_fds() -> set[int]:
+    # Without the one listdir() itself had open while listing.
+    return {n for n in map(int, os.listdir("/proc/self/fd")) if _is_open(n)}
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_the_kernel_relay_holds_four_fds_and_closing_it_releases_them():
+    sockmap_or_skip().close()
+    before = _open_fds()
+    kernel = KernelRelay(4)
+    assert len(_open_fds() - before) == 4  # the two maps, the program, the epoll set
+    assert isinstance(kernel, DataPlane)
+    kernel.close()
+    assert _open_fds() == before
+    with open(os.devnull) as reused:  # takes one of the numbers just freed
+        kernel.close()  # a second close closes nothing, not someone else's fd
+        os.fstat(reused.fileno())
+    with KernelRelay(4):
+        assert len(_open_fds() - before) == 4
+    assert _open_fds() == before
+
+
+def test_a_kernel_relay_short_of_fds_says_so_and_leaves_nothing_open():
+    """Room for the maps and the program but not the epoll set (RLIMIT_NOFILE): a
+    SockmapError, which the daemon's ``--sockmap auto`` turns into a user-space relay, and
+    the three BPF fds closed again."""
+    sockmap_or_skip().close()
+    before = _open_fds()
+    free = [n for n in range(max(before) + 5) if n not in before]  # the kernel takes the lowest first
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (free[3], hard))  # fd numbers free[0..2] only
+    try:
+        with pytest.raises(SockmapError, match="^.*epoll: Too many open files"):
+            KernelRelay(4)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert _open_fds() == before
 
 
 # ---- the bpf(2) system call number ---------------------------------------------------------

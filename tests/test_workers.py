@@ -14,34 +14,16 @@ import subprocess
 
 import pytest
 
+from tests.admin_client import admin_daemon, backend, cli, get_routes, http_get, route
 from tests.consul import ConsulAgent
 from tests.daemon import Daemon, RedisProcess, connect, free_port, ping, wait_until
-from tests.test_admin import admin_daemon, backend, cli, get_routes, http_get, route
+from tests.worker_processes import alive, helpers_of, worker_of
 
 PONG = b"+PONG\r\n"
 
 
-def worker_of(rec: dict) -> int:
-    return rec.get("worker", 0)
-
-
 def served(daemon: Daemon, port: int) -> list[dict]:
     return [r for r in daemon.connection_records() if r["port"] == port]
-
-
-def helpers_of(pid: int) -> list[int]:
-    """The child processes of ``pid`` (the helpers of a main process)."""
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-    return sorted(int(p) for p in out.stdout.split())
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
 
 
 def ping_once(port: int) -> None:
@@ -323,7 +305,7 @@ def _cgroup(tmp_path, path: str, limits: dict[str, str]):
     ({"/a/b": "garbage"}, None),
 ])
 def test_auto_is_capped_by_the_cgroup_cpu_quota(tmp_path, limits, expected):
-    from ambassadord.workers import _cgroup_cpus, default_count
+    from ambassadord.workers.count import _cgroup_cpus, default_count
 
     root, proc = _cgroup(tmp_path, "/a/b", limits)
     assert _cgroup_cpus(root, proc) == expected
@@ -332,7 +314,7 @@ def test_auto_is_capped_by_the_cgroup_cpu_quota(tmp_path, limits, expected):
 
 
 def test_auto_without_cgroup_v2_is_the_affinity(tmp_path):
-    from ambassadord.workers import default_count
+    from ambassadord.workers.count import default_count
 
     (tmp_path / "cgroup").write_text("4:memory:/x\n")
     assert default_count(str(tmp_path), str(tmp_path / "cgroup")) == len(os.sched_getaffinity(0))

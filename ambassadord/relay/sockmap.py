@@ -1,4 +1,4 @@
-"""Kernel-side relaying with a BPF sockmap (experimental): established flows leave Python.
+"""The BPF sockmap and its verdict program: established flows leave Python.
 
 How it works. A BPF_MAP_TYPE_SOCKHASH ``socks`` holds both sockets of every relayed
 connection, and an ``sk_skb`` stream-verdict program attached to it runs for every chunk
@@ -19,11 +19,12 @@ Both maps are keyed by socket cookie, so there are no slots to manage, and closi
 socket takes it out of both (with the entry that has it as a target): four map updates
 per connection, nothing to delete.
 
-Written with raw ``bpf(2)`` calls through ctypes and a hand-assembled program of 12
-instructions: no compiler, no libbpf, nothing to install. Needs CAP_BPF (or
-CAP_SYS_ADMIN) and CAP_NET_ADMIN. The system call's number differs between
-architectures (``BPF_SYSCALLS``); on one not in that table the kernel relay says so and
-is not used.
+Written with raw ``bpf(2)`` calls through ctypes and a hand-assembled program of 10
+instructions (11 slots: the map load takes two): no compiler, no libbpf, nothing to
+install. Needs CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN. Every number and layout of
+the kernel's interface is in bpf_abi.py. The system call's number differs between
+architectures (``bpf_abi.BPF_SYSCALLS``); on one not in that table the kernel relay says
+so and is not used.
 
 The program, in BPF assembly (r1 = the skb)::
 
@@ -47,35 +48,17 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-import select
 import socket
 import struct
 
-import trio
+from .bpf_abi import (
+    ADD64_IMM, ATTR_SIZE, BPF_ANY, BPF_MAP_CREATE, BPF_MAP_DELETE_ELEM, BPF_MAP_TYPE_SOCKHASH, BPF_MAP_UPDATE_ELEM,
+    BPF_PROG_ATTACH, BPF_PROG_LOAD, BPF_PROG_TYPE_SK_SKB, BPF_PSEUDO_MAP_FD, BPF_SK_SKB_STREAM_VERDICT, BPF_SYSCALLS,
+    CALL, EXIT, FN_GET_SOCKET_COOKIE, FN_SK_REDIRECT_HASH, INSN, LD_IMM64, MAP_CREATE_ATTR, MAP_ELEM_ATTR,
+    MOV64_IMM, MOV64_REG, PROG_ATTACH_ATTR, PROG_LOAD_ATTR, SO_COOKIE, STX_DW,
+)
 
 _libc = ctypes.CDLL(None, use_errno=True)
-
-# bpf(2)'s number by platform.machine(), from each architecture's system call table
-# (aarch64, riscv64 and loongarch64 share the generic one; 32-bit arm is its EABI), with
-# the width of that architecture's pointers: a process of the other width (32-bit Python
-# on a 64-bit kernel, or a 64-bit one under `setarch i686`) uses another table. Calling a
-# wrong number would run some other system call with our arguments.
-BPF_SYSCALLS = {
-    "x86_64": (321, 64), "i386": (357, 32), "i686": (357, 32),
-    "aarch64": (280, 64), "armv7l": (386, 32), "armv6l": (386, 32),
-    "riscv64": (280, 64), "ppc64": (361, 64), "ppc64le": (361, 64), "s390x": (351, 64),
-    "loongarch64": (280, 64),
-}
-
-BPF_MAP_CREATE, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_PROG_LOAD, BPF_PROG_ATTACH = 0, 2, 3, 5, 8
-BPF_MAP_TYPE_SOCKHASH = 18
-BPF_PROG_TYPE_SK_SKB = 14
-BPF_SK_SKB_STREAM_VERDICT = 5
-BPF_PSEUDO_MAP_FD = 1
-SO_COOKIE = 57
-BPF_ANY = 0
-
-_FN_GET_SOCKET_COOKIE, _FN_SK_REDIRECT_HASH = 46, 72
 
 
 class SockmapError(OSError):
@@ -112,26 +95,33 @@ def _bpf(cmd: int, attr: bytes) -> int:
 
 
 def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
-    return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
+    return INSN.pack(code, (src << 4) | dst, off, imm)
 
 
 def _ld_map(dst: int, fd: int) -> bytes:
-    return _insn(0x18, dst, BPF_PSEUDO_MAP_FD, 0, fd) + _insn(0, 0, 0, 0, 0)
+    """dst = the map ``fd`` (the loader turns the fd into the map's address)."""
+    return _insn(LD_IMM64, dst, BPF_PSEUDO_MAP_FD, 0, fd) + _insn(0)
 
 
 def _program(targets_fd: int) -> bytes:
     return b"".join([
-        _insn(0xBF, 6, 1),                        # r6 = r1
-        _insn(0x85, imm=_FN_GET_SOCKET_COOKIE),   # call
-        _insn(0x7B, 10, 0, -8),                   # *(u64 *)(r10 - 8) = r0
-        _insn(0xBF, 1, 6),                        # r1 = r6
-        _ld_map(2, targets_fd),                   # r2 = targets (2 slots)
-        _insn(0xBF, 3, 10),                       # r3 = r10
-        _insn(0x07, 3, imm=-8),                   # r3 += -8
-        _insn(0xB7, 4, imm=0),                    # r4 = 0
-        _insn(0x85, imm=_FN_SK_REDIRECT_HASH),    # call
-        _insn(0x95),                              # exit
+        _insn(MOV64_REG, 6, 1),                   # r6 = r1
+        _insn(CALL, imm=FN_GET_SOCKET_COOKIE),    # r0 = bpf_get_socket_cookie(r1)
+        _insn(STX_DW, 10, 0, -8),                 # *(u64 *)(r10 - 8) = r0
+        _insn(MOV64_REG, 1, 6),                   # r1 = r6
+        _ld_map(2, targets_fd),                   # r2 = targets
+        _insn(MOV64_REG, 3, 10),                  # r3 = r10
+        _insn(ADD64_IMM, 3, imm=-8),              # r3 += -8
+        _insn(MOV64_IMM, 4, imm=0),               # r4 = 0
+        _insn(CALL, imm=FN_SK_REDIRECT_HASH),     # r0 = bpf_sk_redirect_hash(r1, r2, r3, r4)
+        _insn(EXIT),                              # return r0
     ])
+
+
+def _attr(layout, *fields) -> bytes:
+    """A union bpf_attr: the command's fields, zero to ATTR_SIZE."""
+    head = layout.pack(*fields)
+    return head + bytes(ATTR_SIZE - len(head))
 
 
 def cookie(sock: socket.socket) -> int:
@@ -152,15 +142,15 @@ class Sockmap:
             license_ = ctypes.create_string_buffer(b"GPL")
             log = ctypes.create_string_buffer(65536)
             insns = ctypes.create_string_buffer(prog, len(prog))
-            attr = struct.pack("<IIQQIIQII16sII", BPF_PROG_TYPE_SK_SKB, len(prog) // 8, ctypes.addressof(insns),
-                               ctypes.addressof(license_), 1, len(log), ctypes.addressof(log), 0, 0,
-                               b"ambassadord", 0, BPF_SK_SKB_STREAM_VERDICT)
+            attr = _attr(PROG_LOAD_ATTR, BPF_PROG_TYPE_SK_SKB, len(prog) // INSN.size, ctypes.addressof(insns),
+                         ctypes.addressof(license_), 1, len(log), ctypes.addressof(log), 0, 0,
+                         b"ambassadord", 0, BPF_SK_SKB_STREAM_VERDICT)
             try:
-                self.prog = _bpf(BPF_PROG_LOAD, attr + bytes(128 - len(attr)))
+                self.prog = _bpf(BPF_PROG_LOAD, attr)
             except SockmapError as exc:
                 raise SockmapError(exc.errno, f"{exc.strerror}; verifier: {log.value.decode(errors='replace')[-500:]}")
             self._fds.append(self.prog)
-            _bpf(BPF_PROG_ATTACH, struct.pack("<IIII", self.socks, self.prog, BPF_SK_SKB_STREAM_VERDICT, 0) + bytes(112))
+            _bpf(BPF_PROG_ATTACH, _attr(PROG_ATTACH_ATTR, self.socks, self.prog, BPF_SK_SKB_STREAM_VERDICT, 0))
         except BaseException:
             self.close()
             raise
@@ -169,12 +159,12 @@ class Sockmap:
         # once (trio runs one thing at a time): an update is one syscall, no allocation.
         self._key = ctypes.create_string_buffer(8)
         self._val = ctypes.create_string_buffer(4)
-        self._attr = ctypes.create_string_buffer(128)
-        struct.pack_into("<QQQ", self._attr, 8, ctypes.addressof(self._key), ctypes.addressof(self._val), BPF_ANY)
+        self._attr = ctypes.create_string_buffer(
+            _attr(MAP_ELEM_ATTR, 0, 0, ctypes.addressof(self._key), ctypes.addressof(self._val), BPF_ANY), ATTR_SIZE)
         self._syscall = _libc.syscall
 
     def _map(self, kind: int, key: int, value: int, entries: int) -> int:
-        fd = _bpf(BPF_MAP_CREATE, struct.pack("<IIII", kind, key, value, entries) + bytes(112))
+        fd = _bpf(BPF_MAP_CREATE, _attr(MAP_CREATE_ATTR, kind, key, value, entries))
         self._fds.append(fd)
         return fd
 
@@ -220,7 +210,7 @@ class Sockmap:
         # Rare (a pair that leaves without closing): its own attr, as the kernel wants
         # everything after the key pointer zero.
         k = ctypes.create_string_buffer(key, len(key))
-        attr = ctypes.create_string_buffer(struct.pack("<IIQ", fd, 0, ctypes.addressof(k)) + bytes(112), 128)
+        attr = ctypes.create_string_buffer(_attr(MAP_ELEM_ATTR, fd, 0, ctypes.addressof(k), 0, 0), ATTR_SIZE)
         self._call(BPF_MAP_DELETE_ELEM, attr)
 
     def _update(self, fd: int, key: bytes, value: bytes) -> None:
@@ -231,80 +221,6 @@ class Sockmap:
         self._call(BPF_MAP_UPDATE_ELEM, self._attr)
 
     def _call(self, cmd: int, attr) -> None:
-        if self._syscall(self._nr, cmd, attr, 128) < 0:
+        if self._syscall(self._nr, cmd, attr, ATTR_SIZE) < 0:
             err = ctypes.get_errno()
             raise SockmapError(err, f"bpf(cmd {cmd}): {os.strerror(err)}")
-
-
-# ---- end-of-stream watching ------------------------------------------------------------------
-
-class Watcher:
-    """Tells relays when a socket in the sockmap has news: EOF, an error, or data that the
-    kernel passed up instead of redirecting.
-
-    Not trio's wait_readable: a socket in the sockmap looks readable for an instant every
-    time data arrives (before the verdict moves it), so waiting for EPOLLIN would wake the
-    daemon once per message and give back most of what the kernel relay saves. Here one
-    epoll set of our own asks only for EPOLLRDHUP (the peer's FIN), errors and hang-ups,
-    and one trio task waits on that epoll fd and hands events to the relays.
-    """
-
-    MASK = select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP | select.EPOLLONESHOT
-    # After a socket's EOF: EPOLLRDHUP stays true (it would fire again at once), but a
-    # reset after the FIN must still be seen.
-    ERRORS = select.EPOLLERR | select.EPOLLHUP | select.EPOLLONESHOT
-
-    def __init__(self):
-        self._ep = select.epoll()
-        self._waiters: dict[int, Flow] = {}
-
-    def close(self) -> None:
-        self._ep.close()
-
-    def register(self, flow: Flow, *socks: socket.socket) -> None:
-        for s in socks:
-            self._waiters[s.fileno()] = flow
-            self._ep.register(s.fileno(), self.MASK)
-
-    def rearm(self, sock: socket.socket, *, errors_only: bool = False) -> None:
-        """Watch again (each event disarms the socket: EPOLLONESHOT). ``errors_only``:
-        after its EOF, for a reset or an error only."""
-        self._ep.modify(sock.fileno(), self.ERRORS if errors_only else self.MASK)
-
-    def unregister(self, *socks: socket.socket, closing: bool = False) -> None:
-        """``closing``: the sockets are about to be closed, which takes them out of the
-        epoll set by itself (they are not dup'ed)."""
-        for s in socks:
-            fd = s.fileno()
-            if self._waiters.pop(fd, None) is not None and not closing:
-                try:
-                    self._ep.unregister(fd)
-                except OSError:
-                    pass
-
-    async def run(self) -> None:
-        """Deliver events until cancelled (one task for the whole daemon)."""
-        poll, waiters = self._ep.poll, self._waiters
-        while True:
-            await trio.lowlevel.wait_readable(self._ep.fileno())
-            for fd, mask in poll(0):
-                flow = waiters.get(fd)
-                if flow is not None:
-                    flow.pending[fd] = flow.pending.get(fd, 0) | mask
-                    flow.event.set()
-
-
-class Flow:
-    """The news for one relayed connection, filled by the Watcher."""
-
-    __slots__ = ("event", "pending")
-
-    def __init__(self):
-        self.event = trio.Event()
-        self.pending: dict[int, int] = {}
-
-    async def wait(self) -> dict[int, int]:
-        await self.event.wait()
-        self.event = trio.Event()
-        news, self.pending = self.pending, {}
-        return news
