@@ -2,9 +2,13 @@
 
 How the pieces fit (one feature per module):
 
-* ``cli``: the command line (run / status / iptables / resolve / check); validates
-  everything before starting anything; in ``run``, signals, sd_notify (``sdnotify``) and
-  reloads (SIGHUP or a changed ``--config``: validated whole, then swapped in).
+* ``cli``: the command line (run / status / iptables / resolve / check): each command
+  from its flags (``parser``, which only parses) to frozen settings (``settings``: flags
+  weighed against each other and the env, validated before anything starts).
+* ``daemon``: ``run``'s life cycle: a start whose every step is undone in reverse order
+  (instance guard, listeners, admin socket, iptables rules), signals, sd_notify
+  (``sdnotify``), reloads (SIGHUP or a changed ``--config``: validated whole, then
+  swapped in) and the container bridges. ``status``: the ``status`` command's table.
 * ``config``: routes from ``--map``, a TOML file, ``BACKEND_<PORT>`` and Docker link env
   vars, as frozen ``RouteConfig`` values whose errors name their origin.
 * ``routes`` and ``balancer``: the pure core. Route lookup by (intended port, source
@@ -31,8 +35,39 @@ How the pieces fit (one feature per module):
   addresses (pyroute2).
 * ``logs``: text or JSON log lines, one per connection; ``Throttled`` for floods.
 
-Resolvers live in the sibling package ``backends`` (one module per source, registered
-by spec scheme).
+Resolvers are ``ambassadord.backends`` (one module per source, registered by spec
+scheme; ``state`` is the one resolver state machine they all feed). In the source tree
+that package is the folder ``backends/`` beside this one (the design card's layout);
+installed, it is inside this package (pyproject.toml's package-dir), so the distribution
+owns no top-level name but ``ambassadord``.
 """
 
 __version__ = "0.1.0"
+
+
+def _backends_beside() -> None:
+    """Run from a source tree (``python -m ambassadord`` in a checkout, a benchmark's
+    ``before@DIR`` variant), ``ambassadord.backends`` is that tree's own ``backends/``:
+    loaded here by path, so that an editable install of another checkout, whose finder
+    maps the name to *its* folder, never mixes two trees' code. Installed, the package is
+    inside this one and this does nothing."""
+    import importlib.util
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    init = os.path.join(os.path.dirname(here), "backends", "__init__.py")
+    name = f"{__name__}.backends"
+    if name in sys.modules or os.path.isdir(os.path.join(here, "backends")) or not os.path.isfile(init):
+        return
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+
+
+_backends_beside()

@@ -49,7 +49,7 @@ DEFAULT_ADMIN = "127.0.0.1:10001"
 
 @dataclass
 class ConfigState:
-    """What the admin API says about configuration and reloads (written by cli.py)."""
+    """What the admin API says about configuration and reloads (written by daemon.py)."""
 
     file: str | None = None
     loaded_at: float = field(default_factory=time.time)
@@ -326,7 +326,7 @@ def snapshot(server: Server, config: ConfigState, views: dict | None = None, tot
         "now": time.time(),
         "listening": server.listening,
         "stopping": server.stopping,
-        "listen": [_sockname(s) for s in server.listeners if s.fileno() >= 0],
+        "listen": [str(ListenAddress(*s.getsockname()[:2])) for s in server.listeners if s.fileno() >= 0],
         "workers": totals["workers"],
         "connections": {"active": totals["active"], "total": totals["total"],
                         "unrouted": dict(sorted(totals["unrouted"].items()))},
@@ -346,11 +346,6 @@ def snapshot(server: Server, config: ConfigState, views: dict | None = None, tot
 def _route_order(route):
     src = route.config.source
     return (route.port, src is not None, str(src) if src else "")
-
-
-def _sockname(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # ---- Prometheus ---------------------------------------------------------------------

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
 
-from backends.interface import Backend
+from ambassadord.backends.interface import Backend
 
 BALANCE_POLICIES = ("random", "round-robin")
 

@@ -33,8 +33,8 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from backends import SpecError, parse_spec
-from backends.interface import parse_port
+from ambassadord.backends import SpecError, parse_spec
+from ambassadord.backends.interface import parse_port
 
 from .balancer import BALANCE_POLICIES
 from .health import MIN_INTERVAL as MIN_CHECK_INTERVAL

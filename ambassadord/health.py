@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 
 import trio
 
-from backends.interface import Backend
+from ambassadord.backends.interface import Backend
 
 log = logging.getLogger("ambassadord")
 
@@ -42,7 +42,7 @@ log = logging.getLogger("ambassadord")
 JITTER = 0.1
 
 # Shorter intervals would be a busy loop of connects to every backend (a typo such as
-# 0.002 for 2): refused with a message, at the edge (config.py, cli.py).
+# 0.002 for 2): refused with a message, at the edge (config.py, parser.py).
 MIN_INTERVAL = 0.1
 
 

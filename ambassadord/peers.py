@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import trio
 
 if TYPE_CHECKING:
-    from backends.interface import Backend, BackendSet
+    from ambassadord.backends.interface import Backend, BackendSet
 
     from .routes import RouteConfig
 

@@ -17,7 +17,7 @@ import ipaddress
 import time
 from dataclasses import dataclass, field
 
-from backends.interface import BackendSet, Spec
+from ambassadord.backends.interface import BackendSet, Spec
 
 from .balancer import PickState
 from .stats import RouteStats

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import trio
 from trio.lowlevel import checkpoint, wait_readable
 
-from backends.interface import Backend, BackendSet, ResolverOptions, failed_set
+from ambassadord.backends.interface import Backend, BackendSet, ResolverOptions, failed_set
 
 from . import health, original_dst
 from .balancer import pick_order

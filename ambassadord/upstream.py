@@ -38,7 +38,7 @@ from collections.abc import Callable
 import trio
 from trio.lowlevel import wait_writable
 
-from backends.interface import Backend
+from ambassadord.backends.interface import Backend
 
 from . import health
 from .logs import Throttled

@@ -237,7 +237,7 @@ class _Consul(consul.Consul):
 
     python-consul's own __init__ lets CONSUL_HTTP_ADDR / _SSL / _SSL_VERIFY / _TOKEN
     override the arguments it is given (and raises on CONSUL_HTTP_ADDR with a scheme).
-    ambassadord has already weighed flags against those variables (cli.consul_options),
+    ambassadord has already weighed flags against those variables (settings.consul_options),
     and a spec's own agent must win over both, so this sets the same attributes itself.
     The token travels in the X-Consul-Token header rather than as ?token= in the URL,
     so that it never appears in an error message or a log line.

@@ -25,7 +25,9 @@ import time
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
+from tests.redis_wire import read_bulk, read_line, resp
 from tests.admin_client import (
+    Samples,
     admin_daemon,
     backend,
     cli,
@@ -53,39 +55,6 @@ from tests.daemon import (
 from tests.netns import Netns
 
 PONG = b"+PONG\r\n"
-
-
-# ---- Redis over a raw socket, counting every byte -----------------------------------------
-
-
-def resp(*parts: bytes) -> bytes:
-    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
-
-
-def read_line(sock: socket.socket) -> bytes:
-    """One reply line (simple replies only: +OK, +PONG, -ERR ...). Reads byte-exactly up to
-    and including CRLF, so the byte count of what was received is exact."""
-    data = b""
-    while not data.endswith(b"\r\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            raise ConnectionError(f"closed after {data!r}")
-        data += chunk
-    return data
-
-
-def read_bulk(sock: socket.socket) -> bytes:
-    """A whole bulk-string reply ($N CRLF data CRLF), raw, exactly."""
-    head = read_line(sock)
-    assert head.startswith(b"$"), head
-    n = int(head[1:-2])
-    rest = b""
-    while len(rest) < n + 2:
-        chunk = sock.recv(n + 2 - len(rest))
-        if not chunk:
-            raise ConnectionError("closed mid-reply")
-        rest += chunk
-    return head + rest
 
 
 # ---- fixtures ----------------------------------------------------------------------
@@ -508,7 +477,7 @@ def test_admin_overlapping_a_wildcard_listener_is_a_usage_error_but_another_addr
                timeout=15)
     assert proc.returncode == 2 and "same address and port" in proc.stderr, shown(proc)
     # Another address (127.0.0.2 is loopback too) or another family: both can be bound.
-    from ambassadord.cli import _overlap
+    from ambassadord.settings import _overlap
     from ambassadord.server import ListenAddress
     assert not _overlap(ListenAddress("127.0.0.1", port), ListenAddress("127.0.0.2", port))
     assert not _overlap(ListenAddress("0.0.0.0", port), ListenAddress("::1", port))

@@ -1,4 +1,5 @@
-"""The command line, run as a real subprocess: usage errors, check, resolve, iptables.
+"""The command line, run as a real subprocess: usage errors, check, resolve, iptables;
+and, in process, the settings made of flags and env, and a start that fails late.
 
 Every bad input must exit 2 with a message on stderr that names the bad value and where
 it came from (flag, file and line, environment variable), and must leave nothing behind:
@@ -9,16 +10,22 @@ world or disturb the host's nat table.
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
-from tests.daemon import REPO_ROOT, refused
+from ambassadord.cli import build_parser
+from tests.daemon import REPO_ROOT, free_port, refused
 from tests.netns import Netns
 
 CHAIN = "AMBASSADORD-10000"
@@ -263,6 +270,139 @@ def test_listener_that_cannot_bind_leaves_nothing_behind(ns):
     assert "Traceback" not in proc.stderr, proc.stderr
     assert "AMBASSADORD" not in nat_tables(ns)
     assert refused("127.0.0.1", 10000, ns=ns)
+
+
+@pytest.fixture
+def logging_restored():
+    """daemon.run sets up the root logger for itself: put the test's back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def open_fds() -> list[str]:
+    return sorted(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("taken", ["listen", "admin"])
+def test_a_start_that_fails_late_closes_what_the_earlier_steps_opened(taken, logging_restored):
+    """In process, so that what a failed start leaves open shows: the instance guard and
+    the listeners bound before a later step failed are closed, and the signals it blocked
+    are unblocked. (Before the ExitStack, both were left to the garbage collector.)"""
+    from ambassadord import daemon
+    from ambassadord.settings import run_settings
+
+    port, second, admin = free_port(), free_port(), free_port()
+    argv = ["run", "--map", f"{port}=127.0.0.1:1", "--listen", f"127.0.0.1:{port}", "--listen",
+            f"127.0.0.1:{second}", "--admin", f"127.0.0.1:{admin}", "--workers", "2", "--sockmap", "off"]
+    settings = run_settings(build_parser().parse_args(argv), env={})
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", second if taken == "listen" else admin))
+        blocker.listen(1)
+        fds, mask = open_fds(), signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            assert daemon.run(settings) == 1
+            gc.collect()
+        # A socket left open would be closed by the garbage collector, with this warning.
+        assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
+        assert open_fds() == fds
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
+    for p in (port, second):
+        with socket.socket(socket.AF_UNIX) as guard:
+            guard.bind(f"\0ambassadord port {p}")  # (EADDRINUSE if the guard were still held)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
+
+
+# ---- settings: flags and env, weighed once ---------------------------------------------
+
+
+def run_settings_of(*argv: str, env: dict[str, str] | None = None):
+    from ambassadord.settings import run_settings
+
+    return run_settings(build_parser().parse_args(["run", "--map", "6379=10.0.0.5:6379", *argv]), env or {})
+
+
+def test_run_settings_are_frozen_and_survive_pickling():
+    """What a --workers helper would be sent: every value, as given."""
+    import dataclasses
+    import pickle
+
+    settings = run_settings_of("--keepalive", "30", "--allow-from", "6379@10.0.0.0/8", "--iptables",
+                               "--iptables-dest", "127.0.0.1", "--listen", "[::1]:7000", "--grace", "3",
+                               "--consul", "https://10.0.0.9:8501", env={"ETCDCTL_USER": "u:p"})
+    assert pickle.loads(pickle.dumps(settings)) == settings
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.grace = 1
+    assert settings.routes.flags.keepalive.idle == 30
+    assert settings.iptables.allow_from[0][1] == 6379 and str(settings.iptables.dests[0]) == "127.0.0.1"
+    assert [str(a) for a in settings.listen] == ["[::1]:7000"]
+    assert (settings.resolver.consul_scheme, settings.resolver.consul_addr) == ("https", ("10.0.0.9", 8501))
+    assert settings.resolver.etcd_user == "u:p"
+
+
+@pytest.mark.parametrize("argv, mark, listen", [
+    ([], None, ["0.0.0.0:10000", "[::]:10000"]),  # no --iptables: nothing to exempt
+    (["--iptables"], 0x1A3B, ["0.0.0.0:10000", "[::]:10000"]),
+    (["--iptables", "--mark", "7", "--listen", "127.0.0.1:9"], 7, ["127.0.0.1:9"]),
+    (["--mark", "7"], None, ["0.0.0.0:10000", "[::]:10000"]),
+])
+def test_upstream_mark_only_under_iptables_and_listen_defaults(argv, mark, listen):
+    settings = run_settings_of(*argv)
+    assert settings.mark == mark
+    assert [str(a) for a in settings.listen] == listen
+    assert (settings.iptables is not None) == ("--iptables" in argv)
+
+
+@pytest.mark.parametrize("argv, env, expected", [
+    # The flag beats the env var; the env var beats the default.
+    (["--consul", "10.0.0.1:1"], {"CONSUL_HTTP_ADDR": "10.0.0.2:2"}, {"consul_addr": ("10.0.0.1", 1)}),
+    ([], {"CONSUL_HTTP_ADDR": "10.0.0.2:2", "CONSUL_HTTP_SSL": "true"},
+     {"consul_addr": ("10.0.0.2", 2), "consul_scheme": "https"}),
+    ([], {}, {"consul_addr": ("127.0.0.1", 8500), "consul_scheme": "http", "consul_token": None}),
+    (["--consul-token", "a"], {"CONSUL_HTTP_TOKEN": "b"}, {"consul_token": "a"}),
+    ([], {"CONSUL_HTTP_TOKEN": "b"}, {"consul_token": "b"}),
+    (["--etcd", "10.0.0.1:1", "--etcd", "10.0.0.2:2"], {"ETCDCTL_ENDPOINTS": "10.0.0.3:3"},
+     {"etcd_endpoints": (("10.0.0.1", 1), ("10.0.0.2", 2))}),
+    ([], {"ETCDCTL_ENDPOINTS": "10.0.0.3:3, ,10.0.0.4:4"}, {"etcd_endpoints": (("10.0.0.3", 3), ("10.0.0.4", 4))}),
+    (["--etcd-user", "a:1"], {"ETCDCTL_USER": "b:2"}, {"etcd_user": "a:1"}),
+    (["--etcd-cert", "/dev/null", "--etcd-key", "/dev/null"], {"ETCDCTL_CACERT": "/dev/null"},
+     {"etcd_cert": "/dev/null", "etcd_key": "/dev/null", "etcd_ca": "/dev/null"}),
+])
+def test_registry_flags_are_weighed_against_their_env_vars(argv, env, expected):
+    options = run_settings_of(*argv, env=env).resolver
+    assert {k: getattr(options, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--consul-ca", "/nonexistent/ca.pem"], {}, "--consul-ca: cannot read CA file /nonexistent/ca.pem: "),
+    ([], {"CONSUL_CACERT": "/nonexistent/ca.pem"}, "env CONSUL_CACERT: cannot read CA file /nonexistent/ca.pem: "),
+    (["--etcd-key", "/nonexistent/k"], {"ETCDCTL_KEY": "/dev/null"}, "--etcd-key: cannot read /nonexistent/k: "),
+    ([], {"ETCDCTL_CERT": "/nonexistent/c"}, "env ETCDCTL_CERT: cannot read /nonexistent/c: "),
+    (["--dns-min-ttl", "5", "--dns-max-ttl", "1"], {}, "--dns-min-ttl 5 is above --dns-max-ttl 1"),
+    (["--admin", "127.0.0.1:10000"], {}, "--admin 127.0.0.1:10000: the same address and port as a --listen"),
+])
+def test_settings_errors_name_the_flag_or_env_var(argv, env, message):
+    from ambassadord.settings import UsageError
+
+    with pytest.raises(UsageError) as err:
+        run_settings_of(*argv, env=env)
+    assert str(err.value).startswith(message), err.value
+
+
+def test_route_flags_are_defaults_for_every_route_and_check_reads_backend_env_only_with_env():
+    settings = run_settings_of("--balance", "round-robin", "--connect-timeout", "3")
+    (route,) = settings.routes.load({}).routes
+    assert (route.balance, route.connect_timeout) == ("round-robin", 3.0)
+    from ambassadord.settings import check_sources
+
+    env = {"BACKEND_6380": "10.0.0.6:1"}
+    for argv, ports in ([], [6379]), (["--env"], [6379, 6380]):
+        sources = check_sources(build_parser().parse_args(["check", "--map", "6379=10.0.0.5:1", *argv]))
+        assert sorted(r.port for r in sources.load(env).routes) == ports
 
 
 # ---- check -----------------------------------------------------------------------------

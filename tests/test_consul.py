@@ -37,9 +37,9 @@ from pathlib import Path
 import pytest
 import trio
 
-import backends.consul as consul_backend
-from backends import BackendSet, ResolverOptions, SpecError, TemporaryFailure, parse_spec
-from backends.consul import (
+import ambassadord.backends.consul as consul_backend
+from ambassadord.backends import BackendSet, ResolverOptions, SpecError, TemporaryFailure, parse_spec
+from ambassadord.backends.consul import (
     ConsulKVSpec,
     ConsulServiceResolver,
     ConsulServiceSpec,

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from backends import NotFound, ResolverOptions, parse_spec
+from ambassadord.backends import NotFound, ResolverOptions, parse_spec
 from tests.consul import ConsulAgent
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -11,8 +11,8 @@ import pytest
 from ambassadord.balancer import Ejections, PickState, pick_order, weighted_order
 from ambassadord.config import ConfigError, load_routes
 from ambassadord.routes import Route, RouteConfig, RouteTable
-from backends import SpecError, parse_spec
-from backends.interface import Backend, BackendSet
+from ambassadord.backends import SpecError, parse_spec
+from ambassadord.backends.interface import Backend, BackendSet
 
 # ---- specs -------------------------------------------------------------------------
 

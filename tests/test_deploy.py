@@ -591,6 +591,20 @@ def test_dockerignore_sends_what_the_build_copies_and_little_else():
     assert size < 5_000_000, f"build context of {size} bytes"
 
 
+def test_the_installed_package_owns_no_top_level_name_but_its_own(built, tmp_path):
+    """Issue 13, packaging: backends/ installs as ambassadord.backends, so installing
+    ambassadord beside PyPI's unrelated ``backends`` package breaks neither."""
+    python = built.resolve("/opt/ambassadord/bin/python")
+    code = ("import importlib.util, ambassadord.backends as b, ambassadord.backends.consul;"
+            "print(importlib.util.find_spec('backends'), b.__file__)")
+    proc = subprocess.run([python, "-c", code], env=built.environ(), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    spec, path = proc.stdout.split()
+    assert spec == "None", proc.stdout
+    assert "/opt/ambassadord/" in path and "/site-packages/ambassadord/backends/" in path, path
+
+
 def test_image_entrypoint_runs_from_a_clean_venv_on_loopback(built, tmp_path):
     """Needs no root: the image's entrypoint with a loopback listener and route instead of
     --iptables (which its default command adds), against a real redis-server."""

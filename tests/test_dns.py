@@ -15,9 +15,9 @@ import pytest
 import trio
 
 from ambassadord.balancer import PickState, pick_order
-from backends import NotFound, SpecError, TemporaryFailure, parse_spec
-from backends.dns import AddressResolver, DnsSpec, SrvRecord, parse_dns_server, srv_backends
-from backends.interface import Backend, ResolverOptions
+from ambassadord.backends import NotFound, SpecError, TemporaryFailure, parse_spec
+from ambassadord.backends.dns import AddressResolver, DnsSpec, SrvRecord, parse_dns_server, srv_backends
+from ambassadord.backends.interface import Backend, ResolverOptions
 from tests.daemon import Daemon, RedisProcess, connect, free_port, read_to_eof, wait_until
 from tests.dns_server import Dnsmasq
 

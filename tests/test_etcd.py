@@ -47,8 +47,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from backends import ResolverOptions, SpecError, TemporaryFailure, parse_spec
-from backends.etcd import EtcdResolver, EtcdSpec, parse_endpoint
+from ambassadord.backends import ResolverOptions, SpecError, TemporaryFailure, parse_spec
+from ambassadord.backends.etcd import EtcdResolver, EtcdSpec, parse_endpoint
 from tests.daemon import free_port
 from tests.etcd_server import EtcdServer, make_tls, require_etcd
 from tests.watch import Watch as BaseWatch

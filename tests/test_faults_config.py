@@ -25,8 +25,8 @@ import pytest
 
 from ambassadord.config import ConfigError, load_routes
 from tests.daemon import connect, free_port, ping, wait_until
-from tests.test_admin import get_routes, metric, route, scrape
-from tests.test_reload import reload_records, reloading_daemon, routes_toml, write_config
+from tests.admin_client import get_routes, metric, route, scrape
+from tests.reload_harness import reload_records, reloading_daemon, routes_toml, write_config
 
 PONG = b"+PONG\r\n"
 BACKEND = "127.0.0.1:1"

@@ -24,7 +24,7 @@ import pytest
 
 from tests.daemon import Daemon, RedisProcess, connect, free_port, ping, require, wait_until
 from tests.netns import Netns
-from tests.test_admin import admin_daemon, backend, get_routes, metric, route, scrape
+from tests.admin_client import admin_daemon, backend, get_routes, metric, route, scrape
 
 PONG = b"+PONG\r\n"
 

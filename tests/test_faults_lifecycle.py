@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import time
@@ -58,9 +59,9 @@ def lpush(redis: RedisProcess, key: str, value: str) -> None:
 
 
 @contextlib.contextmanager
-def scenario(label: str, *flags: str, other_nat_rule: bool = False, config=None):
+def scenario(label: str, *flags: str, other_nat_rule: bool = False, config=None, env=None):
     """A namespace with Redis on a port of its own and the daemon redirecting 6379 to it
-    (a --map, or with ``config``, a path, that file)."""
+    (a --map, or with ``config``, a path, that file; ``env``: the daemon's extra env)."""
     require_prerequisites()
     with namespaces(label) as (ns,):
         if other_nat_rule:
@@ -73,7 +74,7 @@ def scenario(label: str, *flags: str, other_nat_rule: bool = False, config=None)
                 config.write_text(f'[routes]\n6379 = "127.0.0.1:{port}"\n')
                 routes = ["--config", str(config), "--config-poll", "0.1"]
             args = ["--iptables", "--listen", "127.0.0.1:10000", *routes, *flags]
-            with Daemon(args, ns=ns) as daemon:
+            with Daemon(args, ns=ns, env=env) as daemon:
                 yield ns, redis, daemon
 
 
@@ -206,4 +207,33 @@ def test_sigterm_stops_the_daemon_while_a_reload_reads_a_fifo(tmp_path) -> None:
         daemon.signal(signal.SIGTERM)
         assert daemon.wait_exit(10) == 0, daemon.describe()
         assert time.monotonic() - started < 6
+        assert "AMBASSADORD" not in nat(ns)
+
+
+def refusing_jump_removal(tmp_path) -> dict[str, str]:
+    """An iptables-restore wrapper for the daemon's PATH that refuses the first step of a
+    stop, the removal of the jumps alone (``-D`` without ``-X``), and runs the real tool
+    for everything else. Returns the daemon's env."""
+    wrappers = tmp_path / "bin"
+    wrappers.mkdir()
+    wrapper = wrappers / "iptables-restore"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        "input=$(cat)\n"
+        'case "$input" in *"-X "*) ;; *"-D "*) echo "iptables-restore: simulated refusal" >&2; exit 2 ;; esac\n'
+        f'printf "%s\\n" "$input" | {shutil.which("iptables-restore")} "$@"\n')
+    wrapper.chmod(0o755)
+    return {"PATH": f"{wrappers}:{os.environ['PATH']}"}
+
+
+def test_a_stop_whose_jump_removal_fails_still_removes_every_rule(tmp_path) -> None:
+    # The jumps still lead to our chains, and they are ours: the exit removes them all.
+    # Before, any stop made the exit leave rules that a jump leads to (taking them for
+    # the rules of a daemon that replaced this one), and the mapped ports were refused
+    # until the next start.
+    with scenario("life-jumps", "--grace", "1", env=refusing_jump_removal(tmp_path)) as (ns, _redis, daemon):
+        daemon.signal(signal.SIGTERM)
+        daemon.wait_for("could not remove the jumps to our chains")
+        assert daemon.wait_exit(10) == 0, daemon.describe()
+        assert "iptables: rules removed" in daemon.text(), daemon.describe()
         assert "AMBASSADORD" not in nat(ns)

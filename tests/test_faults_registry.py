@@ -30,10 +30,10 @@ import time
 import pytest
 import trio
 
-import backends.etcd as etcd_backend
-from backends import ResolverOptions, parse_spec
-from backends.interface import Backend, canonical, host_problem, hostname_problem
-from backends.keyvalues import pairs_from_keys
+import ambassadord.backends.etcd as etcd_backend
+from ambassadord.backends import ResolverOptions, parse_spec
+from ambassadord.backends.interface import Backend, canonical, host_problem, hostname_problem
+from ambassadord.backends.keyvalues import pairs_from_keys
 from tests.consul import ConsulAgent
 from tests.etcd_server import EtcdServer, require_etcd
 from tests.watch import Watch, addrs, call

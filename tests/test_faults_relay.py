@@ -26,8 +26,8 @@ import pytest
 
 from tests.daemon import Daemon, connect, free_port, wait_until
 from tests.stream_server import StreamServer, read_to_end
-from tests.test_admin import admin_daemon, get_routes, route
-from tests.test_sockmap import sockmap_or_skip
+from tests.admin_client import admin_daemon, get_routes, route
+from tests.daemon import sockmap_or_skip
 
 MODES = {
     "copy": ["--splice", "off", "--sockmap", "off"],

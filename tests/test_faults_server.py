@@ -24,11 +24,11 @@ import trio
 
 from ambassadord.routes import Route, RouteConfig, RouteTable
 from ambassadord.server import ListenAddress, Server, bind_listeners
-from backends import parse_spec
+from ambassadord.backends import parse_spec
 from tests.daemon import Daemon, RedisProcess, connect, ping, wait_until
 from tests.netns import link, namespaces, require_prerequisites
-from tests.test_admin import backend, get_routes, route
-from tests.test_server import echo, tcp_server
+from tests.admin_client import backend, get_routes, route
+from tests.trio_servers import echo, tcp_server
 
 PONG = b"+PONG\r\n"
 ADMIN = 10001

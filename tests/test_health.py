@@ -9,7 +9,7 @@ import random
 import pytest
 
 from ambassadord.balancer import MAX_BACKOFF, Ejections, PickState, pick_order
-from backends.interface import Backend
+from ambassadord.backends.interface import Backend
 
 A, B, C = (Backend(f"10.0.0.{i}", 80) for i in range(1, 4))
 
@@ -170,8 +170,9 @@ def test_down_backends_are_left_out_unless_all_are(down, expected):
 
 # ---- configuration: file options, flags, and their errors ----------------------------------
 
-from ambassadord.cli import _route_defaults, build_parser  # noqa: E402
+from ambassadord.cli import build_parser  # noqa: E402
 from ambassadord.config import ConfigError, load_routes  # noqa: E402
+from ambassadord.settings import route_flags  # noqa: E402
 
 
 def test_check_options_from_defaults_flags_and_routes(tmp_path):
@@ -181,7 +182,7 @@ def test_check_options_from_defaults_flags_and_routes(tmp_path):
                  '2 = { backend = "10.0.0.2:1", check_interval = 0.5, check_rise = 1 }\n'
                  '3 = { backend = "10.0.0.3:1", check_interval = 0 }\n')
     args = build_parser().parse_args(["run", "--config", str(f), "--check-rise", "3"])
-    routes = {r.port: r for r in load_routes(config_file=str(f), flag_defaults=_route_defaults(args)).routes}
+    routes = {r.port: r for r in load_routes(config_file=str(f), flag_defaults=route_flags(args).as_dict()).routes}
     got = {p: (r.check_interval, r.check_rise, r.check_fall) for p, r in routes.items()}
     assert got == {1: (5.0, 3, 4), 2: (0.5, 1, 4), 3: (None, 3, 4)}
     # no option anywhere: no checks, HAProxy's rise 2 and fall 3
@@ -189,7 +190,7 @@ def test_check_options_from_defaults_flags_and_routes(tmp_path):
     assert (r.check_interval, r.check_rise, r.check_fall) == (None, 2, 3)
     # --check-interval 0 turns off checks that [defaults] turns on
     args = build_parser().parse_args(["run", "--config", str(f), "--check-interval", "0"])
-    routes = load_routes(config_file=str(f), flag_defaults=_route_defaults(args)).routes
+    routes = load_routes(config_file=str(f), flag_defaults=route_flags(args).as_dict()).routes
     assert {r.port: r.check_interval for r in routes} == {1: None, 2: 0.5, 3: None}
 
 

@@ -31,35 +31,13 @@ import pytest
 
 from tests.daemon import Daemon, RedisProcess, connect, free_port, is_closed, refused, wait_until
 from tests.netns import Netns
-from tests.test_admin import (
-    admin_daemon,
-    backend,
-    get_routes,
-    metric,
-    read_bulk,
-    read_line,
-    require,
-    resp,
-    route,
-    scrape,
-)
+from tests.admin_client import admin_daemon, backend, get_routes, metric, route, scrape
+from tests.daemon import require
+from tests.redis_wire import read_bulk, read_line, resp
+from tests.reload_harness import reload_records, reloading_daemon, routes_toml, write_config
 
 
 # ---- helpers -----------------------------------------------------------------------
-
-
-def write_config(path: Path, text: str) -> None:
-    """Replace the file atomically (write a temporary file, then rename), as editors and
-    configuration management do: the daemon never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def routes_toml(routes: dict[int, str], *, head: str = "") -> str:
-    """A [routes] table (after ``head``): a value is a spec string, or an inline table as written."""
-    lines = [f"{port} = {value}" if value.startswith("{") else f'{port} = "{value}"' for port, value in routes.items()]
-    return head + "[routes]\n" + "".join(line + "\n" for line in lines)
 
 
 def whoami(sock: socket.socket) -> bytes:
@@ -85,10 +63,6 @@ def wait_reloads(admin: int, ok: int, failed: int, daemon, **kw) -> dict:
     wait_until(lambda: reloads(admin, **kw) == (ok, failed), timeout=10,
                what=lambda: f"reloads (ok, failed) = {(ok, failed)}; now {reloads(admin, **kw)}; {daemon.describe()}")
     return get_routes(admin, **kw)
-
-
-def reload_records(daemon) -> list[dict]:
-    return [r for r in daemon._records_so_far() if r.get("event") == "reload"]
 
 
 class Redis(RedisProcess):
@@ -136,11 +110,6 @@ def redis_b(tmp_path) -> Iterator[Redis]:
 def ports() -> list[int]:
     """Three listen ports for the daemon; routes are added to and removed from them."""
     return [free_port() for _ in range(3)]
-
-
-def reloading_daemon(config: Path, ports: list[int], admin: int, tmp_path: Path, *extra: str):
-    listen = [a for p in ports for a in ("--listen", f"127.0.0.1:{p}")]
-    return admin_daemon([*listen, "--config", str(config), *extra], admin, tmp_path)
 
 
 # ---- the file changes --------------------------------------------------------------

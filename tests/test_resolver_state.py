@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import pytest
 
-from backends.interface import Backend
-from backends.state import ResolverState
+from ambassadord.backends.interface import Backend
+from ambassadord.backends.state import ResolverState
 
 SOURCE = "srv://_redis._tcp.example"
 A = (Backend("10.0.0.1", 6379),)

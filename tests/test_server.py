@@ -8,7 +8,6 @@ namespace tests.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import logging
 import os
@@ -20,34 +19,19 @@ import pytest
 import trio
 
 from ambassadord import server as server_mod
+from tests.trio_servers import echo, tcp_server
 from ambassadord.logs import Throttled
 from ambassadord.relay import KernelRelay, SockmapError
 from ambassadord.routes import Keepalive, Route, RouteConfig, RouteTable
 from ambassadord.server import ListenAddress, Server, bind_listeners, intended_port
-from backends import parse_spec
-from backends.interface import Backend, BackendSet, Resolver, Spec
+from ambassadord.backends import parse_spec
+from ambassadord.backends.interface import Backend, BackendSet, Resolver, Spec
 
 # Relay modes: recv/send; splice once a direction is bulky; the kernel (BPF sockmap).
 MODES = ["copy", "splice", "sockmap"]
 
 
 # ---- backends: small real TCP servers ------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def tcp_server(handler):
-    """A trio TCP server on 127.0.0.1:<free port> running ``handler(stream)``; yields its port."""
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-        yield listeners[0].socket.getsockname()[1]
-        nursery.cancel_scope.cancel()
-
-
-async def echo(stream):
-    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        async for chunk in stream:
-            await stream.send_all(chunk)
-        await stream.send_eof()
 
 
 def dead_port() -> int:

@@ -22,16 +22,7 @@ import pytest
 
 from ambassadord.dataplane import DataPlane
 from ambassadord.relay import KernelRelay, Sockmap, SockmapError, bpf_syscall_number, cookie
-from tests.daemon import Daemon, RedisProcess, connect, free_port, ping as redis_ping, require, wait_until
-
-
-def sockmap_or_skip() -> Sockmap:
-    try:
-        return Sockmap(8)
-    except SockmapError as exc:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"no BPF sockmap here: {exc}")
+from tests.daemon import Daemon, RedisProcess, connect, free_port, ping as redis_ping, require, sockmap_or_skip, wait_until
 
 
 def ping(sock: socket.socket, timeout: float) -> bytes:

@@ -18,14 +18,14 @@ import trio
 import trio.testing
 
 from ambassadord.admin import parse_admin
-from ambassadord.cli import render_status
+from ambassadord.status import render_status
 from ambassadord.config import load_routes
 from ambassadord.relay import RelayResult
 from ambassadord.routes import Route, RouteTable
 from ambassadord.server import ListenAddress, Server, bind_listeners
 from ambassadord.logs import TextFormatter
 from ambassadord.stats import CONNECT_BUCKETS, Outcome, RouteStats
-from backends.interface import Backend, BackendSet
+from ambassadord.backends.interface import Backend, BackendSet
 
 
 def test_histogram_buckets_are_cumulative_and_end_with_inf():

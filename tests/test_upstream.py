@@ -32,8 +32,8 @@ from ambassadord.upstream import (
     host_short,
     no_upstream_outcome,
 )
-from backends import parse_spec
-from backends.interface import Backend
+from ambassadord.backends import parse_spec
+from ambassadord.backends.interface import Backend
 
 A, B, C = Backend("10.0.0.1", 6379), Backend("10.0.0.2", 6379), Backend("10.0.0.3", 6379)
 PEER = "192.0.2.7"  # TEST-NET-1: never an address of this host

@@ -45,7 +45,7 @@ from ambassadord.workers.protocol import (
     encode,
     light_configs,
 )
-from backends.interface import Backend, BackendSet
+from ambassadord.backends.interface import Backend, BackendSet
 from tests.daemon import REPO_ROOT
 
 A, B = Backend("127.0.0.1", 6379), Backend("::1", 6380, priority=1, weight=5, name="cache-b")

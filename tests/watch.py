@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 import pytest
 import trio
 
-from backends import BackendSet
+from ambassadord.backends import BackendSet
 
 TIMEOUT = 10.0  # default deadline of every wait on the watch
 

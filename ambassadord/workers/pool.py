@@ -43,7 +43,7 @@ from .protocol import (
 )
 
 if TYPE_CHECKING:
-    from backends.interface import Backend
+    from ambassadord.backends.interface import Backend
 
     from ..routes import RouteTable
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from backends.interface import Backend, BackendSet
+    from ambassadord.backends.interface import Backend, BackendSet
 
     from ..routes import RouteConfig
 
