@@ -16,9 +16,13 @@ How the pieces fit (one feature per module):
   No sockets, no trio.
 * ``original_dst``: ``SO_ORIGINAL_DST`` / ``IP6T_SO_ORIGINAL_DST``, the one platform call
   that tells which port a redirected connection was meant for.
-* ``server``: listeners, accept loops, one task per connection, connect with failover,
-  loop guard, graceful shutdown, resolver tasks that keep each route's backend set fresh,
-  and ``reload`` (swap the route table; unchanged routes keep their resolver and state).
+* ``server``: listeners, accept loops, one task per connection (``_handle``: the data
+  flow, step by step), graceful shutdown, resolver tasks that keep each route's backend
+  set fresh, and ``reload`` (swap the route table; unchanged routes keep their resolver
+  and state).
+* ``upstream``: the daemon's own sockets toward backends: creation (waiting out a shortage
+  of fds), SO_MARK, keepalive, connect with failover and a timeout per attempt, capacity
+  vs. backend failure, and the registry of its sockets that the loop guard asks.
 * ``stats``: per-route and per-backend counters, plain integers bumped by the connection
   handler; ``admin`` reads them for ``/routes``, ``/metrics`` and the status page
   (hypercorn + Starlette in the same trio loop; prometheus_client for the exposition).
@@ -35,7 +39,7 @@ How the pieces fit (one feature per module):
   (``python -m ambassadord.workers``), ``count`` (``auto``).
 * ``netfilter``: the nat REDIRECT chain (iptables-restore, v4 and v6) and interface
   addresses (pyroute2).
-* ``logs``: text or JSON log lines, one per connection.
+* ``logs``: text or JSON log lines, one per connection; ``Throttled`` for floods.
 
 Resolvers are ``ambassadord.backends`` (one module per source, registered by spec
 scheme; ``state`` is the one resolver state machine they all feed). In the source tree

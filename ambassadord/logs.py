@@ -2,7 +2,8 @@
 
 Structured events (one per connection, resolver updates, ...) pass their fields as
 ``extra={"fields": {...}}``. The text format appends them as ``key=value``; the JSON format
-makes them top-level keys of one JSON object per line.
+makes them top-level keys of one JSON object per line. ``Throttled`` keeps a flood of
+lines of one kind (refused connections, accept errors) to one line a second.
 """
 
 from __future__ import annotations
@@ -56,3 +57,25 @@ def setup(fmt: str = "text", level: str = "info", stream=None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class Throttled:
+    """Log lines of one kind at most once per ``every`` seconds each: a flood of refused
+    connections must not become a flood of log lines too. A line says how many like it
+    were left out since the last one."""
+
+    def __init__(self, logger: logging.Logger | None = None, every: float = 1.0):
+        self.logger, self.every = logger or logging.getLogger("ambassadord"), every
+        self._next: dict = {}  # key -> monotonic time before which lines are held back
+        self._held: dict = {}  # key -> lines held back since the last one logged
+
+    def log(self, key, level: int, msg: str, *args, fields: dict | None = None) -> None:
+        now = time.monotonic()
+        if now < self._next.get(key, 0.0):
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        self._next[key] = now + self.every
+        held = self._held.pop(key, 0)
+        if held:
+            msg, args = msg + " (and %d more since the last such line)", (*args, held)
+        self.logger.log(level, msg, *args, extra={"fields": fields} if fields else None)

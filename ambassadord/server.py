@@ -24,31 +24,29 @@ import logging
 import os
 import random
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 
 import trio
-from trio.lowlevel import checkpoint, wait_readable, wait_writable
+from trio.lowlevel import checkpoint, wait_readable
 
 from ambassadord.backends.interface import Backend, BackendSet, ResolverOptions, failed_set
 
 from . import health, original_dst
 from .balancer import pick_order
+from .logs import Throttled
 from .peers import NO_PEERS, Peers
 from .relay import KernelRelay, RelayResult, relay
 from .routes import Keepalive, Route, RouteConfig, RouteTable
+from .stats import Outcome
+from .upstream import CAPACITY_ERRNOS, CAPACITY_SLEEP, Connector, Refused, set_keepalive
 
 log = logging.getLogger("ambassadord")
 conn_log = logging.getLogger("ambassadord.conn")
 
-SO_MARK = getattr(socket, "SO_MARK", 36)
-# IP_BIND_ADDRESS_NO_PORT is not needed: upstream sockets never bind explicitly.
-
-# accept() errors that mean "out of a resource", not "bug": back off and go on, as
-# trio's serve_listeners does.
-CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-# accept() errors that concern only the one connection being accepted: ECONNABORTED, and
+# accept() errors. CAPACITY_ERRNOS (upstream.py) mean "out of a resource", not "bug": back
+# off and go on, as trio's serve_listeners does. These concern only the one connection
+# being accepted: ECONNABORTED, and
 # the "pending network errors" that accept(2) says Linux passes on for TCP (ENETDOWN,
 # EPROTO, ENOPROTOOPT, EHOSTDOWN, ENONET, EHOSTUNREACH, EOPNOTSUPP, ENETUNREACH). Go on.
 TRANSIENT_ACCEPT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.EHOSTUNREACH,
@@ -58,12 +56,6 @@ TRANSIENT_ACCEPT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.
 # is closed): they surface. Any other, unforeseen errno is logged and the loop goes on:
 # one odd error must not stop a daemon that serves every route of the host.
 BUG_ACCEPT_ERRNOS = {errno.EBADF, errno.EINVAL, errno.ENOTSOCK, errno.EFAULT}
-# connect() errors that say this host is short of something, not that the backend is
-# unwell: EADDRNOTAVAIL is "no free local port toward this backend" (tens of thousands of
-# TIME_WAIT sockets at sustained churn; also no usable source address), EAGAIN its older
-# spelling, ENOBUFS/ENOMEM memory. Outcome capacity: no ejection, no backend failure.
-LOCAL_CONNECT_ERRNOS = {errno.EADDRNOTAVAIL, errno.EAGAIN, *CAPACITY_ERRNOS}
-CAPACITY_SLEEP = 0.1
 LISTEN_BACKLOG = 4096
 # Connections accepted in a row (without waiting) before the accept loop lets others run.
 ACCEPT_BURST = 8
@@ -80,43 +72,6 @@ class ReloadSummary:
         parts = [f"{what} {', '.join(names)}" for what, names in
                  (("added", self.added), ("removed", self.removed), ("changed", self.changed)) if names]
         return "; ".join(parts) or "no route changed"
-
-
-class Throttled:
-    """Log lines of one kind at most once per ``every`` seconds each: a flood of refused
-    connections must not become a flood of log lines too. A line says how many like it
-    were left out since the last one."""
-
-    def __init__(self, logger: logging.Logger = log, every: float = 1.0):
-        self.logger, self.every = logger, every
-        self._next: dict = {}  # key -> monotonic time before which lines are held back
-        self._held: dict = {}  # key -> lines held back since the last one logged
-
-    def log(self, key, level: int, msg: str, *args, fields: dict | None = None) -> None:
-        now = time.monotonic()
-        if now < self._next.get(key, 0.0):
-            self._held[key] = self._held.get(key, 0) + 1
-            return
-        self._next[key] = now + self.every
-        held = self._held.pop(key, 0)
-        if held:
-            msg, args = msg + " (and %d more since the last such line)", (*args, held)
-        self.logger.log(level, msg, *args, extra={"fields": fields} if fields else None)
-
-
-def set_keepalive(sock: socket.socket, keepalive: Keepalive) -> None:
-    """TCP keepalive on ``sock`` as ``keepalive`` says (off: SO_KEEPALIVE 0)."""
-    if not keepalive:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
-        return
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive.idle)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive.interval)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepalive.count)
-
-
-class OutOfResources(Exception):
-    """No file descriptor (or memory) for a new socket, for longer than we can wait."""
 
 
 class StartupError(Exception):
@@ -204,6 +159,42 @@ def _addr_str(sockaddr) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def intended_port(original: tuple[str, int] | None, listen_port: int) -> int:
+    """The port a connection was meant for: its original destination's (SO_ORIGINAL_DST),
+    or, not redirected (no conntrack entry: ``None``), the listen port it arrived on.
+
+    The local address does not matter: a connection that was not redirected but is tracked
+    reads back its own local address and port (RECIPES.md), which is the listen port; one
+    redirected from another address's listen port was meant for that same port.
+    """
+    return listen_port if original is None else original[1]
+
+
+def _original_destination(conn: socket.socket) -> tuple[str, int] | None:
+    try:
+        return original_dst.original_destination(conn)
+    except OSError:  # the client is already gone, ...: route it by the listen port
+        return None
+
+
+# The level of a connection's log line, by outcome (INFO for those not named).
+OUTCOME_LEVELS = {Outcome.LOOP: logging.ERROR, Outcome.CAPACITY: logging.ERROR, Outcome.ALL_BACKENDS_FAILED: logging.ERROR,
+                  Outcome.ERROR: logging.ERROR, Outcome.NO_ROUTE: logging.WARNING, Outcome.NO_BACKENDS: logging.WARNING}
+
+
+def _log_connection(level: int, fields: dict, result: RelayResult, outcome: str, error: str | None,
+                    started: float) -> None:
+    """A connection's one line (README, "Logs"): ``fields`` as the handler filled them in,
+    then what it came to."""
+    fields["src"] = _addr_str(fields["src"])
+    fields["up"], fields["down"] = result.up, result.down
+    if error is not None:
+        fields["error"] = error
+    fields["duration"] = round(time.monotonic() - started, 6)
+    fields["outcome"] = outcome
+    conn_log.log(level, "connection", extra={"fields": {"event": "connection", **fields}})
+
+
 class Server:
     """Accepts redirected connections and relays them to the routes' backends.
 
@@ -241,7 +232,6 @@ class Server:
         self.listeners = listeners
         self.options = options or ResolverOptions()
         self.grace = grace
-        self.mark = mark
         self.use_splice = use_splice
         self.kernel = kernel
         self.rng = rng or random.Random()
@@ -252,16 +242,10 @@ class Server:
         self.unrouted: dict[str, int] = {}  # connections closed before a route was found, by outcome
         self.started_at = time.time()
         self.listening = False  # True from the first accept loop's start until shutdown
-        # Local (ip, port) and dialled port of every upstream socket of ours now connecting
-        # or connected: a connection arriving *from* one of them *for* that port is our
-        # own, looped back (loop guard).
-        # A count, not a set: Linux may reuse one local port for connections to different
-        # destinations, and closing one of them must not forget the other.
-        self._own_upstreams: dict[tuple[str, int, int], int] = {}
+        # Opens and connects upstream sockets, and knows them (loop guard).
+        self.upstreams = Connector({s.getsockname()[:2] for s in listeners}, mark=mark, on_eject=self._ejected)
         self._first_answer: dict[Route, trio.Event] = {r: trio.Event() for r in table.routes}
-        self._listen_addrs = {(s.getsockname()[0], s.getsockname()[1]) for s in listeners}
         self._accept_scope: trio.CancelScope | None = None
-        self._short_of_fds = 0.0  # until when (monotonic) the accept loop yields after every accept
         self._resolvers: trio.Nursery | None = None
         self._resolver_scopes: dict[Route, trio.CancelScope] = {}
         self._conn_scope: trio.CancelScope | None = None
@@ -404,28 +388,9 @@ class Server:
                 await self._watch_route(route)
                 return
             async with trio.open_nursery() as nursery:  # the route's health checks, beside its resolver
-                nursery.start_soon(health.check_route, route, self._check_connect, self._checks_changed,
+                nursery.start_soon(health.check_route, route, self.upstreams.probe, self._checks_changed,
                                    name=f"health checks {route.name}")
                 await self._watch_route(route)
-
-    async def _check_connect(self, backend: Backend, timeout: float) -> None:
-        """One health check's connect (health.py): our own upstream socket (SO_MARK, loop
-        guard), closed with a reset at once, so that checks leave no TIME_WAIT behind."""
-        if self._is_own_listener(backend):  # it would be accepted, and counted, as a client
-            raise OSError(errno.ELOOP, "is ambassadord's own listener (loop)")
-        try:
-            sock = await self._new_upstream(backend, timeout)
-        except OutOfResources as exc:
-            raise health.NoResult(str(exc)) from None
-        try:
-            self._forget_upstream(await self._connect(sock, backend, timeout))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError as exc:
-            if exc.errno in LOCAL_CONNECT_ERRNOS:  # this host's capacity, not the backend's health
-                raise health.NoResult(exc.strerror or str(exc)) from None
-            raise
-        finally:
-            sock.close()
 
     def _checks_changed(self, route: Route) -> None:
         """The set of backends that route's checks say are down changed."""
@@ -506,6 +471,7 @@ class Server:
     async def _accept_loop(self, lsock: socket.socket, nursery: trio.Nursery) -> None:
         accept = lsock.accept
         handle = self._handle
+        upstreams = self.upstreams
         listen_port = lsock.getsockname()[1]
         burst = 0
         while True:
@@ -517,7 +483,7 @@ class Server:
                 continue
             except OSError as exc:
                 if exc.errno in CAPACITY_ERRNOS:
-                    self._short_of_fds = time.monotonic() + 1.0
+                    upstreams.short_of_fds = time.monotonic() + 1.0
                     self._throttled.log(("accept", lsock), logging.ERROR, "accept on %s: %s; backing off",
                                         _addr_str(lsock.getsockname()), exc.strerror)
                     await trio.sleep(CAPACITY_SLEEP)
@@ -539,319 +505,96 @@ class Server:
             # Fairness: a flood of connections must not starve relays. Short of fds, yield
             # after every accept, so that the connections already accepted get their
             # upstream sockets before the next accept takes the fd they wait for.
-            if burst >= ACCEPT_BURST or self._short_of_fds > time.monotonic():
+            if burst >= ACCEPT_BURST or upstreams.short_of_fds > time.monotonic():
                 burst = 0
                 await checkpoint()
 
     # ---- one connection ------------------------------------------------------------
 
     async def _handle(self, conn: socket.socket, peer, listen_port: int) -> None:
+        """One connection, in the order of DESIGN.md's "Data flow". Whichever way it ends
+        (an Outcome), it is counted once, closed, and logged in one line."""
         started = time.monotonic()
         self.active += 1
         self.total += 1
         fields = {"src": peer, "port": None, "backend": None, "up": 0, "down": 0}
-        outcome = "error"
-        upstream: socket.socket | None = None
-        own_key = None
-        result = RelayResult()
-        level = logging.INFO
-        stats = None  # the route's RouteStats, once there is a route
-        bstats = None  # the backend's BackendStats, once connected
+        outcome, error, result = Outcome.ERROR, None, RelayResult()
+        route = upstream = own = bstats = None
         try:
-            try:
-                dst = original_dst.original_destination(conn)
-            except OSError:
-                dst = None
-            # Not redirected (no conntrack entry, or it reads back our own address): the
-            # connection came to a listen port directly; route it by that port. Only a
-            # destination on the listen port can be our own address (one syscall saved).
-            if dst is None:
-                port = listen_port
-            elif dst[1] == listen_port:
-                local = conn.getsockname()
-                port = listen_port if dst[0] == local[0] else dst[1]
-            else:
-                port = dst[1]
-            fields["port"] = port
-            # Ours, looped back: from one of our upstream sockets' local address and to the
-            # port it dialled. Not the address alone: Linux gives one local port to several
-            # connections with different destinations, so a client may share a port with
-            # an upstream of ours (seen under load on 127.0.0.1) and is not a loop.
-            if (peer[0], peer[1], port) in self._own_upstreams:
-                outcome, level = "loop", logging.ERROR
-                return
-            route = self.table.lookup(port, peer[0])
-            if route is None:
-                outcome, level = "no-route", logging.WARNING
-                return
+            fields["port"] = port = intended_port(_original_destination(conn), listen_port)
+            if self.upstreams.is_own(peer, port):  # one of our upstream connections, looped back
+                raise Refused(Outcome.LOOP)
+            if (route := self.table.lookup(port, peer[0])) is None:
+                raise Refused(Outcome.NO_ROUTE)
             fields["route"] = route.name
             cfg = route.config
-            stats = route.stats
-            stats.active += 1
-            if cfg.max_connections and stats.active > cfg.max_connections:
-                # Also what stops a routing loop that the checks below cannot see: every hop
-                # holds one connection of the route on each daemon it passes.
-                outcome = "limit"
-                fields["error"] = f"max_connections {cfg.max_connections} reached"
-                self._throttled.log(("limit", route.name), logging.WARNING,
-                                    "route %s: %d connections open, its max_connections; closing new ones at once "
-                                    "(outcome limit). A routing loop between two hosts looks like this too",
-                                    route.name, cfg.max_connections,
-                                    fields={"event": "limit", "route": route.name, "max_connections": cfg.max_connections})
-                return
+            route.stats.active += 1  # until route.stats.closed()
+            if cfg.max_connections and route.stats.active > cfg.max_connections:
+                raise self._at_limit(route)
             if cfg.keepalive is not self._listener_keepalive and cfg.keepalive != self._listener_keepalive:
                 set_keepalive(conn, cfg.keepalive)
-            if not route.resolved and (first := self._first_answer.get(route)) is not None:
-                with trio.move_on_after(cfg.connect_timeout):
-                    await first.wait()
-            # A trial of an expired ejection may wait for a socket and then for the connect.
-            order = pick_order(route.backends.backends, cfg.balance, route.pick, time.monotonic(), self.rng,
-                               trial_for=2 * cfg.connect_timeout)
-            if not order:
-                outcome, level = "no-backends", logging.WARNING
-                fields["error"] = route.backends.error or "the route has no backends"
-                return
-            failures = []
-            if any(b.address == peer[0] for b in order) and not self._is_local(peer[0], conn):
-                # Never send a connection back to the host it came from: another host whose
-                # route for this port points here, while ours points there, is a loop that
-                # would multiply one connection until both daemons ran out of fds.
-                failures.append(f"{peer[0]}: is where the connection came from (a loop between two hosts?)")
-                order = [b for b in order if b.address != peer[0]]
-                if not order:
-                    outcome, level = "loop", logging.ERROR
-                    fields["error"] = (f"the route's backends are all on {peer[0]}, the host that connected: "
-                                       "its route for this port probably points back here")
-                    return
-            short: list[str] = []  # attempts this host had no local port (or memory) for
-            full: list[str] = []  # backends passed over at max_backend_connections
-            for backend in order:
-                if self._is_own_listener(backend):
-                    failures.append(f"{backend}: is ambassadord's own listener (loop)")
-                    continue
-                key = str(backend)
-                b = stats.backend(key, backend)
-                if cfg.max_backend_connections and b.active + b.connecting >= cfg.max_backend_connections:
-                    full.append(f"{backend}: {b.active + b.connecting} connections, its max_backend_connections")
-                    continue
-                try:
-                    sock = await self._new_upstream(backend, cfg.connect_timeout, cfg.keepalive)
-                except OutOfResources as exc:
-                    outcome, level = "capacity", logging.ERROR
-                    fields["error"] = str(exc)
-                    return
-                connect_started = time.monotonic()
-                b.connecting += 1
-                try:
-                    own_key = await self._connect(sock, backend, cfg.connect_timeout)
-                except (OSError, trio.TooSlowError) as exc:
-                    sock.close()
-                    if isinstance(exc, OSError) and exc.errno in LOCAL_CONNECT_ERRNOS:
-                        # This host's shortage, not the backend's fault: no ejection, no
-                        # failure counted; the next backend (another destination, other
-                        # free ports) may still work.
-                        short.append(f"{backend}: {exc.strerror}")
-                        self._throttled.log(
-                            ("capacity", route.name), logging.ERROR,
-                            "route %s: cannot connect to %s: %s. This host is out of local ports (or memory), "
-                            "not the backend's fault: not ejected (outcome capacity). Raise "
-                            "net.ipv4.ip_local_port_range or set net.ipv4.tcp_tw_reuse=1 (README, Limits)",
-                            route.name, backend, exc.strerror,
-                            fields={"event": "capacity", "route": route.name, "backend": key, "error": exc.strerror})
-                        continue
-                    reason = "timeout" if isinstance(exc, trio.TooSlowError) else (exc.strerror or str(exc))
-                    failures.append(f"{backend}: {reason}")
-                    b.failures += 1
-                    stats.failures += 1
-                    b.last_error, b.last_failure = reason, time.time()
-                    ejected = route.pick.ejections.eject(backend, time.monotonic(), cfg.eject_for)
-                    if ejected is not None:
-                        self.peers.ejected(route.config.key, backend, ejected)
-                    log.warning("route %s: backend %s failed (%s); %s", route.name, backend, reason,
-                                "still ejected" if ejected is None else f"ejected for {ejected:g}s",
-                                extra={"fields": {"event": "backend-failed", "route": route.name, "backend": str(backend), "error": reason}})
-                    continue
-                except BaseException:  # cancelled mid-connect: this socket is nobody else's
-                    sock.close()
-                    raise
-                finally:
-                    b.connecting -= 1
-                route.pick.ejections.restore(backend)
-                stats.observe_connect(time.monotonic() - connect_started)
-                upstream = sock
-                result.backend = fields["backend"] = key
-                bstats = b
-                bstats.active += 1
-                bstats.connections += 1
-                bstats.last_connect = time.time()
-                stats.open.add(result)
-                break
-            if upstream is None:
-                # The host's shortage or the limit, when either kept a backend from being
-                # tried, rather than blame the backends.
-                if short:
-                    outcome, level = "capacity", logging.ERROR
-                elif full:
-                    outcome = "limit"
-                    self._throttled.log(("backend-limit", route.name), logging.WARNING,
-                                        "route %s: every backend that is not failing is at max_backend_connections "
-                                        "(%d); closing new connections at once (outcome limit)",
-                                        route.name, cfg.max_backend_connections,
-                                        fields={"event": "limit", "route": route.name,
-                                                "max_backend_connections": cfg.max_backend_connections})
-                else:
-                    outcome, level = "all-backends-failed", logging.ERROR
-                fields["error"] = "; ".join(failures + short + full)
-                return
+            if not route.resolved:
+                await self._first_answer_of(route)
+            order = self._pick_order(route)
+            upstream, own, bstats = await self.upstreams.connect(route, order, result, peer[0], conn)
+            fields["backend"] = result.backend
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await relay(conn, upstream, idle_timeout=cfg.idle_timeout, use_splice=self.use_splice,
                         kernel=self.kernel, result=result)
             outcome = result.outcome
+        except Refused as exc:
+            outcome, error = exc.outcome, exc.error
         except Exception as exc:  # one connection's bug is logged and contained
-            outcome, level = "error", logging.ERROR
-            fields["error"] = repr(exc)
+            outcome, error = Outcome.ERROR, repr(exc)
             log.exception("connection from %s: unexpected error", _addr_str(peer))
         except BaseException:
             # Cancelled (the grace period ran out), possibly wrapped in the relay nursery's
             # BaseExceptionGroup: not this connection's fault; let trio unwind it.
-            outcome = "shutdown"
+            outcome = Outcome.SHUTDOWN
             raise
         finally:
             self.active -= 1
-            if stats is not None:
-                stats.active -= 1
-                stats.count(outcome)
-                if bstats is not None:
-                    stats.open.discard(result)
-                    stats.up += result.up
-                    stats.down += result.down
-                    bstats.active -= 1
-                    bstats.up += result.up
-                    bstats.down += result.down
-                    stats.closed(result.backend, bstats)
+            if route is not None:
+                route.stats.closed(outcome, result, bstats)
             else:
                 self.unrouted[outcome] = self.unrouted.get(outcome, 0) + 1
-            if own_key is not None:
-                self._forget_upstream(own_key)
             if upstream is not None:
-                upstream.close()
+                self.upstreams.release(upstream, own)
             conn.close()
-            if conn_log.isEnabledFor(level):
-                fields["src"] = _addr_str(peer)
-                fields["up"], fields["down"] = result.up, result.down
-                fields["duration"] = round(time.monotonic() - started, 6)
-                fields["outcome"] = outcome
-                conn_log.log(level, "connection",
-                             extra={"fields": {"event": "connection", **fields}})
+            if conn_log.isEnabledFor(level := OUTCOME_LEVELS.get(outcome, logging.INFO)):
+                _log_connection(level, fields, result, outcome, error, started)
 
-    async def _new_upstream(self, backend: Backend, patience: float, keepalive: Keepalive = Keepalive()) -> socket.socket:
-        """A fresh non-blocking upstream socket.
+    def _at_limit(self, route: Route) -> Refused:
+        """``route`` holds max_connections already: the next one is closed at once."""
+        # Also what stops a routing loop that the other loop checks cannot see: every hop
+        # holds one connection of the route on each daemon it passes.
+        cap = route.config.max_connections
+        self._throttled.log(("limit", route.name), logging.WARNING,
+                            "route %s: %d connections open, its max_connections; closing new ones at once "
+                            "(outcome limit). A routing loop between two hosts looks like this too",
+                            route.name, cap, fields={"event": "limit", "route": route.name, "max_connections": cap})
+        return Refused(Outcome.LIMIT, f"max_connections {cap} reached")
 
-        Out of file descriptors (or memory) is a passing state, as in accept: wait
-        CAPACITY_SLEEP and retry, for up to ``patience`` seconds, rather than drop a client
-        that was already accepted.
+    async def _first_answer_of(self, route: Route) -> None:
+        """Wait (up to connect_timeout) for a new route's first set of backends."""
+        if (first := self._first_answer.get(route)) is not None:
+            with trio.move_on_after(route.config.connect_timeout):
+                await first.wait()
 
-        Raises:
-            OutOfResources: still out of resources after ``patience`` seconds.
-        """
-        deadline = trio.current_time() + patience
-        while True:
-            try:
-                # Non-blocking from the start: no separate ioctl.
-                sock = socket.socket(backend.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-                break
-            except OSError as exc:
-                if exc.errno not in CAPACITY_ERRNOS:
-                    raise
-                self._short_of_fds = time.monotonic() + 1.0
-                if trio.current_time() + CAPACITY_SLEEP > deadline:
-                    raise OutOfResources(f"cannot open a socket to {backend}: {exc.strerror}") from None
-                await trio.sleep(CAPACITY_SLEEP)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if keepalive:
-            set_keepalive(sock, keepalive)
-        if self.mark is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
-            except PermissionError:
-                log.warning("cannot set SO_MARK on upstream sockets (needs CAP_NET_ADMIN); "
-                            "relying on the loop guard alone")
-                self.mark = None
-        return sock
-
-    async def _connect(self, sock: socket.socket, backend: Backend, timeout: float) -> tuple[str, int, int]:
-        """Connect a non-blocking socket; return (local ip, local port, backend port),
-        registered as our own.
+    def _pick_order(self, route: Route) -> list[Backend]:
+        """The backends to try, in order (balancer.pick_order).
 
         Raises:
-            OSError: refused, unreachable, ...
-            trio.TooSlowError: not connected within ``timeout`` seconds.
+            Refused: outcome no-backends.
         """
-        err = sock.connect_ex((backend.address, backend.port))
-        # The local port is bound by connect() itself: register it before the first await,
-        # so that if the connection loops back to us, its handler already sees it as ours.
-        local = sock.getsockname()
-        key = (local[0], local[1], backend.port)
-        self._own_upstreams[key] = self._own_upstreams.get(key, 0) + 1
-        try:
-            if err not in (0, errno.EINPROGRESS):
-                raise OSError(err, os.strerror(err))
-            if err:
-                # To a nearby backend (loopback, the same host) the handshake is often over
-                # by the time connect() returns: asking again says so (EISCONN) and saves
-                # a wait; EALREADY means it is still going on.
-                err = sock.connect_ex((backend.address, backend.port))
-                if err == errno.EISCONN:
-                    err = 0
-                elif err in (errno.EALREADY, errno.EINPROGRESS):
-                    with trio.fail_after(timeout):
-                        await wait_writable(sock)
-                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    raise OSError(err, os.strerror(err))
-        except BaseException:
-            self._forget_upstream(key)
-            raise
-        return key
+        cfg = route.config
+        # A trial of an expired ejection may wait for a socket and then for the connect.
+        order = pick_order(route.backends.backends, cfg.balance, route.pick, time.monotonic(), self.rng,
+                           trial_for=2 * cfg.connect_timeout)
+        if not order:
+            raise Refused(Outcome.NO_BACKENDS, route.backends.error or "the route has no backends")
+        return order
 
-    def _forget_upstream(self, key: tuple[str, int, int]) -> None:
-        n = self._own_upstreams.get(key, 0) - 1
-        if n > 0:
-            self._own_upstreams[key] = n
-        else:
-            self._own_upstreams.pop(key, None)
-
-    @staticmethod
-    def _is_local(address: str, conn: socket.socket) -> bool:
-        """Is ``address`` (a peer's) one of this host's own? Asked only when a peer's address
-        is a backend of the route it asks for: rare across hosts, but every connection of a
-        host process to a backend on the same host's loopback, hence the string test first
-        (an ipaddress parse cost about 5 us a connection in the churn benchmark)."""
-        if address.startswith("127.") or address == "::1":
-            return True
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        if ip.is_loopback or address == conn.getsockname()[0]:
-            return True
-        try:
-            with socket.socket(conn.family, socket.SOCK_STREAM) as probe:
-                probe.bind((address, 0))  # only a local address can be bound
-            return True
-        except OSError:
-            return False
-
-    def _is_own_listener(self, backend: Backend) -> bool:
-        for host, port in self._listen_addrs:
-            if port != backend.port:
-                continue
-            if host == backend.address:
-                return True
-            if host in ("0.0.0.0", "::") and (":" in host) == (":" in backend.address):
-                try:
-                    if ipaddress.ip_address(backend.address).is_loopback:
-                        return True
-                except ValueError:
-                    pass
-        return False
+    def _ejected(self, route: Route, backend: Backend, ejected: float) -> None:
+        """A failed connect ejected ``backend`` of ``route``: so do the other processes."""
+        self.peers.ejected(route.config.key, backend, ejected)

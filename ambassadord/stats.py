@@ -13,11 +13,35 @@ reload that changes a route's spec keeps its history (see Server.reload).
 from __future__ import annotations
 
 import bisect
+import enum
 import math
 from dataclasses import dataclass, field
 
 # Connect latency buckets (seconds): sub-millisecond on a LAN up to the connect timeout.
 CONNECT_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Outcome(enum.StrEnum):
+    """How a connection ended: the ``outcome`` of its log line, the key of ``outcomes`` and
+    the label of ``ambassadord_connections_total`` (README, "Logs"). A ``str``: log lines,
+    JSON and metric labels show the plain value, and it counts under the same key as the
+    relay's plain-string outcomes."""
+
+    # The relay ran (relay.py sets these, as plain strings):
+    OK = "ok"
+    IDLE_TIMEOUT = "idle-timeout"
+    CLIENT_RESET = "client-reset"
+    BACKEND_RESET = "backend-reset"
+    # Closed before any byte was relayed:
+    LOOP = "loop"  # our own upstream connection came back, or every backend is the client's host
+    NO_ROUTE = "no-route"
+    LIMIT = "limit"  # max_connections, or every backend at max_backend_connections
+    NO_BACKENDS = "no-backends"
+    CAPACITY = "capacity"  # this host had no fd, local port or memory for the upstream socket
+    ALL_BACKENDS_FAILED = "all-backends-failed"
+    # Either:
+    ERROR = "error"  # a bug, logged with its traceback
+    SHUTDOWN = "shutdown"  # cancelled when the grace period ran out
 
 
 @dataclass(slots=True, eq=False)
@@ -59,9 +83,6 @@ class RouteStats:
         elif backend is not None:
             b.backend = backend
         return b
-
-    def count(self, outcome: str) -> None:
-        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
     def observe_connect(self, seconds: float) -> None:
         self.connect_counts[bisect.bisect_left(CONNECT_BUCKETS, seconds)] += 1
@@ -105,11 +126,43 @@ class RouteStats:
         for key in [k for k, b in self.backends.items() if k not in current and b.active == 0 and b.connecting == 0]:
             del self.backends[key]
 
-    def closed(self, key: str, b: BackendStats) -> None:
-        """A connection to backend ``key`` closed: forget it if it was the last one to a
-        backend that has left the set."""
-        if b.active == 0 and key not in self.current:
-            self.backends.pop(key, None)
+    # ---- one connection's life, as the connection handler counts it -------------------
+    # (``active`` counts it open as soon as it has a route: the handler's one ``+= 1``)
+
+    def connect_failed(self, b: BackendStats, reason: str, now: float) -> None:
+        """A connect to backend ``b`` failed (refused, timeout, ...) at wall-clock ``now``."""
+        b.failures += 1
+        self.failures += 1
+        b.last_error, b.last_failure = reason, now
+
+    def opened(self, key: str, b: BackendStats, result, seconds: float, now: float) -> None:
+        """A connection reached backend ``key`` (stats ``b``) after ``seconds`` of connect, at
+        wall-clock ``now``; its bytes are counted in ``result`` (a relay.RelayResult) from
+        now on, and read while it is open."""
+        result.backend = key
+        self.observe_connect(seconds)
+        b.active += 1
+        b.connections += 1
+        b.last_connect = now
+        self.open.add(result)
+
+    def closed(self, outcome: str, result, b: BackendStats | None) -> None:
+        """A connection of this route ended with ``outcome``; ``b``: its backend's stats, if
+        it was opened(). Its bytes move from ``result`` to the totals; a backend that has
+        left the set is forgotten with its last connection."""
+        self.active -= 1
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        if b is None:
+            return
+        self.open.discard(result)
+        up, down = result.up, result.down
+        self.up += up
+        self.down += down
+        b.active -= 1
+        b.up += up
+        b.down += down
+        if b.active == 0 and result.backend not in self.current:
+            self.backends.pop(result.backend, None)
 
 
 # ---- --workers: one process's counters, and the sum over all of them ---------------------

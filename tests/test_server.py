@@ -20,9 +20,10 @@ import trio
 
 from ambassadord import server as server_mod
 from tests.trio_servers import echo, tcp_server
+from ambassadord.logs import Throttled
 from ambassadord.relay import KernelRelay, SockmapError
 from ambassadord.routes import Keepalive, Route, RouteConfig, RouteTable
-from ambassadord.server import ListenAddress, Server, bind_listeners
+from ambassadord.server import ListenAddress, Server, bind_listeners, intended_port
 from ambassadord.backends import parse_spec
 from ambassadord.backends.interface import Backend, BackendSet, Resolver, Spec
 
@@ -138,6 +139,22 @@ async def wait_for_records(caplog, n, timeout=5):
 @pytest.fixture(autouse=True)
 def _capture_logs(caplog):
     caplog.set_level(logging.DEBUG)
+
+
+# ---- the intended port -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("original, listen_port, port", [
+    (("10.99.0.1", 6379), 10000, 6379),  # redirected: the port it was meant for
+    (("127.0.0.1", 6379), 10000, 6379),
+    (("::1", 6379), 10000, 6379),
+    (None, 10000, 10000),  # no conntrack entry: not redirected, the port it arrived on
+    (("127.0.0.1", 10000), 10000, 10000),  # tracked, not redirected: reads back its own address
+    (("10.99.0.1", 10000), 10000, 10000),  # redirected from another address's port 10000
+    (("127.0.0.1", 10001), 10000, 10001),  # a mapped port that is another listener's
+])
+def test_intended_port(original, listen_port, port):
+    assert intended_port(original, listen_port) == port
 
 
 # ---- relay ---------------------------------------------------------------------------
@@ -343,7 +360,7 @@ async def test_backend_at_max_backend_connections_is_passed_over(caplog):
 
 
 async def test_rate_limited_log_says_how_many_lines_it_held_back(caplog):
-    throttled = server_mod.Throttled(every=60)
+    throttled = Throttled(every=60)
     for i in range(5):
         throttled.log("k", logging.WARNING, "odd thing %d", i)
     throttled._next["k"] = 0  # the minute is over
@@ -565,10 +582,10 @@ async def test_a_client_that_shares_a_local_port_with_an_upstream_is_not_a_loop(
     # refused such a client as "loop"; a looped-back upstream also has the port it dialled.
     async with tcp_server(echo) as b1, proxy(f"127.0.0.1:{b1}") as p:
         for port in range(1024, 65536):  # as if an upstream to port 1 held every local port
-            p.server._own_upstreams[("127.0.0.1", port, 1)] = 1
+            p.server.upstreams.own[("127.0.0.1", port, 1)] = 1
         stream = await p.connect()
         await stream.send_all(b"x")
         with trio.fail_after(5):
             assert await stream.receive_some(10) == b"x"
         await stream.aclose()
-        p.server._own_upstreams.clear()
+        p.server.upstreams.own.clear()

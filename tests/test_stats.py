@@ -6,7 +6,12 @@ test_reload.py; these pin down the arithmetic they rely on.
 
 from __future__ import annotations
 
+import json
+import logging
+import pickle
+import re
 import time
+from pathlib import Path
 
 import pytest
 import trio
@@ -18,7 +23,8 @@ from ambassadord.config import load_routes
 from ambassadord.relay import RelayResult
 from ambassadord.routes import Route, RouteTable
 from ambassadord.server import ListenAddress, Server, bind_listeners
-from ambassadord.stats import CONNECT_BUCKETS, RouteStats
+from ambassadord.logs import TextFormatter
+from ambassadord.stats import CONNECT_BUCKETS, Outcome, RouteStats
 from ambassadord.backends.interface import Backend, BackendSet
 
 
@@ -48,6 +54,67 @@ def test_bytes_include_open_connections_and_per_backend_split():
     assert st.backend_bytes("10.0.0.1:1") == (105, 1050)
     assert st.backend_bytes("10.0.0.2:1") == (7, 70)
     assert st.backend_bytes("10.0.0.3:1") == (0, 0)
+
+
+def test_one_connection_counted_open_then_closed_with_its_bytes():
+    st = RouteStats(current=frozenset({"10.0.0.1:1"}))
+    b = st.backend("10.0.0.1:1")
+    st.active += 1  # the handler's own count, once the connection has a route
+    st.connect_failed(b, "Connection refused", 100.0)
+    assert (b.failures, st.failures, b.last_error, b.last_failure) == (1, 1, "Connection refused", 100.0)
+    r = RelayResult()
+    st.opened("10.0.0.1:1", b, r, 0.003, 101.0)
+    assert r.backend == "10.0.0.1:1" and st.open == {r}
+    assert (b.active, b.connections, b.last_connect) == (1, 1, 101.0)
+    assert dict(st.connect_histogram()[0])["0.0025"] == 0 and dict(st.connect_histogram()[0])["0.005"] == 1
+    r.up, r.down = 10, 20
+    assert st.bytes() == (10, 20)  # while open, read from the RelayResult
+    st.closed("ok", r, b)
+    assert (st.active, st.open, st.outcomes, st.total()) == (0, set(), {"ok": 1}, 1)
+    assert (st.up, st.down, b.up, b.down, b.active) == (10, 20, 10, 20, 0)
+    assert st.bytes() == (10, 20) and st.backend_bytes("10.0.0.1:1") == (10, 20)  # counted once
+    assert "10.0.0.1:1" in st.backends  # still in the set: kept
+
+
+def test_a_connection_closed_before_it_had_a_backend_counts_only_its_outcome():
+    st = RouteStats()
+    st.active += 1
+    st.closed(Outcome.LIMIT, RelayResult(), None)
+    assert (st.active, st.outcomes, st.up, st.down, st.backends) == (0, {"limit": 1}, 0, 0, {})
+
+
+def test_a_backend_gone_from_the_set_is_forgotten_with_its_last_connection():
+    st = RouteStats(current=frozenset())
+    b = st.backend("10.0.0.1:1")
+    first, second = RelayResult(), RelayResult()
+    for r in (first, second):
+        st.active += 1
+        st.opened("10.0.0.1:1", b, r, 0.001, 1.0)
+    st.closed("ok", first, b)
+    assert st.backends == {"10.0.0.1:1": b}
+    st.closed("client-reset", second, b)
+    assert st.backends == {} and st.outcomes == {"ok": 1, "client-reset": 1}
+
+
+def test_outcomes_are_the_plain_strings_in_logs_json_and_counters():
+    assert json.dumps({"outcome": Outcome.NO_ROUTE, "outcomes": {Outcome.NO_ROUTE: 1}}) == (
+        '{"outcome": "no-route", "outcomes": {"no-route": 1}}')
+    assert [f"{Outcome.LOOP}", str(Outcome.LOOP), "%s" % Outcome.LOOP] == ["loop"] * 3
+    record = logging.LogRecord("ambassadord.conn", logging.INFO, __file__, 1, "connection", None, None)
+    record.fields = {"event": "connection", "outcome": Outcome.ALL_BACKENDS_FAILED}
+    assert TextFormatter().format(record).endswith(" connection outcome=all-backends-failed")
+    # The relay's outcomes are plain strings: one counter each, whichever spelling came first.
+    st = RouteStats()
+    st.active = 2
+    st.closed(Outcome.OK, RelayResult(), None)
+    st.closed("ok", RelayResult(), None)
+    assert st.outcomes == {"ok": 2} and pickle.loads(pickle.dumps(st.outcomes)) == {"ok": 2}
+
+
+def test_every_outcome_is_named_in_readme():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    sentence = re.search(r"The outcome is one of (.*?)There are also", readme, re.S).group(1)
+    assert set(re.findall(r"`([a-z-]+)`", sentence)) == {o.value for o in Outcome}
 
 
 def test_prune_keeps_backends_with_open_connections():
@@ -101,7 +168,7 @@ async def test_reload_keeps_unchanged_routes_and_replaces_changed_ones():
         await trio.testing.wait_all_tasks_blocked()
         assert kept.resolved
         kept.pick.rr_counter = 7
-        changed.stats.count("ok")
+        changed.stats.outcomes["ok"] = 1
         summary = server.reload(_configs("1001=10.0.0.1:1", "1002=10.0.0.22:1", "1004=10.0.0.4:1"))
         assert (summary.added, summary.removed, summary.changed) == (["1004"], ["1003"], ["1002"])
         assert str(summary) == "added 1004; removed 1003; changed 1002"
