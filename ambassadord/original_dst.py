@@ -17,10 +17,10 @@ rule (checked on Debian 12, kernel 6.x, iptables-nft; see tests/test_original_ds
   nat chain holding only ``RETURN`` rules does not.
 * Once tracking is on, every connection is tracked, and one that was *not* redirected
   reads back its own local address and port (a direct connection to a listener on
-  127.0.0.1:10000 reads back ``("127.0.0.1", 10000)``). So the caller compares the result
-  with ``sock.getsockname()[:2]``: equal means "not redirected", and the connection is
-  routed by the port it arrived on. With ambassadord's own REDIRECT rules loaded, this is
-  the case that happens.
+  127.0.0.1:10000 reads back ``("127.0.0.1", 10000)``). So a result whose port is the
+  listen port means the connection was meant for that port, redirected or not, and it is
+  routed by that port: ``server.intended_port()`` needs no ``getsockname()``. With
+  ambassadord's own REDIRECT rules loaded, this is the case that happens.
 """
 
 from __future__ import annotations
