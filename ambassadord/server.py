@@ -66,7 +66,6 @@ class ReloadSummary:
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
-    kept: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         parts = [f"{what} {', '.join(names)}" for what, names in
@@ -155,8 +154,8 @@ def bind_listeners(addresses: list[ListenAddress], *, reuseport: bool = False) -
 
 
 def _addr_str(sockaddr) -> str:
-    host, port = sockaddr[0], sockaddr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    """A socket address (from getsockname/accept) as ListenAddress writes one."""
+    return str(ListenAddress(sockaddr[0], sockaddr[1]))
 
 
 def intended_port(original: tuple[str, int] | None, listen_port: int) -> int:
@@ -342,7 +341,6 @@ class Server:
             if old is not None and old.config.same_route(cfg):
                 old.config = cfg  # where it was read may have moved
                 routes.append(old)
-                summary.kept.append(old.name)
                 continue
             route = Route(cfg)
             if old is not None:
