@@ -525,19 +525,13 @@ class Server:
             if (route := self.table.lookup(port, peer[0])) is None:
                 raise Refused(Outcome.NO_ROUTE)
             fields["route"] = route.name
-            cfg = route.config
             route.stats.active += 1  # until route.stats.closed()
-            if cfg.max_connections and route.stats.active > cfg.max_connections:
-                raise self._at_limit(route)
-            if cfg.keepalive is not self._listener_keepalive and cfg.keepalive != self._listener_keepalive:
-                set_keepalive(conn, cfg.keepalive)
-            if not route.resolved:
-                await self._first_answer_of(route)
-            order = self._pick_order(route)
-            upstream, own, bstats = await self.upstreams.connect(route, order, result, peer[0], conn)
+            await self._admit(route, conn)
+            upstream, own, bstats = await self.upstreams.connect(route, self._pick_order(route), result,
+                                                                 peer[0], conn)
             fields["backend"] = result.backend
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await relay(conn, upstream, idle_timeout=cfg.idle_timeout, use_splice=self.use_splice,
+            await relay(conn, upstream, idle_timeout=route.config.idle_timeout, use_splice=self.use_splice,
                         kernel=self.kernel, result=result)
             outcome = result.outcome
         except Refused as exc:
@@ -561,6 +555,17 @@ class Server:
             conn.close()
             if conn_log.isEnabledFor(level := OUTCOME_LEVELS.get(outcome, logging.INFO)):
                 _log_connection(level, fields, result, outcome, error, started)
+
+    async def _admit(self, route: Route, conn: socket.socket) -> None:
+        """Let one more connection into ``route`` (already counted in its ``active``): its
+        limit, its keepalive on the client socket, its first backend set. Raises Refused."""
+        cfg = route.config
+        if cfg.max_connections and route.stats.active > cfg.max_connections:
+            raise self._at_limit(route)
+        if cfg.keepalive is not self._listener_keepalive and cfg.keepalive != self._listener_keepalive:
+            set_keepalive(conn, cfg.keepalive)
+        if not route.resolved:
+            await self._first_answer_of(route)
 
     def _at_limit(self, route: Route) -> Refused:
         """``route`` holds max_connections already: the next one is closed at once."""
