@@ -362,70 +362,49 @@ class DaemonCollector:
         self.totals: dict | None = None
 
     def collect(self):
-        server, now = self.server, time.time()
-        conns = CounterMetricFamily("ambassadord_connections", "Connections closed, by route and outcome "
-                                    "(route is empty for connections that found no route).", labels=["route", "outcome"])
-        active = GaugeMetricFamily("ambassadord_connections_active", "Connections open now, by route.", labels=["route"])
-        nbytes = CounterMetricFamily("ambassadord_bytes", "Bytes relayed, by route and direction "
-                                     "(up: client to backend, down: backend to client), open connections included.",
-                                     labels=["route", "direction"])
-        connect = HistogramMetricFamily("ambassadord_connect_seconds", "Time to connect to a backend (successful "
-                                        "connects), by route.", labels=["route"])
-        bconns = CounterMetricFamily("ambassadord_backend_connections", "Successful connects, by route and backend.",
-                                     labels=["route", "backend"])
-        bactive = GaugeMetricFamily("ambassadord_backend_connections_active", "Connections open now, by route and "
-                                    "backend.", labels=["route", "backend"])
-        bfail = CounterMetricFamily("ambassadord_backend_failures", "Failed connects (refused, timeout, ...), by route "
-                                    "and backend.", labels=["route", "backend"])
-        ejected = GaugeMetricFamily("ambassadord_backend_ejected", "1 while a backend is ejected after a failure.",
-                                    labels=["route", "backend"])
-        check_up = GaugeMetricFamily("ambassadord_backend_check_up", "1 while a backend passes its route's health "
-                                     "checks, 0 while it is down by them (routes with checks only).",
-                                     labels=["route", "backend"])
-        checks = CounterMetricFamily("ambassadord_backend_checks", "Health checks of a backend, by result (ok or "
-                                     "failed).", labels=["route", "backend", "result"])
-        nback = GaugeMetricFamily("ambassadord_route_backends", "Backends in the route's current set.", labels=["route"])
-        updates = CounterMetricFamily("ambassadord_resolver_updates", "Answers published by the route's resolver.",
-                                      labels=["route"])
-        errors = CounterMetricFamily("ambassadord_resolver_errors", "Failed look-ups of the route's resolver.",
-                                     labels=["route"])
-        stale = GaugeMetricFamily("ambassadord_route_stale", "1 while the route serves a stale set (its source "
-                                  "fails).", labels=["route"])
-        age = GaugeMetricFamily("ambassadord_route_last_update_age_seconds", "Seconds since the route's source last "
-                                "gave a good answer, changed or not (NaN before the first).", labels=["route"])
-        now_mono = time.monotonic()
-        for route in server.table.routes:
-            name, st = route.name, self.views.get(route) or route.stats
-            for outcome, n in sorted(st.outcomes.items()):
-                conns.add_metric([name, outcome], n)
-            active.add_metric([name], st.active)
-            up, down = st.bytes()
-            nbytes.add_metric([name, "up"], up)
-            nbytes.add_metric([name, "down"], down)
-            hist, total = st.connect_histogram()
-            connect.add_metric([name], hist, total)
-            for key, b in st.backends.items():
-                bconns.add_metric([name, key], b.connections)
-                bactive.add_metric([name, key], b.active)
-                bfail.add_metric([name, key], b.failures)
+        fams = {key: kind(name, text, labels=labels) for key, kind, name, text, labels in _ROUTE_FAMILIES}
+        now, now_mono = time.time(), time.monotonic()
+        for route in self.server.table.routes:
+            self._add_route(fams, route, self.views.get(route) or route.stats, now, now_mono)
+        totals = self.totals or own_totals(self.server)
+        for outcome, n in sorted(totals["unrouted"].items()):
+            fams["conns"].add_metric(["", outcome], n)
+        yield from fams.values()
+        yield from self._daemon_families(totals)
+
+    @staticmethod
+    def _add_route(fams: dict, route, st, now: float, now_mono: float) -> None:
+        """One route's samples in the per-route families."""
+        name = route.name
+        for outcome, n in sorted(st.outcomes.items()):
+            fams["conns"].add_metric([name, outcome], n)
+        fams["active"].add_metric([name], st.active)
+        up, down = st.bytes()
+        fams["bytes"].add_metric([name, "up"], up)
+        fams["bytes"].add_metric([name, "down"], down)
+        hist, total = st.connect_histogram()
+        fams["connect"].add_metric([name], hist, total)
+        for key, b in st.backends.items():
+            fams["bconns"].add_metric([name, key], b.connections)
+            fams["bactive"].add_metric([name, key], b.active)
+            fams["bfail"].add_metric([name, key], b.failures)
+        for b in route.backends.backends:
+            fams["ejected"].add_metric([name, str(b)], 1 if _ejected_for(route, st, b, now_mono) > 0 else 0)
+        if route.config.check_interval:
             for b in route.backends.backends:
-                ejected.add_metric([name, str(b)], 1 if _ejected_for(route, st, b, now_mono) > 0 else 0)
-            if route.config.check_interval:
-                for b in route.backends.backends:
-                    c = route.pick.checks.get(b)
-                    check_up.add_metric([name, str(b)], 0 if b in route.pick.down else 1)
-                    checks.add_metric([name, str(b), "ok"], c.checks - c.failed if c else 0)
-                    checks.add_metric([name, str(b), "failed"], c.failed if c else 0)
-            nback.add_metric([name], len(route.backends.backends))
-            updates.add_metric([name], route.updates)
-            errors.add_metric([name], route.errors)
-            stale.add_metric([name], 1 if route.backends.stale else 0)
-            answered = route.answered_at
-            age.add_metric([name], now - answered if answered else math.nan)
-        totals = self.totals or own_totals(server)
-        unrouted = totals["unrouted"]
-        for outcome, n in sorted(unrouted.items()):
-            conns.add_metric(["", outcome], n)
+                c = route.pick.checks.get(b)
+                fams["check_up"].add_metric([name, str(b)], 0 if b in route.pick.down else 1)
+                fams["checks"].add_metric([name, str(b), "ok"], c.checks - c.failed if c else 0)
+                fams["checks"].add_metric([name, str(b), "failed"], c.failed if c else 0)
+        fams["nback"].add_metric([name], len(route.backends.backends))
+        fams["updates"].add_metric([name], route.updates)
+        fams["errors"].add_metric([name], route.errors)
+        fams["stale"].add_metric([name], 1 if route.backends.stale else 0)
+        answered = route.answered_at
+        fams["age"].add_metric([name], now - answered if answered else math.nan)
+
+    def _daemon_families(self, totals: dict):
+        """The daemon-wide families: reloads, routes, build, workers."""
         reloads = CounterMetricFamily("ambassadord_config_reloads", "Configuration reloads, by result.",
                                       labels=["result"])
         reloads.add_metric(["ok"], self.config.reloads_ok)
@@ -437,7 +416,7 @@ class DaemonCollector:
                                    "When the configuration now serving was loaded (Unix time).")
         loaded.add_metric([], self.config.loaded_at)
         routes = GaugeMetricFamily("ambassadord_routes", "Routes configured.")
-        routes.add_metric([], len(server.table.routes))
+        routes.add_metric([], len(self.server.table.routes))
         info = GaugeMetricFamily("ambassadord_build_info", "Always 1; the version in a label.", labels=["version"])
         info.add_metric([__version__], 1)
         workers = GaugeMetricFamily("ambassadord_workers", "Processes serving connections (--workers), and how many "
@@ -445,8 +424,40 @@ class DaemonCollector:
         wt = totals["workers"]
         workers.add_metric(["configured"], wt["count"])
         workers.add_metric(["answered"], wt["answered"])
-        yield from (conns, active, nbytes, connect, bconns, bactive, bfail, ejected, check_up, checks, nback, updates, errors, stale, age,
-                    reloads, last_ok, loaded, routes, info, workers)
+        return reloads, last_ok, loaded, routes, info, workers
+
+
+C, G, H = CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+# The per-route families, in exposition order: (key, kind, name, help, labels).
+_ROUTE_FAMILIES = (
+    ("conns", C, "ambassadord_connections", "Connections closed, by route and outcome "
+     "(route is empty for connections that found no route).", ["route", "outcome"]),
+    ("active", G, "ambassadord_connections_active", "Connections open now, by route.", ["route"]),
+    ("bytes", C, "ambassadord_bytes", "Bytes relayed, by route and direction "
+     "(up: client to backend, down: backend to client), open connections included.", ["route", "direction"]),
+    ("connect", H, "ambassadord_connect_seconds", "Time to connect to a backend (successful "
+     "connects), by route.", ["route"]),
+    ("bconns", C, "ambassadord_backend_connections", "Successful connects, by route and backend.",
+     ["route", "backend"]),
+    ("bactive", G, "ambassadord_backend_connections_active", "Connections open now, by route and "
+     "backend.", ["route", "backend"]),
+    ("bfail", C, "ambassadord_backend_failures", "Failed connects (refused, timeout, ...), by route "
+     "and backend.", ["route", "backend"]),
+    ("ejected", G, "ambassadord_backend_ejected", "1 while a backend is ejected after a failure.",
+     ["route", "backend"]),
+    ("check_up", G, "ambassadord_backend_check_up", "1 while a backend passes its route's health "
+     "checks, 0 while it is down by them (routes with checks only).", ["route", "backend"]),
+    ("checks", C, "ambassadord_backend_checks", "Health checks of a backend, by result (ok or "
+     "failed).", ["route", "backend", "result"]),
+    ("nback", G, "ambassadord_route_backends", "Backends in the route's current set.", ["route"]),
+    ("updates", C, "ambassadord_resolver_updates", "Answers published by the route's resolver.", ["route"]),
+    ("errors", C, "ambassadord_resolver_errors", "Failed look-ups of the route's resolver.", ["route"]),
+    ("stale", G, "ambassadord_route_stale", "1 while the route serves a stale set (its source "
+     "fails).", ["route"]),
+    ("age", G, "ambassadord_route_last_update_age_seconds", "Seconds since the route's source last "
+     "gave a good answer, changed or not (NaN before the first).", ["route"]),
+)
+del C, G, H
 
 
 def make_registry(server: Server, config: ConfigState, collector: DaemonCollector | None = None) -> CollectorRegistry:
