@@ -310,27 +310,8 @@ class EtcdResolver(Resolver):
         self.sessions += 1
         client = await self._thread(self._connect)
         watch_id = None
+        send, receive, callback = _from_grpc_thread()
         try:
-            send, receive = trio.open_memory_channel(math.inf)
-            token = trio.lowlevel.current_trio_token()
-
-            def deliver(response) -> None:  # in trio, soon after the callback
-                # The session may have ended (resync, reconnect, cancellation) and closed
-                # the channel since the callback ran: drop the response. An exception
-                # raised here would be raised inside trio's run loop (TrioInternalError),
-                # killing the daemon: 1,000 malformed keys and 30 writes/s did so within
-                # 27 s, each slow update widening the window.
-                try:
-                    send.send_nowait(response)
-                except (trio.ClosedResourceError, trio.BrokenResourceError):
-                    pass
-
-            def callback(response) -> None:  # etcd3's gRPC thread
-                try:
-                    token.run_sync_soon(deliver, response)
-                except trio.RunFinishedError:  # trio is gone: nobody to deliver to
-                    pass
-
             if self.revision == 0:
                 await self._read_range(client)
                 await publish_current()
@@ -340,9 +321,7 @@ class EtcdResolver(Resolver):
                 try:
                     watch_id = await self._start_watch(client, callback, self.revision + 1)
                 except _Compacted:
-                    self.compactions += 1
-                    log.info("%s: revision %d was compacted; reading %r again", self.spec.text,
-                             self.revision + 1, self.spec.prefix)
+                    self._compacted()
                     await self._read_range(client)
                     await publish_current()
             self._up = True
@@ -351,22 +330,12 @@ class EtcdResolver(Resolver):
                 async for response in receive:
                     if isinstance(response, etcd3.exceptions.RevisionCompactedError):
                         # resumed from a revision compacted away: not an outage, read again now
-                        self.compactions += 1
-                        log.info("%s: revision %d was compacted; reading %r again", self.spec.text,
-                                 self.revision + 1, self.spec.prefix)
+                        self._compacted()
                         self.revision = 0
                         return
                     if isinstance(response, Exception):
                         raise TemporaryFailure(f"{self._where()}: watch broke: {_describe(response)}")
-                    for event in response.events:
-                        key = event.key.decode("utf-8", "replace")
-                        if isinstance(event, etcd3.events.DeleteEvent):
-                            self.values.pop(key, None)
-                        else:
-                            self.values[key] = event.value
-                        self.revision = max(self.revision, event.mod_revision)
-                    if response.header.revision > self.revision:
-                        self.revision = response.header.revision
+                    self._apply(response, etcd3.events.DeleteEvent)
                     await publish_current()
             # Resync: read everything again on the next session (see step 5).
             self.revision = 0
@@ -380,6 +349,23 @@ class EtcdResolver(Resolver):
                         except TemporaryFailure:
                             pass
             client.close()
+
+    def _compacted(self) -> None:
+        self.compactions += 1
+        log.info("%s: revision %d was compacted; reading %r again", self.spec.text,
+                 self.revision + 1, self.spec.prefix)
+
+    def _apply(self, response, delete_event: type) -> None:
+        """One watch response's events into the values held, and its revision."""
+        for event in response.events:
+            key = event.key.decode("utf-8", "replace")
+            if isinstance(event, delete_event):
+                self.values.pop(key, None)
+            else:
+                self.values[key] = event.value
+            self.revision = max(self.revision, event.mod_revision)
+        if response.header.revision > self.revision:
+            self.revision = response.header.revision
 
     async def _start_watch(self, client, callback, start_revision: int):
         etcd3 = _etcd3()
@@ -409,3 +395,30 @@ def _describe(exc: BaseException) -> str:
             pass
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _from_grpc_thread():
+    """(send, receive, callback): ``callback`` is etcd3's watch callback, called in its gRPC
+    thread; what it is given arrives on ``receive`` in trio. Close ``send`` at the end of
+    the session."""
+    send, receive = trio.open_memory_channel(math.inf)
+    token = trio.lowlevel.current_trio_token()
+
+    def deliver(response) -> None:  # in trio, soon after the callback
+        # The session may have ended (resync, reconnect, cancellation) and closed the
+        # channel since the callback ran: drop the response. An exception raised here
+        # would be raised inside trio's run loop (TrioInternalError), killing the daemon:
+        # 1,000 malformed keys and 30 writes/s did so within 27 s, each slow update
+        # widening the window.
+        try:
+            send.send_nowait(response)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def callback(response) -> None:  # etcd3's gRPC thread
+        try:
+            token.run_sync_soon(deliver, response)
+        except trio.RunFinishedError:  # trio is gone: nobody to deliver to
+            pass
+
+    return send, receive, callback
