@@ -288,6 +288,7 @@ def route_view(route, st=None) -> dict:
         "spec": cfg.spec.text,
         "origin": cfg.origin,
         "balance": cfg.balance,
+        "mode": cfg.mode,
         "connect_timeout": cfg.connect_timeout,
         "idle_timeout": cfg.idle_timeout,
         "eject_for": cfg.eject_for,

@@ -38,7 +38,7 @@ from ambassadord.backends.interface import parse_port
 
 from .balancer import BALANCE_POLICIES
 from .health import MIN_INTERVAL as MIN_CHECK_INTERVAL
-from .routes import DEFAULT_MAX_CONNECTIONS, Keepalive, RouteConfig
+from .routes import DEFAULT_MAX_CONNECTIONS, MODES, Keepalive, RouteConfig
 
 
 class ConfigError(ValueError):
@@ -57,6 +57,7 @@ class RouteDefaults:
     check_interval: float | None = None
     check_rise: int = 2
     check_fall: int = 3
+    mode: str = "proxy"
 
 
 # Values quoted in messages come from the input: show them bounded in length and depth
@@ -71,6 +72,12 @@ def _show(value) -> str:
 
 
 # The options a route may set, with their validators (value, where) -> value.
+def _mode(value, where: str) -> str:
+    if value not in MODES:
+        raise ConfigError(f"{where}: bad mode {_show(value)}: expected one of {', '.join(MODES)}")
+    return value
+
+
 def _balance(value, where: str) -> str:
     if value not in BALANCE_POLICIES:
         raise ConfigError(f"{where}: bad balance {_show(value)}: expected one of {', '.join(BALANCE_POLICIES)}")
@@ -192,6 +199,7 @@ OPTION_PARSERS = {
     "check_interval": _check_interval,
     "check_rise": _check_count,
     "check_fall": _check_count,
+    "mode": _mode,
 }
 
 
@@ -222,9 +230,14 @@ def _route(port: int, spec_text, where: str, defaults: RouteDefaults, **options)
         check_interval=defaults.check_interval,
         check_rise=defaults.check_rise,
         check_fall=defaults.check_fall,
+        mode=defaults.mode,
     )
     values.update(options)
-    return RouteConfig(port=port, spec=spec, origin=where, **values)
+    route = RouteConfig(port=port, spec=spec, origin=where, **values)
+    if route.mode == "connect" and route.source is not None:
+        raise ConfigError(f"{where}: mode connect: a route limited to a source network ({route.source}) "
+                          f"cannot be served in connect mode yet; give it mode = \"proxy\"")
+    return route
 
 
 def _port(text, where: str) -> int:

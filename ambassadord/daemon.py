@@ -36,9 +36,11 @@ from dataclasses import replace
 import trio
 
 from . import logs, netfilter, sdnotify
+from .connect import start as connect_start
 from .admin import ConfigState, admin_url, bind_admin, make_app, serve_admin
 from .config import ConfigError
 from .routes import Route, RouteTable
+from .peers import fanout
 from .server import ListenAddress, Server, StartupError, bind_listeners
 from .settings import NO_ROUTES, RouteSources, RunSettings, UsageError
 
@@ -84,14 +86,26 @@ def run(settings: RunSettings) -> int:
                 log.error("--sockmap on: %s", exc)
                 return 1
             log.info("sockmap not available (%s); relaying in user space", exc)
-    return _serve(settings, configs, plan, kernel)
+    plane = None
+    if connect_start.wanted(settings.routes.flags.mode, configs):
+        try:
+            plane = connect_start.open_plane(settings.cgroup)
+        except connect_start.ConnectStartError as exc:
+            if kernel is not None:
+                kernel.close()
+            log.error("connect mode: %s", exc)
+            return 1
+        log.info("connect mode: connects in cgroup %s are balanced in the kernel", plane.cgroup)
+    return _serve(settings, configs, plan, kernel, plane)
 
 
-def _serve(settings: RunSettings, configs, plan, kernel) -> int:
+def _serve(settings: RunSettings, configs, plan, kernel, plane=None) -> int:
     """Start, step by step, each undone by the stack; serve until stopped; the exit status."""
     with contextlib.ExitStack() as stack:
         if kernel is not None:
             stack.enter_context(kernel)
+        if plane is not None:
+            stack.enter_context(plane)
         # Until the event loop's receiver is up, signals wait (the module's docstring says why).
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         stack.callback(signal.pthread_sigmask, signal.SIG_UNBLOCK, HANDLED_SIGNALS)
@@ -116,6 +130,15 @@ def _serve(settings: RunSettings, configs, plan, kernel) -> int:
                                            sockmap_size=settings.sockmap_size, log_format=settings.log_format,
                                            log_level=settings.log_level),
                 table=lambda: server.table, apply_ejection=server.apply_ejection)
+        feed = None
+        if plane is not None:
+            from .connect.feed import ConnectFeed
+            from .connect.plane import MAX_BACKENDS, Backend
+
+            plane.set_catch_addresses(connect_start.catch_addresses(settings.catch))
+            feed = ConnectFeed(plane, configs, lambda port, ip: server.table.lookup(port, ip),
+                               backend=Backend, limit=MAX_BACKENDS)
+        server.peers = fanout(pool, feed)
         rules = None
         if plan is not None:
             try:
@@ -124,7 +147,7 @@ def _serve(settings: RunSettings, configs, plan, kernel) -> int:
                 log.error("iptables: %s", exc)
                 return 1
         try:
-            trio.run(_Daemon(settings, server, rules, admin_sock, pool).serve)
+            trio.run(_Daemon(settings, server, rules, admin_sock, pool, plane).serve)
         except KeyboardInterrupt:
             pass
         except BaseExceptionGroup as group:
@@ -203,7 +226,8 @@ def _redirect_plan(settings: RunSettings, configs) -> netfilter.RedirectPlan:
 
 
 def _redirect_ports(configs, listen) -> tuple[int, ...]:
-    return tuple(sorted({c.port for c in configs} - {a.port for a in listen}))
+    """The ports of the proxy-mode routes (connect mode's connects never reach the rules)."""
+    return tuple(sorted({c.port for c in configs if c.mode == "proxy"} - {a.port for a in listen}))
 
 
 def _families_for(listen) -> tuple[int, ...]:
@@ -288,10 +312,11 @@ class _Daemon:
     (the module's docstring says in which order a stop goes)."""
 
     def __init__(self, settings: RunSettings, server: Server, rules: RedirectRules | None,
-                 admin_sock: socket.socket | None, pool=None):
+                 admin_sock: socket.socket | None, pool=None, plane=None):
         self.settings = settings
         self.server = server
         self.pool = pool  # the WorkerPool (--workers N > 1), or None
+        self.plane = plane  # connect mode's ConnectPlane, or None
         self.rules = rules
         self.admin_sock = admin_sock
         config = settings.routes.config
@@ -317,6 +342,8 @@ class _Daemon:
                 log.info("admin API on %s", admin_url(self.settings.admin))
             if self.rules is not None:
                 nursery.start_soon(self._watch_bridges)
+            if self.plane is not None:
+                nursery.start_soon(self._watch_catch_addresses)
             sdnotify.ready(f"serving {len(server.table)} route(s)")
 
     async def _run_server(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -405,6 +432,20 @@ class _Daemon:
                     continue
                 _log_exposure(new_plan)
 
+    async def _watch_catch_addresses(self) -> None:
+        """Connect mode follows the container bridges' addresses (a ``docker network
+        create`` after start), as the rules follow the bridges."""
+        seen = None
+        while True:
+            await trio.sleep(BRIDGE_POLL)
+            found = await trio.to_thread.run_sync(connect_start.catch_addresses, self.settings.catch,
+                                                  abandon_on_cancel=True)
+            if found != seen:
+                if seen is not None:
+                    log.info("connect mode: rewriting connects to %s", ", ".join(found) or "loopback only")
+                self.plane.set_catch_addresses(found)
+                seen = found
+
     async def reload(self, why: str) -> None:
         """Re-read the routes; apply them all, or none if anything is wrong."""
         async with self._reload_lock:
@@ -416,6 +457,9 @@ class _Daemon:
                 configs = await self._read_routes(why)
                 if configs is None:
                     return
+                if self.plane is None and connect_start.wanted(None, configs):
+                    raise _Rejected("a route has mode connect, but this daemon started without connect mode "
+                                    "(restart it with --mode connect or with such a route)")
                 await self._redirect_new_ports(configs)
                 if self.stopping:  # SIGTERM came while the rules were changing
                     return

@@ -12,7 +12,7 @@ import ipaddress
 
 from . import logs, netfilter
 from .balancer import BALANCE_POLICIES
-from .routes import DEFAULT_MAX_CONNECTIONS, Keepalive
+from .routes import DEFAULT_MAX_CONNECTIONS, MODES, Keepalive
 from .server import ListenAddress, parse_listen
 from .settings import DEFAULT_ADMIN, DEFAULT_PORT
 
@@ -252,6 +252,7 @@ def _add_run(run: argparse.ArgumentParser) -> None:
     _add_route_default_flags(run)
     _add_resolver_flags(run)
     _add_iptables_and_admin_flags(run)
+    _add_connect_flags(run)
     _add_process_flags(run)
 
 
@@ -299,6 +300,17 @@ def _add_iptables_and_admin_flags(run: argparse.ArgumentParser) -> None:
                    help=f"SO_MARK on upstream connections, exempted from the redirect (default {netfilter.DEFAULT_MARK:#x})")
     g.add_argument("--admin", type=_admin, default=DEFAULT_ADMIN, metavar="ADDR:PORT|off",
                    help=f"admin HTTP API: /, /healthz, /routes, /metrics (default {DEFAULT_ADMIN}; off = none)")
+
+
+def _add_connect_flags(run: argparse.ArgumentParser) -> None:
+    g = run.add_argument_group("connect mode (balancing in the kernel at connect(); no proxy in the path)")
+    g.add_argument("--mode", choices=MODES,
+                   help="how routes are served, unless a route says otherwise: proxy = REDIRECT to the listener "
+                   "and relay; connect = a cgroup BPF program rewrites the consumer's connect() to a backend "
+                   "(default proxy)")
+    g.add_argument("--cgroup", metavar="DIR",
+                   help="cgroup v2 directory whose processes connect mode covers, containers included "
+                   "(default: the root of the cgroup2 mount, from /proc/mounts)")
 
 
 def _add_process_flags(run: argparse.ArgumentParser) -> None:

@@ -58,3 +58,53 @@ class Peers:
 
 
 NO_PEERS = Peers()
+
+
+class Fanout(Peers):
+    """Several listeners as one: the --workers pool and connect mode's feed (connect/feed.py)
+    both hear what the server tells."""
+
+    def __init__(self, *peers: Peers):
+        self.peers = peers
+
+    def routes(self, configs) -> None:
+        for p in self.peers:
+            p.routes(configs)
+
+    def backends(self, key, bset) -> None:
+        for p in self.peers:
+            p.backends(key, bset)
+
+    def ejected(self, key, backend, duration: float) -> None:
+        for p in self.peers:
+            p.ejected(key, backend, duration)
+
+    def down(self, key, down: frozenset) -> None:
+        for p in self.peers:
+            p.down(key, down)
+
+    def stop(self) -> None:
+        for p in self.peers:
+            p.stop()
+
+    def abort(self) -> None:
+        for p in self.peers:
+            p.abort()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for p in self.peers:
+                await nursery.start(p.run)
+            task_status.started()
+
+    async def wait_closed(self, timeout: float) -> None:
+        for p in self.peers:  # each bounds its own wait (the pool then kills what is left)
+            await p.wait_closed(timeout)
+
+
+def fanout(*peers: Peers | None) -> Peers:
+    """The one Peers that tells each of ``peers`` (None: absent)."""
+    present = [p for p in peers if p is not None and p is not NO_PEERS]
+    if not present:
+        return NO_PEERS
+    return present[0] if len(present) == 1 else Fanout(*present)

@@ -30,6 +30,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # hop holds two sockets per daemon) stops at 20,000 fds, inside the 65,536 of the deploy
 # files' LimitNOFILE, instead of running the daemon out of fds. See README, "Limits".
 DEFAULT_MAX_CONNECTIONS = 10_000
+MODES = ("proxy", "connect")
 # The kernel's bounds for TCP_KEEPIDLE / TCP_KEEPINTVL (MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL)
 # and TCP_KEEPCNT (MAX_TCP_KEEPCNT).
 _KEEPALIVE_MAX = (32767, 32767, 127)
@@ -92,6 +93,9 @@ class RouteConfig:
     check_interval: float | None = None
     check_rise: int = 2
     check_fall: int = 3
+    # "proxy": connections come to the listener (REDIRECT) and are relayed; "connect": a
+    # cgroup BPF program rewrites the consumer's connect() to a backend (connect/).
+    mode: str = "proxy"
     origin: str = ""
 
     @property
@@ -106,10 +110,10 @@ class RouteConfig:
         """Equal in everything that matters for serving (``origin`` is only where it was read)."""
         return (self.port, self.spec, self.source, self.balance, self.connect_timeout, self.idle_timeout,
                 self.eject_for, self.max_connections, self.max_backend_connections, self.keepalive,
-                self.check_interval, self.check_rise, self.check_fall) == (
+                self.check_interval, self.check_rise, self.check_fall, self.mode) == (
                     other.port, other.spec, other.source, other.balance, other.connect_timeout, other.idle_timeout,
                     other.eject_for, other.max_connections, other.max_backend_connections, other.keepalive,
-                    other.check_interval, other.check_rise, other.check_fall)
+                    other.check_interval, other.check_rise, other.check_fall, other.mode)
 
 
 @dataclass(eq=False)

@@ -53,6 +53,7 @@ class RouteFlags:
     check_interval: float | None = None
     check_rise: int | None = None
     check_fall: int | None = None
+    mode: str | None = None
 
     def as_dict(self) -> dict:
         """As config.load_routes takes them (``flag_defaults``)."""
@@ -101,6 +102,8 @@ class RunSettings:
     admin: ListenAddress | None
     resolver: ResolverOptions
     iptables: RedirectInputs | None  # None: no --iptables
+    cgroup: str | None  # --cgroup: where connect mode attaches (None: the cgroup2 root)
+    catch: tuple  # --iptables-dest/--iptables-interface addresses: connect mode rewrites connects to them too
     workers: int
     listen: tuple[ListenAddress, ...]
     grace: float
@@ -130,6 +133,8 @@ def run_settings(args, env: Mapping[str, str] = os.environ) -> RunSettings:
         admin=args.admin,
         resolver=resolver,
         iptables=_redirect_inputs(args) if args.iptables else None,
+        cgroup=args.cgroup,
+        catch=_redirect_inputs(args).dests if args.iptables_dest or args.iptables_interface else (),
         workers=args.workers,
         listen=listen,
         grace=args.grace,

@@ -42,6 +42,8 @@ class Outcome(enum.StrEnum):
     # Either:
     ERROR = "error"  # a bug, logged with its traceback
     SHUTDOWN = "shutdown"  # cancelled when the grace period ran out
+    # Connect mode (connect/feed.py): the consumer's own connect to the backend failed.
+    CONNECT_FAILED = "connect-failed"
 
 
 @dataclass(slots=True, eq=False)

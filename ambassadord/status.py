@@ -79,7 +79,8 @@ def columns(rows: list[tuple[str, ...]]) -> list[str]:
 
 
 def _route_rows(r: dict, now: float) -> list[tuple[str, ...]]:
-    route_cols = (r["name"], r["spec"])
+    # A connect-mode route says so after its spec; proxy, the default, says nothing.
+    route_cols = (r["name"], r["spec"] + (" (connect)" if r.get("mode", "proxy") != "proxy" else ""))
     if not r["backends"]:
         state = "not resolved" if not r["resolved"] else "no backends"
         return [(*route_cols, "-", state, str(r["active"]), str(r["connections"]), "-",

@@ -1,0 +1,158 @@
+"""Connect mode's daemon side: backend sets into the kernel, the kernel's news into counters.
+
+The routes' resolvers, health checks and reloads run in the Server as in proxy mode; the
+Server tells a :class:`peers.Peers` about each (peers.py). :class:`ConnectFeed` is one:
+for every route whose ``mode`` is ``connect`` it writes the live backends into the
+ConnectPlane's maps (plane.py), a whole set in one map update, so no connect sees half of
+a change. Backends that the route's health checks say are down are left out (all of them
+down: all are kept, as the proxy's balancer does).
+
+Its ``run()`` task reads the plane's events: a connection's end becomes the route's
+counters (the same ``RouteStats`` calls as a proxied connection) and one log line with
+the same fields as the proxy's; a failed connect becomes a backend failure and an
+ejection, shown by /routes and the metrics like one of the proxy's.
+
+Pure except for the plane it is given, so tests drive it with a recording stand-in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import trio
+
+from ..peers import Peers
+from ..relay.contract import RelayResult
+from ..stats import Outcome
+
+log = logging.getLogger("ambassadord")
+conn_log = logging.getLogger("ambassadord.connections")
+
+CONNECT = "connect"
+
+
+def kernel_set(backends: Sequence, down: Iterable = (), *, limit: int) -> tuple[list, list]:
+    """(kept, dropped): the backends to write into a route's map value, in the resolver's
+    order, without the ones ``down`` (unless that is all of them), at most ``limit``
+    (the lowest priorities first; the rest in ``dropped``)."""
+    down = frozenset(down)
+    up = [b for b in backends if b not in down] or list(backends)
+    ordered = sorted(up, key=lambda b: b.priority)  # stable: the resolver's order within a priority
+    return ordered[:limit], ordered[limit:]
+
+
+class ConnectFeed(Peers):
+    """The connect-mode routes' sets into ``plane``; its events into the routes' counters.
+
+    Args:
+        plane: a ConnectPlane (or a stand-in with its methods).
+        configs: the routes at start (every mode: only ``connect`` ones are fed).
+        lookup: ``(port, source ip) -> Route | None``, the server's current table.
+        backend: makes the plane's backend value from (ip, port, weight, priority).
+        limit: backends one route's map value holds.
+    """
+
+    def __init__(self, plane, configs, lookup: Callable, *, backend: Callable, limit: int):
+        self.plane = plane
+        self._lookup = lookup
+        self._backend = backend
+        self._limit = limit
+        self._configs = {c.key: c for c in configs if c.mode == CONNECT}
+        self._sets: dict = {}
+        self._down: dict = {}
+        self._warned: set = set()
+
+    # ---- what the server tells ----------------------------------------------------------
+
+    def routes(self, configs) -> None:
+        new = {c.key: c for c in configs if c.mode == CONNECT}
+        for key in self._configs.keys() - new.keys():
+            self.plane.remove_route(key[0])
+            self._sets.pop(key, None)
+            self._down.pop(key, None)
+        old, self._configs = self._configs, new
+        for key, cfg in new.items():
+            if key in self._sets and (key not in old or not old[key].same_route(cfg)):
+                self._write(key)
+
+    def backends(self, key, bset) -> None:
+        if key in self._configs:
+            self._sets[key] = bset
+            self._write(key)
+
+    def down(self, key, down: frozenset) -> None:
+        if key in self._configs:
+            self._down[key] = down
+            if key in self._sets:
+                self._write(key)
+
+    def _write(self, key) -> None:
+        cfg, bset = self._configs[key], self._sets[key]
+        kept, dropped = kernel_set(bset.backends, self._down.get(key, ()), limit=self._limit)
+        if dropped and (key, len(dropped)) not in self._warned:
+            self._warned.add((key, len(dropped)))
+            log.warning("route %s: connect mode holds %d backends per route; left out: %s",
+                        cfg.describe(), self._limit, ", ".join(map(str, dropped)))
+        self.plane.set_route(cfg.port, [self._backend(b.address, b.port, b.weight, b.priority) for b in kept],
+                             balance=cfg.balance, eject_for=cfg.eject_for, connect_timeout=cfg.connect_timeout)
+
+    # ---- what the kernel tells ----------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async for event in self.plane.events():
+            try:
+                self.account(event)
+            except Exception:  # one bad event must not stop the counting
+                log.exception("connect mode: could not account for %r", event)
+
+    def account(self, event) -> None:
+        """One event of the plane: a connection that ended, or a connect that failed."""
+        route = self._lookup(event.dialled[1], event.source[0])
+        if route is None or route.config.mode != CONNECT:
+            return  # a route removed since (or changed to proxy): nothing to count it in
+        backend = _find(route, event.backend)
+        key = str(backend) if backend is not None else _addr(event.backend)
+        st = route.stats
+        st.active += 1  # counted at its end: the kernel reports a connection once
+        b = st.backend(key, backend)
+        result = RelayResult(up=event.up, down=event.down)
+        now = time.time()
+        if event.outcome == "ok":
+            st.opened(key, b, result, event.connect_seconds, now)
+            st.closed(Outcome.OK, result, b)
+            outcome, error = Outcome.OK, None
+        else:
+            st.connect_failed(b, event.outcome, now)
+            st.closed(Outcome.CONNECT_FAILED, result, None)
+            outcome, error = Outcome.CONNECT_FAILED, event.outcome
+            if backend is not None:
+                ejected = route.pick.ejections.eject(backend, time.monotonic(), route.config.eject_for)
+                log.warning("route %s: backend %s failed (%s); %s", route.name, key, event.outcome,
+                            "still ejected" if ejected is None else f"ejected for {ejected:g}s",
+                            extra={"fields": {"event": "backend-failed", "route": route.name, "backend": key,
+                                              "error": event.outcome, "mode": CONNECT}})
+        level = logging.INFO if outcome == Outcome.OK else logging.WARNING
+        if conn_log.isEnabledFor(level):
+            fields = {"event": "connection", "src": _addr(event.source), "port": event.dialled[1],
+                      "route": route.name, "backend": key, "up": result.up, "down": result.down,
+                      "mode": CONNECT, "duration": round(event.duration, 6), "outcome": str(outcome)}
+            if error is not None:
+                fields["error"] = error
+            conn_log.log(level, "connection", extra={"fields": fields})
+
+
+def _find(route, addr):
+    """The Backend of ``route``'s current set at ``addr`` (ip, port), or None."""
+    ip, port = addr
+    for b in route.backends.backends:
+        if b.port == port and b.address == ip:
+            return b
+    return None
+
+
+def _addr(addr) -> str:
+    ip, port = addr
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"

@@ -1,0 +1,51 @@
+"""Connect mode at the daemon's start: whether it is wanted, the plane, the addresses it catches.
+
+daemon.py calls these; the plane itself (plane.py) knows nothing of settings or routes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .. import netfilter
+
+log = logging.getLogger("ambassadord")
+
+
+class ConnectStartError(Exception):
+    """Connect mode cannot start here; the message says why and what to do."""
+
+
+def wanted(default_mode: str | None, configs) -> bool:
+    """Does the daemon need the plane: ``--mode connect``, or a route in connect mode."""
+    return default_mode == "connect" or any(c.mode == "connect" for c in configs)
+
+
+def open_plane(cgroup: str | None):
+    """The ConnectPlane, loaded and attached to ``cgroup`` (None: the cgroup2 root).
+    Raises ConnectStartError."""
+    try:
+        from . import plane as plane_module
+    except OSError as exc:  # no libbpf
+        raise ConnectStartError(f"cannot load libbpf: {exc}") from None
+    try:
+        if cgroup is None:
+            with open("/proc/mounts", encoding="utf-8") as f:
+                cgroup = plane_module.find_cgroup2_mount(f.read())
+        return plane_module.ConnectPlane(cgroup)
+    except plane_module.ConnectError as exc:
+        raise ConnectStartError(str(exc)) from None
+    except OSError as exc:
+        raise ConnectStartError(f"--cgroup {cgroup}: {exc.strerror or exc}") from None
+
+
+def catch_addresses(dests=()) -> list[str]:
+    """The addresses other namespaces' connects are rewritten for: the host's container
+    bridges' (docker0 ...) and ``--iptables-dest``/``--iptables-interface``'s. Loopback is
+    always caught, in the daemon's own namespace only (the plane's program checks it)."""
+    found = [str(d) for d in dests]
+    try:
+        found += [str(a) for a in netfilter.interface_addresses(netfilter.container_bridges())]
+    except netfilter.NetfilterError as exc:
+        log.warning("connect mode: cannot list the container bridges' addresses: %s", exc)
+    return sorted(set(found))

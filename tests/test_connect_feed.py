@@ -1,0 +1,152 @@
+"""Connect mode's daemon side, as pure logic: which routes reach the kernel's maps, with
+what, and what the kernel's events become (connect/feed.py). The real plane, in a real
+cgroup, is tests/test_connect_bpf.py's and tests/test_e2e_connect.py's."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import pytest
+
+from ambassadord.backends.interface import Backend, BackendSet
+from ambassadord.config import ConfigError, load_routes
+from ambassadord.connect.feed import ConnectFeed, kernel_set
+from ambassadord.daemon import _redirect_ports
+from ambassadord.routes import Route, RouteTable
+from ambassadord.server import ListenAddress
+
+A, B, C = Backend("10.0.0.1", 6379), Backend("10.0.0.2", 6379, priority=1), Backend("10.0.0.3", 6379, weight=5)
+
+
+class RecordingPlane:
+    def __init__(self):
+        self.calls = []
+
+    def set_route(self, port, backends, **opts):
+        self.calls.append(("set", port, list(backends), opts))
+
+    def remove_route(self, port, scope=0):
+        self.calls.append(("remove", port))
+
+
+@dataclass
+class Event:
+    source: tuple
+    dialled: tuple
+    backend: tuple
+    up: int = 0
+    down: int = 0
+    connect_seconds: float = 0.001
+    duration: float = 0.5
+    outcome: str = "ok"
+
+
+def configs(*maps, mode=None):
+    return load_routes(maps=list(maps), flag_defaults={"mode": mode}).routes
+
+
+def feed_for(cfgs, plane=None):
+    table = RouteTable([Route(c) for c in cfgs])
+    plane = plane or RecordingPlane()
+    return ConnectFeed(plane, cfgs, table.lookup, backend=lambda *a: a, limit=2), plane, table
+
+
+@pytest.mark.parametrize("backends, down, limit, kept, dropped", [
+    ((A, B, C), (), 8, (A, C, B), ()),            # lowest priority first, the resolver's order within one
+    ((A, B, C), (A,), 8, (C, B), ()),             # down ones left out
+    ((A, B), (A, B), 8, (A, B), ()),              # all down: all kept, as the proxy's balancer does
+    ((A, B, C), (), 2, (A, C), (B,)),             # the map holds ``limit``: the highest priority goes
+])
+def test_kernel_set(backends, down, limit, kept, dropped):
+    assert kernel_set(backends, down, limit=limit) == (list(kept), list(dropped))
+
+
+def test_only_connect_routes_are_fed_and_a_set_is_written_whole():
+    cfgs = load_routes(maps=["6379=10.0.0.1:6379", "5432=10.0.0.9:5432"],
+                       config_file=None, flag_defaults={"mode": None}).routes
+    cfgs = [cfgs[0].__class__(**{**_fields(cfgs[0]), "mode": "connect"}), cfgs[1]]
+    feed, plane, _ = feed_for(cfgs)
+    feed.backends(cfgs[1].key, BackendSet((Backend("10.0.0.9", 5432),)))
+    assert plane.calls == []  # a proxy route never reaches the kernel
+    feed.backends(cfgs[0].key, BackendSet((A, C)))
+    assert plane.calls == [("set", 6379, [("10.0.0.1", 6379, 1, 0), ("10.0.0.3", 6379, 5, 0)],
+                            {"balance": "random", "eject_for": 10.0, "connect_timeout": 2.0})]
+
+
+def test_health_checks_and_reloads_reach_the_map():
+    cfgs = configs("6379=10.0.0.1:6379", mode="connect")
+    feed, plane, _ = feed_for(cfgs)
+    key = cfgs[0].key
+    feed.backends(key, BackendSet((A, C)))
+    feed.down(key, frozenset({A}))
+    assert plane.calls[-1][2] == [("10.0.0.3", 6379, 5, 0)]
+    changed = configs("6379=10.0.0.1:6379", mode="connect")
+    changed = [changed[0].__class__(**{**_fields(changed[0]), "eject_for": 3.0})]
+    feed.routes(changed)  # an option changed: written again with it
+    assert plane.calls[-1][3]["eject_for"] == 3.0
+    feed.routes(configs("6379=10.0.0.1:6379"))  # now a proxy route: out of the kernel
+    assert plane.calls[-1] == ("remove", 6379)
+    n = len(plane.calls)
+    feed.backends(key, BackendSet((A,)))
+    assert len(plane.calls) == n
+
+
+def test_more_backends_than_the_map_holds_is_said_once(caplog):
+    cfgs = configs("6379=10.0.0.1:6379", mode="connect")
+    feed, plane, _ = feed_for(cfgs)
+    with caplog.at_level(logging.WARNING, logger="ambassadord"):
+        for _ in range(3):
+            feed.backends(cfgs[0].key, BackendSet((A, B, C)))
+    assert [r.getMessage() for r in caplog.records].count(
+        "route 6379: connect mode holds 2 backends per route; left out: 10.0.0.2:6379") == 1
+
+
+def test_events_become_counters_and_one_log_line(caplog):
+    cfgs = configs("6379=10.0.0.1:6379", mode="connect")
+    feed, _, table = feed_for(cfgs)
+    route = table.routes[0]
+    route.update(BackendSet((A, C)))
+    with caplog.at_level(logging.INFO, logger="ambassadord.connections"):
+        feed.account(Event(("127.0.0.1", 40000), ("127.0.0.1", 6379), ("10.0.0.1", 6379), up=10, down=2000))
+        feed.account(Event(("127.0.0.1", 40001), ("127.0.0.1", 6379), ("10.0.0.3", 6379), outcome="refused"))
+    st = route.stats
+    assert st.outcomes == {"ok": 1, "connect-failed": 1}
+    assert (st.up, st.down, st.active) == (10, 2000, 0)
+    assert st.backends[str(A)].connections == 1 and st.backends[str(C)].failures == 1
+    assert route.pick.ejections.until  # the failed one is ejected, as /routes and the metrics show
+    lines = [r.fields for r in caplog.records if r.name == "ambassadord.connections"]
+    assert lines[0] == {"event": "connection", "src": "127.0.0.1:40000", "port": 6379, "route": "6379",
+                        "backend": "10.0.0.1:6379", "up": 10, "down": 2000, "mode": "connect",
+                        "duration": 0.5, "outcome": "ok"}
+    assert lines[1]["outcome"] == "connect-failed" and lines[1]["error"] == "refused"
+
+
+def test_an_event_for_a_route_gone_is_dropped():
+    feed, _, table = feed_for(configs("6379=10.0.0.1:6379", mode="connect"))
+    feed.account(Event(("127.0.0.1", 1), ("127.0.0.1", 5432), ("10.0.0.1", 5432)))
+    assert table.routes[0].stats.outcomes == {}
+
+
+def test_mode_option_and_its_errors(tmp_path):
+    f = tmp_path / "routes.toml"
+    f.write_text('[defaults]\nmode = "connect"\n[routes]\n6379 = "10.0.0.1:6379"\n'
+                 '5432 = { backend = "10.0.0.2:5432", mode = "proxy" }\n')
+    modes = {c.port: c.mode for c in load_routes(config_file=str(f)).routes}
+    assert modes == {6379: "connect", 5432: "proxy"}
+    f.write_text('[routes]\n6379 = { backend = "10.0.0.1:6379", mode = "kernel" }\n')
+    with pytest.raises(ConfigError, match=r"routes.toml.*6379.*bad mode 'kernel': expected one of proxy, connect"):
+        load_routes(config_file=str(f))
+    with pytest.raises(ConfigError, match="mode connect: a route limited to a source network"):
+        configs("6379@10.1.0.0/16=10.0.0.1:6379", mode="connect")
+
+
+def test_connect_routes_are_not_redirected():
+    cfgs = configs("6379=10.0.0.1:6379", "5432=10.0.0.9:5432")
+    cfgs[0] = cfgs[0].__class__(**{**_fields(cfgs[0]), "mode": "connect"})
+    assert _redirect_ports(cfgs, (ListenAddress("0.0.0.0", 10000),)) == (5432,)
+
+
+def _fields(cfg) -> dict:
+    return {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
+
