@@ -95,7 +95,7 @@ def run(settings: RunSettings) -> int:
                 kernel.close()
             log.error("connect mode: %s", exc)
             return 1
-        log.info("connect mode: connects in cgroup %s are balanced in the kernel", plane.cgroup)
+        log.info("connect mode: connects in cgroup %s are balanced in the kernel", plane.cgroup_dir)
     return _serve(settings, configs, plan, kernel, plane)
 
 
@@ -133,7 +133,7 @@ def _serve(settings: RunSettings, configs, plan, kernel, plane=None) -> int:
         feed = None
         if plane is not None:
             from .connect.feed import ConnectFeed
-            from .connect.plane import MAX_BACKENDS, Backend
+            from .connect.layout import MAX_BACKENDS, Backend
 
             plane.set_catch_addresses(connect_start.catch_addresses(settings.catch))
             feed = ConnectFeed(plane, configs, lambda port, ip: server.table.lookup(port, ip),

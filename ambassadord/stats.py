@@ -44,6 +44,7 @@ class Outcome(enum.StrEnum):
     SHUTDOWN = "shutdown"  # cancelled when the grace period ran out
     # Connect mode (connect/feed.py): the consumer's own connect to the backend failed.
     CONNECT_FAILED = "connect-failed"
+    RESET = "reset"  # connect mode: it ended in a reset (the kernel does not say whose)
 
 
 @dataclass(slots=True, eq=False)
@@ -137,12 +138,13 @@ class RouteStats:
         self.failures += 1
         b.last_error, b.last_failure = reason, now
 
-    def opened(self, key: str, b: BackendStats, result, seconds: float, now: float) -> None:
-        """A connection reached backend ``key`` (stats ``b``) after ``seconds`` of connect, at
-        wall-clock ``now``; its bytes are counted in ``result`` (a relay.RelayResult) from
-        now on, and read while it is open."""
+    def opened(self, key: str, b: BackendStats, result, seconds: float | None, now: float) -> None:
+        """A connection reached backend ``key`` (stats ``b``) after ``seconds`` of connect
+        (None: not measured, as in connect mode), at wall-clock ``now``; its bytes are
+        counted in ``result`` (a relay.RelayResult) from now on, and read while it is open."""
         result.backend = key
-        self.observe_connect(seconds)
+        if seconds is not None:
+            self.observe_connect(seconds)
         b.active += 1
         b.connections += 1
         b.last_connect = now

@@ -109,39 +109,49 @@ class ConnectFeed(Peers):
                 log.exception("connect mode: could not account for %r", event)
 
     def account(self, event) -> None:
-        """One event of the plane: a connection that ended, or a connect that failed."""
-        route = self._lookup(event.dialled[1], event.source[0])
+        """One event of the plane (layout.py): a connection that ended (or whose connect
+        failed), or a backend the kernel ejected."""
+        route = self._lookup(event.route_port, event.source[0] if hasattr(event, "source") else "0.0.0.0")
         if route is None or route.config.mode != CONNECT:
             return  # a route removed since (or changed to proxy): nothing to count it in
         backend = _find(route, event.backend)
         key = str(backend) if backend is not None else _addr(event.backend)
+        if not hasattr(event, "outcome"):  # BackendEjected
+            ejected = route.pick.ejections.eject(backend, time.monotonic(), route.config.eject_for) \
+                if backend is not None else None
+            log.warning("route %s: backend %s failed; %s", route.name, key,
+                        "still ejected" if ejected is None else f"ejected for {ejected:g}s",
+                        extra={"fields": {"event": "backend-ejected", "route": route.name, "backend": key,
+                                          "mode": CONNECT}})
+            return
         st = route.stats
         st.active += 1  # counted at its end: the kernel reports a connection once
         b = st.backend(key, backend)
-        result = RelayResult(up=event.up, down=event.down)
+        result = RelayResult(up=event.bytes_acked, down=event.bytes_received)
         now = time.time()
-        if event.outcome == "ok":
-            st.opened(key, b, result, event.connect_seconds, now)
-            st.closed(Outcome.OK, result, b)
-            outcome, error = Outcome.OK, None
+        if event.outcome in _CONNECTED:
+            st.opened(key, b, result, None, now)
+            outcome = Outcome.OK if event.outcome == "ok" else Outcome.RESET
+            st.closed(outcome, result, b)
+            error = None
         else:
             st.connect_failed(b, event.outcome, now)
             st.closed(Outcome.CONNECT_FAILED, result, None)
             outcome, error = Outcome.CONNECT_FAILED, event.outcome
-            if backend is not None:
-                ejected = route.pick.ejections.eject(backend, time.monotonic(), route.config.eject_for)
-                log.warning("route %s: backend %s failed (%s); %s", route.name, key, event.outcome,
-                            "still ejected" if ejected is None else f"ejected for {ejected:g}s",
-                            extra={"fields": {"event": "backend-failed", "route": route.name, "backend": key,
-                                              "error": event.outcome, "mode": CONNECT}})
         level = logging.INFO if outcome == Outcome.OK else logging.WARNING
         if conn_log.isEnabledFor(level):
             fields = {"event": "connection", "src": _addr(event.source), "port": event.dialled[1],
                       "route": route.name, "backend": key, "up": result.up, "down": result.down,
-                      "mode": CONNECT, "duration": round(event.duration, 6), "outcome": str(outcome)}
+                      "mode": CONNECT}
             if error is not None:
                 fields["error"] = error
+            fields["duration"] = round(event.duration, 6)
+            fields["outcome"] = str(outcome)
             conn_log.log(level, "connection", extra={"fields": fields})
+
+
+# What the kernel says of a connection that was established ("reset": it ended in a RST).
+_CONNECTED = ("ok", "reset")
 
 
 def _find(route, addr):

@@ -24,19 +24,22 @@ def wanted(default_mode: str | None, configs) -> bool:
 def open_plane(cgroup: str | None):
     """The ConnectPlane, loaded and attached to ``cgroup`` (None: the cgroup2 root).
     Raises ConnectStartError."""
+    from .cgroup import cgroup2_mount
+
     try:
-        from . import plane as plane_module
+        from .plane import ConnectPlane, ConnectPlaneError
     except OSError as exc:  # no libbpf
         raise ConnectStartError(f"cannot load libbpf: {exc}") from None
+    if cgroup is None:
+        try:
+            cgroup = cgroup2_mount()
+        except (OSError, LookupError) as exc:
+            raise ConnectStartError(f"cannot find the cgroup v2 hierarchy ({exc}); give --cgroup DIR") from None
     try:
-        if cgroup is None:
-            with open("/proc/mounts", encoding="utf-8") as f:
-                cgroup = plane_module.find_cgroup2_mount(f.read())
-        return plane_module.ConnectPlane(cgroup)
-    except plane_module.ConnectError as exc:
-        raise ConnectStartError(str(exc)) from None
-    except OSError as exc:
-        raise ConnectStartError(f"--cgroup {cgroup}: {exc.strerror or exc}") from None
+        return ConnectPlane(cgroup)
+    except ConnectPlaneError as exc:
+        reason = str(exc).removeprefix(f"connect mode on {cgroup}: ")
+        raise ConnectStartError(f"--cgroup {cgroup}: {reason}") from None
 
 
 def catch_addresses(dests=()) -> list[str]:
