@@ -163,7 +163,7 @@ struct event {
 	__u8 orig_family;
 	__u8 backend_family;
 	__u8 pad[3];
-}; /* 104 bytes */
+}; /* 112 bytes */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
