@@ -32,6 +32,12 @@ APT_PACKAGES=(
   iperf3:iperf3
   chromium:chromium
   systemd:systemd-analyze
+  # connect mode's BPF programs: clang rebuilds ambassadord/connect/connect.bpf.o (the test
+  # that the committed object matches its source), libbpf-dev has bpf_helpers.h, bpftool
+  # shows what is attached to a cgroup.
+  clang:clang
+  libbpf-dev:libbpf-dev
+  bpftool:bpftool
 )
 
 # Consul is not in bookworm; bullseye's package (1.8.7) carries one static binary. It is
