@@ -5,13 +5,12 @@ cgroup, is tests/test_connect_bpf.py's and tests/test_e2e_connect.py's."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-
 import pytest
 
 from ambassadord.backends.interface import Backend, BackendSet
 from ambassadord.config import ConfigError, load_routes
 from ambassadord.connect.feed import ConnectFeed, kernel_set
+from ambassadord.connect.layout import BackendEjected, ConnectionEnded
 from ambassadord.daemon import _redirect_ports
 from ambassadord.routes import Route, RouteTable
 from ambassadord.server import ListenAddress
@@ -30,16 +29,10 @@ class RecordingPlane:
         self.calls.append(("remove", port))
 
 
-@dataclass
-class Event:
-    source: tuple
-    dialled: tuple
-    backend: tuple
-    up: int = 0
-    down: int = 0
-    connect_seconds: float = 0.001
-    duration: float = 0.5
-    outcome: str = "ok"
+def ended(src, dialled, backend, *, up=0, down=0, outcome="ok", port=None):
+    return ConnectionEnded(cookie=1, source=src, dialled=dialled, backend=backend, route_port=port or dialled[1],
+                           scope=0, outcome=outcome, bytes_received=down, bytes_acked=up,
+                           start_ns=1_000_000_000, end_ns=1_500_000_000)
 
 
 def configs(*maps, mode=None):
@@ -108,12 +101,17 @@ def test_events_become_counters_and_one_log_line(caplog):
     route = table.routes[0]
     route.update(BackendSet((A, C)))
     with caplog.at_level(logging.INFO, logger="ambassadord.connections"):
-        feed.account(Event(("127.0.0.1", 40000), ("127.0.0.1", 6379), ("10.0.0.1", 6379), up=10, down=2000))
-        feed.account(Event(("127.0.0.1", 40001), ("127.0.0.1", 6379), ("10.0.0.3", 6379), outcome="refused"))
+        feed.account(ended(("127.0.0.1", 40000), ("127.0.0.1", 6379), ("10.0.0.1", 6379), up=10, down=2000))
+        feed.account(ended(("127.0.0.1", 0), ("127.0.0.1", 6379), ("10.0.0.3", 6379), outcome="refused"))
+        feed.account(ended(("127.0.0.1", 40002), ("127.0.0.1", 6379), ("10.0.0.1", 6379), outcome="reset"))
+    with caplog.at_level(logging.WARNING, logger="ambassadord"):
+        feed.account(BackendEjected(cookie=2, backend=("10.0.0.3", 6379), dialled=("127.0.0.1", 6379),
+                                    route_port=6379, scope=0, start_ns=0, until_ns=10))
     st = route.stats
-    assert st.outcomes == {"ok": 1, "connect-failed": 1}
+    assert st.outcomes == {"ok": 1, "connect-failed": 1, "reset": 1}
     assert (st.up, st.down, st.active) == (10, 2000, 0)
-    assert st.backends[str(A)].connections == 1 and st.backends[str(C)].failures == 1
+    assert st.backends[str(A)].connections == 2 and st.backends[str(C)].failures == 1
+    assert st.connect_histogram()[0][-1] == ("+Inf", 0)  # the kernel measures no connect time
     assert route.pick.ejections.until  # the failed one is ejected, as /routes and the metrics show
     lines = [r.fields for r in caplog.records if r.name == "ambassadord.connections"]
     assert lines[0] == {"event": "connection", "src": "127.0.0.1:40000", "port": 6379, "route": "6379",
@@ -124,7 +122,7 @@ def test_events_become_counters_and_one_log_line(caplog):
 
 def test_an_event_for_a_route_gone_is_dropped():
     feed, _, table = feed_for(configs("6379=10.0.0.1:6379", mode="connect"))
-    feed.account(Event(("127.0.0.1", 1), ("127.0.0.1", 5432), ("10.0.0.1", 5432)))
+    feed.account(ended(("127.0.0.1", 1), ("127.0.0.1", 5432), ("10.0.0.1", 5432)))
     assert table.routes[0].stats.outcomes == {}
 
 
