@@ -18,11 +18,13 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.admin_client import http_get
+from tests.consul import ConsulAgent, consul_binary
 from tests.cgroups import attached, child_cgroup, socket_in
 from tests.daemon import Daemon, RedisProcess, wait_until
 from tests.netns import Netns, link, namespaces, require_prerequisites
@@ -175,3 +177,35 @@ def test_a_route_cannot_start_without_privilege_or_cgroup(world, tmp_path):
         capture_output=True, text=True, timeout=30, cwd=Path(__file__).resolve().parent.parent)
     assert out.returncode == 1
     assert f"connect mode: --cgroup {not_cgroup}: {not_cgroup} is not a cgroup v2 directory" in out.stderr
+
+
+def test_a_consul_deregistration_reaches_new_connects_within_a_second(world):
+    consul_binary()  # skip (or fail under CI) before starting anything
+    a, b, cg = world["a"], world["b"], world["cg"]
+    other = REDIS_PORT + 2
+    with RedisProcess(other, host="10.77.0.1", ns=a), ConsulAgent(node="amb-cm-b", ns=b) as agent:
+        for sid, port in (("r1", REDIS_PORT), ("r2", other)):
+            agent.register("redis", sid, "10.77.0.1", port, ttl_check=True)
+        agent.wait_for_health("redis", lambda entries: {"r1", "r2"} <= {e["Service"]["ID"] for e in entries})
+        d = start(world, f"{ROUTE_PORT}=consul:///redis", extra=["--consul", agent.http_addr])
+        try:
+            def answered_by() -> int:
+                with dial(cg, b, "127.0.0.1", ROUTE_PORT) as s:
+                    return redis_port_of(s)
+
+            seen: set[int] = set()
+            wait_until(lambda: seen.add(answered_by()) or seen == {REDIS_PORT, other}, timeout=15,
+                       what=lambda: f"both instances never answered (seen {seen}):\n{d.describe()}")
+            since = time.monotonic()
+            agent.deregister("r2")
+            last_other = since
+            in_a_row = 0
+            while in_a_row < 30:  # 30 in a row avoid r2: it is out of the kernel's map
+                assert time.monotonic() - since < 10, f"r2 still reached 10 s after its deregistration:\n{d.describe()}"
+                if answered_by() == other:
+                    last_other, in_a_row = time.monotonic(), 0
+                else:
+                    in_a_row += 1
+            assert last_other - since < 1.0, f"r2 reached {last_other - since:.2f} s after its deregistration"
+        finally:
+            assert d.stop() == 0
