@@ -26,6 +26,10 @@ In it:
                    --listen 127.0.0.1:10000 --map 6379=... --map 5201=...``. Clients dial
                    10.99.0.1:6379 / :5201; the nat REDIRECT sends that to the daemon, which
                    reads SO_ORIGINAL_DST and connects (with its exempt SO_MARK) to the backend.
+      ambassadord-connect  connect mode: ``run --mode connect --cgroup CG --map 46379=...
+                   --map 45201=...``; its clients (and only its clients) run in the cgroup CG
+                   made for the run, and dial 127.0.0.1:46379 / :45201, where nothing listens:
+                   the cgroup program rewrites the connect to the backend. No proxy in the path.
 
 Everything is ready when its ports listen and a Redis PING through it answers +PONG
 (polled with a deadline, no fixed sleeps).
@@ -289,6 +293,12 @@ def ping_through(host: str, port: int) -> bool:
     return True
 
 
+def ping_target(target) -> bool:
+    with target.connect(target.redis_port, timeout=2) as sock:
+        redis_ping(sock)
+    return True
+
+
 def redis_connected_clients(sock: socket.socket) -> int:
     sock.sendall(b"INFO clients\r\n")
     header = b""
@@ -327,6 +337,28 @@ class Target:
     def addresses(self) -> list[str]:
         """Addresses to put on lo for this target (besides 127.0.0.1)."""
         return []
+
+    # The cgroup v2 directory its clients must be in (connect mode), set by Bench.
+    client_cgroup: str | None = None
+
+    def connect(self, port: int, timeout: float = 10) -> socket.socket:
+        """A client connection to ``port`` of this target, made as its clients make them."""
+        if self.client_cgroup is None:
+            return socket.create_connection((self.host, port), timeout=timeout)
+        # A socket belongs to the cgroup its creator was in at socket(): step in and out.
+        home = own_cgroup()
+        move_to_cgroup(os.getpid(), self.client_cgroup)
+        try:
+            sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
+        finally:
+            move_to_cgroup(os.getpid(), home)
+        try:
+            sock.settimeout(timeout)
+            sock.connect((self.host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
 
 class Socat(Target):
@@ -396,6 +428,26 @@ class Ambassadord(Target):
                  *self.flags]]
 
 
+class AmbassadordConnect(Target):
+    """ambassadord in connect mode: ``run --mode connect --cgroup CG``, the clients in CG.
+    They dial 127.0.0.1:46379 / :45201, where nothing listens: the cgroup program rewrites
+    the connect to the backend, and no proxy is in the path."""
+
+    def __init__(self) -> None:
+        super().__init__("ambassadord-connect", LOOPBACK, 46379, 45201)
+        self.port = DAEMON_PORT + 99
+
+    def listen_ports(self) -> set[int]:
+        return {self.port}
+
+    def commands(self, work: Path) -> list[list[str]]:
+        python = str(VENV_PYTHON if VENV_PYTHON.exists() else sys.executable)
+        maps = [arg for front, back in self.routes() for arg in ("--map", f"{front}={LOOPBACK}:{back}")]
+        return [[python, "-m", "ambassadord", "run", "--mode", "connect", "--cgroup", str(self.client_cgroup),
+                 "--listen", f"{LOOPBACK}:{self.port}", *maps, "--admin", "off", "--log-level", "warning",
+                 "--workers", "1"]]
+
+
 def parse_variant(text: str, index: int) -> Ambassadord:
     """``NAME[@DIR]=FLAGS``: ambassadord with FLAGS added (shell words), from DIR if given."""
     import shlex
@@ -410,14 +462,55 @@ def parse_variant(text: str, index: int) -> Ambassadord:
     return Ambassadord(name, index, tuple(shlex.split(flags)), path)
 
 
-TARGETS = {t.name: t for t in (Target(), Socat(), HAProxy(), Nginx(), Ambassadord())}
+TARGETS = {t.name: t for t in (Target(), Socat(), HAProxy(), Nginx(), Ambassadord(), AmbassadordConnect())}
+
+
+# ---- cgroups (connect mode's clients) -----------------------------------------------------
+
+
+def cgroup2_root() -> str:
+    with open("/proc/mounts", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 3 and fields[2] == "cgroup2":
+                return fields[1]
+    raise BenchError("no cgroup2 file system in /proc/mounts: connect mode cannot be measured")
+
+
+def own_cgroup() -> str:
+    with open("/proc/self/cgroup", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("0::"):
+                return os.path.join(cgroup2_root(), line[3:].strip().lstrip("/"))
+    raise BenchError("this process is in no cgroup v2")
+
+
+def move_to_cgroup(pid: int, cgroup: str) -> None:
+    with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+        f.write(str(pid))
+
+
+def remove_cgroup(path: str) -> None:
+    """Move what is left in ``path`` back to our cgroup, then remove it (its BPF goes with it)."""
+    home, deadline = own_cgroup(), time.monotonic() + 10
+    while os.path.isdir(path):
+        with contextlib.suppress(OSError):
+            for pid in Path(path, "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):
+                    move_to_cgroup(int(pid), home)
+            os.rmdir(path)
+        if os.path.isdir(path):
+            if time.monotonic() > deadline:
+                raise BenchError(f"cannot remove cgroup {path}")
+            time.sleep(0.05)
 
 
 # ---- workloads -------------------------------------------------------------------------
 
 
-def run_client(argv: list[str], timeout: float) -> str:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+def run_client(argv: list[str], timeout: float, cgroup: str | None = None) -> str:
+    enter = None if cgroup is None else (lambda: move_to_cgroup(os.getpid(), cgroup))
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, preexec_fn=enter)
     if proc.returncode != 0:
         raise BenchError(f"{argv[0]} exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-400:]}")
     return proc.stdout
@@ -425,7 +518,7 @@ def run_client(argv: list[str], timeout: float) -> str:
 
 def bulk(target: Target, opts) -> dict:
     out = run_client(["iperf3", "-c", target.host, "-p", str(target.iperf_port), "-t", str(opts.bulk_seconds), "-J"],
-                     timeout=opts.bulk_seconds + 30)
+                     timeout=opts.bulk_seconds + 30, cgroup=target.client_cgroup)
     return {"gbps": json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9}
 
 
@@ -433,7 +526,7 @@ def redis_benchmark(target: Target, opts, keepalive: bool) -> dict:
     requests = opts.rr_requests if keepalive else opts.churn_requests
     out = run_client(["redis-benchmark", "-h", target.host, "-p", str(target.redis_port), "-t", "ping_mbulk",
                       "-c", str(opts.clients), "-n", str(requests), "-k", str(int(keepalive)), "-P", "1", "--csv"],
-                     timeout=300)
+                     timeout=300, cgroup=target.client_cgroup)
     rows = list(csv.DictReader(line for line in out.splitlines() if line.startswith('"')))
     if not rows:
         raise BenchError(f"redis-benchmark printed no CSV: {out[-400:]!r}")
@@ -476,6 +569,7 @@ class Bench:
         self.samples: list[dict] = []
         self.idle: dict[str, dict] = {}
         self.redis_admin: socket.socket | None = None
+        self.cgroup: str | None = None  # connect mode's clients' cgroup, made by start()
 
     def close(self) -> None:
         if self.redis_admin is not None:
@@ -483,6 +577,9 @@ class Bench:
             self.redis_admin = None
         self.servers.stop_all()
         self.ns.delete()
+        if self.cgroup is not None:
+            remove_cgroup(self.cgroup)
+            self.cgroup = None
 
     def start(self) -> None:
         self.ns.enter()
@@ -493,6 +590,12 @@ class Bench:
         wait_until("redis and iperf3", lambda: {REDIS, IPERF} <= listening_ports() and ping_through(LOOPBACK, REDIS),
                    self.servers)
         self.redis_admin = socket.create_connection((LOOPBACK, REDIS), timeout=10)
+        if any(isinstance(t, AmbassadordConnect) for t in self.targets):
+            self.cgroup = os.path.join(cgroup2_root(), f"ambbench-{os.getpid()}")
+            os.mkdir(self.cgroup)
+            for t in self.targets:
+                if isinstance(t, AmbassadordConnect):
+                    t.client_cgroup = self.cgroup
         for target in self.targets:
             self.roots[target.name] = []
             for address in target.addresses():
@@ -501,7 +604,7 @@ class Bench:
                 self.target_procs.append(name := f"{target.name}-{i}")
                 self.roots[target.name].append(self.servers.start(name, argv, target.cwd()).pid)
             wait_until(target.name, lambda t=target: t.listen_ports() <= listening_ports()
-                       and ping_through(t.host, t.redis_port), self.servers)
+                       and ping_target(t), self.servers)
 
     def tree(self, target: Target) -> list[int]:
         return process_tree(self.roots[target.name])
@@ -513,12 +616,12 @@ class Bench:
     def measure_idle(self, target: Target) -> dict:
         with contextlib.ExitStack() as conns:
             for _ in range(100):  # warm-up: first-time allocations are not per-connection costs
-                redis_ping(conns.enter_context(socket.create_connection((target.host, target.redis_port), timeout=10)))
+                redis_ping(conns.enter_context(target.connect(target.redis_port)))
         self.wait_for_clients(0)
         before = memory_kib(self.tree(target))
         with contextlib.ExitStack() as conns:
             for _ in range(self.opts.idle_conns):
-                redis_ping(conns.enter_context(socket.create_connection((target.host, target.redis_port), timeout=10)))
+                redis_ping(conns.enter_context(target.connect(target.redis_port)))
             self.wait_for_clients(self.opts.idle_conns)
             after = memory_kib(self.tree(target))
         self.wait_for_clients(0)

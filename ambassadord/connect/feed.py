@@ -138,7 +138,8 @@ class ConnectFeed(Peers):
             st.connect_failed(b, event.outcome, now)
             st.closed(Outcome.CONNECT_FAILED, result, None)
             outcome, error = Outcome.CONNECT_FAILED, event.outcome
-        level = logging.INFO if outcome == Outcome.OK else logging.WARNING
+        # As the proxy's: a reset is the peers' business (INFO); a failed connect, a WARNING.
+        level = logging.WARNING if outcome == Outcome.CONNECT_FAILED else logging.INFO
         if conn_log.isEnabledFor(level):
             fields = {"event": "connection", "src": _addr(event.source), "port": event.dialled[1],
                       "route": route.name, "backend": key, "up": result.up, "down": result.down,
