@@ -233,11 +233,7 @@ def _route(port: int, spec_text, where: str, defaults: RouteDefaults, **options)
         mode=defaults.mode,
     )
     values.update(options)
-    route = RouteConfig(port=port, spec=spec, origin=where, **values)
-    if route.mode == "connect" and route.source is not None:
-        raise ConfigError(f"{where}: mode connect: a route limited to a source network ({route.source}) "
-                          f"cannot be served in connect mode yet; give it mode = \"proxy\"")
-    return route
+    return RouteConfig(port=port, spec=spec, origin=where, **values)
 
 
 def _port(text, where: str) -> int:

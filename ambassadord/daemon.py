@@ -147,7 +147,7 @@ def _serve(settings: RunSettings, configs, plan, kernel, plane=None) -> int:
                 log.error("iptables: %s", exc)
                 return 1
         try:
-            trio.run(_Daemon(settings, server, rules, admin_sock, pool, plane).serve)
+            trio.run(_Daemon(settings, server, rules, admin_sock, pool, feed).serve)
         except KeyboardInterrupt:
             pass
         except BaseExceptionGroup as group:
@@ -312,11 +312,12 @@ class _Daemon:
     (the module's docstring says in which order a stop goes)."""
 
     def __init__(self, settings: RunSettings, server: Server, rules: RedirectRules | None,
-                 admin_sock: socket.socket | None, pool=None, plane=None):
+                 admin_sock: socket.socket | None, pool=None, feed=None):
         self.settings = settings
         self.server = server
         self.pool = pool  # the WorkerPool (--workers N > 1), or None
-        self.plane = plane  # connect mode's ConnectPlane, or None
+        self.feed = feed  # connect mode's ConnectFeed (connect/feed.py), or None
+        self.plane = feed.plane if feed is not None else None
         self.rules = rules
         self.admin_sock = admin_sock
         config = settings.routes.config
@@ -344,6 +345,7 @@ class _Daemon:
                 nursery.start_soon(self._watch_bridges)
             if self.plane is not None:
                 nursery.start_soon(self._watch_catch_addresses)
+                nursery.start_soon(self._watch_scopes)
             sdnotify.ready(f"serving {len(server.table)} route(s)")
 
     async def _run_server(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -445,6 +447,24 @@ class _Daemon:
                     log.info("connect mode: rewriting connects to %s", ", ".join(found) or "loopback only")
                 self.plane.set_catch_addresses(found)
                 seen = found
+
+    async def _watch_scopes(self) -> None:
+        """Connect-mode routes limited to a source network follow the host's network
+        namespaces and their addresses (connect/scopes.py says why and how)."""
+        from .connect import scopes
+        from .connect.cgroup import netns_cookie
+
+        own = netns_cookie()
+        while True:
+            keys = self.feed.scoped_keys
+            if keys:
+                try:
+                    found = await trio.to_thread.run_sync(scopes.scan, own, abandon_on_cancel=True)
+                except OSError as exc:
+                    log.warning("connect mode: cannot list the network namespaces: %s", exc)
+                else:
+                    self.feed.set_scopes(scopes.assign(found, keys))
+            await trio.sleep(BRIDGE_POLL)
 
     async def reload(self, why: str) -> None:
         """Re-read the routes; apply them all, or none if anything is wrong."""

@@ -4,13 +4,16 @@ cgroup, is tests/test_connect_bpf.py's and tests/test_e2e_connect.py's."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-import pytest
 
+import pytest
 from ambassadord.backends.interface import Backend, BackendSet
+
 from ambassadord.config import ConfigError, load_routes
 from ambassadord.connect.feed import ConnectFeed, kernel_set
 from ambassadord.connect.layout import BackendEjected, ConnectionEnded
+from ambassadord.connect.scopes import assign
 from ambassadord.daemon import _redirect_ports
 from ambassadord.routes import Route, RouteTable
 from ambassadord.server import ListenAddress
@@ -26,7 +29,7 @@ class RecordingPlane:
         self.calls.append(("set", port, list(backends), opts))
 
     def remove_route(self, port, scope=0):
-        self.calls.append(("remove", port))
+        self.calls.append(("remove", port, scope))
 
 
 def ended(src, dialled, backend, *, up=0, down=0, outcome="ok", port=None):
@@ -64,7 +67,7 @@ def test_only_connect_routes_are_fed_and_a_set_is_written_whole():
     assert plane.calls == []  # a proxy route never reaches the kernel
     feed.backends(cfgs[0].key, BackendSet((A, C)))
     assert plane.calls == [("set", 6379, [("10.0.0.1", 6379, 1, 0), ("10.0.0.3", 6379, 5, 0)],
-                            {"balance": "random", "eject_for": 10.0, "connect_timeout": 2.0})]
+                            {"scope": 0, "balance": "random", "eject_for": 10.0, "connect_timeout": 2.0})]
 
 
 def test_health_checks_and_reloads_reach_the_map():
@@ -79,7 +82,7 @@ def test_health_checks_and_reloads_reach_the_map():
     feed.routes(changed)  # an option changed: written again with it
     assert plane.calls[-1][3]["eject_for"] == 3.0
     feed.routes(configs("6379=10.0.0.1:6379"))  # now a proxy route: out of the kernel
-    assert plane.calls[-1] == ("remove", 6379)
+    assert plane.calls[-1] == ("remove", 6379, 0)
     n = len(plane.calls)
     feed.backends(key, BackendSet((A,)))
     assert len(plane.calls) == n
@@ -135,8 +138,6 @@ def test_mode_option_and_its_errors(tmp_path):
     f.write_text('[routes]\n6379 = { backend = "10.0.0.1:6379", mode = "kernel" }\n')
     with pytest.raises(ConfigError, match=r"routes.toml.*6379.*bad mode 'kernel': expected one of proxy, connect"):
         load_routes(config_file=str(f))
-    with pytest.raises(ConfigError, match="mode connect: a route limited to a source network"):
-        configs("6379@10.1.0.0/16=10.0.0.1:6379", mode="connect")
 
 
 def test_connect_routes_are_not_redirected():
@@ -148,3 +149,39 @@ def test_connect_routes_are_not_redirected():
 def _fields(cfg) -> dict:
     return {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
 
+
+
+N1, N2 = ipaddress.ip_network("172.18.0.0/16"), ipaddress.ip_network("172.18.5.0/24")
+
+
+@pytest.mark.parametrize("namespaces, routes, expected", [
+    ({}, [(6379, N1)], {(6379, N1): set()}),
+    ({7: ["172.18.0.2"], 8: ["10.0.0.2"]}, [(6379, N1), (6379, None)], {(6379, N1): {7}}),
+    # the most specific network of each port wins, per namespace
+    ({7: ["172.18.0.2"], 8: ["172.18.5.9"]}, [(6379, N1), (6379, N2), (5432, N1)],
+     {(6379, N1): {7}, (6379, N2): {8}, (5432, N1): {7, 8}}),
+    # a namespace with addresses in two networks, and IPv6 never in an IPv4 network
+    ({9: ["fd00::1", "172.18.5.1"]}, [(6379, N1), (6379, N2)], {(6379, N1): set(), (6379, N2): {9}}),
+])
+def test_assign_scopes(namespaces, routes, expected):
+    assert assign(namespaces, routes) == expected
+
+
+def test_a_scoped_route_is_written_once_per_namespace_and_follows_them():
+    cfgs = configs("6379@172.18.0.0/16=10.0.0.1:6379", "6379=10.0.0.3:6379", mode="connect")
+    feed, plane, _ = feed_for(cfgs)
+    scoped, wide = (c.key for c in cfgs)
+    assert feed.scoped_keys == [scoped]
+    feed.backends(scoped, BackendSet((A,)))
+    feed.backends(wide, BackendSet((C,)))
+    assert [(c[0], c[3]["scope"]) for c in plane.calls] == [("set", 0)]  # no namespace yet: only the host-wide one
+    plane.calls.clear()
+    feed.set_scopes({scoped: {7, 8}})
+    assert sorted((c[0], c[3]["scope"], c[2][0][0]) for c in plane.calls) == [("set", 7, "10.0.0.1"),
+                                                                              ("set", 8, "10.0.0.1")]
+    plane.calls.clear()
+    feed.set_scopes({scoped: {8}})  # namespace 7 went
+    assert plane.calls[-1] == ("remove", 6379, 7)
+    plane.calls.clear()
+    feed.routes([cfgs[1]])  # the scoped route went
+    assert plane.calls == [("remove", 6379, 8)]

@@ -209,3 +209,22 @@ def test_a_consul_deregistration_reaches_new_connects_within_a_second(world):
             assert last_other - since < 1.0, f"r2 reached {last_other - since:.2f} s after its deregistration"
         finally:
             assert d.stop() == 0
+
+
+def test_a_route_limited_to_the_containers_network_serves_only_them(world):
+    a, b, c, cg = world["a"], world["b"], world["c"], world["cg"]
+    other = REDIS_PORT + 3
+    with RedisProcess(other, host="10.77.0.1", ns=a):
+        d = start(world, f"{ROUTE_PORT}@172.31.77.0/24=10.77.0.1:{other}", f"{ROUTE_PORT}=10.77.0.1:{REDIS_PORT}")
+        try:
+            def container_gets_its_route() -> bool:
+                with dial(cg, c, "172.31.77.1", ROUTE_PORT) as s:
+                    return redis_port_of(s) == other
+            # the namespace scan runs every second: the container's route follows within a few
+            wait_until(container_gets_its_route, timeout=10, what=lambda: f"the container never got its route:\n{d.describe()}")
+            for _ in range(10):
+                with dial(cg, b, "127.0.0.1", ROUTE_PORT) as s:  # the host's processes keep the host-wide one
+                    assert redis_port_of(s) == REDIS_PORT
+                assert container_gets_its_route()
+        finally:
+            assert d.stop() == 0

@@ -63,13 +63,30 @@ class ConnectFeed(Peers):
         self._sets: dict = {}
         self._down: dict = {}
         self._warned: set = set()
+        # Routes limited to a source network: the netns cookies they cover (scopes.py),
+        # and for every route, the scopes its set is written under now (0: host-wide).
+        self._scopes: dict = {}
+        self._written: dict = {}
+
+    @property
+    def scoped_keys(self) -> list:
+        """The connect routes limited to a source network (scopes.py looks for them)."""
+        return [key for key in self._configs if key[1] is not None]
+
+    def set_scopes(self, scopes: dict) -> None:
+        """``{route key: {netns cookie, ...}}`` (scopes.assign) as found now."""
+        old, self._scopes = self._scopes, scopes
+        for key in self._configs:
+            if key[1] is not None and old.get(key, set()) != scopes.get(key, set()) and key in self._sets:
+                self._write(key)
 
     # ---- what the server tells ----------------------------------------------------------
 
     def routes(self, configs) -> None:
         new = {c.key: c for c in configs if c.mode == CONNECT}
         for key in self._configs.keys() - new.keys():
-            self.plane.remove_route(key[0])
+            for scope in self._written.pop(key, ()):
+                self.plane.remove_route(key[0], scope)
             self._sets.pop(key, None)
             self._down.pop(key, None)
         old, self._configs = self._configs, new
@@ -95,8 +112,14 @@ class ConnectFeed(Peers):
             self._warned.add((key, len(dropped)))
             log.warning("route %s: connect mode holds %d backends per route; left out: %s",
                         cfg.describe(), self._limit, ", ".join(map(str, dropped)))
-        self.plane.set_route(cfg.port, [self._backend(b.address, b.port, b.weight, b.priority) for b in kept],
-                             balance=cfg.balance, eject_for=cfg.eject_for, connect_timeout=cfg.connect_timeout)
+        backends = [self._backend(b.address, b.port, b.weight, b.priority) for b in kept]
+        scopes = {0} if cfg.source is None else set(self._scopes.get(key, ()))
+        for scope in sorted(scopes):
+            self.plane.set_route(cfg.port, backends, scope=scope, balance=cfg.balance, eject_for=cfg.eject_for,
+                                 connect_timeout=cfg.connect_timeout)
+        for scope in self._written.get(key, set()) - scopes:
+            self.plane.remove_route(cfg.port, scope)
+        self._written[key] = scopes
 
     # ---- what the kernel tells ----------------------------------------------------------
 
