@@ -9,8 +9,11 @@ How the pieces fit (one feature per module):
   (instance guard, listeners, admin socket, iptables rules), signals, sd_notify
   (``sdnotify``), reloads (SIGHUP or a changed ``--config``: validated whole, then
   swapped in) and the container bridges. ``status``: the ``status`` command's table.
-* ``config``: routes from ``--map``, a TOML file, ``BACKEND_<PORT>`` and Docker link env
-  vars, as frozen ``RouteConfig`` values whose errors name their origin.
+* ``config``: route values from ``--map``, a TOML file, ``BACKEND_<PORT>`` and Docker link
+  env vars, parsed into frozen ``RouteConfig`` values whose errors name their origin.
+* ``sources``: the route sources behind one interface (``RouteSource.read``), and
+  ``combine``, which merges what they found (duplicates, scope precedence); the start and
+  every reload read routes through it.
 * ``routes`` and ``balancer``: the pure core. Route lookup by (intended port, source
   address), pick order (priority, random/weighted or round-robin, ejected backends last).
   No sockets, no trio.

@@ -1,21 +1,21 @@
-"""Routes from every place they can come from, validated once, with errors that say where.
+"""Route values parsed and validated once, with errors that say where they came from.
 
-Sources, all merged into one list of RouteConfig:
+What each place routes come from says, turned into :class:`RouteConfig` values:
 
-* ``--map PORT=SPEC`` or ``--map PORT@CIDR=SPEC`` (repeatable);
-* ``--config FILE``: TOML with an optional ``[defaults]`` table and a ``[routes]`` table
-  whose keys are ports and whose values are a spec string, a table
+* ``--map PORT=SPEC`` or ``--map PORT@CIDR=SPEC`` (:func:`routes_from_maps`);
+* ``--config FILE`` (:func:`load_file`): TOML with an optional ``[defaults]`` table and a
+  ``[routes]`` table whose keys are ports and whose values are a spec string, a table
   (``{ backend = "...", balance = "round-robin", source = "172.17.0.0/16", ... }``) or a
   list of such tables (one port, several source networks);
-* environment ``BACKEND_<PORT>=SPEC``;
-* with ``--link-env``: Docker links, ``<ALIAS>_PORT_<PORT>_TCP=tcp://HOST:PORT``.
+* environment ``BACKEND_<PORT>=SPEC`` and, with ``--link-env``, Docker links,
+  ``<ALIAS>_PORT_<PORT>_TCP=tcp://HOST:PORT`` (:func:`routes_from_env`).
 
-A port (with the same source network) configured twice is an error naming both places:
-silently preferring one would hide a mistake. Option precedence, weakest first: built-in
-defaults, the file's ``[defaults]``, command-line flags, a route's own options.
+Option precedence, weakest first: built-in defaults, the file's ``[defaults]``,
+command-line flags (:func:`route_defaults`), a route's own options. Reading the sources
+and merging what they say (duplicates, precedence) is ``sources.py``'s job.
 
-Error handling: :func:`load_routes` raises only :class:`ConfigError`, whatever the input.
-A reload runs it while routes are serving, so a file that makes a parser fail in a way
+Error handling: every function here raises only :class:`ConfigError`, whatever the input.
+A reload runs them while routes are serving, so a file that makes a parser fail in a way
 nobody foresaw (nesting deep enough for a RecursionError, a device that never ends) must
 be one more rejected file, never the end of the daemon.
 """
@@ -30,8 +30,8 @@ import re
 import reprlib
 import stat
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 
 from ambassadord.backends import SpecError, parse_spec
 from ambassadord.backends.interface import parse_port
@@ -47,6 +47,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RouteDefaults:
+    """The options of a route that does not set them itself. ``pinned`` names the options
+    given as command-line flags: a file's ``[defaults]`` does not override them."""
+
     balance: str = "random"
     connect_timeout: float = 2.0
     idle_timeout: float | None = None
@@ -58,6 +61,11 @@ class RouteDefaults:
     check_rise: int = 2
     check_fall: int = 3
     mode: str = "proxy"
+    pinned: frozenset[str] = frozenset()
+
+    def overlaid(self, options: Mapping) -> RouteDefaults:
+        """These defaults with a file's ``[defaults]`` laid over, except the pinned options."""
+        return replace(self, **{k: v for k, v in options.items() if k not in self.pinned})
 
 
 # Values quoted in messages come from the input: show them bounded in length and depth
@@ -203,6 +211,13 @@ OPTION_PARSERS = {
 }
 
 
+def route_defaults(flags: Mapping) -> RouteDefaults:
+    """The built-in defaults with the route options given as flags (None: not given)
+    laid over and pinned. Raises ConfigError naming the flag (``--connect-timeout: ...``)."""
+    given = {k: OPTION_PARSERS[k](v, f"--{k.replace('_', '-')}") for k, v in flags.items() if v is not None}
+    return replace(RouteDefaults(), pinned=frozenset(given), **given)
+
+
 def _failure(exc: Exception) -> str:
     """What an error no validator foresaw says about the input."""
     if isinstance(exc, RecursionError):
@@ -248,7 +263,7 @@ def _port(text, where: str) -> int:
 _MAP_RE = re.compile(r"^\s*(?P<port>[^=@\s]+)\s*(?:@\s*(?P<source>[^=\s]+)\s*)?=(?P<spec>.*)$")
 
 
-def routes_from_maps(maps: list[str], defaults: RouteDefaults) -> list[RouteConfig]:
+def routes_from_maps(maps: Iterable[str], defaults: RouteDefaults) -> list[RouteConfig]:
     routes = []
     for item in maps:
         where = f"--map {item}"
@@ -271,12 +286,16 @@ _BACKEND_ENV = re.compile(r"^BACKEND_(?P<port>\d+)$")
 _LINK_ENV = re.compile(r"^(?P<alias>[A-Za-z0-9_]+?)_PORT_(?P<port>\d+)_TCP$")
 
 
-def routes_from_env(env: Mapping[str, str], defaults: RouteDefaults, *, link_env: bool) -> tuple[list[RouteConfig], list[str]]:
-    """Routes from BACKEND_<PORT> (and Docker link vars with link_env). Returns (routes, warnings)."""
+def routes_from_env(env: Mapping[str, str], defaults: RouteDefaults, *, backend_env: bool = True,
+                    link_env: bool = False) -> tuple[list[RouteConfig], list[str]]:
+    """Routes from BACKEND_<PORT> (unless not backend_env) and Docker link vars (with
+    link_env), in the order of the variables' names. Returns (routes, warnings)."""
     routes, warnings = [], []
     for name in sorted(env):
         value = env[name]
         if name.startswith("BACKEND_"):
+            if not backend_env:
+                continue
             m = _BACKEND_ENV.match(name)
             where = f"env {name}={value}"
             if not m:
@@ -377,12 +396,14 @@ def read_file(path: str) -> str:
                           "a TOML file is UTF-8 text") from None
 
 
-def load_file(path: str, flag_defaults: dict) -> tuple[list[RouteConfig], RouteDefaults]:
+def load_file(path: str, defaults: RouteDefaults) -> tuple[list[RouteConfig], RouteDefaults]:
     """Read a TOML config file.
 
     Args:
         path: the file.
-        flag_defaults: route options given as command-line flags (they beat [defaults]).
+        defaults: the defaults so far (built-in and flags; the pinned ones beat [defaults]).
+    Returns:
+        The file's routes, and the defaults with its [defaults] laid over.
     Raises:
         ConfigError: unreadable file (see :func:`read_file`), TOML syntax error, unknown
             table or key, bad value, or anything else the parsers raise; the message names
@@ -390,14 +411,14 @@ def load_file(path: str, flag_defaults: dict) -> tuple[list[RouteConfig], RouteD
     """
     text = read_file(path)
     try:
-        return _file_routes(path, text, flag_defaults)
+        return _file_routes(path, text, defaults)
     except ConfigError:
         raise
     except Exception as exc:  # see the module's "Error handling"
         raise ConfigError(f"{path}: {_failure(exc)}") from None
 
 
-def _file_routes(path: str, text: str, flag_defaults: dict) -> tuple[list[RouteConfig], RouteDefaults]:
+def _file_routes(path: str, text: str, defaults: RouteDefaults) -> tuple[list[RouteConfig], RouteDefaults]:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -422,8 +443,7 @@ def _file_routes(path: str, text: str, flag_defaults: dict) -> tuple[list[RouteC
         if key not in OPTION_PARSERS:
             raise ConfigError(f"{where('defaults', key)}: unknown option; known: {', '.join(OPTION_PARSERS)}")
         opts[key] = OPTION_PARSERS[key](value, where("defaults", key))
-    opts.update(flag_defaults)
-    defaults = replace(RouteDefaults(), **opts)
+    defaults = defaults.overlaid(opts)
 
     routes_table = data.get("routes", {})
     if not isinstance(routes_table, dict):
@@ -452,45 +472,3 @@ def _file_routes(path: str, text: str, flag_defaults: dict) -> tuple[list[RouteC
                 ropts["source"] = _source(entry["source"], f"{ew}.source")
             routes.append(_route(port, entry["backend"], ew, defaults, **ropts))
     return routes, defaults
-
-
-# ---- all together ------------------------------------------------------------------
-
-
-@dataclass
-class LoadedConfig:
-    routes: list[RouteConfig]
-    warnings: list[str] = field(default_factory=list)
-
-
-def load_routes(
-    *,
-    maps: list[str] = (),
-    config_file: str | None = None,
-    env: Mapping[str, str] = {},
-    link_env: bool = False,
-    flag_defaults: dict | None = None,
-) -> LoadedConfig:
-    """Every route from every source, checked for duplicates.
-
-    Raises:
-        ConfigError: naming the bad value and its origin.
-    """
-    flag_defaults = {k: OPTION_PARSERS[k](v, f"--{k.replace('_', '-')}")
-                     for k, v in (flag_defaults or {}).items() if v is not None}
-    routes: list[RouteConfig] = []
-    defaults = replace(RouteDefaults(), **flag_defaults)
-    if config_file:
-        file_routes, defaults = load_file(config_file, flag_defaults)
-        routes += file_routes
-    routes += routes_from_maps(list(maps), defaults)
-    env_routes, warnings = routes_from_env(env, defaults, link_env=link_env)
-    routes += env_routes
-    seen: dict = {}
-    for r in routes:
-        if r.key in seen:
-            raise ConfigError(
-                f"port {r.describe()} is mapped twice: by {seen[r.key].origin} and by {r.origin}"
-            )
-        seen[r.key] = r
-    return LoadedConfig(routes, warnings)

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field, fields
 
 from ambassadord.backends import ResolverOptions, SpecError
 
-from .config import LoadedConfig, load_routes
 from .relay import SPLICE_AVAILABLE
 from .routes import Keepalive
 from .server import ListenAddress
+from .sources import LoadedConfig, load_routes
 
 
 class UsageError(Exception):
@@ -56,14 +56,14 @@ class RouteFlags:
     mode: str | None = None
 
     def as_dict(self) -> dict:
-        """As config.load_routes takes them (``flag_defaults``)."""
+        """As sources.load_routes takes them (``flag_defaults``)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True, slots=True)
 class RouteSources:
     """Where the routes come from: ``--map``, ``--config``, ``BACKEND_<PORT>`` variables
-    and, with ``--link-env``, Docker link variables."""
+    and, with ``--link-env``, Docker link variables (each a source in sources.py)."""
 
     maps: tuple[str, ...] = ()
     config: str | None = None
@@ -72,15 +72,14 @@ class RouteSources:
     flags: RouteFlags = field(default_factory=RouteFlags)
 
     def load(self, env: Mapping[str, str]) -> LoadedConfig:
-        """Every route, read now from the file and ``env``.
+        """Every route, read now from the file and ``env``: at the start and at every
+        reload, the same way.
 
         Raises:
             ConfigError: naming the bad value and its origin.
         """
-        if not self.backend_env:
-            env = {k: v for k, v in env.items() if not k.startswith("BACKEND_")}
-        return load_routes(maps=list(self.maps), config_file=self.config, env=env, link_env=self.link_env,
-                           flag_defaults=self.flags.as_dict())
+        return load_routes(maps=self.maps, config_file=self.config, env=env, link_env=self.link_env,
+                           backend_env=self.backend_env, flag_defaults=self.flags.as_dict())
 
 
 @dataclass(frozen=True, slots=True)

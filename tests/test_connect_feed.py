@@ -10,13 +10,14 @@ import logging
 import pytest
 from ambassadord.backends.interface import Backend, BackendSet
 
-from ambassadord.config import ConfigError, load_routes
+from ambassadord.config import ConfigError
 from ambassadord.connect.feed import ConnectFeed, kernel_set
 from ambassadord.connect.layout import BackendEjected, ConnectionEnded
 from ambassadord.connect.scopes import assign
 from ambassadord.daemon import _redirect_ports
 from ambassadord.routes import Route, RouteTable
 from ambassadord.server import ListenAddress
+from ambassadord.sources import load_routes
 
 A, B, C = Backend("10.0.0.1", 6379), Backend("10.0.0.2", 6379, priority=1), Backend("10.0.0.3", 6379, weight=5)
 

@@ -9,8 +9,9 @@ import random
 import pytest
 
 from ambassadord.balancer import Ejections, PickState, pick_order, weighted_order
-from ambassadord.config import ConfigError, load_routes
+from ambassadord.config import ConfigError
 from ambassadord.routes import Route, RouteConfig, RouteTable
+from ambassadord.sources import load_routes
 from ambassadord.backends import SpecError, parse_spec
 from ambassadord.backends.interface import Backend, BackendSet
 

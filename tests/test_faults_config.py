@@ -2,7 +2,7 @@
 the daemon. Each must be refused with a ConfigError that names the file (and line, key or
 flag) and the problem; nothing that is serving may be lost because of it.
 
-Two tiers. A table of bad inputs against :func:`ambassadord.config.load_routes` (pure
+Two tiers. A table of bad inputs against :func:`ambassadord.sources.load_routes` (pure
 logic, but real files: a FIFO, a symlink to /dev/zero, a directory, a unix socket). Then the
 real daemon with a real Redis behind it, whose ``--config`` file is swapped for each bad
 file in turn: every reload is rejected, the daemon stays up and keeps serving the old
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from ambassadord.config import ConfigError, load_routes
+from ambassadord.config import ConfigError
+from ambassadord.sources import load_routes
 from tests.daemon import connect, free_port, ping, wait_until
 from tests.admin_client import get_routes, metric, route, scrape
 from tests.reload_harness import reload_records, reloading_daemon, routes_toml, write_config

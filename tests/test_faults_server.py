@@ -300,7 +300,7 @@ def test_keepalive_notices_a_peer_that_vanished(gone, relay, tmp_path):
 
 
 def test_limit_and_keepalive_options_from_file_and_flags(tmp_path):
-    from ambassadord.config import load_routes
+    from ambassadord.sources import load_routes
     from ambassadord.routes import Keepalive
 
     path = tmp_path / "routes.toml"
@@ -328,7 +328,8 @@ def test_limit_and_keepalive_options_from_file_and_flags(tmp_path):
     ('keepalive = true', "[defaults] keepalive: bad keepalive True"),
 ])
 def test_bad_limit_or_keepalive_in_file_names_file_line_and_value(tmp_path, line, fragment):
-    from ambassadord.config import ConfigError, load_routes
+    from ambassadord.config import ConfigError
+    from ambassadord.sources import load_routes
 
     path = tmp_path / "routes.toml"
     path.write_text(f'[defaults]\n{line}\n\n[routes]\n6379 = "10.0.0.5:6379"\n')

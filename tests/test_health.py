@@ -171,7 +171,8 @@ def test_down_backends_are_left_out_unless_all_are(down, expected):
 # ---- configuration: file options, flags, and their errors ----------------------------------
 
 from ambassadord.cli import build_parser  # noqa: E402
-from ambassadord.config import ConfigError, load_routes  # noqa: E402
+from ambassadord.config import ConfigError  # noqa: E402
+from ambassadord.sources import load_routes  # noqa: E402
 from ambassadord.settings import route_flags  # noqa: E402
 
 

@@ -19,7 +19,7 @@ import trio.testing
 
 from ambassadord.admin import parse_admin
 from ambassadord.status import render_status
-from ambassadord.config import load_routes
+from ambassadord.sources import load_routes
 from ambassadord.relay import RelayResult
 from ambassadord.routes import Route, RouteTable
 from ambassadord.server import ListenAddress, Server, bind_listeners

@@ -19,7 +19,7 @@ import sys
 import pytest
 import trio
 
-from ambassadord.config import load_routes
+from ambassadord.sources import load_routes
 from ambassadord.routes import Route, RouteTable
 from ambassadord.server import ListenAddress, Server, bind_listeners
 from ambassadord.workers import Settings, WorkerPool, helper
