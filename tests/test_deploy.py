@@ -54,11 +54,11 @@ from dockerfile_parse import DockerfileParser
 
 from ambassadord.cli import build_parser
 from ambassadord.relay import Sockmap, SockmapError
-from tests import topology
+from tests import server_logs, topology
 from tests.consul import ConsulAgent, consul_binary
 from tests.daemon import Daemon, RedisProcess, connect, free_port, ping, require, wait_until
 from tests.netns import Netns, require_prerequisites
-from tests.topology import BRIDGE, HOST_A, RespClient, RedisServer, scenario_topology
+from tests.topology import BRIDGE, HOST_A, RespClient, scenario_topology
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "docker" / "Dockerfile"
@@ -313,7 +313,7 @@ def replay_run(value: str, root: Path, log: Path) -> None:
             out.flush()
             proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                   timeout=900, cwd=root)
-        assert proc.returncode == 0, f"build step `{shlex.join(cmd)}` failed:\n{topology.tail(log, 60)}"
+        assert proc.returncode == 0, f"build step `{shlex.join(cmd)}` failed:\n{server_logs.tail(log, 60)}"
 
 
 @dataclass
@@ -368,7 +368,7 @@ def built(tmp_path_factory) -> Built:
         elif ins["instruction"] not in ("ARG", "ENV", "WORKDIR", "LABEL"):
             pytest.fail(f"build stage: {ins['instruction']} {ins['value']}: not replayed by this test")
     venv = container_path(root, rest[0])
-    assert (venv / "bin" / "ambassadord").is_file(), f"no console script in {venv}/bin:\n{topology.tail(log)}"
+    assert (venv / "bin" / "ambassadord").is_file(), f"no console script in {venv}/bin:\n{server_logs.tail(log)}"
     return Built(root=root, image=load_image())
 
 
@@ -394,7 +394,7 @@ class Deployed:
                                  stdout=fd, stderr=subprocess.STDOUT)
         finally:
             os.close(fd)
-        topology._started(self.log, f"{title} in {ns.name}")
+        server_logs.started(self.log, f"{title} in {ns.name}")
         if ready:
             try:
                 self.wait_ready(timeout)
@@ -404,7 +404,7 @@ class Deployed:
 
     def describe(self) -> str:
         state = "running" if self.proc.poll() is None else f"exited {self.proc.returncode}"
-        return f"{self.title}: `{shlex.join(self.argv)}` in {self.ns.name} ({state}); its log:\n{topology.tail(self.log)}"
+        return f"{self.title}: `{shlex.join(self.argv)}` in {self.ns.name} ({state}); its log:\n{server_logs.tail(self.log)}"
 
     def listeners(self) -> set[str]:
         return {line.split()[3] for line in self.ns.exec(["ss", "-Hltn"]).splitlines() if line.strip()}
@@ -430,7 +430,7 @@ class Deployed:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"not stopped within {timeout:g}s of SIGTERM: {self.describe()}") from None
-        topology._finished(self.log)
+        server_logs.finished(self.log)
         if self.iptables:
             assert not self.has_chain(), f"nat rules left behind after exit: {self.describe()}"
         return code
@@ -439,7 +439,7 @@ class Deployed:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        topology._finished(self.log)
+        server_logs.finished(self.log)
 
     def __enter__(self) -> Deployed:
         return self
@@ -534,10 +534,7 @@ def site(tmp_path_factory) -> Iterator[Site]:
     with contextlib.ExitStack() as stack:
         topo = stack.enter_context(scenario_topology("dep"))
         for port in (REDIS_PORT, SECOND_REDIS_PORT):
-            d = workdir / f"redis-{port}"
-            d.mkdir()
-            server = RedisServer(topo.host_a, [HOST_A.v4], d, port=port)
-            stack.callback(server.stop)
+            stack.enter_context(RedisProcess(port, host=HOST_A.v4, ns=topo.host_a, workdir=workdir))
             with RespClient.connect(topo.host_a, HOST_A.v4, port) as redis:
                 assert redis.command("SET", "whoami", f"redis-{port}") == "OK"
         yield Site(topo=topo, workdir=workdir)
@@ -622,7 +619,7 @@ def test_image_entrypoint_runs_from_a_clean_venv_on_loopback(built, tmp_path):
                                     stdout=log, stderr=subprocess.STDOUT)
         try:
             def describe() -> str:
-                return f"`{shlex.join(argv)}`: {proc.poll()}; log:\n{topology.tail(out)}"
+                return f"`{shlex.join(argv)}`: {proc.poll()}; log:\n{server_logs.tail(out)}"
 
             def answers() -> bool:
                 assert proc.poll() is None, describe()
