@@ -235,6 +235,10 @@ class Daemon:
         env: extra environment variables.
         workdir: where the log file goes (a fresh temporary file in it).
         wait: wait for readiness in the constructor.
+
+    A harness for a daemon started another way (a deployment's own command line, as in
+    tests/test_deploy.py) subclasses it: it calls :meth:`_start` with its command and
+    overrides :meth:`ready`.
     """
 
     CHAIN = "AMBASSADORD"  # what its nat chains' names start with (``run --iptables``)
@@ -243,26 +247,34 @@ class Daemon:
                  ns: Netns | None = None, prefix: Sequence[str] = (), log_format: str = "json",
                  env: dict[str, str] | None = None, workdir: Path | None = None,
                  ready_timeout: float = 15, wait: bool = True):
-        self.ns = ns
         self.listen = listen
         # No admin API unless a test asks for one: the default port would collide.
         admin = () if any(a == "--admin" or a.startswith("--admin=") for a in args) else ("--admin", "off")
         self.args = ["run", *args, *admin, "--log-format", log_format]
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("BACKEND_")}
+        environ.update(env or {}, PYTHONUNBUFFERED="1")
+        self._start([*prefix, sys.executable, "-m", "ambassadord", *self.args], title=f"`{self.command}`",
+                    ns=ns, env=environ, cwd=REPO_ROOT, workdir=workdir, ready_timeout=ready_timeout if wait else None)
+
+    def _start(self, cmd: Sequence[str], *, title: str, ns: Netns | None, env: dict[str, str], cwd: Path,
+               workdir: Path | None, ready_timeout: float | None) -> None:
+        """Run ``cmd`` (in ``ns``), its stderr to :attr:`log` and its stdout to :attr:`stdout`
+        (fresh files in ``workdir``), record the log (tests/server_logs.py), and wait until
+        it is :meth:`ready` unless ``ready_timeout`` is None; if that fails, kill it.
+        ``title`` names it in :meth:`describe`."""
+        self.ns, self.title = ns, title
         fd, name = tempfile.mkstemp(prefix="ambassadord-", suffix=".log", dir=workdir)
         self.log = Path(name)  # stderr: the log
         out_fd, out_name = tempfile.mkstemp(prefix="ambassadord-", suffix=".out", dir=workdir)
         self.stdout = Path(out_name)
-        cmd = [*prefix, sys.executable, "-m", "ambassadord", *self.args]
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("BACKEND_")}
-        environ.update(env or {}, PYTHONUNBUFFERED="1")
-        kw = dict(cwd=REPO_ROOT, env=environ, stdin=subprocess.DEVNULL, stdout=out_fd, stderr=fd)
+        kw = dict(cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_fd, stderr=fd)
         try:
             self.proc = ns.popen(cmd, **kw) if ns is not None else subprocess.Popen(cmd, **kw)
         finally:
             os.close(fd)
             os.close(out_fd)
-        server_logs.started(self.log, self.command + (f" in {ns.name}" if ns is not None else ""))
-        if wait:
+        server_logs.started(self.log, title + (f" in {ns.name}" if ns is not None else ""))
+        if ready_timeout is not None:
             try:
                 self.wait_ready(ready_timeout)
             except BaseException:
@@ -281,22 +293,24 @@ class Daemon:
     def describe(self) -> str:
         state = "running" if self.alive() else f"exited {self.proc.returncode}"
         where = f" in {self.ns.name}" if self.ns is not None else ""
-        return f"`{self.command}`{where} ({state}); its log:\n{tail(self.log)}"
+        return f"{self.title}{where} ({state}); its log:\n{tail(self.log)}"
 
     def _check_alive(self) -> None:
         if not self.alive():
             raise DaemonExited(self.describe())
 
-    def wait_ready(self, timeout: float = 15) -> None:
-        def ready() -> bool:
-            self._check_alive()
-            if "listening on" not in self.text():
-                return False
-            if self.listen is not None:
-                self.connect(*self.listen, timeout=1).close()
-            return True
+    def ready(self) -> bool:
+        """It logged ``listening on`` and (``listen`` given) accepts a connection there.
+        Raises DaemonExited once it exited."""
+        self._check_alive()
+        if "listening on" not in self.text():
+            return False
+        if self.listen is not None:
+            self.connect(*self.listen, timeout=1).close()
+        return True
 
-        wait_until(ready, timeout=timeout, what=self.describe)
+    def wait_ready(self, timeout: float = 15) -> None:
+        wait_until(self.ready, timeout=timeout, what=self.describe)
 
     # ---- talking to it -----------------------------------------------------------
 
