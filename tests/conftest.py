@@ -1,5 +1,5 @@
 """Shared pytest wiring: when a test fails, show the end of the log of every server it used
-(ambassadord, redis-server ... started through tests/topology.py); and the fixtures many
+(ambassadord, redis-server ... recorded in tests/server_logs.py); and the fixtures many
 test files use: ``redis`` (a redis-server on loopback) and ``ns`` (a fresh namespace)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import netns, topology
+from tests import netns, server_logs
 from tests.daemon import RedisProcess, free_port, require
 from tests.netns import Netns, namespaces
 
@@ -36,13 +36,13 @@ def pytest_sessionstart(session):
 
 
 def pytest_runtest_setup(item):
-    topology.forget_stopped()
+    server_logs.forget_stopped()
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
     if report.failed:
-        for path, title in topology.recent_logs().items():
-            report.sections.append((f"log of {title} ({path})", topology.tail(path, 40)))
+        for path, title in server_logs.recent().items():
+            report.sections.append((f"log of {title} ({path})", server_logs.tail(path, 40)))
     return report

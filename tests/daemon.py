@@ -8,10 +8,12 @@ connect to its listen address succeeds and it has logged ``listening on`` (with
 ``--iptables`` the rules are installed before that line, so a ready daemon is also a
 redirecting one). ``stop()`` sends SIGTERM and asserts the exit status; leaving the
 ``with`` block kills a daemon that is still running, so nothing outlives a failing test.
+Its log is recorded in tests/server_logs.py, so a failing test's report ends with it.
 
 Also here, because daemon tests need them: :func:`wait_until` (poll with a deadline, no
 sleeps as synchronisation), :func:`free_port`, :func:`connect`, :func:`ping` (one Redis
-PING/PONG over a raw socket) and :class:`RedisProcess` (a throw-away ``redis-server``).
+PING/PONG over a raw socket) and :class:`RedisProcess` (a throw-away ``redis-server``, here
+or in a namespace).
 
 No test sleeps to synchronise: everything waits on a condition with a deadline.
 """
@@ -34,7 +36,9 @@ from typing import Any
 
 import pytest
 
+from tests import server_logs
 from tests.netns import Netns
+from tests.server_logs import tail
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -159,29 +163,29 @@ def read_to_eof(sock: socket.socket, timeout: float) -> bytes:
         return data
 
 
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as exc:
-        return f"(cannot read {path}: {exc})"
-    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
-
-
 class RedisProcess:
-    """A throw-away ``redis-server`` on ``host:port`` (in ``ns`` if given), no persistence."""
+    """A throw-away ``redis-server`` on ``host:port`` (and on ``also_on``, more addresses),
+    in ``ns`` if given, no persistence. Its files go to a directory under ``workdir``, kept
+    for pytest to clean up, and its log is recorded for a failure report (tests/server_logs.py);
+    without ``workdir``, to a temporary directory that :meth:`stop` removes."""
 
-    def __init__(self, port: int, *, host: str = "127.0.0.1", ns: Netns | None = None,
-                 workdir: Path | None = None, timeout: float = 15):
+    def __init__(self, port: int, *, host: str = "127.0.0.1", also_on: Sequence[str] = (),
+                 ns: Netns | None = None, workdir: Path | None = None, timeout: float = 15):
         self.host, self.port, self.ns = host, port, ns
-        self._dir = tempfile.TemporaryDirectory(prefix="amb-redis-", dir=workdir)
-        self.log = Path(self._dir.name) / "redis.log"
-        cmd = ["redis-server", "--port", str(port), "--bind", host, "--save", "", "--appendonly", "no",
-               "--protected-mode", "no", "--daemonize", "no", "--dir", self._dir.name]
+        self._tmp = None if workdir is not None else tempfile.TemporaryDirectory(prefix="amb-redis-")
+        folder = tempfile.mkdtemp(prefix="redis-", dir=workdir) if workdir is not None else self._tmp.name
+        self.log = Path(folder) / "redis.log"
+        cmd = ["redis-server", "--port", str(port), "--bind", host, *also_on, "--save", "", "--appendonly", "no",
+               "--protected-mode", "no", "--daemonize", "no", "--dir", folder]
         with open(self.log, "wb") as out:
             kw = dict(stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
             self.proc = ns.popen(cmd, **kw) if ns is not None else subprocess.Popen(cmd, **kw)
+        where = f" in {ns.name}" if ns is not None else ""
+        if self._tmp is None:
+            server_logs.started(self.log, f"redis-server{where} on {' '.join([host, *also_on])} port {port}")
         try:
-            wait_until(self._answers, timeout=timeout, what=lambda: f"redis-server on {host}:{port}: {tail(self.log)}")
+            wait_until(self._answers, timeout=timeout,
+                       what=lambda: f"redis-server{where} on {host}:{port}: {tail(self.log)}")
         except BaseException:
             self.stop()
             raise
@@ -200,7 +204,9 @@ class RedisProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._dir.cleanup()
+        server_logs.finished(self.log)
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
     def __enter__(self) -> RedisProcess:
         return self
@@ -214,7 +220,9 @@ class DaemonExited(RuntimeError):
 
 
 class Daemon:
-    """``python -m ambassadord run ARGS... --log-format FMT`` as a subprocess.
+    """``python -m ambassadord run ARGS... --log-format FMT`` as a subprocess: the one
+    harness for the real daemon, in the test's namespace or in one of tests/netns.py's
+    (the end-to-end scenarios of tests/topology.py included).
 
     Args:
         args: the ``run`` arguments (routes, ``--listen``, ...), without ``run``.
@@ -227,31 +235,46 @@ class Daemon:
         env: extra environment variables.
         workdir: where the log file goes (a fresh temporary file in it).
         wait: wait for readiness in the constructor.
+
+    A harness for a daemon started another way (a deployment's own command line, as in
+    tests/test_deploy.py) subclasses it: it calls :meth:`_start` with its command and
+    overrides :meth:`ready`.
     """
+
+    CHAIN = "AMBASSADORD"  # what its nat chains' names start with (``run --iptables``)
 
     def __init__(self, args: Sequence[str], *, listen: tuple[str, int] | None = ("127.0.0.1", 10000),
                  ns: Netns | None = None, prefix: Sequence[str] = (), log_format: str = "json",
                  env: dict[str, str] | None = None, workdir: Path | None = None,
                  ready_timeout: float = 15, wait: bool = True):
-        self.ns = ns
         self.listen = listen
         # No admin API unless a test asks for one: the default port would collide.
         admin = () if any(a == "--admin" or a.startswith("--admin=") for a in args) else ("--admin", "off")
         self.args = ["run", *args, *admin, "--log-format", log_format]
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("BACKEND_")}
+        environ.update(env or {}, PYTHONUNBUFFERED="1")
+        self._start([*prefix, sys.executable, "-m", "ambassadord", *self.args], title=f"`{self.command}`",
+                    ns=ns, env=environ, cwd=REPO_ROOT, workdir=workdir, ready_timeout=ready_timeout if wait else None)
+
+    def _start(self, cmd: Sequence[str], *, title: str, ns: Netns | None, env: dict[str, str], cwd: Path,
+               workdir: Path | None, ready_timeout: float | None) -> None:
+        """Run ``cmd`` (in ``ns``), its stderr to :attr:`log` and its stdout to :attr:`stdout`
+        (fresh files in ``workdir``), record the log (tests/server_logs.py), and wait until
+        it is :meth:`ready` unless ``ready_timeout`` is None; if that fails, kill it.
+        ``title`` names it in :meth:`describe`."""
+        self.ns, self.title = ns, title
         fd, name = tempfile.mkstemp(prefix="ambassadord-", suffix=".log", dir=workdir)
         self.log = Path(name)  # stderr: the log
         out_fd, out_name = tempfile.mkstemp(prefix="ambassadord-", suffix=".out", dir=workdir)
         self.stdout = Path(out_name)
-        cmd = [*prefix, sys.executable, "-m", "ambassadord", *self.args]
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("BACKEND_")}
-        environ.update(env or {}, PYTHONUNBUFFERED="1")
-        kw = dict(cwd=REPO_ROOT, env=environ, stdin=subprocess.DEVNULL, stdout=out_fd, stderr=fd)
+        kw = dict(cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_fd, stderr=fd)
         try:
             self.proc = ns.popen(cmd, **kw) if ns is not None else subprocess.Popen(cmd, **kw)
         finally:
             os.close(fd)
             os.close(out_fd)
-        if wait:
+        server_logs.started(self.log, title + (f" in {ns.name}" if ns is not None else ""))
+        if ready_timeout is not None:
             try:
                 self.wait_ready(ready_timeout)
             except BaseException:
@@ -270,28 +293,34 @@ class Daemon:
     def describe(self) -> str:
         state = "running" if self.alive() else f"exited {self.proc.returncode}"
         where = f" in {self.ns.name}" if self.ns is not None else ""
-        return f"`{self.command}`{where} ({state}); its log:\n{tail(self.log)}"
+        return f"{self.title}{where} ({state}); its log:\n{tail(self.log)}"
 
     def _check_alive(self) -> None:
         if not self.alive():
             raise DaemonExited(self.describe())
 
-    def wait_ready(self, timeout: float = 15) -> None:
-        def ready() -> bool:
-            self._check_alive()
-            if "listening on" not in self.text():
-                return False
-            if self.listen is not None:
-                self.connect(*self.listen, timeout=1).close()
-            return True
+    def ready(self) -> bool:
+        """It logged ``listening on`` and (``listen`` given) accepts a connection there.
+        Raises DaemonExited once it exited."""
+        self._check_alive()
+        if "listening on" not in self.text():
+            return False
+        if self.listen is not None:
+            self.connect(*self.listen, timeout=1).close()
+        return True
 
-        wait_until(ready, timeout=timeout, what=self.describe)
+    def wait_ready(self, timeout: float = 15) -> None:
+        wait_until(self.ready, timeout=timeout, what=self.describe)
 
     # ---- talking to it -----------------------------------------------------------
 
     def connect(self, host: str, port: int, *, timeout: float = 5) -> socket.socket:
         """A client connection from the daemon's namespace."""
         return connect(host, port, ns=self.ns, timeout=timeout)
+
+    def nat_rules(self, tool: str = "iptables") -> str:
+        """``iptables-save -t nat`` (or ``ip6tables-save``) in the daemon's namespace."""
+        return self.ns.exec([f"{tool}-save", "-t", "nat"])
 
     # ---- its log -----------------------------------------------------------------
 
@@ -353,9 +382,11 @@ class Daemon:
     def wait_exit(self, timeout: float) -> int:
         """Wait for the process to exit; its status. TimeoutError (with the log) if not."""
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             raise TimeoutError(f"did not exit within {timeout:g}s: {self.describe()}") from None
+        server_logs.finished(self.log)
+        return code
 
     def stop(self, *, expect: int | None = 0, timeout: float = 10) -> int:
         """SIGTERM, wait up to ``timeout`` s, assert the exit status is ``expect``."""
@@ -371,6 +402,7 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        server_logs.finished(self.log)
 
     def __enter__(self) -> Daemon:
         return self

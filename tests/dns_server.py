@@ -18,7 +18,8 @@ from pathlib import Path
 import dns.message
 import dns.query
 
-from tests.daemon import free_port, tail, wait_until
+from tests.daemon import free_port, wait_until
+from tests.server_logs import tail
 
 
 def require_dnsmasq() -> str:

@@ -34,16 +34,13 @@ from pathlib import Path
 
 import pytest
 
-from tests import topology
-from tests.daemon import Daemon, wait_until
+from tests.daemon import Daemon, RedisProcess, connect, wait_until
 from tests.topology import (
     BRIDGE,
     HOST_A,
     REDIS_PORT,
-    RedisServer,
     RespClient,
     Topology,
-    connect,
     redis_cli,
     scenario_topology,
 )
@@ -84,15 +81,11 @@ def scenario_with_instances(prefix: str, workdir: Path) -> Iterator[Topology]:
         for addr in INSTANCES.values():
             a.exec(["ip", "addr", "add", f"{addr}/24", "dev", iface])
 
-        main = RedisServer(a, [HOST_A.v4, HOST_A.v6], workdir)
-        stack.callback(main.stop)
+        stack.enter_context(RedisProcess(REDIS_PORT, host=HOST_A.v4, also_on=[HOST_A.v6], ns=a, workdir=workdir))
         with RespClient.connect(a, HOST_A.v4) as direct:
             direct.command("SET", "whoami", MARKER)
         for name, addr in INSTANCES.items():
-            sub = workdir / name
-            sub.mkdir()
-            server = RedisServer(a, [addr], sub)
-            stack.callback(server.stop)
+            stack.enter_context(RedisProcess(REDIS_PORT, host=addr, ns=a, workdir=workdir))
             with RespClient.connect(a, addr) as direct:
                 direct.command("SET", "whoami", name)
         yield topo
@@ -102,18 +95,12 @@ def scenario_with_instances(prefix: str, workdir: Path) -> Iterator[Topology]:
 def daemon_on_b(site: Site, args: list[str], *, env: dict[str, str] | None = None) -> Iterator[Daemon]:
     """``ambassadord run --iptables ARGS`` on host B (JSON logs); stopped with SIGTERM at the end,
     which must exit 0 and remove its nat rules. Its log is shown when a test fails."""
-    b = site.topo.host_b
-    daemon = Daemon(["--iptables", *args], ns=b, workdir=site.workdir, env=env)
-    topology._started(daemon.log, f"{daemon.command} in {b.name}")
-    try:
+    with Daemon(["--iptables", *args], ns=site.topo.host_b, workdir=site.workdir, env=env) as daemon:
         yield daemon
         daemon.stop()
-        for tool in ("iptables-save", "ip6tables-save"):
-            rules = b.exec([tool, "-t", "nat"])
-            assert "AMBASSADORD" not in rules, f"{tool} -t nat after the daemon exited:\n{rules}"
-    finally:
-        daemon.kill()
-        topology._finished(daemon.log)
+        for tool in ("iptables", "ip6tables"):
+            rules = daemon.nat_rules(tool)
+            assert daemon.CHAIN not in rules, f"{tool}-save -t nat after the daemon exited:\n{rules}"
 
 
 def addr_of(name: str) -> str:
@@ -269,7 +256,7 @@ def cross_host_config(site: Site, spec: str) -> Path:
     """Check that C cannot reach A but through a process on B; write the daemon's config
     file with the one route ``6379 = SPEC``."""
     with pytest.raises(OSError):
-        connect(site.topo.container, HOST_A.v4, REDIS_PORT, timeout=0.5).close()
+        connect(HOST_A.v4, REDIS_PORT, ns=site.topo.container, timeout=0.5).close()
     config = site.workdir / "routes-cross-host.toml"
     config.write_text(f'[routes]\n{REDIS_PORT} = "{spec}"\n')
     return config

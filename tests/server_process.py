@@ -5,7 +5,7 @@ inside a :class:`tests.netns.Netns`, that a test stops and starts again.
 :class:`ServerProcess` owns a temporary directory (removed by :meth:`~ServerProcess.close`)
 with the server's log, to which every start appends a ``---- COMMAND`` line and then the
 server's stdout and stderr, so the log of every run so far is kept across restarts. It
-tells tests/topology.py about the log on start and stop, so that tests/conftest.py shows
+tells tests/server_logs.py about the log on start and stop, so that tests/conftest.py shows
 its tail when a test fails; failures while starting quote that tail too.
 
 A subclass provides :meth:`~ServerProcess.command`, :meth:`~ServerProcess._ready_step`
@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
-from tests import topology
-from tests.topology import tail
+from tests import server_logs
+from tests.server_logs import tail
 
 if TYPE_CHECKING:
     from tests.netns import Netns
@@ -111,7 +111,7 @@ class ServerProcess:
             self.proc = (self.ns.popen(self.command(), **kw) if self.ns is not None
                          else subprocess.Popen(self.command(), **kw))
         where = f" in {self.ns.name}" if self.ns is not None else ""
-        topology._started(self.log, f"{self.label}{where} ({self._addresses()})")
+        server_logs.started(self.log, f"{self.label}{where} ({self._addresses()})")
         try:
             self._wait_ready(timeout)
             self._on_ready()
@@ -145,7 +145,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        topology._finished(self.log)
+        server_logs.finished(self.log)
         return self.proc.returncode
 
     def restart(self, timeout: float = READY_TIMEOUT, *, kill: bool = False) -> None:

@@ -37,9 +37,11 @@ import struct
 import sys
 import threading
 import time
+from pathlib import Path
 
 from tests.server_process import ServerProcess
-from tests.topology import REPO_ROOT
+
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the child imports this module as tests.stream_server
 
 _CHUNK = 256 * 1024
 _BEAT = 0.05  # seconds between two bytes of a held stream

@@ -54,11 +54,11 @@ from dockerfile_parse import DockerfileParser
 
 from ambassadord.cli import build_parser
 from ambassadord.relay import Sockmap, SockmapError
-from tests import topology
+from tests import server_logs, topology
 from tests.consul import ConsulAgent, consul_binary
 from tests.daemon import Daemon, RedisProcess, connect, free_port, ping, require, wait_until
 from tests.netns import Netns, require_prerequisites
-from tests.topology import BRIDGE, HOST_A, RespClient, RedisServer, scenario_topology
+from tests.topology import BRIDGE, HOST_A, RespClient, scenario_topology
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "docker" / "Dockerfile"
@@ -74,9 +74,8 @@ GUIDE = DEPLOY / "README.md"
 # The console script of the environment running the tests (for `ambassadord check`).
 CHECK_SCRIPT = Path(sys.executable).parent / "ambassadord"
 
-# What a daemon started with the default --listen listens on, and the chain it installs.
+# What a daemon started with the default --listen listens on.
 DEFAULT_LISTENERS = ("0.0.0.0:10000", "[::]:10000")
-CHAIN = "AMBASSADORD"
 REDIS_PORT = 6379
 SECOND_REDIS_PORT = 6380  # a second Redis on host A, to see a reload switch backends
 
@@ -313,7 +312,7 @@ def replay_run(value: str, root: Path, log: Path) -> None:
             out.flush()
             proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                   timeout=900, cwd=root)
-        assert proc.returncode == 0, f"build step `{shlex.join(cmd)}` failed:\n{topology.tail(log, 60)}"
+        assert proc.returncode == 0, f"build step `{shlex.join(cmd)}` failed:\n{server_logs.tail(log, 60)}"
 
 
 @dataclass
@@ -368,15 +367,16 @@ def built(tmp_path_factory) -> Built:
         elif ins["instruction"] not in ("ARG", "ENV", "WORKDIR", "LABEL"):
             pytest.fail(f"build stage: {ins['instruction']} {ins['value']}: not replayed by this test")
     venv = container_path(root, rest[0])
-    assert (venv / "bin" / "ambassadord").is_file(), f"no console script in {venv}/bin:\n{topology.tail(log)}"
+    assert (venv / "bin" / "ambassadord").is_file(), f"no console script in {venv}/bin:\n{server_logs.tail(log)}"
     return Built(root=root, image=load_image())
 
 
 # ---- processes in the namespaces ------------------------------------------------------------
 
 
-class Deployed:
-    """A deployment's daemon: ``argv`` in ``ns`` with exactly ``env``, its output in a log.
+class Deployed(Daemon):
+    """A deployment's daemon: ``argv`` in ``ns`` with exactly ``env``, in ``workdir``; the
+    harness of tests/daemon.py otherwise (log, describe(), kill()).
 
     Ready when it listens on ``listening`` (``ss``) and, with --iptables, its nat chains are
     in iptables and ip6tables; ``ready=False`` leaves waiting to the caller.
@@ -385,67 +385,30 @@ class Deployed:
     def __init__(self, ns: Netns, argv: Sequence[str], env: dict[str, str], workdir: Path, *,
                  title: str, listening: Sequence[str] = DEFAULT_LISTENERS, iptables: bool = True,
                  ready: bool = True, timeout: float = 20):
-        self.ns, self.argv, self.listening, self.iptables = ns, list(argv), set(listening), iptables
-        self.title = title
-        fd, name = tempfile.mkstemp(prefix="ambassadord-deploy-", suffix=".log", dir=workdir)
-        self.log = Path(name)
-        try:
-            self.proc = ns.popen(self.argv, env=env, cwd=workdir, stdin=subprocess.DEVNULL,
-                                 stdout=fd, stderr=subprocess.STDOUT)
-        finally:
-            os.close(fd)
-        topology._started(self.log, f"{title} in {ns.name}")
-        if ready:
-            try:
-                self.wait_ready(timeout)
-            except BaseException:
-                self.kill()
-                raise
-
-    def describe(self) -> str:
-        state = "running" if self.proc.poll() is None else f"exited {self.proc.returncode}"
-        return f"{self.title}: `{shlex.join(self.argv)}` in {self.ns.name} ({state}); its log:\n{topology.tail(self.log)}"
+        self.argv, self.listening, self.iptables = list(argv), set(listening), iptables
+        self._start(self.argv, title=f"{title}: `{shlex.join(self.argv)}`", ns=ns, env=env, cwd=workdir,
+                    workdir=workdir, ready_timeout=timeout if ready else None)
 
     def listeners(self) -> set[str]:
         return {line.split()[3] for line in self.ns.exec(["ss", "-Hltn"]).splitlines() if line.strip()}
 
     def has_chain(self) -> bool:
-        return all(CHAIN in self.ns.exec([tool, "-t", "nat"]) for tool in ("iptables-save", "ip6tables-save"))
+        return all(self.CHAIN in self.nat_rules(tool) for tool in ("iptables", "ip6tables"))
 
     def ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(self.describe())
+        self._check_alive()
         return self.listening <= self.listeners() and (not self.iptables or self.has_chain())
-
-    def wait_ready(self, timeout: float = 20) -> None:
-        wait_until(self.ready, timeout=timeout, what=self.describe)
 
     def stop(self, timeout: float, *, signalled: bool = False) -> int:
         """SIGTERM (what docker stop, systemd, Nomad and the kubelet send; once: a second
         one would cut the grace period short), unless ``signalled`` already; the exit
         status within ``timeout``, which is the deployment's own stop timeout."""
         if not signalled:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"not stopped within {timeout:g}s of SIGTERM: {self.describe()}") from None
-        topology._finished(self.log)
+            self.signal(signal.SIGTERM)
+        code = self.wait_exit(timeout)
         if self.iptables:
             assert not self.has_chain(), f"nat rules left behind after exit: {self.describe()}"
         return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        topology._finished(self.log)
-
-    def __enter__(self) -> Deployed:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.kill()
 
 
 def http_get(host: str, port: int, path: str, *, ns: Netns | None = None, timeout: float = 3) -> tuple[int, bytes]:
@@ -534,10 +497,7 @@ def site(tmp_path_factory) -> Iterator[Site]:
     with contextlib.ExitStack() as stack:
         topo = stack.enter_context(scenario_topology("dep"))
         for port in (REDIS_PORT, SECOND_REDIS_PORT):
-            d = workdir / f"redis-{port}"
-            d.mkdir()
-            server = RedisServer(topo.host_a, [HOST_A.v4], d, port=port)
-            stack.callback(server.stop)
+            stack.enter_context(RedisProcess(port, host=HOST_A.v4, ns=topo.host_a, workdir=workdir))
             with RespClient.connect(topo.host_a, HOST_A.v4, port) as redis:
                 assert redis.command("SET", "whoami", f"redis-{port}") == "OK"
         yield Site(topo=topo, workdir=workdir)
@@ -622,7 +582,7 @@ def test_image_entrypoint_runs_from_a_clean_venv_on_loopback(built, tmp_path):
                                     stdout=log, stderr=subprocess.STDOUT)
         try:
             def describe() -> str:
-                return f"`{shlex.join(argv)}`: {proc.poll()}; log:\n{topology.tail(out)}"
+                return f"`{shlex.join(argv)}`: {proc.poll()}; log:\n{server_logs.tail(out)}"
 
             def answers() -> bool:
                 assert proc.poll() is None, describe()

@@ -22,15 +22,13 @@ from pathlib import Path
 import pytest
 
 from tests import netns
+from tests.daemon import Daemon, RedisProcess, connect
 from tests.topology import (
     BRIDGE,
     HOST_A,
     REDIS_PORT,
-    AmbassadordProcess,
-    RedisServer,
     RespClient,
     Topology,
-    connect,
     redis_cli,
     scenario_topology,
 )
@@ -64,8 +62,8 @@ CLIENT_PATHS = [
 ]
 
 
-def start_redis_on_a(topo: Topology, workdir: Path) -> RedisServer:
-    redis = RedisServer(topo.host_a, [HOST_A.v4, HOST_A.v6], workdir)
+def start_redis_on_a(topo: Topology, workdir: Path) -> RedisProcess:
+    redis = RedisProcess(REDIS_PORT, host=HOST_A.v4, also_on=[HOST_A.v6], ns=topo.host_a, workdir=workdir)
     with RespClient.connect(topo.host_a, HOST_A.v4) as direct:
         direct.command("SET", "whoami", MARKER)
     return redis
@@ -84,14 +82,19 @@ def topology(tmp_path_factory) -> Iterator[Topology]:
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
-def ambassadord(request, topology, tmp_path_factory) -> Iterator[AmbassadordProcess]:
+def ambassadord(request, topology, tmp_path_factory) -> Iterator[Daemon]:
     """ambassadord on host B with the route 6379 -> A, in each variant; stopped after its tests."""
     workdir = tmp_path_factory.mktemp(request.param)
-    daemon = AmbassadordProcess(topology.host_b, ["--iptables", *route_args(request.param, workdir)], workdir)
-    try:
+    with start_ambassadord_on_b(topology, request.param, workdir) as daemon:
         yield daemon
-    finally:
         daemon.stop()
+
+
+def start_ambassadord_on_b(topo: Topology, variant: str, workdir: Path) -> Daemon:
+    """``ambassadord run --iptables`` on host B with the route of ``variant``, logging at
+    debug level; ready once it listens (and so redirects)."""
+    return Daemon(["--iptables", *route_args(variant, workdir), "--log-level", "debug"], ns=topo.host_b,
+                  workdir=workdir)
 
 
 def test_container_reaches_host_a_only_through_host_b(topology):
@@ -101,7 +104,7 @@ def test_container_reaches_host_a_only_through_host_b(topology):
     assert redis_cli(topology.host_b, HOST_A.v6, "ping") == "PONG"
     for address in (HOST_A.v4, HOST_A.v6):
         with pytest.raises(OSError):  # B drops it: a timeout (a SYN-ACK takes microseconds here)
-            connect(topology.container, address, REDIS_PORT, timeout=0.5).close()
+            connect(address, REDIS_PORT, ns=topology.container, timeout=0.5).close()
 
 
 @pytest.mark.parametrize(("where", "address"), CLIENT_PATHS)
@@ -135,17 +138,13 @@ def test_sigterm_exits_0_and_removes_its_rules(variant, tmp_path):
             with pytest.raises(RuntimeError, match="refused"):
                 redis_cli(host_b, "127.0.0.1", "ping")  # nothing on B's 6379 before
 
-            daemon = AmbassadordProcess(host_b, ["--iptables", *route_args(variant, tmp_path)], tmp_path)
-            try:
+            with start_ambassadord_on_b(topo, variant, tmp_path) as daemon:
                 assert daemon.CHAIN in daemon.nat_rules("iptables")
                 assert daemon.CHAIN in daemon.nat_rules("ip6tables")
                 assert redis_cli(host_b, "127.0.0.1", "ping") == "PONG"
-                status = daemon.stop(timeout=5)
-            finally:
-                daemon.stop()
+                # exits 0 within 5 s of SIGTERM, else it fails quoting the log
+                daemon.stop(expect=0, timeout=5)
 
-            assert status is not None, f"`{daemon.command}` ignored SIGTERM for 5 s (killed)"
-            assert status == 0, f"`{daemon.command}` exited {status} on SIGTERM:\n{daemon.log_tail()}"
             for tool in ("iptables", "ip6tables"):
                 rules = daemon.nat_rules(tool)
                 assert daemon.CHAIN not in rules, f"{tool}-save -t nat after exit:\n{rules}"

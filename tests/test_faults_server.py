@@ -62,7 +62,9 @@ GO_ON_ERRNOS = [errno.ENETDOWN, errno.EPROTO, errno.ENOPROTOOPT, errno.EHOSTDOWN
                 errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EIO, errno.ERANGE]
 
 
-async def test_accept_errors_are_logged_and_the_loop_goes_on(caplog):
+async def test_accept_errors_are_logged_and_the_loop_goes_on(autojump_clock, caplog):
+    # Virtual time: the loop backs off (CAPACITY_SLEEP) after each of the four "short of
+    # something" errors; the clock jumps over those sleeps instead of waiting them out.
     caplog.set_level(logging.DEBUG)
     async with tcp_server(echo) as bport:
         lsock = flaky_listener(GO_ON_ERRNOS)

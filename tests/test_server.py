@@ -3,6 +3,11 @@
 Listeners are not redirected here, so connections are routed by the port they arrive on
 (the same path a plain ``--listen HOST:PORT`` takes). The iptables path is covered in the
 namespace tests.
+
+Tests of timeouts (connect, idle, a route that never resolves) and of the grace period
+run on trio's virtual clock (``autojump_clock``): loopback sockets in one process are
+ready as soon as the other end acts, so when every task waits the clock jumps to the next
+deadline, and a 0.5 s grace period takes no real time.
 """
 
 from __future__ import annotations
@@ -239,7 +244,7 @@ async def test_failover_skips_dead_backend_and_ejects_it(caplog):
         assert Backend("127.0.0.1", dead) in p.route().pick.ejections.until
 
 
-async def test_connect_timeout_moves_on_to_next_backend(caplog):
+async def test_connect_timeout_moves_on_to_next_backend(autojump_clock, caplog):
     with black_hole() as hole:
         async with tcp_server(echo) as live, proxy(
             f"127.0.0.1:{hole},127.0.0.1:{live}", balance="round-robin", connect_timeout=0.3
@@ -415,7 +420,7 @@ async def test_keepalive_is_on_both_sockets_of_a_connection(case):
 # ---- idle timeout and shutdown -----------------------------------------------------------
 
 
-async def test_idle_timeout_closes_quiet_connections(caplog):
+async def test_idle_timeout_closes_quiet_connections(autojump_clock, caplog):
     async with tcp_server(echo) as bport, proxy(f"127.0.0.1:{bport}", idle_timeout=0.3) as p:
         stream = await p.connect()
         t0 = trio.current_time()
@@ -463,7 +468,7 @@ async def test_shutdown_lets_open_connections_finish(caplog):
         assert recs[-1]["outcome"] == "ok"
 
 
-async def test_grace_period_expiry_closes_stragglers(caplog):
+async def test_grace_period_expiry_closes_stragglers(autojump_clock, caplog):
     async with tcp_server(echo) as bport:
         sockets = bind_listeners([ListenAddress("127.0.0.1", 0)])
         port = sockets[0].getsockname()[1]
@@ -511,7 +516,7 @@ class ScriptedSpec(Spec):
         return ScriptedResolver(self.receive)
 
 
-async def test_first_connection_waits_for_first_answer_then_follows_updates(caplog):
+async def test_first_connection_waits_for_first_answer_then_follows_updates(autojump_clock, caplog):
     send, receive = trio.open_memory_channel(10)
     async with tcp_server(echo) as b1, tcp_server(echo) as b2, proxy(ScriptedSpec("scripted", receive)) as p:
         stream = await p.connect()  # accepted before the resolver has answered
@@ -534,7 +539,7 @@ async def test_first_connection_waits_for_first_answer_then_follows_updates(capl
         assert {r["backend"] for r in recs} == {f"127.0.0.1:{b1}", f"127.0.0.1:{b2}"}
 
 
-async def test_route_that_never_resolves_refuses_after_connect_timeout(caplog):
+async def test_route_that_never_resolves_refuses_after_connect_timeout(autojump_clock, caplog):
     _, receive = trio.open_memory_channel(1)
     async with proxy(ScriptedSpec("scripted", receive), connect_timeout=0.2) as p:
         stream = await p.connect()
