@@ -20,6 +20,7 @@ import filecmp
 import os
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -384,3 +385,37 @@ def test_close_detaches_only_its_own_programs(net, cgroup, plane):
 def test_a_directory_that_is_not_a_cgroup_is_named(tmp_path):
     with pytest.raises(ConnectPlaneError, match=str(tmp_path)):
         ConnectPlane(str(tmp_path))
+
+
+def test_a_killed_owner_leaves_nothing_attached(net, cgroup):
+    """The attachments are BPF links: they end with the process, also on SIGKILL, so a
+    restarted daemon never finds a second copy of itself."""
+    code = ("import sys; from ambassadord.connect import ConnectPlane; p = ConnectPlane(sys.argv[1]); "
+            "print('ready', flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code, cgroup], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    try:
+        line = proc.stdout.readline()
+        if line.strip() != "ready":
+            _skip_or_fail(f"connect mode cannot load here: {proc.stderr.read()}")
+        assert "connect4" in attached(cgroup)
+    finally:
+        proc.kill()
+        proc.wait()
+    wait_until(lambda: attached(cgroup) == "", timeout=10, what=lambda: f"detached after SIGKILL: {attached(cgroup)}")
+
+
+def test_a_refused_program_shows_the_verifiers_log(tmp_path, cgroup):
+    require("clang")
+    source = tmp_path / "bad.bpf.c"
+    source.write_text('#include <linux/bpf.h>\n#include <bpf/bpf_helpers.h>\n'
+                      'SEC("cgroup/connect4") int connect4(struct bpf_sock_addr *ctx)\n'
+                      '{ return *(int *)(long)ctx->user_ip4; }\n'
+                      'char LICENSE[] SEC("license") = "GPL";\n')
+    multiarch = subprocess.run(["gcc", "-print-multiarch"], capture_output=True, text=True).stdout.strip()
+    subprocess.run(["clang", "-O2", "-g", "-target", "bpf", "-idirafter", f"/usr/include/{multiarch}",
+                    "-c", str(source), "-o", str(tmp_path / "bad.bpf.o")], check=True)
+    with pytest.raises(ConnectPlaneError) as refused:
+        ConnectPlane(cgroup, object_path=tmp_path / "bad.bpf.o")
+    assert "BEGIN PROG LOAD LOG" in str(refused.value) and "invalid mem access" in str(refused.value)
+    assert attached(cgroup) == ""
