@@ -284,6 +284,15 @@ def test_a_refusing_backend_fails_one_connect_per_ejection(net, cgroup, plane):
     assert failed == ["ConnectionRefusedError"] and ok == [A] * 4
 
 
+def test_when_every_backend_is_ejected_they_are_tried_anyway(net, cgroup, plane):
+    route(plane, Backend("10.77.0.2", DEAD), eject_for=30)
+    ok, failed = _attempts(cgroup, net["host"], 3)
+    assert (ok, failed) == ([], ["ConnectionRefusedError"] * 3)
+    assert plane.counters()["all_ejected"] == 2
+    route(plane, Backend("10.77.0.2", DEAD), Backend("10.77.0.2", A, priority=9), eject_for=30)
+    assert _attempts(cgroup, net["host"], 3) == ([A] * 3, [])  # a live backend wins, whatever its priority
+
+
 def test_a_silent_backend_times_out_within_the_connect_timeout(net, cgroup, plane):
     route(plane, Backend("10.77.0.2", DROPPED, priority=0), Backend("10.77.0.2", A, priority=1),
           connect_timeout=0.5, eject_for=30)

@@ -29,6 +29,7 @@ getpeername(), which then shows the backend's address).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -60,8 +61,9 @@ class ConnectPlane:
 
     Raises:
       ConnectPlaneError: not a cgroup v2 directory, no libbpf, no privilege (CAP_BPF and
-        CAP_NET_ADMIN, or CAP_SYS_ADMIN), a kernel without what the programs use
-        (5.15+ is enough), a map layout that does not match ``layout``.
+        CAP_NET_ADMIN, or CAP_SYS_ADMIN), a kernel without what the programs use (built
+        and tested on Linux 6.18; an older kernel refuses at load, and the message
+        carries the verifier's reason), a map layout that does not match ``layout``.
     """
 
     def __init__(self, cgroup_dir: str, *, netns_cookie: int | None = None, object_path: str | os.PathLike | None = None):
@@ -113,6 +115,10 @@ class ConnectPlane:
             link.destroy()
         self._links = []
         if self._ring is not None:
+            with contextlib.suppress(RuntimeError, ImportError):  # not under trio: nobody waits
+                import trio
+
+                trio.lowlevel.notify_closing(self._ring.fileno())  # wake an events() task
             self._ring.close()
             self._ring = None
         if self._obj is not None:
@@ -144,8 +150,10 @@ class ConnectPlane:
         """Create or replace the route of ``port`` (``scope`` 0: host-wide; a netns cookie:
         only consumers in that namespace, before the host-wide route). The whole backend
         set is one map value, replaced in one update: a connect sees the old set or the
-        new one. An empty set removes nothing: connects to the port pass untouched.
-        ValueError (from layout) for a bad value."""
+        new one. With an empty set (or none usable: IPv6 backends for an IPv4 socket)
+        connects to the port pass untouched, counted as ``no_backend``. When every usable
+        backend is ejected, the kernel picks among them anyway (the lowest priority),
+        rather than passing the connect through. ValueError (from layout) for a bad value."""
         key = layout.route_key(port, scope)
         value = layout.route_value(backends, balance=balance, eject_for=eject_for, connect_timeout=connect_timeout)
         map_update(self._fd("routes"), key, value)
