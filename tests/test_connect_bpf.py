@@ -26,7 +26,7 @@ import time
 import pytest
 import trio
 
-from ambassadord.connect import Backend, BackendEjected, ConnectionEnded, ConnectPlane, ConnectPlaneError, netns_cookie
+from ambassadord.connect import Backend, BackendEjected, ConnectionEnded, ConnectPlane, ConnectPlaneError, netns_cookie, netns_cookie_at
 from ambassadord.connect.plane import OBJECT_PATH
 from tests import netns as nslib
 from tests.cgroups import attached, child_cgroup, run_in, socket_in
@@ -221,6 +221,7 @@ def test_a_new_backend_set_takes_effect_for_the_next_connect(net, cgroup, plane)
 
 
 def test_a_route_scoped_to_a_namespace_wins_there(net, cgroup, plane):
+    assert netns_cookie_at(f"/run/netns/{net['box'].name}") == net["box_cookie"] != net["host_cookie"]
     plane.set_catch_addresses(["10.78.0.1"])
     route(plane, Backend("10.77.0.2", A))
     route(plane, Backend("10.77.0.2", B), scope=net["box_cookie"])
