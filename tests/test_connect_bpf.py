@@ -422,7 +422,7 @@ def test_a_refused_program_shows_the_verifiers_log(tmp_path, cgroup):
                       'SEC("cgroup/connect4") int connect4(struct bpf_sock_addr *ctx)\n'
                       '{ return *(int *)(long)ctx->user_ip4; }\n'
                       'char LICENSE[] SEC("license") = "GPL";\n')
-    multiarch = subprocess.run(["gcc", "-print-multiarch"], capture_output=True, text=True).stdout.strip()
+    multiarch = subprocess.run(["clang", "-print-multiarch"], capture_output=True, text=True).stdout.strip()
     subprocess.run(["clang", "-O2", "-g", "-target", "bpf", "-idirafter", f"/usr/include/{multiarch}",
                     "-c", str(source), "-o", str(tmp_path / "bad.bpf.o")], check=True)
     with pytest.raises(ConnectPlaneError) as refused:

@@ -16,7 +16,11 @@ Connections that connect mode cannot help with, unlike the proxy: a failed conne
 retried on the next backend (the consumer sees the failure; the kernel ejects the
 backend, so the next connect goes elsewhere); an IPv4 socket cannot be sent to an IPv6
 backend (such backends are skipped in connect4); the route is chosen by port and network
-namespace, not by source network.
+namespace, not by source network. "Only the first connect to a dead backend fails" holds
+for connects made one after another: connects already in flight when the first one
+fails fail too, and when an ejection ends every connect may go to the backend until one
+fails again (the proxy lets one probe through). A backend the kernel has no route to
+fails the connect at once (ENETUNREACH) and is not ejected (no SYN was ever sent).
 
 Resource handling: the constructor loads and attaches everything or, on any failure,
 undoes what it did and raises :class:`ConnectPlaneError` (with the verifier's log when the
