@@ -276,11 +276,11 @@ def test_a_refusing_backend_fails_one_connect_per_ejection(net, cgroup, plane):
     assert [(e.outcome, e.backend) for e in refused] == [("refused", ("10.77.0.2", DEAD))]
 
     # When the ejection ends, the backend is tried again: one more failure, no more.
-    route(plane, Backend("10.77.0.2", DEAD, priority=0), Backend("10.77.0.2", A, priority=1), eject_for=0.5)
+    route(plane, Backend("10.77.0.2", DEAD, priority=0), Backend("10.77.0.2", A, priority=1), eject_for=2)
     assert plane.clear_ejection("10.77.0.2", DEAD)
     ok, failed = _attempts(cgroup, net["host"], 5)
     assert failed == ["ConnectionRefusedError"] and ok == [A] * 4
-    wait_until(lambda: not plane.ejected(), timeout=5, what="the 0.5 s ejection to end")
+    wait_until(lambda: not plane.ejected(), timeout=10, what="the 2 s ejection to end")
     ok, failed = _attempts(cgroup, net["host"], 5)
     assert failed == ["ConnectionRefusedError"] and ok == [A] * 4
 
