@@ -25,6 +25,7 @@ import time
 
 import pytest
 import trio
+import trio.testing
 
 from ambassadord.connect import Backend, BackendEjected, ConnectionEnded, ConnectPlane, ConnectPlaneError, netns_cookie, netns_cookie_at
 from ambassadord.connect.plane import OBJECT_PATH
@@ -371,6 +372,23 @@ async def test_events_under_trio(net, cgroup, plane):
             if isinstance(event, ConnectionEnded) and event.cookie == cookie:
                 break
     assert event.outcome == "ok" and event.bytes_received > 0
+
+
+async def test_close_wakes_a_task_waiting_for_events(plane):
+    ended = []
+
+    async def reader():
+        with pytest.raises(trio.ClosedResourceError):
+            async for event in plane.events():
+                ended.append(event)
+        ended.append("closed")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            plane.close()
+    assert ended == ["closed"]
 
 
 # ---------------------------------------------------------------------------- life cycle

@@ -233,7 +233,8 @@ class ConnectPlane:
         """The events as they come, under trio: wait until the ring buffer's epoll
         descriptor is readable, then read every record. One task at a time. The ring
         holds about 9,000 events; when nobody reads them, new ones are dropped and
-        counted (``counters()["events_lost"]``), the connections are not affected."""
+        counted (``counters()["events_lost"]``), the connections are not affected.
+        ``close()`` from another task ends a waiting one with trio.ClosedResourceError."""
         import trio
 
         if self._ring is None:
