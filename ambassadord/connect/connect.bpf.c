@@ -333,9 +333,9 @@ __attribute__((noinline)) __u32 rank(const struct backend *b, __u32 allow_v6, __
  * accumulator whose value it knows exactly (a bit mask of candidates, say) multiplies the
  * states it must keep, past its limit of a million instructions. So the first pass keeps
  * only the best rank and the tier's weight and size, and the second recomputes each rank
- * (with the same clock, so an ejection cannot expire between the passes; one that a
- * sockops program adds in between can make the second pass find nothing: the connect is
- * then left as it was, counted as COUNTER_NO_BACKEND).
+ * (with the same clock, so an ejection cannot expire between the passes). An ejection
+ * that a sockops program adds in between (another CPU) can leave the second pass short:
+ * then the first backend of the tier's priority is taken, ejected or not.
  */
 static __always_inline int pick(struct route *route, int allow_v6)
 {
@@ -375,6 +375,13 @@ static __always_inline int pick(struct route *route, int allow_v6)
 		if (ticket < w)
 			return i;
 		ticket -= w;
+	}
+	for (i = 0; i < MAX_BACKENDS; i++) {
+		if (i >= count)
+			break;
+		r = rank(&route->backends[i], allow_v6, now);
+		if (r != RANK_NONE && (r & 0xffff) == (best & 0xffff))
+			return i;
 	}
 	return -1;
 }
