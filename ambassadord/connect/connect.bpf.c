@@ -325,64 +325,104 @@ __attribute__((noinline)) __u32 rank(const struct backend *b, __u32 allow_v6, __
 	return (is_ejected(b, now) ? RANK_EJECTED : 0) | b->priority;
 }
 
+/* What pick() carries from one backend to the next. */
+struct tally {
+	__u32 best;    /* the lowest rank seen */
+	__u32 total;   /* the weights of the backends of that rank */
+	__u32 members; /* how many they are */
+	__u32 ticket;  /* second pass: the draw, counted down */
+	__u32 round_robin;
+	__u32 pad;
+	__u64 now;
+};
+
+/*
+ * The steps of pick(), one backend each, as global functions. The verifier checks a
+ * global function once, on its own, and sees only an unknown result where it is called;
+ * written inline, the three passes over 32 backends multiply the states it must keep
+ * (a first version took 40 % of its limit of a million instructions).
+ */
+
+/* First pass: the lowest rank, and the weight and size of its tier. */
+__attribute__((noinline)) int tally_backend(const struct route *route, __u32 i, __u32 allow_v6, struct tally *t)
+{
+	__u32 r;
+
+	if (!route || !t || i >= MAX_BACKENDS)
+		return 0;
+	r = rank(&route->backends[i], allow_v6, t->now);
+	if (r == RANK_NONE)
+		return 0;
+	if (r < t->best) {
+		t->best = r;
+		t->total = 0;
+		t->members = 0;
+	}
+	if (r == t->best) {
+		t->total += route->backends[i].weight;
+		t->members++;
+	}
+	return 0;
+}
+
+/* Second pass: 1 if backend i holds the ticket (weighted, or one each for round robin
+ * and for a tier whose weights are all 0). */
+__attribute__((noinline)) int draw_backend(const struct route *route, __u32 i, __u32 allow_v6, struct tally *t)
+{
+	__u32 w;
+
+	if (!route || !t || i >= MAX_BACKENDS)
+		return 0;
+	if (rank(&route->backends[i], allow_v6, t->now) != t->best)
+		return 0;
+	w = (t->round_robin || !t->total) ? 1 : route->backends[i].weight;
+	if (t->ticket < w)
+		return 1;
+	t->ticket -= w;
+	return 0;
+}
+
+/* Third pass, only when an ejection added since the first (by sockops, on another CPU)
+ * left the second short: 1 for any backend of the tier's priority, ejected or not. */
+__attribute__((noinline)) int fallback_backend(const struct route *route, __u32 i, __u32 allow_v6, struct tally *t)
+{
+	__u32 r;
+
+	if (!route || !t || i >= MAX_BACKENDS)
+		return 0;
+	r = rank(&route->backends[i], allow_v6, t->now);
+	return r != RANK_NONE && (r & 0xffff) == (t->best & 0xffff);
+}
+
 /*
  * Which backend: the tier of the lowest rank (above), then weighted random or round robin
- * within it. Returns an index, or -1 when nothing is usable.
- *
- * Two plain passes, written for the verifier: it walks each of the 32 iterations, and any
- * accumulator whose value it knows exactly (a bit mask of candidates, say) multiplies the
- * states it must keep, past its limit of a million instructions. So the first pass keeps
- * only the best rank and the tier's weight and size, and the second recomputes each rank
- * (with the same clock, so an ejection cannot expire between the passes). An ejection
- * that a sockops program adds in between (another CPU) can leave the second pass short:
- * then the first backend of the tier's priority is taken, ejected or not.
+ * within it. Returns an index, or -1 when nothing is usable. The passes share one clock,
+ * so an ejection cannot expire between them.
  */
 static __always_inline int pick(struct route *route, int allow_v6)
 {
-	__u64 now = bpf_ktime_get_ns();
-	__u32 count = route->count, best = RANK_NONE, total = 0, members = 0, ticket, r, w, i;
+	struct tally t = {};
+	__u32 count = route->count, i;
 
-	for (i = 0; i < MAX_BACKENDS; i++) {
-		if (i >= count)
-			break;
-		r = rank(&route->backends[i], allow_v6, now);
-		if (r == RANK_NONE)
-			continue;
-		if (r < best) {
-			best = r;
-			total = 0;
-			members = 0;
-		}
-		if (r == best) {
-			total += route->backends[i].weight;
-			members++;
-		}
-	}
-	if (best == RANK_NONE)
+	t.best = RANK_NONE;
+	t.now = bpf_ktime_get_ns();
+	t.round_robin = route->balance == BALANCE_ROUND_ROBIN;
+	for (i = 0; i < MAX_BACKENDS && i < count; i++)
+		tally_backend(route, i, allow_v6, &t);
+	if (t.best == RANK_NONE || !t.members)
 		return -1;
-	if (best & RANK_EJECTED)
+	if (t.best & RANK_EJECTED)
 		bump(COUNTER_ALL_EJECTED);
-	if (route->balance == BALANCE_ROUND_ROBIN)
-		ticket = __sync_fetch_and_add(&route->rr, 1) % members; /* weights ignored, as in the proxy */
+	if (t.round_robin)
+		t.ticket = __sync_fetch_and_add(&route->rr, 1) % t.members; /* weights ignored, as in the proxy */
 	else
-		ticket = bpf_get_prandom_u32() % (total ? total : members); /* all-zero weights: uniform */
-	for (i = 0; i < MAX_BACKENDS; i++) {
-		if (i >= count)
-			break;
-		if (rank(&route->backends[i], allow_v6, now) != best)
-			continue;
-		w = (route->balance == BALANCE_ROUND_ROBIN || !total) ? 1 : route->backends[i].weight;
-		if (ticket < w)
+		t.ticket = bpf_get_prandom_u32() % (t.total ? t.total : t.members); /* all-zero weights: uniform */
+	for (i = 0; i < MAX_BACKENDS && i < count; i++)
+		if (draw_backend(route, i, allow_v6, &t))
 			return i;
-		ticket -= w;
-	}
-	for (i = 0; i < MAX_BACKENDS; i++) {
-		if (i >= count)
-			break;
-		r = rank(&route->backends[i], allow_v6, now);
-		if (r != RANK_NONE && (r & 0xffff) == (best & 0xffff))
+	for (i = 0; i < MAX_BACKENDS && i < count; i++)
+		if (fallback_backend(route, i, allow_v6, &t))
 			return i;
-	}
 	return -1;
 }
 
