@@ -31,7 +31,7 @@ from ambassadord.connect import Backend, BackendEjected, ConnectionEnded, Connec
 from ambassadord.connect.plane import OBJECT_PATH
 from tests import netns as nslib
 from tests.cgroups import attached, child_cgroup, run_in, socket_in
-from tests.daemon import REPO_ROOT, RedisProcess, require, wait_until
+from tests.daemon import REPO_ROOT, RedisProcess, read_to_eof, require, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -337,8 +337,15 @@ def test_connection_end_events_carry_addresses_bytes_and_outcome(net, cgroup, pl
     sock.sendall(b"PING\r\n")
     assert sock.recv(64) == b"+PONG\r\n"
     sock.close()
+    sock = dial(cgroup, net["host"], "127.0.0.1", MAPPED)  # the backend closes first
+    quit_cookie = _cookie(sock)
+    sock.sendall(b"QUIT\r\n")
+    assert read_to_eof(sock, 5) == b"+OK\r\n"
+    sock.close()
     sock = dial(cgroup, net["host"], "127.0.0.1", MAPPED)
     reset_cookie = _cookie(sock)
+    sock.sendall(b"PING\r\n")
+    assert sock.recv(64) == b"+PONG\r\n"
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # close = RST
     sock.close()
 
@@ -346,16 +353,36 @@ def test_connection_end_events_carry_addresses_bytes_and_outcome(net, cgroup, pl
         return {e.cookie: e for e in plane.read_events() if isinstance(e, ConnectionEnded)} or None
 
     events = {}
-    wait_until(lambda: events.update(ended() or {}) or {cookie, reset_cookie} <= set(events), timeout=10,
-               what=lambda: f"both connections' end events, got {events}")
+    wait_until(lambda: events.update(ended() or {}) or {cookie, quit_cookie, reset_cookie} <= set(events),
+               timeout=10, what=lambda: f"the connections' end events, got {events}")
     e = events[cookie]
     assert (e.outcome, e.dialled, e.backend, e.route_port, e.scope) == ("ok", ("127.0.0.1", MAPPED), ("10.77.0.2", A), MAPPED, 0)
     assert e.source == ("10.77.0.1", source[1])
-    # The socket's own counters (tcp_info's tcpi_bytes_acked/received): the SYN and each
-    # FIN count one byte (PING\r\n is 6, +PONG\r\n 7).
-    assert e.bytes_acked in (6 + 1, 6 + 2) and e.bytes_received in (7, 7 + 1), e
+    assert (e.bytes_acked, e.bytes_received) == (len(b"PING\r\n"), len(b"+PONG\r\n")), e  # payload only
     assert 0 < e.duration < 10
-    assert events[reset_cookie].outcome == "reset"
+    quit = events[quit_cookie]
+    assert (quit.outcome, quit.bytes_acked, quit.bytes_received) == ("ok", len(b"QUIT\r\n"), len(b"+OK\r\n"))
+    reset = events[reset_cookie]
+    assert (reset.outcome, reset.bytes_acked, reset.bytes_received) == ("reset", 6, 7)
+
+
+def test_bytes_of_a_bulk_transfer(net, cgroup, plane):
+    route(plane, Backend("10.77.0.2", A))
+    value = b"x" * 3_000_000
+    command = b"*3\r\n$3\r\nSET\r\n$4\r\nbulk\r\n$%d\r\n%s\r\n*2\r\n$3\r\nGET\r\n$4\r\nbulk\r\n" % (len(value), value)
+    reply = b"+OK\r\n$%d\r\n%s\r\n" % (len(value), value)
+    sock = dial(cgroup, net["host"], "127.0.0.1", MAPPED)
+    cookie = _cookie(sock)
+    sock.sendall(command)
+    got = b""
+    while len(got) < len(reply):
+        got += sock.recv(1 << 20)
+    sock.close()
+    assert got == reply
+    found = []
+    wait_until(lambda: found.extend(e for e in plane.read_events() if getattr(e, "cookie", None) == cookie) or found,
+               timeout=10, what="the connection's end event")
+    assert (found[0].bytes_acked, found[0].bytes_received) == (len(command), len(reply))
 
 
 async def test_events_under_trio(net, cgroup, plane):

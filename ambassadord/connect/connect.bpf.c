@@ -139,7 +139,13 @@ struct sock_state {
 	__u32 saved_user_timeout; /* the consumer's TCP_USER_TIMEOUT, restored when established */
 	__u8 active;		  /* the latest connect of this socket was rewritten */
 	__u8 timeout_set;	  /* TCP_USER_TIMEOUT was set by us and not yet restored */
-	__u8 pad[6];
+	/* For the payload counts at the end (see payload()): */
+	__u8 established;	  /* the connect succeeded (the SYN was acknowledged) */
+	__u8 fin_sent;		  /* we entered FIN_WAIT1 or LAST_ACK */
+	__u8 peer_fin;		  /* we entered CLOSE_WAIT or CLOSING */
+	__u8 pad[3];
+	__u32 rcv_nxt_fin_wait2;  /* rcv_nxt when FIN_WAIT2 began */
+	__u32 pad2;
 };
 
 /* One ring buffer record; see layout.Event. */
@@ -147,8 +153,8 @@ struct event {
 	__u64 cookie; /* the socket's cookie (SO_COOKIE) */
 	__u64 start_ns;
 	__u64 end_ns; /* EVENT_EJECTED: ejected until (CLOCK_MONOTONIC ns) */
-	__u64 bytes_received;
-	__u64 bytes_acked;
+	__u64 bytes_received; /* payload from the backend (see payload()) */
+	__u64 bytes_acked;    /* payload to the backend, acknowledged by it */
 	__u64 scope;
 	__u32 src_addr[4];
 	__u32 orig_addr[4];
@@ -459,6 +465,10 @@ static __always_inline struct sock_state *remember(struct bpf_sock_addr *ctx, st
 	st->backend_addr[3] = b->addr[3];
 	st->saved_user_timeout = 0;
 	st->timeout_set = 0;
+	st->established = 0;
+	st->fin_sent = 0;
+	st->peer_fin = 0;
+	st->rcv_nxt_fin_wait2 = 0;
 	st->active = 1;
 	return st;
 }
@@ -686,6 +696,28 @@ static __always_inline void eject(struct bpf_sock_ops *ctx, struct sock_state *s
 	bpf_ringbuf_submit(e, 0);
 }
 
+/*
+ * The socket's counters (tcp_info's bytes_acked and bytes_received, RFC 4898) count the
+ * SYN and each FIN as one byte; the payload is what is left once they are taken off. Our
+ * FIN counts in bytes_acked once acknowledged: we sent one and everything we sent is
+ * acknowledged. The peer's FIN counts in bytes_received once it arrived: we went to
+ * CLOSE_WAIT or CLOSING, or we leave FIN_WAIT2 with rcv_nxt moved since it began (its
+ * other ways out, the FIN_WAIT2 timer of an orphan and the fast hand-over to a
+ * time-wait socket on the ACK of our FIN, receive nothing).
+ */
+static __always_inline void payload(struct bpf_sock_ops *ctx, struct sock_state *st, __u32 old, struct event *e)
+{
+	__u64 acked = ctx->bytes_acked, received = ctx->bytes_received;
+	__u64 fins_out = 1, fin_in = st->peer_fin;
+
+	if (old == BPF_TCP_FIN_WAIT2 && ctx->rcv_nxt != st->rcv_nxt_fin_wait2)
+		fin_in = 1;
+	if (st->fin_sent && ctx->snd_una == ctx->snd_nxt)
+		fins_out = 2; /* the SYN and our FIN */
+	e->bytes_acked = st->established && acked > fins_out ? acked - fins_out : 0;
+	e->bytes_received = received > fin_in ? received - fin_in : 0;
+}
+
 static __always_inline void closed(struct bpf_sock_ops *ctx, struct sock_state *st, __u32 old)
 {
 	__u64 now = bpf_ktime_get_ns();
@@ -708,8 +740,7 @@ static __always_inline void closed(struct bpf_sock_ops *ctx, struct sock_state *
 	copy_backend(e, st);
 	copy_source(e, ctx);
 	e->end_ns = now;
-	e->bytes_received = ctx->bytes_received;
-	e->bytes_acked = ctx->bytes_acked;
+	payload(ctx, st, old, e);
 	bpf_ringbuf_submit(e, 0);
 }
 
@@ -743,6 +774,7 @@ int sock_ops(struct bpf_sock_ops *ctx)
 		}
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		st->established = 1;
 		if (st->timeout_set) {
 			ms = st->saved_user_timeout;
 			bpf_setsockopt(ctx, SOL_TCP, TCP_USER_TIMEOUT, &ms, sizeof(ms));
@@ -750,8 +782,22 @@ int sock_ops(struct bpf_sock_ops *ctx)
 		}
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		if (ctx->args[1] == BPF_TCP_CLOSE)
+		switch (ctx->args[1]) {
+		case BPF_TCP_FIN_WAIT1:
+		case BPF_TCP_LAST_ACK:
+			st->fin_sent = 1;
+			break;
+		case BPF_TCP_CLOSE_WAIT:
+		case BPF_TCP_CLOSING:
+			st->peer_fin = 1;
+			break;
+		case BPF_TCP_FIN_WAIT2:
+			st->rcv_nxt_fin_wait2 = ctx->rcv_nxt;
+			break;
+		case BPF_TCP_CLOSE:
 			closed(ctx, st, ctx->args[0]);
+			break;
+		}
 		break;
 	}
 	return 1;

@@ -186,11 +186,11 @@ class ConnectionEnded:
 
     Addresses are ``(ip, port)``; ``source`` is the consumer's end (its port 0 when the
     connect failed before one was bound), ``dialled`` what it connected to, ``backend``
-    where the kernel sent it. Bytes are the socket's own counters, those of tcp_info's
-    ``tcpi_bytes_received`` (from the backend) and ``tcpi_bytes_acked`` (to it,
-    acknowledged), RFC 4898's: they count the SYN and each FIN as one byte, so the payload
-    is ``bytes_acked`` less 1 or 2 and ``bytes_received`` less 0 or 1 (sockops cannot
-    tell whether the last FIN was counted). Times are CLOCK_MONOTONIC ns
+    where the kernel sent it. Bytes are payload, from the socket's own counters (tcp_info's
+    ``tcpi_bytes_received`` and ``tcpi_bytes_acked``) less the SYN and FINs that those
+    count as one byte each: ``bytes_received`` from the backend, ``bytes_acked`` to it
+    and acknowledged by it (bytes still unacknowledged at a reset are not counted).
+    Times are CLOCK_MONOTONIC ns
     (``time.clock_gettime_ns(time.CLOCK_MONOTONIC)``): start at connect(), end at close.
     """
 
