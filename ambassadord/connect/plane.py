@@ -42,7 +42,7 @@ from pathlib import Path
 from . import layout
 from .cgroup import find_cgroup2_mount, netns_cookie as own_netns_cookie
 from .layout import Backend, Event
-from .libbpf import BpfObject, LibbpfError, Link, RingBuffer, map_delete, map_keys, map_lookup, map_update, possible_cpus
+from .libbpf import BpfObject, Link, RingBuffer, map_delete, map_keys, map_lookup, map_update, possible_cpus
 
 OBJECT_PATH = Path(__file__).with_name("connect.bpf.o")
 PROGRAMS = ("connect4", "connect6", "getpeername4", "getpeername6", "sock_ops")
@@ -88,10 +88,7 @@ class ConnectPlane:
             self._ring = RingBuffer(self._obj.map_fd("events"), self._pending.append)
             for name in PROGRAMS:
                 self._links.append(Link(self._obj.program(name), self._cgroup_fd, name))
-        except LibbpfError as exc:
-            self.close()
-            raise ConnectPlaneError(f"connect mode on {self.cgroup_dir}: {exc}") from exc
-        except OSError as exc:
+        except OSError as exc:  # LibbpfError too: it carries libbpf's log
             self.close()
             raise ConnectPlaneError(f"connect mode on {self.cgroup_dir}: {exc}") from exc
         except BaseException:
