@@ -21,6 +21,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -219,6 +220,41 @@ def test_a_new_backend_set_takes_effect_for_the_next_connect(net, cgroup, plane)
     with pytest.raises(ConnectionRefusedError):
         dial(cgroup, net["host"], "127.0.0.1", MAPPED)
     assert plane.remove_route(MAPPED) is False
+
+
+def test_a_backend_set_changes_atomically_under_connects(net, cgroup, plane):
+    """Sets of different sizes, swapped all the time while connects go on: every connect
+    lands on a backend of one set or the other, none finds a half-written set."""
+    small = [Backend("10.77.0.2", A)]
+    large = [Backend("fd77::2", V6)] * 31 + [Backend("10.77.0.2", B)]  # IPv4 sockets can only take B
+    route(plane, *small)
+    stop = threading.Event()
+    swaps = []
+
+    def swap():
+        while not stop.is_set():
+            route(plane, *(large if len(swaps) % 2 == 0 else small))
+            swaps.append(1)
+
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    try:
+        ok, failed = _attempts(cgroup, net["host"], 200)
+    finally:
+        stop.set()
+        swapper.join()
+    assert failed == [] and set(ok) == {A, B}
+    assert plane.counters()["no_backend"] == 0 and len(swaps) > 1000
+
+
+def test_a_child_cgroup_is_covered(net, cgroup, plane):
+    route(plane, Backend("10.77.0.2", A))
+    child = os.path.join(cgroup, "container")
+    os.mkdir(child)
+    try:
+        assert answer(child, net["host"], "127.0.0.1", MAPPED) == A
+    finally:
+        os.rmdir(child)
 
 
 def test_a_route_scoped_to_a_namespace_wins_there(net, cgroup, plane):
