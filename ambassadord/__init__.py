@@ -32,6 +32,9 @@ How the pieces fit (one feature per module):
 * ``relay`` (a package): bytes both ways, half-close aware; in the kernel (a BPF sockmap,
   whose resources one ``KernelRelay`` owns), or recv/send and splice(2). Its docstring
   lists its modules.
+* ``connect`` (a package): connect mode's kernel half: cgroup BPF programs (C, compiled
+  object committed) that rewrite a consumer's connect() to a backend, and
+  ``ConnectPlane``, which owns them on one cgroup. Its docstring lists its modules and API.
 * ``dataplane``: what the daemon asks of a data plane (made at start, one task, closed
   at exit), the seam for a second one beside the proxy.
 * ``health``: active health checks (a TCP connect per backend every interval) through

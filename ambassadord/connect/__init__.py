@@ -29,14 +29,14 @@ The API (everything a daemon needs)::
     Backend(ip: str, port: int, weight: int = 1, priority: int = 0)
     Event = ConnectionEnded | BackendEjected
     ConnectPlaneError;  find_cgroup2_mount(proc_mounts_text) -> str;  cgroup2_mount() -> str
-    netns_cookie(sock=None) -> int
+    netns_cookie(sock=None) -> int;  netns_cookie_at(path) -> int   (a route's scope)
 """
 
-from .cgroup import cgroup2_mount, find_cgroup2_mount, netns_cookie
+from .cgroup import cgroup2_mount, find_cgroup2_mount, netns_cookie, netns_cookie_at
 from .layout import MAX_BACKENDS, Backend, BackendEjected, ConnectionEnded, Event
 from .plane import ConnectPlane, ConnectPlaneError
 
 __all__ = [
     "MAX_BACKENDS", "Backend", "BackendEjected", "ConnectPlane", "ConnectPlaneError", "ConnectionEnded", "Event",
-    "cgroup2_mount", "find_cgroup2_mount", "netns_cookie",
+    "cgroup2_mount", "find_cgroup2_mount", "netns_cookie", "netns_cookie_at",
 ]

@@ -1,4 +1,4 @@
-"""Where the cgroup v2 hierarchy is mounted (pure), and the network namespace cookie.
+"""Where the cgroup v2 hierarchy is mounted (pure), and network namespace cookies.
 
 Connect mode attaches its programs to a cgroup v2 directory. On a hybrid layout (cgroup v1
 controllers at /sys/fs/cgroup/*, v2 at /sys/fs/cgroup/unified) the v2 root is not
@@ -7,9 +7,12 @@ controllers at /sys/fs/cgroup/*, v2 at /sys/fs/cgroup/unified) the v2 root is no
 
 from __future__ import annotations
 
+import ctypes
+import os
 import re
 import socket
 import sys
+import threading
 
 SO_NETNS_COOKIE = 71  # asm-generic/socket.h (Linux 5.14+): getsockopt(SOL_SOCKET), a u64
 
@@ -43,3 +46,37 @@ def netns_cookie(sock: socket.socket | None = None) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         return netns_cookie(s)
 
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def netns_cookie_at(path: str) -> int:
+    """The cookie of the network namespace at ``path`` (``/proc/PID/ns/net`` of a
+    container's process, ``/run/netns/NAME``): what a route's ``scope`` limited to that
+    consumer is. Read by a short-lived thread that enters the namespace (setns needs
+    CAP_SYS_ADMIN), so the caller's own namespace never changes. OSError on failure."""
+    result: list = []
+
+    def read() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({path}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            result.append(netns_cookie())
+        except BaseException as exc:  # handed to the caller's thread
+            result.append(exc)
+
+    thread = threading.Thread(target=read, name="netns-cookie")  # its namespace dies with it
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)

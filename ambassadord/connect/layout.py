@@ -186,8 +186,11 @@ class ConnectionEnded:
 
     Addresses are ``(ip, port)``; ``source`` is the consumer's end (its port 0 when the
     connect failed before one was bound), ``dialled`` what it connected to, ``backend``
-    where the kernel sent it. Bytes are the socket's own counters (``bytes_received``:
-    from the backend; ``bytes_acked``: to it, acknowledged). Times are CLOCK_MONOTONIC ns
+    where the kernel sent it. Bytes are payload, from the socket's own counters (tcp_info's
+    ``tcpi_bytes_received`` and ``tcpi_bytes_acked``) less the SYN and FINs that those
+    count as one byte each: ``bytes_received`` from the backend, ``bytes_acked`` to it
+    and acknowledged by it (bytes still unacknowledged at a reset are not counted).
+    Times are CLOCK_MONOTONIC ns
     (``time.clock_gettime_ns(time.CLOCK_MONOTONIC)``): start at connect(), end at close.
     """
 

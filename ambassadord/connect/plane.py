@@ -16,7 +16,11 @@ Connections that connect mode cannot help with, unlike the proxy: a failed conne
 retried on the next backend (the consumer sees the failure; the kernel ejects the
 backend, so the next connect goes elsewhere); an IPv4 socket cannot be sent to an IPv6
 backend (such backends are skipped in connect4); the route is chosen by port and network
-namespace, not by source network.
+namespace, not by source network. "Only the first connect to a dead backend fails" holds
+for connects made one after another: connects already in flight when the first one
+fails fail too, and when an ejection ends every connect may go to the backend until one
+fails again (the proxy lets one probe through). A backend the kernel has no route to
+fails the connect at once (ENETUNREACH) and is not ejected (no SYN was ever sent).
 
 Resource handling: the constructor loads and attaches everything or, on any failure,
 undoes what it did and raises :class:`ConnectPlaneError` (with the verifier's log when the
@@ -29,6 +33,7 @@ getpeername(), which then shows the backend's address).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -37,7 +42,7 @@ from pathlib import Path
 from . import layout
 from .cgroup import find_cgroup2_mount, netns_cookie as own_netns_cookie
 from .layout import Backend, Event
-from .libbpf import BpfObject, LibbpfError, Link, RingBuffer, map_delete, map_keys, map_lookup, map_update, possible_cpus
+from .libbpf import BpfObject, Link, RingBuffer, map_delete, map_keys, map_lookup, map_update, possible_cpus
 
 OBJECT_PATH = Path(__file__).with_name("connect.bpf.o")
 PROGRAMS = ("connect4", "connect6", "getpeername4", "getpeername6", "sock_ops")
@@ -60,8 +65,9 @@ class ConnectPlane:
 
     Raises:
       ConnectPlaneError: not a cgroup v2 directory, no libbpf, no privilege (CAP_BPF and
-        CAP_NET_ADMIN, or CAP_SYS_ADMIN), a kernel without what the programs use
-        (5.15+ is enough), a map layout that does not match ``layout``.
+        CAP_NET_ADMIN, or CAP_SYS_ADMIN), a kernel without what the programs use (built
+        and tested on Linux 6.18; an older kernel refuses at load, and the message
+        carries the verifier's reason), a map layout that does not match ``layout``.
     """
 
     def __init__(self, cgroup_dir: str, *, netns_cookie: int | None = None, object_path: str | os.PathLike | None = None):
@@ -82,10 +88,7 @@ class ConnectPlane:
             self._ring = RingBuffer(self._obj.map_fd("events"), self._pending.append)
             for name in PROGRAMS:
                 self._links.append(Link(self._obj.program(name), self._cgroup_fd, name))
-        except LibbpfError as exc:
-            self.close()
-            raise ConnectPlaneError(f"connect mode on {self.cgroup_dir}: {exc}") from exc
-        except OSError as exc:
+        except OSError as exc:  # LibbpfError too: it carries libbpf's log
             self.close()
             raise ConnectPlaneError(f"connect mode on {self.cgroup_dir}: {exc}") from exc
         except BaseException:
@@ -113,6 +116,10 @@ class ConnectPlane:
             link.destroy()
         self._links = []
         if self._ring is not None:
+            with contextlib.suppress(RuntimeError, ImportError):  # not under trio: nobody waits
+                import trio
+
+                trio.lowlevel.notify_closing(self._ring.fileno())  # wake an events() task
             self._ring.close()
             self._ring = None
         if self._obj is not None:
@@ -144,8 +151,10 @@ class ConnectPlane:
         """Create or replace the route of ``port`` (``scope`` 0: host-wide; a netns cookie:
         only consumers in that namespace, before the host-wide route). The whole backend
         set is one map value, replaced in one update: a connect sees the old set or the
-        new one. An empty set removes nothing: connects to the port pass untouched.
-        ValueError (from layout) for a bad value."""
+        new one. With an empty set (or none usable: IPv6 backends for an IPv4 socket)
+        connects to the port pass untouched, counted as ``no_backend``. When every usable
+        backend is ejected, the kernel picks among them anyway (the lowest priority),
+        rather than passing the connect through. ValueError (from layout) for a bad value."""
         key = layout.route_key(port, scope)
         value = layout.route_value(backends, balance=balance, eject_for=eject_for, connect_timeout=connect_timeout)
         map_update(self._fd("routes"), key, value)
@@ -219,7 +228,10 @@ class ConnectPlane:
 
     async def events(self) -> AsyncIterator[Event]:
         """The events as they come, under trio: wait until the ring buffer's epoll
-        descriptor is readable, then read every record. One task at a time."""
+        descriptor is readable, then read every record. One task at a time. The ring
+        holds about 9,000 events; when nobody reads them, new ones are dropped and
+        counted (``counters()["events_lost"]``), the connections are not affected.
+        ``close()`` from another task ends a waiting one with trio.ClosedResourceError."""
         import trio
 
         if self._ring is None:

@@ -32,10 +32,11 @@ APT_PACKAGES=(
   iperf3:iperf3
   chromium:chromium
   systemd:systemd-analyze
-  # connect mode's BPF programs: clang rebuilds ambassadord/connect/connect.bpf.o (the test
-  # that the committed object matches its source), libbpf-dev has bpf_helpers.h, bpftool
-  # shows what is attached to a cgroup.
+  # connect mode's BPF programs: clang (and llvm's llvm-strip) rebuild
+  # ambassadord/connect/connect.bpf.o (the test that the committed object matches its
+  # source), libbpf-dev has bpf_helpers.h, bpftool shows what is attached to a cgroup.
   clang:clang
+  llvm:llvm-strip
   libbpf-dev:libbpf-dev
   bpftool:bpftool
 )
