@@ -460,7 +460,7 @@ class _Daemon:
             if keys:
                 try:
                     found = await trio.to_thread.run_sync(scopes.scan, own, abandon_on_cancel=True)
-                except OSError as exc:
+                except Exception as exc:  # netlink, /proc: the last scopes stay; try again
                     log.warning("connect mode: cannot list the network namespaces: %s", exc)
                 else:
                     self.feed.set_scopes(scopes.assign(found, keys))

@@ -13,6 +13,8 @@ import re
 import socket
 import sys
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 SO_NETNS_COOKIE = 71  # asm-generic/socket.h (Linux 5.14+): getsockopt(SOL_SOCKET), a u64
 
@@ -49,16 +51,24 @@ def netns_cookie(sock: socket.socket | None = None) -> int:
 
 
 CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
 
 
 def netns_cookie_at(path: str) -> int:
     """The cookie of the network namespace at ``path`` (``/proc/PID/ns/net`` of a
     container's process, ``/run/netns/NAME``): what a route's ``scope`` limited to that
-    consumer is. Read by a short-lived thread that enters the namespace (setns needs
-    CAP_SYS_ADMIN), so the caller's own namespace never changes. OSError on failure."""
+    consumer is. OSError on failure (see :func:`in_netns`)."""
+    return in_netns(path, netns_cookie)
+
+
+def in_netns(path: str, fn: Callable[[], T]) -> T:
+    """``fn()``, called by a short-lived thread inside the network namespace at ``path``
+    (setns needs CAP_SYS_ADMIN), so the caller's own namespace never changes; the
+    thread's namespace dies with it. What ``fn`` raises is raised here; OSError when the
+    namespace cannot be entered."""
     result: list = []
 
-    def read() -> None:
+    def run() -> None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -67,16 +77,17 @@ def netns_cookie_at(path: str) -> int:
                     raise OSError(err, f"setns({path}): {os.strerror(err)}")
             finally:
                 os.close(fd)
-            result.append(netns_cookie())
+            result.append((True, fn()))
         except BaseException as exc:  # handed to the caller's thread
-            result.append(exc)
+            result.append((False, exc))
 
-    thread = threading.Thread(target=read, name="netns-cookie")  # its namespace dies with it
+    thread = threading.Thread(target=run, name="in-netns")
     thread.start()
     thread.join()
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

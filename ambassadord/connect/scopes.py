@@ -19,15 +19,11 @@ the host-wide route of the port, if any, else pass untouched.
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import os
-import threading
 from collections.abc import Iterable, Mapping
 
-from .cgroup import netns_cookie
-
-CLONE_NEWNET = 0x40000000
+from .cgroup import in_netns, netns_cookie
 
 
 def assign(namespaces: Mapping[int, Iterable], routes: Iterable) -> dict:
@@ -54,6 +50,8 @@ def scan(skip_cookie: int | None = None) -> dict[int, list[str]]:
     """``{netns cookie: [addresses]}`` of the network namespaces some process is in,
     without ``skip_cookie`` (the daemon's own). Link-local and loopback addresses are left
     out. A namespace that vanishes meanwhile is skipped. Needs CAP_SYS_ADMIN (setns)."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
     seen: set[tuple[int, int]] = set()
     found: dict[int, list[str]] = {}
     for pid in os.listdir("/proc"):
@@ -68,38 +66,12 @@ def scan(skip_cookie: int | None = None) -> dict[int, list[str]]:
             continue
         seen.add((st.st_dev, st.st_ino))
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
+            result = in_netns(path, lambda: (netns_cookie(), _addresses()))
+        except (OSError, NetlinkError):  # gone meanwhile, or not ours to enter
             continue
-        try:
-            result = _in_namespace(fd)
-        finally:
-            os.close(fd)
-        if result is not None and result[0] != skip_cookie:
+        if result[0] != skip_cookie:
             found[result[0]] = result[1]
     return found
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _in_namespace(fd: int) -> tuple[int, list[str]] | None:
-    """(cookie, addresses) of the namespace ``fd``, read by a thread that enters it (the
-    thread, and the namespace it is in, end with it)."""
-    out: list = []
-
-    def look() -> None:
-        try:
-            if _libc.setns(fd, CLONE_NEWNET) != 0:
-                return
-            out.append((netns_cookie(), _addresses()))
-        except OSError:
-            pass
-
-    t = threading.Thread(target=look, name="netns scan")
-    t.start()
-    t.join()
-    return out[0] if out else None
 
 
 def _addresses() -> list[str]:
