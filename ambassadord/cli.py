@@ -97,10 +97,12 @@ def cmd_check(args) -> int:
         raise UsageError(str(exc)) from None
     if not routes:
         raise UsageError(NO_ROUTES)
-    rows = [("PORT", "SOURCE", "BACKEND", "BALANCE", "CONNECT", "IDLE", "FROM")]
+    # A MODE column only when some route is not proxied: the usual table stays as it was.
+    modes = any(r.mode != "proxy" for r in routes)
+    rows = [("PORT", "SOURCE", "BACKEND", *(("MODE",) if modes else ()), "BALANCE", "CONNECT", "IDLE", "FROM")]
     for r in sorted(routes, key=lambda r: (r.port, str(r.source))):
-        rows.append((str(r.port), str(r.source or "any"), r.spec.text, r.balance, f"{r.connect_timeout:g}s",
-                     f"{r.idle_timeout:g}s" if r.idle_timeout else "-", r.origin))
+        rows.append((str(r.port), str(r.source or "any"), r.spec.text, *((r.mode,) if modes else ()), r.balance,
+                     f"{r.connect_timeout:g}s", f"{r.idle_timeout:g}s" if r.idle_timeout else "-", r.origin))
     print("\n".join(status.columns(rows)))
     print(f"{len(routes)} route(s) OK")
     return 0

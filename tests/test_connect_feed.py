@@ -186,3 +186,17 @@ def test_a_scoped_route_is_written_once_per_namespace_and_follows_them():
     plane.calls.clear()
     feed.routes([cfgs[1]])  # the scoped route went
     assert plane.calls == [("remove", 6379, 8)]
+
+
+def test_check_shows_a_mode_column_only_when_a_route_is_not_proxied(tmp_path, capsys):
+    from ambassadord.cli import main
+
+    f = tmp_path / "routes.toml"
+    f.write_text('[routes]\n6379 = { backend = "10.0.0.1:6379", mode = "connect" }\n80 = "10.0.0.2:80"\n')
+    assert main(["check", "--config", str(f)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["PORT", "SOURCE", "BACKEND", "MODE"]
+    assert lines[1].split()[3] == "proxy" and lines[2].split()[3] == "connect"
+    f.write_text('[routes]\n80 = "10.0.0.2:80"\n')
+    assert main(["check", "--config", str(f)]) == 0
+    assert "MODE" not in capsys.readouterr().out
