@@ -1,21 +1,23 @@
 """What the daemon asks of a data plane: the seam beside which a second one is added.
 
-A data plane is how a consumer's bytes reach a backend. Today there is one, the proxy:
+A data plane is how a consumer's bytes reach a backend. There are two. The proxy:
 server.py accepts and connects, ``relay`` moves the bytes, in user space or, with a
-``relay.KernelRelay``, in the kernel. Issue 14 adds balancing at connect time (a cgroup
-program rewrites the consumer's connect() to a backend: no proxy hop at all). Either
-holds kernel resources for the daemon's lifetime, and the daemon treats both alike:
+``relay.KernelRelay``, in the kernel. Connect mode (the ``connect`` package): a cgroup
+program rewrites the consumer's connect() to a backend, and no proxy is in the path at
+all. Either holds kernel resources for the daemon's lifetime, and the daemon treats both
+alike:
 
 * made at start, before anything is served: the constructor raises (naming what is
   missing) where the kernel or the capabilities do not allow it;
-* ``run()``: its one task, for as long as the daemon serves (the kernel relay's Watcher;
-  a connect-time plane's map updates), cancelled at shutdown;
+* one task for as long as the daemon serves (the kernel relay's Watcher; connect mode's
+  ``ConnectFeed.run``, which reads the kernel's events), cancelled at shutdown;
 * ``close()`` at exit, once nothing uses it: every fd released, every program detached.
   Idempotent, and a context manager, so the daemon's exit stack closes it on every path.
 
-The proxy's files do not change for a new plane: it is a module or package of its own,
-made and closed by the daemon's life cycle, and told about backend sets through the
-Server's ``peers.Peers`` interface (relay/__init__.py says more).
+Connect mode was added this way without touching the proxy's files: it is a package of
+its own, made and closed by the daemon's life cycle (daemon.py), and told about backend
+sets, health checks and reloads through the Server's ``peers.Peers`` interface, beside
+the ``--workers`` pool (``peers.fanout``).
 """
 
 from __future__ import annotations
