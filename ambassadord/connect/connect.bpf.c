@@ -48,6 +48,7 @@
 #define PASS 1 /* a cgroup sock_addr program's "go on"; 0 would fail the call with EPERM */
 
 #define MAX_BACKENDS 32 /* per route, inline in one map value: see struct route */
+#define WAKE_BYTES (64 << 10) /* a connection-end event wakes the reader once this much is unread */
 
 enum balance {
 	BALANCE_RANDOM = 0,	 /* weighted random (bpf_get_prandom_u32) */
@@ -693,7 +694,7 @@ static __always_inline void eject(struct bpf_sock_ops *ctx, struct sock_state *s
 	e->cookie = bpf_get_socket_cookie(ctx);
 	copy_backend(e, st);
 	e->end_ns = until;
-	bpf_ringbuf_submit(e, 0);
+	bpf_ringbuf_submit(e, BPF_RB_FORCE_WAKEUP); /* rare, and the daemon reports it at once */
 }
 
 /*
@@ -741,7 +742,11 @@ static __always_inline void closed(struct bpf_sock_ops *ctx, struct sock_state *
 	copy_source(e, ctx);
 	e->end_ns = now;
 	payload(ctx, st, old, e);
-	bpf_ringbuf_submit(e, 0);
+	/* Wake the reader only once WAKE_BYTES have piled up: it also reads every
+	 * READ_INTERVAL (plane.py), so under churn it takes the events in batches instead
+	 * of being woken for every connection (thousands of wake-ups a second). */
+	bpf_ringbuf_submit(e, bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= WAKE_BYTES ? BPF_RB_FORCE_WAKEUP
+											    : BPF_RB_NO_WAKEUP);
 }
 
 SEC("sockops")

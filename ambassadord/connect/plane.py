@@ -45,6 +45,9 @@ from .layout import Backend, Event
 from .libbpf import BpfObject, Link, RingBuffer, map_delete, map_keys, map_lookup, map_update, possible_cpus
 
 OBJECT_PATH = Path(__file__).with_name("connect.bpf.o")
+# How often events() reads the ring when nothing woke it: a connection's log line and
+# counters come at most this much after its end.
+READ_INTERVAL = 0.1
 PROGRAMS = ("connect4", "connect6", "getpeername4", "getpeername6", "sock_ops")
 
 __all__ = ["ConnectPlane", "ConnectPlaneError", "Backend", "find_cgroup2_mount"]
@@ -240,4 +243,7 @@ class ConnectPlane:
         while True:
             for event in self.read_events():
                 yield event
-            await trio.lowlevel.wait_readable(fd)
+            # Woken when 64 KiB of events piled up (or an ejection came): else read what
+            # is there every READ_INTERVAL (connect.bpf.c, WAKE_BYTES, says why).
+            with trio.move_on_after(READ_INTERVAL):
+                await trio.lowlevel.wait_readable(fd)
