@@ -33,10 +33,15 @@ def test_compare_quick_measures_every_target_and_cleans_up():
             pytest.fail(f"missing {missing} (scripts/test installs them)")
         pytest.skip(f"missing {missing}")
     before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
-    proc = subprocess.run([sys.executable, "bench/compare.py", "--quick", "--json", "", "--variant", "w1=--workers 1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
+    bench = subprocess.Popen([sys.executable, "bench/compare.py", "--quick", "--json", "", "--variant", "w1=--workers 1"],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = bench.communicate(timeout=300)
+    except BaseException:
+        bench.terminate()  # it cleans up on SIGTERM
+        bench.communicate(timeout=30)
+        raise
+    assert bench.returncode == 0, out[-3000:] + err[-3000:]
     header = next(line for line in out.splitlines() if line.startswith("| metric"))
     assert [c.strip() for c in header.strip("|").split("|")[1:]] == list(TARGETS)
     for metric in ("bulk: iperf3, Gbit/s", "request/response: redis-benchmark -k 1, requests/s",
@@ -53,7 +58,7 @@ def test_compare_quick_measures_every_target_and_cleans_up():
     assert "ambassadord against the goals" in out
     after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
     # Its own name only (ambbench-<its pid>): another bench running on the machine is not this one's.
-    own = f"ambbench-{proc.pid}"
+    own = f"ambbench-{bench.pid}"
     assert own not in after - before, "the bench left its namespace behind"
     root = next(line.split()[1] for line in Path("/proc/mounts").read_text().splitlines() if line.split()[2] == "cgroup2")
     assert own not in os.listdir(root), "the bench left its cgroup behind"
