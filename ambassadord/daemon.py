@@ -136,8 +136,7 @@ def _serve(settings: RunSettings, configs, plan, kernel, plane=None) -> int:
             from .connect.layout import MAX_BACKENDS, Backend
 
             plane.set_catch_addresses(connect_start.catch_addresses(settings.catch))
-            feed = ConnectFeed(plane, configs, lambda port, ip: server.table.lookup(port, ip),
-                               backend=Backend, limit=MAX_BACKENDS)
+            feed = ConnectFeed(plane, configs, lambda: server.table, backend=Backend, limit=MAX_BACKENDS)
         server.peers = fanout(pool, feed)
         rules = None
         if plan is not None:

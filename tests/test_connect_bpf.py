@@ -96,6 +96,7 @@ def plane(net, cgroup):
     except ConnectPlaneError as exc:
         _skip_or_fail(f"connect mode cannot load here: {exc}")
     try:
+        p.set_connection_events(True)  # these tests read every connection's end
         yield p
     finally:
         p.close()
@@ -419,6 +420,31 @@ def test_bytes_of_a_bulk_transfer(net, cgroup, plane):
     wait_until(lambda: found.extend(e for e in plane.read_events() if getattr(e, "cookie", None) == cookie) or found,
                timeout=10, what="the connection's end event")
     assert (found[0].bytes_acked, found[0].bytes_received) == (len(command), len(reply))
+
+
+def test_without_connection_events_every_connection_is_still_counted(net, cgroup, plane):
+    plane.set_connection_events(False)  # the daemon's default unless it logs connections
+    route(plane, Backend("10.77.0.2", A), Backend("10.77.0.2", DEAD))
+    ok = failed = 0
+    for _ in range(20):
+        try:
+            with dial(cgroup, net["host"], "127.0.0.1", MAPPED) as sock:
+                sock.sendall(b"PING\r\n")
+                assert sock.recv(64) == b"+PONG\r\n"
+                ok += 1
+        except ConnectionRefusedError:
+            failed += 1
+    assert failed == 1 and ok == 19
+
+    def counted():
+        stats = plane.connection_stats().get((MAPPED, 0, ("10.77.0.2", A)))
+        return stats if stats is not None and stats.ok + stats.reset == ok else None
+    stats = wait_until(counted, timeout=10, what=lambda: f"19 connections in conn_stats: {plane.connection_stats()}")
+    assert (stats.bytes_acked, stats.bytes_received) == (ok * 6, ok * 7)
+    events = plane.read_events()
+    # only the failed connect and its ejection are events
+    assert sorted(type(e).__name__ for e in events) == ["BackendEjected", "ConnectionEnded"], events
+    assert [e.outcome for e in events if isinstance(e, ConnectionEnded)] == ["refused"]
 
 
 async def test_events_under_trio(net, cgroup, plane):

@@ -12,7 +12,7 @@ from ambassadord.backends.interface import Backend, BackendSet
 
 from ambassadord.config import ConfigError
 from ambassadord.connect.feed import ConnectFeed, kernel_set
-from ambassadord.connect.layout import BackendEjected, ConnectionEnded
+from ambassadord.connect.layout import BackendEjected, ConnectionEnded, ConnStats
 from ambassadord.connect.scopes import assign
 from ambassadord.daemon import _redirect_ports
 from ambassadord.routes import Route, RouteTable
@@ -46,7 +46,7 @@ def configs(*maps, mode=None):
 def feed_for(cfgs, plane=None):
     table = RouteTable([Route(c) for c in cfgs])
     plane = plane or RecordingPlane()
-    return ConnectFeed(plane, cfgs, table.lookup, backend=lambda *a: a, limit=2), plane, table
+    return ConnectFeed(plane, cfgs, lambda: table, backend=lambda *a: a, limit=2), plane, table
 
 
 @pytest.mark.parametrize("backends, down, limit, kept, dropped", [
@@ -99,11 +99,12 @@ def test_more_backends_than_the_map_holds_is_said_once(caplog):
         "route 6379: connect mode holds 2 backends per route; left out: 10.0.0.2:6379") == 1
 
 
-def test_events_become_counters_and_one_log_line(caplog):
+def test_events_become_log_lines_failures_and_ejections(caplog):
     cfgs = configs("6379=10.0.0.1:6379", mode="connect")
     feed, _, table = feed_for(cfgs)
     route = table.routes[0]
     route.update(BackendSet((A, C)))
+    feed.backends(route.config.key, route.backends)
     with caplog.at_level(logging.INFO, logger="ambassadord.connections"):
         feed.account(ended(("127.0.0.1", 40000), ("127.0.0.1", 6379), ("10.0.0.1", 6379), up=10, down=2000))
         feed.account(ended(("127.0.0.1", 0), ("127.0.0.1", 6379), ("10.0.0.3", 6379), outcome="refused"))
@@ -112,21 +113,42 @@ def test_events_become_counters_and_one_log_line(caplog):
         feed.account(BackendEjected(cookie=2, backend=("10.0.0.3", 6379), dialled=("127.0.0.1", 6379),
                                     route_port=6379, scope=0, start_ns=0, until_ns=10))
     st = route.stats
-    assert st.outcomes == {"ok": 1, "connect-failed": 1, "reset": 1}
-    assert (st.up, st.down, st.active) == (10, 2000, 0)
-    assert st.backends[str(A)].connections == 2 and st.backends[str(C)].failures == 1
-    assert st.connect_histogram()[0][-1] == ("+Inf", 0)  # the kernel measures no connect time
+    # established connections are counted from the kernel's totals (below), failures here
+    assert st.outcomes == {"connect-failed": 1} and st.active == 0
+    assert st.backends[str(C)].failures == 1 and st.backends[str(C)].last_error == "refused"
     assert route.pick.ejections.until  # the failed one is ejected, as /routes and the metrics show
     lines = [r.fields for r in caplog.records if r.name == "ambassadord.connections"]
     assert lines[0] == {"event": "connection", "src": "127.0.0.1:40000", "port": 6379, "route": "6379",
                         "backend": "10.0.0.1:6379", "up": 10, "down": 2000, "mode": "connect",
                         "duration": 0.5, "outcome": "ok"}
     assert lines[1]["outcome"] == "connect-failed" and lines[1]["error"] == "refused"
+    assert lines[2]["outcome"] == "reset"
+
+
+def test_the_kernels_totals_become_counters_once():
+    cfgs = configs("6379=10.0.0.1:6379", mode="connect")
+    feed, _, table = feed_for(cfgs)
+    route = table.routes[0]
+    route.update(BackendSet((A, C)))
+    feed.backends(route.config.key, route.backends)
+    where = (6379, 0, ("10.0.0.1", 6379))
+    feed.apply_stats({where: ConnStats(ok=3, reset=1, bytes_acked=10, bytes_received=2000)})
+    feed.apply_stats({where: ConnStats(ok=3, reset=1, bytes_acked=10, bytes_received=2000)})  # nothing new
+    st = route.stats
+    assert st.outcomes == {"ok": 3, "reset": 1} and (st.up, st.down) == (10, 2000)
+    assert st.backends[str(A)].connections == 4 and st.backend_bytes(str(A)) == (10, 2000)
+    assert st.connect_histogram()[0][-1] == ("+Inf", 0)  # the kernel measures no connect time
+    feed.apply_stats({where: ConnStats(ok=5, reset=1, bytes_acked=30, bytes_received=2000)})
+    assert st.outcomes["ok"] == 5 and st.up == 30
+    feed.apply_stats({where: ConnStats(ok=1, reset=0, bytes_acked=1, bytes_received=1)})  # the kernel forgot it
+    assert st.outcomes["ok"] == 6 and (st.up, st.down) == (31, 2001)
+    feed.apply_stats({(5432, 0, ("10.0.0.9", 5432)): ConnStats(1, 0, 1, 1)})  # no such route: dropped
+    assert st.total() == 7
 
 
 def test_an_event_for_a_route_gone_is_dropped():
     feed, _, table = feed_for(configs("6379=10.0.0.1:6379", mode="connect"))
-    feed.account(ended(("127.0.0.1", 1), ("127.0.0.1", 5432), ("10.0.0.1", 5432)))
+    feed.account(ended(("127.0.0.1", 1), ("127.0.0.1", 5432), ("10.0.0.1", 5432), outcome="refused"))
     assert table.routes[0].stats.outcomes == {}
 
 

@@ -122,7 +122,29 @@ struct eject_key {
 
 struct config {
 	__u64 netns_cookie; /* the daemon's network namespace: its loopback is caught */
+	__u64 flags;	    /* CONFIG_* */
 };
+
+/* An event for every connection's end; without it, only failed connects and ejections
+ * are events, and the counts of the others are in conn_stats alone. */
+#define CONFIG_CONNECTION_EVENTS 1
+
+/* conn_stats: what the connections of one route to one backend came to, per CPU. */
+struct stat_key {
+	__u64 scope;
+	__u32 backend_addr[4]; /* network order; IPv4 in [0] */
+	__u16 backend_port;    /* network order */
+	__u16 route_port;      /* host order */
+	__u8 backend_family;
+	__u8 pad[3];
+}; /* 32 bytes */
+
+struct conn_stat {
+	__u64 ok;	      /* ended in order */
+	__u64 reset;	      /* established, then ended by a reset */
+	__u64 bytes_acked;    /* payload to the backend */
+	__u64 bytes_received; /* payload from the backend */
+}; /* 32 bytes */
 
 /* What a rewritten socket remembers (socket local storage: freed with the socket). */
 struct sock_state {
@@ -200,6 +222,13 @@ struct {
 	__type(key, __u32);
 	__type(value, struct config);
 } config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH); /* never full: the longest unused goes first */
+	__uint(max_entries, 16384);
+	__type(key, struct stat_key);
+	__type(value, struct conn_stat);
+} conn_stats SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -719,15 +748,60 @@ static __always_inline void payload(struct bpf_sock_ops *ctx, struct sock_state 
 	e->bytes_received = received > fin_in ? received - fin_in : 0;
 }
 
+/* An established connection's end, added to its route's and backend's counts (per CPU:
+ * no atomics). The daemon reads them every second: they are the metrics. */
+static __always_inline void count(struct sock_state *st, __u8 outcome, const struct event *e)
+{
+	struct stat_key key = {};
+	struct conn_stat *v, zero = {};
+
+	key.scope = st->scope;
+	key.backend_addr[0] = st->backend_addr[0];
+	key.backend_addr[1] = st->backend_addr[1];
+	key.backend_addr[2] = st->backend_addr[2];
+	key.backend_addr[3] = st->backend_addr[3];
+	key.backend_port = st->backend_port;
+	key.route_port = st->route_port;
+	key.backend_family = st->backend_family;
+	v = bpf_map_lookup_elem(&conn_stats, &key);
+	if (!v) {
+		bpf_map_update_elem(&conn_stats, &key, &zero, BPF_NOEXIST);
+		v = bpf_map_lookup_elem(&conn_stats, &key);
+		if (!v)
+			return;
+	}
+	if (outcome == OUTCOME_RESET)
+		v->reset += 1;
+	else
+		v->ok += 1;
+	v->bytes_acked += e->bytes_acked;
+	v->bytes_received += e->bytes_received;
+}
+
+static __always_inline int connection_events(void)
+{
+	__u32 zero = 0;
+	struct config *cfg = bpf_map_lookup_elem(&config, &zero);
+
+	return cfg && (cfg->flags & CONFIG_CONNECTION_EVENTS);
+}
+
 static __always_inline void closed(struct bpf_sock_ops *ctx, struct sock_state *st, __u32 old)
 {
 	__u64 now = bpf_ktime_get_ns();
 	__u8 outcome = outcome_of(ctx, st, old, now);
-	struct event *e;
+	int failed = outcome == OUTCOME_REFUSED || outcome == OUTCOME_TIMEOUT;
+	struct event *e, counted = {};
 
 	st->active = 0;
-	if ((outcome == OUTCOME_REFUSED || outcome == OUTCOME_TIMEOUT) && st->eject_ns)
+	if (failed && st->eject_ns)
 		eject(ctx, st, now);
+	if (!failed) {
+		payload(ctx, st, old, &counted);
+		count(st, outcome, &counted);
+		if (!connection_events())
+			return; /* counted; nobody logs it */
+	}
 
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
@@ -741,7 +815,8 @@ static __always_inline void closed(struct bpf_sock_ops *ctx, struct sock_state *
 	copy_backend(e, st);
 	copy_source(e, ctx);
 	e->end_ns = now;
-	payload(ctx, st, old, e);
+	e->bytes_acked = counted.bytes_acked;
+	e->bytes_received = counted.bytes_received;
 	/* Wake the reader only once WAKE_BYTES have piled up: it also reads every
 	 * READ_INTERVAL (plane.py), so under churn it takes the events in batches instead
 	 * of being woken for every connection (thousands of wake-ups a second). */

@@ -7,10 +7,11 @@ ConnectPlane's maps (plane.py), a whole set in one map update, so no connect see
 a change. Backends that the route's health checks say are down are left out (all of them
 down: all are kept, as the proxy's balancer does).
 
-Its ``run()`` task reads the plane's events: a connection's end becomes the route's
-counters (the same ``RouteStats`` calls as a proxied connection) and one log line with
-the same fields as the proxy's; a failed connect becomes a backend failure and an
-ejection, shown by /routes and the metrics like one of the proxy's.
+Its ``run()`` task reads what the kernel counted (conn_stats: connections, resets and
+bytes per route and backend) into the routes' counters every second, and the plane's
+events: a failed connect becomes a backend failure and an ejection, shown by /routes and
+the metrics like one of the proxy's; when connection lines are logged (INFO), every
+connection's end is an event too, for its one log line with the proxy's fields.
 
 Pure except for the plane it is given, so tests drive it with a recording stand-in.
 """
@@ -24,7 +25,6 @@ from collections.abc import Callable, Iterable, Sequence
 import trio
 
 from ..peers import Peers
-from ..relay.contract import RelayResult
 from ..stats import Outcome
 
 log = logging.getLogger("ambassadord")
@@ -49,14 +49,16 @@ class ConnectFeed(Peers):
     Args:
         plane: a ConnectPlane (or a stand-in with its methods).
         configs: the routes at start (every mode: only ``connect`` ones are fed).
-        lookup: ``(port, source ip) -> Route | None``, the server's current table.
+        table: ``() -> RouteTable``, the server's current table.
         backend: makes the plane's backend value from (ip, port, weight, priority).
         limit: backends one route's map value holds.
     """
 
-    def __init__(self, plane, configs, lookup: Callable, *, backend: Callable, limit: int):
+    def __init__(self, plane, configs, table: Callable, *, backend: Callable, limit: int):
         self.plane = plane
-        self._lookup = lookup
+        self._table = table
+        self._by_key: tuple = (None, {})  # (the table, its routes by key): made again after a reload
+        self._counted: dict = {}  # the kernel's totals at the last look (apply_stats)
         self._backend = backend
         self._limit = limit
         self._configs = {c.key: c for c in configs if c.mode == CONNECT}
@@ -124,17 +126,75 @@ class ConnectFeed(Peers):
     # ---- what the kernel tells ----------------------------------------------------------
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+        # Every connection's end is an event only when its log line is wanted; the counts
+        # come from the kernel's conn_stats either way (at churn rates, an event costs the
+        # daemon more CPU than the connection costs the kernel).
+        self.plane.set_connection_events(conn_log.isEnabledFor(logging.INFO))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_events)
+            nursery.start_soon(self._read_stats)
+            task_status.started()
+
+    async def _read_events(self) -> None:
         async for event in self.plane.events():
             try:
                 self.account(event)
             except Exception:  # one bad event must not stop the counting
                 log.exception("connect mode: could not account for %r", event)
 
+    async def _read_stats(self) -> None:
+        while True:
+            await trio.sleep(STATS_INTERVAL)
+            try:
+                self.apply_stats(self.plane.connection_stats())
+            except Exception:
+                log.exception("connect mode: could not read the kernel's connection counts")
+
+    def _route_of(self, port: int, scope: int):
+        """The Route that the kernel's (route port, scope) stands for now, or None."""
+        table = self._table()
+        if self._by_key[0] is not table:
+            self._by_key = (table, {r.config.key: r for r in table.routes})
+        for key, scopes in self._written.items():
+            if key[0] == port and scope in scopes:
+                return self._by_key[1].get(key)
+        return None
+
+    def apply_stats(self, stats: dict) -> None:
+        """The kernel's totals (plane.connection_stats()) into the routes' counters: what
+        was added since the last look."""
+        now, seen = time.time(), {}
+        for where, total in stats.items():
+            seen[where] = total
+            before = self._counted.get(where)
+            if before is None or any(a < b for a, b in zip(_fields(total), _fields(before))):
+                before = None  # new, or the kernel forgot and started again: all of it is new
+            ok, reset, up, down = (a - b for a, b in zip(_fields(total), _fields(before) if before else (0, 0, 0, 0)))
+            if not (ok or reset or up or down):
+                continue
+            route = self._route_of(where[0], where[1])
+            if route is None or route.config.mode != CONNECT:
+                continue
+            backend = _find(route, where[2])
+            name = str(backend) if backend is not None else _addr(where[2])
+            st = route.stats
+            b = st.backend(name, backend)
+            st.outcomes[Outcome.OK] = st.outcomes.get(Outcome.OK, 0) + ok
+            if reset:
+                st.outcomes[Outcome.RESET] = st.outcomes.get(Outcome.RESET, 0) + reset
+            st.up += up
+            st.down += down
+            b.connections += ok + reset
+            b.up += up
+            b.down += down
+            b.last_connect = now
+        self._counted = seen
+
     def account(self, event) -> None:
         """One event of the plane (layout.py): a connection that ended (or whose connect
-        failed), or a backend the kernel ejected."""
-        route = self._lookup(event.route_port, event.source[0] if hasattr(event, "source") else "0.0.0.0")
+        failed), or a backend the kernel ejected. An established connection is counted by
+        apply_stats(); here it only gets its log line."""
+        route = self._route_of(event.route_port, event.scope)
         if route is None or route.config.mode != CONNECT:
             return  # a route removed since (or changed to proxy): nothing to count it in
         backend = _find(route, event.backend)
@@ -147,25 +207,19 @@ class ConnectFeed(Peers):
                         extra={"fields": {"event": "backend-ejected", "route": route.name, "backend": key,
                                           "mode": CONNECT}})
             return
-        st = route.stats
-        st.active += 1  # counted at its end: the kernel reports a connection once
-        b = st.backend(key, backend)
-        result = RelayResult(up=event.bytes_acked, down=event.bytes_received)
-        now = time.time()
         if event.outcome in _CONNECTED:
-            st.opened(key, b, result, None, now)
-            outcome = Outcome.OK if event.outcome == "ok" else Outcome.RESET
-            st.closed(outcome, result, b)
-            error = None
+            outcome, error = (Outcome.OK if event.outcome == "ok" else Outcome.RESET), None
         else:
-            st.connect_failed(b, event.outcome, now)
-            st.closed(Outcome.CONNECT_FAILED, result, None)
+            st = route.stats
+            st.active += 1  # counted at its end: the kernel reports a connection once
+            st.connect_failed(st.backend(key, backend), event.outcome, time.time())
+            st.closed(Outcome.CONNECT_FAILED, None, None)
             outcome, error = Outcome.CONNECT_FAILED, event.outcome
         # As the proxy's: a reset is the peers' business (INFO); a failed connect, a WARNING.
         level = logging.WARNING if outcome == Outcome.CONNECT_FAILED else logging.INFO
         if conn_log.isEnabledFor(level):
             fields = {"event": "connection", "src": _addr(event.source), "port": event.dialled[1],
-                      "route": route.name, "backend": key, "up": result.up, "down": result.down,
+                      "route": route.name, "backend": key, "up": event.bytes_acked, "down": event.bytes_received,
                       "mode": CONNECT}
             if error is not None:
                 fields["error"] = error
@@ -176,6 +230,12 @@ class ConnectFeed(Peers):
 
 # What the kernel says of a connection that was established ("reset": it ended in a RST).
 _CONNECTED = ("ok", "reset")
+# How often the kernel's counts are read into the routes' (metrics lag by at most this).
+STATS_INTERVAL = 1.0
+
+
+def _fields(stats) -> tuple[int, int, int, int]:
+    return stats.ok, stats.reset, stats.bytes_acked, stats.bytes_received
 
 
 def _find(route, addr):

@@ -48,7 +48,11 @@ ROUTE_SIZE = ROUTE_HEAD.size + MAX_BACKENDS * BACKEND.size
 ADDR_KEY = struct.Struct("=16sB3x")  # addr, family
 EJECT_KEY = struct.Struct("=16s2sBx")  # addr, port (network order), family
 EJECT_VALUE = struct.Struct("=Q")  # ejected until, CLOCK_MONOTONIC ns
-CONFIG = struct.Struct("=Q")  # the daemon's netns cookie
+CONFIG = struct.Struct("=QQ")  # the daemon's netns cookie, flags (CONFIG_*)
+CONFIG_CONNECTION_EVENTS = 1  # an event for every connection's end, not only failed connects
+# conn_stats: scope, backend addr, backend port (network order), route port, backend family
+STAT_KEY = struct.Struct("=Q16s2sHB3x")
+STAT_VALUE = struct.Struct("=QQQQ")  # ok, reset, bytes_acked, bytes_received (one CPU's)
 COUNTER = struct.Struct("=Q")  # one CPU's count
 # cookie, start_ns, end_ns, bytes_received, bytes_acked, scope, src/orig/backend addr,
 # src/orig/backend/route port, kind, outcome, src/orig/backend family
@@ -61,6 +65,7 @@ MAP_SIZES = {
     "ejected": (EJECT_KEY.size, EJECT_VALUE.size),
     "config": (4, CONFIG.size),
     "counters": (4, COUNTER.size),
+    "conn_stats": (STAT_KEY.size, STAT_VALUE.size),
 }
 
 _U16 = 0xFFFF
@@ -248,3 +253,26 @@ def unpack_event(record: bytes) -> Event:
         return BackendEjected(cookie=cookie, backend=target, dialled=dialled, route_port=route_port, scope=scope,
                               start_ns=start_ns, until_ns=end_ns)
     raise ValueError(f"event record of unknown kind {kind}")
+
+
+@dataclass(frozen=True)
+class ConnStats:
+    """The established connections of one route (``route_port``, ``scope``) to one
+    ``backend`` (ip, port), since the plane was made: ended in order (``ok``) or by a
+    reset, and their payload bytes each way (to the backend: ``bytes_acked``)."""
+
+    ok: int
+    reset: int
+    bytes_acked: int
+    bytes_received: int
+
+
+def unpack_stat_key(key: bytes) -> tuple[int, int, tuple[str, int]]:
+    """``(route_port, scope, (backend ip, backend port))`` of a conn_stats key."""
+    scope, raw, port, route_port, family = STAT_KEY.unpack(key)
+    return route_port, scope, (ip_text(family, raw), int.from_bytes(port, "big"))
+
+
+def sum_stats(value: bytes) -> ConnStats:
+    """A per-CPU conn_stats value (one STAT_VALUE per CPU), summed."""
+    return ConnStats(*(sum(column) for column in zip(*STAT_VALUE.iter_unpack(value))))

@@ -87,7 +87,8 @@ class ConnectPlane:
             self._obj = BpfObject(path)
             self._check_layout()
             self._fds = {name: self._obj.map_fd(name) for name in layout.MAP_SIZES}
-            map_update(self._fds["config"], (0).to_bytes(4, "little"), layout.CONFIG.pack(self.netns_cookie))
+            self._flags = 0
+            self._write_config()
             self._ring = RingBuffer(self._obj.map_fd("events"), self._pending.append)
             for name in PROGRAMS:
                 self._links.append(Link(self._obj.program(name), self._cgroup_fd, name))
@@ -209,6 +210,27 @@ class ConnectPlane:
     def clear_ejection(self, ip: str, port: int) -> bool:
         """Let a backend be chosen again now (e.g. an active health check saw it up)."""
         return map_delete(self._fd("ejected"), layout.eject_key(ip, port))
+
+    def _write_config(self) -> None:
+        map_update(self._fds["config"], (0).to_bytes(4, "little"), layout.CONFIG.pack(self.netns_cookie, self._flags))
+
+    def set_connection_events(self, on: bool) -> None:
+        """An event for every connection's end (for its log line), or (off, the default)
+        only for failed connects and ejections. Either way every connection is counted
+        in :meth:`connection_stats`."""
+        self._flags = layout.CONFIG_CONNECTION_EVENTS if on else 0
+        self._write_config()
+
+    def connection_stats(self) -> dict[tuple[int, int, tuple[str, int]], layout.ConnStats]:
+        """``{(route port, scope, (backend ip, port)): ConnStats}``: every established
+        connection that ended since the plane was made, summed over CPUs. The kernel map
+        forgets the longest unused key when full (16,384 keys)."""
+        fd, ncpu, out = self._fd("conn_stats"), possible_cpus(), {}
+        for key in map_keys(fd, layout.STAT_KEY.size):
+            value = map_lookup(fd, key, layout.STAT_VALUE.size * ncpu)
+            if value is not None:
+                out[layout.unpack_stat_key(key)] = layout.sum_stats(value)
+        return out
 
     def counters(self) -> dict[str, int]:
         """The kernel's counters, summed over CPUs: ``rewritten`` connects, ``no_backend``
