@@ -28,12 +28,13 @@ does not wait for space: it re-schedules itself one timer tick later
 as soon as ACKs free the buffer cannot bring that forward (``schedule_delayed_work`` on a
 work that is pending already does nothing). So a direction moves at most about one send
 buffer per tick. TCP's auto-tuned buffer stops at tcp_wmem's maximum (4 MiB by default),
-and a tick is 4 ms at HZ=250: measured on a 2-core VM, a bulk upload through the proxy
-made 3.4-6.6 Gbit/s, the target socket had data in flight only 8 % of the time, and the
-work item was woken ~240 times a second by the timer, sending ~2 MiB each time. Each
-socket therefore gets a send buffer of SEND_BUFFER (``_widen``): the same upload made
-7-12.6 Gbit/s (as fast as or faster than splice(2) on the same machine), the target socket
-busy ~90 % of the time, limited by its receiver. The buffer is a limit, not an allocation:
+and a tick is 4 ms at HZ=250: measured on a 2-core VM, an iperf3 upload through the proxy
+made 3.3-5.3 Gbit/s (splice(2): 6.3-11.3), its upstream socket had data in flight 5 % of
+the time (TCP_INFO), and the work item ran ~140 times a second, three quarters of them
+started by that timer, ~3 MiB each. Each socket therefore gets a send buffer of
+SEND_BUFFER (``_widen``): the same upload made 6.5-15.2 Gbit/s in the same run, its
+socket busy 87 % of the time and limited by the receiver's window rather than by the tick
+(bench/README.md has the numbers). The buffer is a limit, not an allocation:
 an idle or request/response connection uses no more memory for it.
 """
 
