@@ -16,14 +16,15 @@ In it:
 
   * backends: ``redis-server`` on 127.0.0.1:6379 (no persistence, maxclients 10000) and
     ``iperf3 -s`` on 127.0.0.1:5201;
-  * targets, each forwarding to both backends:
+  * targets, each forwarding to both backends and to the never-reading sink on 7000
+    (see "Held back" below):
 
       direct       the client talks to the backend itself (reference, no proxy)
-      socat        TCP-LISTEN:36379/35201,fork,reuseaddr (one process per connection)
-      haproxy      mode tcp on 16379/15201, default nbthread (= cores), no logging
-      nginx        stream module on 26379/25201, worker_processes auto, no access log
+      socat        TCP-LISTEN:36379/35201/37000,fork,reuseaddr (one process per connection)
+      haproxy      mode tcp on 16379/15201/17000, default nbthread (= cores), no logging
+      nginx        stream module on 26379/25201/27000, worker_processes auto, no access log
       ambassadord  its real configuration: ``run --iptables --iptables-dest 10.99.0.1
-                   --listen 127.0.0.1:10000 --map 6379=... --map 5201=...``. Clients dial
+                   --listen 127.0.0.1:10000 --map 6379=... --map 5201=... --map 7000=...``. Clients dial
                    10.99.0.1:6379 / :5201; the nat REDIRECT sends that to the daemon, which
                    reads SO_ORIGINAL_DST and connects (with its exempt SO_MARK) to the backend.
 
@@ -514,7 +515,6 @@ class Sink:
             self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         self.drop_connections()
-
 
 
 class Bench:
