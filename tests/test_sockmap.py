@@ -257,6 +257,42 @@ def test_the_kernel_relay_gives_both_sockets_a_send_buffer_for_a_tick_of_bulk():
     trio.run(main)
 
 
+@pytest.mark.parametrize("wmem_max, tcp_wmem_max, asked", [
+    (212992, 4194304, None),  # many distributions: SO_SNDBUF would shrink the buffer
+    (4194304, 4194304, 4194304),  # twice the cap is above what auto-tuning reaches
+    (64 << 20, 4194304, 16 << 20),  # never more than SEND_BUFFER
+    (2097152, 4194304, None),  # twice the cap is just what auto-tuning reaches: no gain
+    (None, 4194304, None),  # unreadable: leave it alone
+    (4194304, None, None),
+])
+def test_without_the_capability_to_force_it_the_send_buffer_is_only_ever_grown(wmem_max, tcp_wmem_max, asked):
+    from ambassadord.relay.kernel import SEND_BUFFER, fallback_send_buffer
+
+    assert SEND_BUFFER == 16 << 20
+    assert fallback_send_buffer(wmem_max, tcp_wmem_max) == asked
+
+
+def test_a_daemon_not_allowed_to_force_the_send_buffer_asks_once_and_then_falls_back(monkeypatch):
+    sockmap_or_skip().close()
+    from ambassadord.relay import kernel as kernel_module
+    from ambassadord.relay.tcp_abi import SO_SNDBUFFORCE
+
+    asked = []
+
+    class Socket:  # only what _widen uses
+        def setsockopt(self, level, option, value):
+            asked.append((option, value))
+            if option == SO_SNDBUFFORCE:
+                raise PermissionError(1, "Operation not permitted")
+
+    sysctls = {"/proc/sys/net/core/wmem_max": 8 << 20, "/proc/sys/net/ipv4/tcp_wmem": 4 << 20}
+    monkeypatch.setattr(kernel_module, "_sysctl_int", lambda path, field=0: sysctls[path])
+    with KernelRelay(4) as relay:
+        relay._widen(Socket())
+        relay._widen(Socket())
+    assert asked == [(SO_SNDBUFFORCE, 16 << 20), (socket.SO_SNDBUF, 8 << 20), (socket.SO_SNDBUF, 8 << 20)]
+
+
 def test_a_kernel_relay_short_of_fds_says_so_and_leaves_nothing_open():
     """Room for the maps and the program but not the epoll set (RLIMIT_NOFILE): a
     SockmapError, which the daemon's ``--sockmap auto`` turns into a user-space relay, and

@@ -62,6 +62,28 @@ from .watcher import Flow, Watcher
 SEND_BUFFER = 16 * 1024 * 1024
 
 
+def fallback_send_buffer(wmem_max: int | None, tcp_wmem_max: int | None) -> int | None:
+    """What to ask with plain SO_SNDBUF where SO_SNDBUFFORCE is not allowed, or None for
+    nothing at all.
+
+    The kernel caps SO_SNDBUF at net.core.wmem_max (and doubles it), and setting it stops
+    TCP's auto-tuning, which grows the buffer up to tcp_wmem's maximum by itself. Where the
+    cap is not above that (212992 on many distributions), asking would shrink the buffer:
+    then leave it alone. Unknown values (None) count as "not above".
+    """
+    if wmem_max is None or tcp_wmem_max is None or 2 * min(wmem_max, SEND_BUFFER) <= tcp_wmem_max:
+        return None
+    return min(wmem_max, SEND_BUFFER)
+
+
+def _sysctl_int(path: str, field: int = 0) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[field])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 # TCP's byte counters count sequence numbers: tcpi_bytes_received includes the peer's FIN
 # once it came, and on the side that connected, tcpi_bytes_acked includes its SYN.
 def _bytes_received(sock: socket.socket, fin: bool) -> int:
@@ -136,9 +158,9 @@ class KernelRelay:
     """
 
     def __init__(self, connections: int):
-        # SO_SNDBUFFORCE needs CAP_NET_ADMIN (which the daemon has where it installs its
-        # iptables rules); without it, SO_SNDBUF, capped by net.core.wmem_max.
-        self._sndbuf_option = SO_SNDBUFFORCE
+        # SO_SNDBUFFORCE needs CAP_NET_ADMIN (loading the sk_skb program needs it too, so it
+        # is there in practice); without it, fallback_send_buffer() decides.
+        self._sndbuf: tuple[int, int] | None = (SO_SNDBUFFORCE, SEND_BUFFER)
         self.sockmap = Sockmap(2 * connections)
         try:
             self.watcher = Watcher()
@@ -161,12 +183,15 @@ class KernelRelay:
 
     def _widen(self, sock: socket.socket) -> None:
         """Give ``sock`` a send buffer of SEND_BUFFER (the module docstring says why)."""
+        if self._sndbuf is None:
+            return
+        option, size = self._sndbuf
         try:
-            sock.setsockopt(socket.SOL_SOCKET, self._sndbuf_option, SEND_BUFFER)
-        except PermissionError:
-            if self._sndbuf_option != SO_SNDBUFFORCE:
-                return
-            self._sndbuf_option = socket.SO_SNDBUF  # from now on: not allowed to force it here
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+        except PermissionError:  # not allowed to force it here: decided once, for every socket
+            fallback = fallback_send_buffer(_sysctl_int("/proc/sys/net/core/wmem_max"),
+                                            _sysctl_int("/proc/sys/net/ipv4/tcp_wmem", 2))
+            self._sndbuf = None if fallback is None else (socket.SO_SNDBUF, fallback)
             self._widen(sock)
         except OSError:
             pass  # a socket that is gone already: add_pair says so next
