@@ -16,19 +16,20 @@ In it:
 
   * backends: ``redis-server`` on 127.0.0.1:6379 (no persistence, maxclients 10000) and
     ``iperf3 -s`` on 127.0.0.1:5201;
-  * targets, each forwarding to both backends:
+  * targets, each forwarding to both backends and to the never-reading sink on 7000
+    (see "Held back" below):
 
       direct       the client talks to the backend itself (reference, no proxy)
-      socat        TCP-LISTEN:36379/35201,fork,reuseaddr (one process per connection)
-      haproxy      mode tcp on 16379/15201, default nbthread (= cores), no logging
-      nginx        stream module on 26379/25201, worker_processes auto, no access log
+      socat        TCP-LISTEN:36379/35201/37000,fork,reuseaddr (one process per connection)
+      haproxy      mode tcp on 16379/15201/17000, default nbthread (= cores), no logging
+      nginx        stream module on 26379/25201/27000, worker_processes auto, no access log
       ambassadord  its real configuration: ``run --iptables --iptables-dest 10.99.0.1
-                   --listen 127.0.0.1:10000 --map 6379=... --map 5201=...``. Clients dial
+                   --listen 127.0.0.1:10000 --map 6379=... --map 5201=... --map 7000=...``. Clients dial
                    10.99.0.1:6379 / :5201; the nat REDIRECT sends that to the daemon, which
                    reads SO_ORIGINAL_DST and connects (with its exempt SO_MARK) to the backend.
       ambassadord-connect  connect mode: ``run --mode connect --cgroup CG --map 46379=...
-                   --map 45201=...``; its clients (and only its clients) run in the cgroup CG
-                   made for the run, and dial 127.0.0.1:46379 / :45201, where nothing listens:
+                   --map 45201=... --map 47000=...``; its clients (and only its clients) run in the cgroup CG
+                   made for the run, and dial 127.0.0.1:46379 / :45201 / :47000, where nothing listens:
                    the cgroup program rewrites the connect to the backend. No proxy in the path.
 
 Everything is ready when its ports listen and a Redis PING through it answers +PONG
@@ -53,6 +54,14 @@ the proxy's memory before and after. Reported in MiB per 1,000 connections, as V
 (/proc/PID/status) and as PSS (/proc/PID/smaps_rollup), both summed over the target's
 processes. RSS is the number asked for; PSS is the fair one for socat, whose forked
 children share their parent's pages (RSS counts those again in every child).
+
+Held back, measured once before the rounds: through each target, a client pushes into a
+backend that accepts and never reads (a socket of this process, 127.0.0.1:7000) for
+--held-seconds (default 2), as fast as the path lets it, up to HELD_CAP (256 MiB): the MiB
+it got rid of. A relay that passes backpressure on stalls the client after a few MiB (the
+buffers on the way); the kernel relay does not (README, "no backpressure"), and the cap
+keeps that from eating the machine's memory. The client then aborts (RST), so what is
+queued is dropped.
 
 Output: a markdown table on stdout (medians; in brackets each target's ratio to HAProxy,
 target ÷ HAProxy: above 1 is better for rates, below 1 is better for latency and memory),
@@ -83,13 +92,16 @@ import json
 import os
 import platform
 import resource
+import select
 import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +113,9 @@ VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 LOOPBACK = "127.0.0.1"
 SERVICE_IP = "10.99.0.1"
 REDIS, IPERF = 6379, 5201  # the backends' ports (and the service ports ambassadord maps)
+STALL = 7000  # the backend that never reads (Sink), for the held-back measurement
+MiB = 1024 * 1024
+HELD_CAP = 256 * MiB
 DAEMON_PORT = 10000
 # RLIMIT_NOFILE for this process and (inherited) every server: 65536, or the hard limit if
 # that is lower and we may not raise it (no CAP_SYS_RESOURCE, e.g. in a container).
@@ -319,13 +334,14 @@ class Target:
     host: str = LOOPBACK
     redis_port: int = REDIS
     iperf_port: int = IPERF
+    stall_port: int = STALL
 
     def listen_ports(self) -> set[int]:
-        return {self.redis_port, self.iperf_port}
+        return {self.redis_port, self.iperf_port, self.stall_port}
 
     def routes(self) -> list[tuple[int, int]]:
         """(front port, backend port) pairs."""
-        return [(self.redis_port, REDIS), (self.iperf_port, IPERF)]
+        return [(self.redis_port, REDIS), (self.iperf_port, IPERF), (self.stall_port, STALL)]
 
     def commands(self, work: Path) -> list[list[str]]:
         """The processes to start (none: the direct path is the backends themselves)."""
@@ -363,7 +379,7 @@ class Target:
 
 class Socat(Target):
     def __init__(self) -> None:
-        super().__init__("socat", LOOPBACK, 36379, 35201)
+        super().__init__("socat", LOOPBACK, 36379, 35201, 37000)
 
     def commands(self, work: Path) -> list[list[str]]:
         return [["socat", f"TCP-LISTEN:{front},bind={LOOPBACK},fork,reuseaddr,backlog=4096", f"TCP:{LOOPBACK}:{back}"]
@@ -372,7 +388,7 @@ class Socat(Target):
 
 class HAProxy(Target):
     def __init__(self) -> None:
-        super().__init__(HAPROXY, LOOPBACK, 16379, 15201)
+        super().__init__(HAPROXY, LOOPBACK, 16379, 15201, 17000)
 
     def commands(self, work: Path) -> list[list[str]]:
         listens = "".join(f"listen p{front}\n    bind {LOOPBACK}:{front}\n    server s {LOOPBACK}:{back}\n"
@@ -386,7 +402,7 @@ class HAProxy(Target):
 
 class Nginx(Target):
     def __init__(self) -> None:
-        super().__init__("nginx", LOOPBACK, 26379, 25201)
+        super().__init__("nginx", LOOPBACK, 26379, 25201, 27000)
 
     def commands(self, work: Path) -> list[list[str]]:
         servers = "".join(f"    server {{ listen {LOOPBACK}:{front} backlog=4096; proxy_pass {LOOPBACK}:{back}; }}\n"
@@ -434,7 +450,7 @@ class AmbassadordConnect(Target):
     the connect to the backend, and no proxy is in the path."""
 
     def __init__(self) -> None:
-        super().__init__("ambassadord-connect", LOOPBACK, 46379, 45201)
+        super().__init__("ambassadord-connect", LOOPBACK, 46379, 45201, 47000)
         self.port = DAEMON_PORT + 99
 
     def listen_ports(self) -> set[int]:
@@ -548,6 +564,7 @@ ROWS = [
     ("connection churn: redis-benchmark -k 0, requests/s", "churn", "rps", "{:,.0f}"),
     ("idle: RSS, MiB per 1,000 connections", "idle", "rss_mib_per_1k", "{:.2f}"),
     ("idle: PSS, MiB per 1,000 connections", "idle", "pss_mib_per_1k", "{:.2f}"),
+    ("held back: MiB a client got in toward a backend that reads nothing (256 = the cap)", "held", "mib", "{:,.0f}"),
 ]
 # ambassadord's goals: (workload, metric, what ambassadord ÷ HAProxy must reach, higher is better)
 GOALS = [("bulk", "gbps", 1.5, True), ("rr", "rps", 1.0, True), ("rr", "p50_ms", 1.0, False),
@@ -555,6 +572,42 @@ GOALS = [("bulk", "gbps", 1.5, True), ("rr", "rps", 1.0, True), ("rr", "p50_ms",
 
 
 # ---- the bench ---------------------------------------------------------------------------
+
+
+class Sink:
+    """A backend that accepts connections and never reads from them (held-back measurement).
+
+    Resource handling: the listening socket and every accepted one are closed by close();
+    the accepting thread ends with the listening socket.
+    """
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server((LOOPBACK, STALL), backlog=64)
+        self.conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            with self._lock:
+                self.conns.append(conn)
+
+    def drop_connections(self) -> None:
+        with self._lock:
+            conns, self.conns = self.conns, []
+        for conn in conns:
+            conn.close()
+
+    def close(self) -> None:
+        # shutdown() wakes the thread blocked in accept(); close() alone would not
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self.drop_connections()
 
 
 class Bench:
@@ -568,10 +621,15 @@ class Bench:
         self.target_procs: list[str] = []  # their names in Servers (and their logs')
         self.samples: list[dict] = []
         self.idle: dict[str, dict] = {}
+        self.held: dict[str, dict] = {}
         self.redis_admin: socket.socket | None = None
         self.cgroup: str | None = None  # connect mode's clients' cgroup, made by start()
+        self.sink: Sink | None = None
 
     def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None
         if self.redis_admin is not None:
             self.redis_admin.close()
             self.redis_admin = None
@@ -596,6 +654,7 @@ class Bench:
             for t in self.targets:
                 if isinstance(t, AmbassadordConnect):
                     t.client_cgroup = self.cgroup
+        self.sink = Sink()
         for target in self.targets:
             self.roots[target.name] = []
             for address in target.addresses():
@@ -630,6 +689,23 @@ class Bench:
                 "rss_mib_per_1k": (after["rss"] - before["rss"]) * per_1k,
                 "pss_mib_per_1k": (after["pss"] - before["pss"]) * per_1k}
 
+    def measure_held(self, target: Target) -> dict:
+        """What a client gets into the path toward the Sink in --held-seconds (HELD_CAP at most)."""
+        sent = 0
+        with target.connect(target.stall_port) as conn:
+            conn.setblocking(False)
+            chunk = bytes(MiB)
+            deadline = time.monotonic() + self.opts.held_seconds
+            while sent < HELD_CAP and (left := deadline - time.monotonic()) > 0:
+                try:
+                    sent += conn.send(chunk)
+                except BlockingIOError:
+                    select.select([], [conn], [], min(left, 0.05))
+            # An RST: every relay drops what it still holds for this connection.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sink.drop_connections()
+        return {"mib": min(sent, HELD_CAP) / MiB, "capped": sent >= HELD_CAP, "seconds": self.opts.held_seconds}
+
     def run_one(self, rnd: int, workload: str, target: Target) -> dict:
         pids = self.tree(target)
         cpu0, t0 = cpu_seconds(pids), time.monotonic()
@@ -654,6 +730,10 @@ class Bench:
                 self.idle[target.name] = self.measure_idle(target)
                 mib = self.idle[target.name]["rss_mib_per_1k"]
                 progress(f"idle {target.name}: {mib:.2f} MiB RSS per 1,000 connections")
+        for target in self.targets:
+            if self.opts.held_seconds > 0:
+                self.held[target.name] = held = self.measure_held(target)
+                progress(f"held back {target.name}: {held['mib']:,.0f} MiB in" + (" (the cap)" if held["capped"] else ""))
         for rnd in range(self.opts.rounds):
             order = self.targets[rnd % len(self.targets):] + self.targets[:rnd % len(self.targets)]
             for workload in WORKLOADS:
@@ -677,8 +757,10 @@ def describe(sample: dict) -> str:
 # ---- results ----------------------------------------------------------------------------
 
 
-def medians(samples: list[dict], idle: dict[str, dict]) -> dict[tuple[str, str], dict[str, float]]:
-    """{(workload, metric): {target: median}}, including the idle measurement as one sample."""
+def medians(samples: list[dict], idle: dict[str, dict],
+            held: dict[str, dict] | None = None) -> dict[tuple[str, str], dict[str, float]]:
+    """{(workload, metric): {target: median}}, including the idle and held-back
+    measurements as one sample each."""
     values: dict[tuple[str, str], dict[str, list[float]]] = {}
     for s in samples:
         for metric, v in s.items():
@@ -687,6 +769,8 @@ def medians(samples: list[dict], idle: dict[str, dict]) -> dict[tuple[str, str],
     for target, m in idle.items():
         for metric in ("rss_mib_per_1k", "pss_mib_per_1k"):
             values.setdefault(("idle", metric), {})[target] = [m[metric]]
+    for target, m in (held or {}).items():
+        values.setdefault(("held", "mib"), {})[target] = [m["mib"]]
     return {key: {t: statistics.median(v) for t, v in per.items()} for key, per in values.items()}
 
 
@@ -759,6 +843,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--clients", type=int, default=50, help="redis-benchmark -c (default 50)")
     ap.add_argument("--idle-conns", type=int, default=2000, help="idle connections for the memory measurement "
                                                                   "(default 2000; 0 = skip it)")
+    ap.add_argument("--held-seconds", type=float, default=2.0,
+                    help="how long a client pushes toward a backend that reads nothing, per target "
+                         "(default 2; 0 = skip it)")
     ap.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(TARGETS)}")
     ap.add_argument("--json", default=None, help="where to write the raw results "
                                                  "(default bench/results/<UTC time>.json; '' = nowhere)")
@@ -769,7 +856,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                          "300 idle connections (~15 s)")
     opts = ap.parse_args(argv)
     if opts.quick:
-        opts.rounds, opts.bulk_seconds, opts.idle_conns = 1, 1, 300
+        opts.rounds, opts.bulk_seconds, opts.idle_conns, opts.held_seconds = 1, 1, 300, 0.5
         opts.rr_requests, opts.churn_requests = 20_000, 2_000
     unknown = set(opts.targets.split(",")) - set(TARGETS)
     if unknown:
@@ -818,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(opts, bench: Bench, info: dict, started: datetime.datetime, logs: dict[str, str]) -> int:
     """Print the tables, write the JSON; 1 if any run failed."""
-    med = medians(bench.samples, bench.idle)
+    med = medians(bench.samples, bench.idle, bench.held)
     names = [t.name for t in bench.targets]
     settings = {k: v for k, v in vars(opts).items() if k not in ("json", "variants")}
     table = render(med, names)
@@ -838,7 +925,7 @@ def report(opts, bench: Bench, info: dict, started: datetime.datetime, logs: dic
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps({
             "started": started.isoformat(), "machine": info, "settings": settings, "targets": names,
-            "samples": bench.samples, "idle": bench.idle, "server_logs": logs,
+            "samples": bench.samples, "idle": bench.idle, "held": bench.held, "server_logs": logs,
             "medians": {f"{w}.{m}": per for (w, m), per in sorted(med.items())}, "table": table,
         }, indent=1) + "\n")
         print(f"\nraw samples: {path}")

@@ -46,7 +46,8 @@ def test_compare_quick_measures_every_target_and_cleans_up():
     assert [c.strip() for c in header.strip("|").split("|")[1:]] == list(TARGETS)
     for metric in ("bulk: iperf3, Gbit/s", "request/response: redis-benchmark -k 1, requests/s",
                    "request/response: p50, ms", "connection churn: redis-benchmark -k 0, requests/s",
-                   "idle: RSS, MiB per 1,000 connections"):
+                   "idle: RSS, MiB per 1,000 connections",
+                   "held back: MiB a client got in toward a backend that reads nothing"):
         row = next((line for line in out.splitlines() if line.startswith(f"| {metric}")), None)
         assert row is not None, f"no row {metric!r} in:\n{out}"
         cells = [c.strip() for c in row.strip("|").split("|")[1:]]

@@ -191,6 +191,108 @@ def test_the_kernel_relay_holds_four_fds_and_closing_it_releases_them():
     assert _open_fds() == before
 
 
+def test_the_kernel_relay_gives_both_sockets_a_send_buffer_for_a_tick_of_bulk():
+    """The redirect work waits a whole timer tick once a target's send buffer is full
+    (kernel.py, "Send buffers"): both sockets get SEND_BUFFER, past net.core.wmem_max
+    (the daemon may force it), and a bulk transfer arrives whole, in order."""
+    sockmap_or_skip().close()
+    import hashlib
+    import threading
+
+    import trio
+    import trio.testing
+
+    from ambassadord.relay import RelayResult
+    from ambassadord.relay.kernel import SEND_BUFFER
+
+    wmem_max = int(open("/proc/sys/net/core/wmem_max").read())
+    data = os.urandom(1 << 20) * 24  # 24 MiB
+    got = hashlib.sha256()
+
+    async def main():
+        with KernelRelay(4) as kernel, socket.create_server(("127.0.0.1", 0)) as srv:
+            client = socket.create_connection(srv.getsockname())
+            proxy_side, _ = srv.accept()
+            upstream = socket.create_connection(srv.getsockname())
+            backend, _ = srv.accept()
+            with client, proxy_side, upstream, backend:
+                proxy_side.setblocking(False)
+                upstream.setblocking(False)
+                client.settimeout(20)
+                backend.settimeout(20)
+                result = RelayResult()
+                done = trio.Event()
+
+                async def relay():
+                    await kernel.relay(proxy_side, upstream, result)
+                    done.set()
+
+                def upload():
+                    client.sendall(data)
+                    client.shutdown(socket.SHUT_WR)
+
+                def download():
+                    while chunk := backend.recv(1 << 20):
+                        got.update(chunk)
+                    backend.shutdown(socket.SHUT_WR)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(kernel.run)
+                    nursery.start_soon(relay)
+                    await trio.testing.wait_all_tasks_blocked()
+                    for sock in (proxy_side, upstream):  # the kernel reports twice what was asked
+                        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * SEND_BUFFER
+                    assert SEND_BUFFER > wmem_max or os.geteuid() != 0
+                    threads = [threading.Thread(target=f) for f in (upload, download)]
+                    for t in threads:
+                        t.start()
+                    with trio.fail_after(20):
+                        await done.wait()
+                    await trio.to_thread.run_sync(lambda: [t.join() for t in threads])
+                    nursery.cancel_scope.cancel()
+                assert result.outcome is None  # no reset (relay() makes it "ok")
+                assert (result.up, result.down) == (len(data), 0)
+        assert got.digest() == hashlib.sha256(data).digest()
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("wmem_max, tcp_wmem_max, asked", [
+    (212992, 4194304, None),  # many distributions: SO_SNDBUF would shrink the buffer
+    (4194304, 4194304, 4194304),  # twice the cap is above what auto-tuning reaches
+    (64 << 20, 4194304, 16 << 20),  # never more than SEND_BUFFER
+    (2097152, 4194304, None),  # twice the cap is just what auto-tuning reaches: no gain
+    (None, 4194304, None),  # unreadable: leave it alone
+    (4194304, None, None),
+])
+def test_without_the_capability_to_force_it_the_send_buffer_is_only_ever_grown(wmem_max, tcp_wmem_max, asked):
+    from ambassadord.relay.kernel import SEND_BUFFER, fallback_send_buffer
+
+    assert SEND_BUFFER == 16 << 20
+    assert fallback_send_buffer(wmem_max, tcp_wmem_max) == asked
+
+
+def test_a_daemon_not_allowed_to_force_the_send_buffer_asks_once_and_then_falls_back(monkeypatch):
+    sockmap_or_skip().close()
+    from ambassadord.relay import kernel as kernel_module
+    from ambassadord.relay.tcp_abi import SO_SNDBUFFORCE
+
+    asked = []
+
+    class Socket:  # only what _widen uses
+        def setsockopt(self, level, option, value):
+            asked.append((option, value))
+            if option == SO_SNDBUFFORCE:
+                raise PermissionError(1, "Operation not permitted")
+
+    sysctls = {"/proc/sys/net/core/wmem_max": 8 << 20, "/proc/sys/net/ipv4/tcp_wmem": 4 << 20}
+    monkeypatch.setattr(kernel_module, "_sysctl_int", lambda path, field=0: sysctls[path])
+    with KernelRelay(4) as relay:
+        relay._widen(Socket())
+        relay._widen(Socket())
+    assert asked == [(SO_SNDBUFFORCE, 16 << 20), (socket.SO_SNDBUF, 8 << 20), (socket.SO_SNDBUF, 8 << 20)]
+
+
 def test_a_kernel_relay_short_of_fds_says_so_and_leaves_nothing_open():
     """Room for the maps and the program but not the epoll set (RLIMIT_NOFILE): a
     SockmapError, which the daemon's ``--sockmap auto`` turns into a user-space relay, and

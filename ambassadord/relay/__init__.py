@@ -6,8 +6,9 @@ Three ways, fastest first (``relay`` picks):
    both sockets join a BPF sockmap before anything has been read from them, and the
    kernel redirects every chunk from one to the other. The connection's task only waits
    for news from the Watcher: EOF, errors, data the kernel passed up. Bytes are counted
-   from the sockets (TCP_INFO). Not used with an idle timeout (no byte passes here to
-   reset it).
+   from the sockets (TCP_INFO). Each socket gets a 32 MiB send buffer, without which bulk
+   moves at one buffer per timer tick (kernel.py, "Send buffers"). Not used with an idle
+   timeout (no byte passes here to reset it).
 2. **recv/send** through one shared scratch buffer, one task per direction (user.py).
 3. **splice(2)**, socket -> pipe -> socket, which a recv/send direction switches to once
    it has moved SPLICE_AFTER bytes or filled the whole buffer in one read (bulk): small

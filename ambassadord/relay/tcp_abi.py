@@ -24,4 +24,9 @@ TCP_CLOSE = 7  # a tcpi_state (include/net/tcp_states.h; netinet/tcp.h names it 
 # sparc): Python's termios module has the platform's own.
 TIOCOUTQ = termios.TIOCOUTQ
 
+# setsockopt(SOL_SOCKET, SO_SNDBUFFORCE): SO_SNDBUF without the net.core.wmem_max cap, for
+# CAP_NET_ADMIN. asm-generic/socket.h, which every architecture in bpf_abi.BPF_SYSCALLS
+# uses for it (mips, sparc, alpha and parisc differ); Python's socket module lacks it.
+SO_SNDBUFFORCE = 32
+
 LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff 1, l_linger 0}: close() sends an RST
