@@ -453,16 +453,22 @@ class _Daemon:
         from .connect import scopes
         from .connect.cgroup import netns_cookie
 
-        own = netns_cookie()
+        own, said = netns_cookie(), False
         while True:
             keys = self.feed.scoped_keys
             if keys:
+                denied: list = []
                 try:
-                    found = await trio.to_thread.run_sync(scopes.scan, own, abandon_on_cancel=True)
+                    found = await trio.to_thread.run_sync(scopes.scan, own, denied, abandon_on_cancel=True)
                 except Exception as exc:  # netlink, /proc: the last scopes stay; try again
                     log.warning("connect mode: cannot list the network namespaces: %s", exc)
                 else:
                     self.feed.set_scopes(scopes.assign(found, keys))
+                    if denied and not said:  # once: it will not get better by itself
+                        said = True
+                        log.warning("connect mode: may not enter %d network namespace(s) (%s): routes limited to a "
+                                    "source network cover none of them; that needs CAP_SYS_ADMIN and the host's "
+                                    "processes (--pid=host in a container)", len(denied), denied[0].strerror)
             await trio.sleep(BRIDGE_POLL)
 
     async def reload(self, why: str) -> None:

@@ -230,3 +230,19 @@ def test_a_route_limited_to_the_containers_network_serves_only_them(world):
                 assert container_gets_its_route()
         finally:
             assert d.stop() == 0
+
+
+def test_without_the_right_to_enter_namespaces_a_source_limited_route_says_so(world):
+    # util-linux's setpriv (always there): the daemon keeps CAP_BPF and CAP_NET_ADMIN, not CAP_SYS_ADMIN
+    b = world["b"]
+    args = ["--map", f"{ROUTE_PORT}@172.31.77.0/24=10.77.0.1:{REDIS_PORT}", "--mode", "connect",
+            "--cgroup", world["cg"], "--listen", "127.0.0.1:10000", "--workers", "1"]
+    d = Daemon(args, listen=None, workdir=world["tmp"],
+               prefix=["nsenter", f"--net=/run/netns/{b.name}", "--",
+                       "setpriv", "--inh-caps=-sys_admin", "--bounding-set=-sys_admin", "--"])
+    try:
+        line = d.wait_for(lambda r: "may not enter" in r.get("msg", ""), timeout=10)
+        assert "routes limited to a source network cover none of them" in line["msg"]
+        assert "Operation not permitted" in line["msg"]
+    finally:
+        assert d.stop() == 0

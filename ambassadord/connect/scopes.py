@@ -46,10 +46,11 @@ def assign(namespaces: Mapping[int, Iterable], routes: Iterable) -> dict:
     return out
 
 
-def scan(skip_cookie: int | None = None) -> dict[int, list[str]]:
+def scan(skip_cookie: int | None = None, denied: list | None = None) -> dict[int, list[str]]:
     """``{netns cookie: [addresses]}`` of the network namespaces some process is in,
     without ``skip_cookie`` (the daemon's own). Link-local and loopback addresses are left
-    out. A namespace that vanishes meanwhile is skipped. Needs CAP_SYS_ADMIN (setns)."""
+    out. A namespace that vanishes meanwhile is skipped; one this process may not enter
+    (setns needs CAP_SYS_ADMIN) is skipped and its error appended to ``denied``."""
     from pyroute2.netlink.exceptions import NetlinkError
 
     seen: set[tuple[int, int]] = set()
@@ -67,7 +68,9 @@ def scan(skip_cookie: int | None = None) -> dict[int, list[str]]:
         seen.add((st.st_dev, st.st_ino))
         try:
             result = in_netns(path, lambda: (netns_cookie(), _addresses()))
-        except (OSError, NetlinkError):  # gone meanwhile, or not ours to enter
+        except (OSError, NetlinkError) as exc:  # gone meanwhile, or not ours to enter
+            if denied is not None and isinstance(exc, PermissionError):
+                denied.append(exc)
             continue
         if result[0] != skip_cookie:
             found[result[0]] = result[1]
