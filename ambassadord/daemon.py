@@ -117,27 +117,9 @@ def _serve(settings: RunSettings, configs, plan, kernel, plane=None) -> int:
         server = Server(RouteTable([Route(c) for c in configs]), sockets,
                         options=settings.resolver, grace=settings.grace, kernel=kernel,
                         mark=settings.mark, use_splice=settings.use_splice)
-        pool = None
-        if settings.workers > 1:
-            from .workers import Settings, WorkerPool
-
-            bound = tuple(ListenAddress(*s.getsockname()[:2]) for s in sockets)
-            # The server's peers; the pool reaches the server only through the two callables.
-            server.peers = pool = WorkerPool(
-                settings.workers, Settings(listen=bound, grace=settings.grace, mark=settings.mark,
-                                           use_splice=settings.use_splice,
-                                           sockmap="on" if kernel is not None else "off",
-                                           sockmap_size=settings.sockmap_size, log_format=settings.log_format,
-                                           log_level=settings.log_level),
-                table=lambda: server.table, apply_ejection=server.apply_ejection)
-        feed = None
-        if plane is not None:
-            from .connect.feed import ConnectFeed
-            from .connect.layout import MAX_BACKENDS, Backend
-
-            plane.set_catch_addresses(connect_start.catch_addresses(settings.catch))
-            feed = ConnectFeed(plane, configs, lambda: server.table, backend=Backend, limit=MAX_BACKENDS)
-        server.peers = fanout(pool, feed)
+        pool = _pool(settings, server, sockets, kernel) if settings.workers > 1 else None
+        feed = _feed(settings, server, configs, plane) if plane is not None else None
+        server.peers = fanout(pool, feed)  # what the server tells: the helpers, the kernel's maps
         rules = None
         if plan is not None:
             try:
@@ -160,6 +142,28 @@ def _serve(settings: RunSettings, configs, plan, kernel, plane=None) -> int:
             return 1
     log.info("stopped")
     return 0
+
+
+def _pool(settings: RunSettings, server: Server, sockets, kernel):
+    """--workers: the helpers, which reach the server only through the two callables."""
+    from .workers import Settings, WorkerPool
+
+    bound = tuple(ListenAddress(*s.getsockname()[:2]) for s in sockets)
+    return WorkerPool(
+        settings.workers, Settings(listen=bound, grace=settings.grace, mark=settings.mark,
+                                   use_splice=settings.use_splice, sockmap="on" if kernel is not None else "off",
+                                   sockmap_size=settings.sockmap_size, log_format=settings.log_format,
+                                   log_level=settings.log_level),
+        table=lambda: server.table, apply_ejection=server.apply_ejection)
+
+
+def _feed(settings: RunSettings, server: Server, configs, plane):
+    """Connect mode: the plane told the addresses it catches, and the feed of its maps."""
+    from .connect.feed import ConnectFeed
+    from .connect.layout import MAX_BACKENDS, Backend
+
+    plane.set_catch_addresses(connect_start.catch_addresses(settings.catch))
+    return ConnectFeed(plane, configs, lambda: server.table, backend=Backend, limit=MAX_BACKENDS)
 
 
 def _routes(sources: RouteSources) -> list:
