@@ -4,8 +4,8 @@ real Redis servers, consumers in network namespaces.
     host A (ns a)  10.77.0.1, fd77::1      redis-server :6390 (the backend)
        | veth
     host B (ns b)  10.77.0.2, fd77::2      ambassadord run --mode connect --cgroup CG
-       | bridge ambbr<pid> 172.31.77.1     (a container bridge: veth ports only)
-    "container" (ns c) 172.31.77.2         its own redis-server on 127.0.0.1:6379
+       | bridge ambbr<pid> 172.31.77.1, fd31:77::1  (a container bridge: veth ports only)
+    "container" (ns c) 172.31.77.2, fd31:77::2  its own redis-server on 127.0.0.1:6379
 
 Consumers are sockets created in CG (tests/cgroups.py) inside ns b or c; a socket outside
 CG is the control. Nothing here is attached to the machine's root cgroup.
@@ -76,15 +76,21 @@ def world(tmp_path: Path):
         bridge = f"ambbr{os.getpid() % 100000}"
         b.exec(["ip", "link", "add", bridge, "type", "bridge"])
         b.exec(["ip", "addr", "add", "172.31.77.1/24", "dev", bridge])
+        b.exec(["ip", "addr", "add", "fd31:77::1/64", "dev", bridge, "nodad"])
         b.exec(["ip", "link", "set", bridge, "up"])
         vb, vc = f"vcb{os.getpid() % 100000}", f"vcc{os.getpid() % 100000}"
         b.exec(["ip", "link", "add", vb, "type", "veth", "peer", "name", vc, "netns", c.name])
         b.exec(["ip", "link", "set", vb, "master", bridge, "up"])
         c.exec(["ip", "addr", "add", "172.31.77.2/24", "dev", vc])
+        c.exec(["ip", "addr", "add", "fd31:77::2/64", "dev", vc, "nodad"])
         c.exec(["ip", "link", "set", vc, "up"])
         c.exec(["ip", "route", "add", "default", "via", "172.31.77.1"])
-        b.exec(["sysctl", "-qw", "net.ipv4.ip_forward=1"])  # b's own namespace: a router for c
+        c.exec(["ip", "-6", "route", "add", "default", "via", "fd31:77::1"])
+        # b's own namespace (never the machine's): a router for c
+        b.exec(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        b.exec(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
         a.exec(["ip", "route", "add", "172.31.77.0/24", "via", "10.77.0.2"])
+        a.exec(["ip", "-6", "route", "add", "fd31:77::/64", "via", "fd77::2"])
         with RedisProcess(REDIS_PORT, host="10.77.0.1", ns=a) as backend, \
              RedisProcess(REDIS_PORT, host="fd77::1", ns=a), \
              RedisProcess(ROUTE_PORT, host="127.0.0.1", ns=c) as own:
@@ -114,6 +120,9 @@ def test_consumers_reach_the_backend_with_no_proxy_and_nothing_else_is_touched(w
         with dial(cg, c, "172.31.77.1", ROUTE_PORT) as s:
             assert redis_port_of(s) == REDIS_PORT
             assert s.getpeername() == ("172.31.77.1", ROUTE_PORT)
+        with dial(cg, c, "fd31:77::1", ROUTE6_PORT, socket.AF_INET6) as s:  # and over IPv6
+            assert redis_port_of(s) == REDIS_PORT
+            assert s.getpeername()[:2] == ("fd31:77::1", ROUTE6_PORT)
         # the container's own loopback Redis is its own
         with dial(cg, c, "127.0.0.1", ROUTE_PORT) as s:
             assert redis_port_of(s) == ROUTE_PORT
