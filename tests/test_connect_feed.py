@@ -222,3 +222,18 @@ def test_check_shows_a_mode_column_only_when_a_route_is_not_proxied(tmp_path, ca
     f.write_text('[routes]\n80 = "10.0.0.2:80"\n')
     assert main(["check", "--config", str(f)]) == 0
     assert "MODE" not in capsys.readouterr().out
+
+
+def test_a_set_the_kernel_cannot_hold_is_refused_and_the_last_one_stays(caplog):
+    from ambassadord.connect.layout import Backend as KernelBackend
+
+    cfgs = configs("6379=10.0.0.1:6379", mode="connect")
+    table = RouteTable([Route(c) for c in cfgs])
+    plane = RecordingPlane()
+    feed = ConnectFeed(plane, cfgs, lambda: table, backend=KernelBackend, limit=32)
+    key = cfgs[0].key
+    feed.backends(key, BackendSet((A,)))
+    with caplog.at_level(logging.ERROR, logger="ambassadord"):
+        feed.backends(key, BackendSet((Backend("10.0.0.7", 6379, weight=70000),)))  # > 16 bits
+    assert len(plane.calls) == 1  # only the first set reached the kernel
+    assert "route 6379: connect mode cannot take this backend set" in caplog.text and "70000" in caplog.text

@@ -114,11 +114,16 @@ class ConnectFeed(Peers):
             self._warned.add((key, len(dropped)))
             log.warning("route %s: connect mode holds %d backends per route; left out: %s",
                         cfg.describe(), self._limit, ", ".join(map(str, dropped)))
-        backends = [self._backend(b.address, b.port, b.weight, b.priority) for b in kept]
         scopes = {0} if cfg.source is None else set(self._scopes.get(key, ()))
-        for scope in sorted(scopes):
-            self.plane.set_route(cfg.port, backends, scope=scope, balance=cfg.balance, eject_for=cfg.eject_for,
-                                 connect_timeout=cfg.connect_timeout)
+        try:
+            backends = [self._backend(b.address, b.port, b.weight, b.priority) for b in kept]
+            for scope in sorted(scopes):
+                self.plane.set_route(cfg.port, backends, scope=scope, balance=cfg.balance, eject_for=cfg.eject_for,
+                                     connect_timeout=cfg.connect_timeout)
+        except (ValueError, OSError) as exc:  # a value the kernel's layout cannot hold, a full map
+            log.error("route %s: connect mode cannot take this backend set (%s); the kernel keeps the one before",
+                      cfg.describe(), exc)
+            return
         for scope in self._written.get(key, set()) - scopes:
             self.plane.remove_route(cfg.port, scope)
         self._written[key] = scopes
