@@ -237,3 +237,10 @@ def test_render_status_names_the_workers_and_partial_counts():
     assert "4 worker processes" in render_status(doc).splitlines()
     doc["workers"] = {"count": 4, "answered": 3, "pids": [1, 2, 3], "restarts": 1}
     assert "4 worker processes; only 3 answered, counts are partial; 1 restarted" in render_status(doc).splitlines()
+
+
+def test_render_status_says_which_routes_are_in_connect_mode():
+    connect = render_status(_doc(mode="connect", backends=[_backend("10.0.0.5:6379")])).splitlines()
+    assert connect[1].split()[:3] == ["6379", "consul:///redis", "(connect)"]
+    proxy = render_status(_doc(mode="proxy", backends=[_backend("10.0.0.5:6379")])).splitlines()
+    assert proxy[1].split()[:3] == ["6379", "consul:///redis", "10.0.0.5:6379"]
