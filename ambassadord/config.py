@@ -227,7 +227,7 @@ def _failure(exc: Exception) -> str:
     return f"cannot be read ({type(exc).__name__}: {_show(str(exc))})"
 
 
-def _route(port: int, spec_text, where: str, defaults: RouteDefaults, **options) -> RouteConfig:
+def make_route(port: int, spec_text, where: str, defaults: RouteDefaults, **options) -> RouteConfig:
     try:
         spec = parse_spec(spec_text)
     except SpecError as exc:
@@ -251,7 +251,7 @@ def _route(port: int, spec_text, where: str, defaults: RouteDefaults, **options)
     return RouteConfig(port=port, spec=spec, origin=where, **values)
 
 
-def _port(text, where: str) -> int:
+def route_port(text, where: str) -> int:
     try:
         return parse_port(str(text), context=where)
     except SpecError as exc:
@@ -270,11 +270,11 @@ def routes_from_maps(maps: Iterable[str], defaults: RouteDefaults) -> list[Route
         m = _MAP_RE.match(item)
         if not m:
             raise ConfigError(f"{where}: expected PORT=SPEC or PORT@CIDR=SPEC, e.g. --map 6379=10.0.0.5:6379")
-        port = _port(m["port"], where)
+        port = route_port(m["port"], where)
         opts = {}
         if m["source"]:
             opts["source"] = _source(m["source"], where)
-        routes.append(_route(port, m["spec"], where, defaults, **opts))
+        routes.append(make_route(port, m["spec"], where, defaults, **opts))
     return routes
 
 
@@ -301,7 +301,7 @@ def routes_from_env(env: Mapping[str, str], defaults: RouteDefaults, *, backend_
             if not m:
                 warnings.append(f"ignoring env {name}: BACKEND_ variables are BACKEND_<PORT>=SPEC, e.g. BACKEND_6379")
                 continue
-            routes.append(_route(_port(m["port"], where), value, where, defaults))
+            routes.append(make_route(route_port(m["port"], where), value, where, defaults))
         elif link_env:
             m = _LINK_ENV.match(name)
             if not m:
@@ -309,7 +309,7 @@ def routes_from_env(env: Mapping[str, str], defaults: RouteDefaults, *, backend_
             where = f"env {name}={value} (--link-env)"
             if not value.startswith("tcp://"):
                 raise ConfigError(f"{where}: expected tcp://HOST:PORT, as Docker links set it")
-            routes.append(_route(_port(m["port"], where), value.removeprefix("tcp://").rstrip("/"), where, defaults))
+            routes.append(make_route(route_port(m["port"], where), value.removeprefix("tcp://").rstrip("/"), where, defaults))
     return routes, warnings
 
 
@@ -451,14 +451,14 @@ def _file_routes(path: str, text: str, defaults: RouteDefaults) -> tuple[list[Ro
     routes = []
     for key, value in routes_table.items():
         w = where("routes", key)
-        port = _port(key, w)
+        port = route_port(key, w)
         entries = value if isinstance(value, list) else [value]
         if not entries:
             raise ConfigError(f"{w}: empty list of routes")
         for i, entry in enumerate(entries):
             ew = f"{w}[{i}]" if isinstance(value, list) else w
             if isinstance(entry, str):
-                routes.append(_route(port, entry, ew, defaults))
+                routes.append(make_route(port, entry, ew, defaults))
                 continue
             if not isinstance(entry, dict):
                 raise ConfigError(f"{ew}: expected a spec string or a table with backend = \"...\", got {_show(entry)}")
@@ -470,5 +470,5 @@ def _file_routes(path: str, text: str, defaults: RouteDefaults) -> tuple[list[Ro
             ropts = {k: OPTION_PARSERS[k](v, f"{ew}.{k}") for k, v in entry.items() if k in OPTION_PARSERS}
             if "source" in entry:
                 ropts["source"] = _source(entry["source"], f"{ew}.source")
-            routes.append(_route(port, entry["backend"], ew, defaults, **ropts))
+            routes.append(make_route(port, entry["backend"], ew, defaults, **ropts))
     return routes, defaults
