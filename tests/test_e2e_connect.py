@@ -26,7 +26,7 @@ import pytest
 from tests.admin_client import http_get
 from tests.consul import ConsulAgent, consul_binary
 from tests.cgroups import attached, child_cgroup, socket_in
-from tests.daemon import Daemon, RedisProcess, wait_until
+from tests.daemon import Daemon, DaemonExited, RedisProcess, wait_until
 from tests.netns import Netns, link, namespaces, require_prerequisites
 
 ROUTE_PORT, ROUTE6_PORT, REDIS_PORT, DEAD_PORT, ADMIN = 6379, 6380, 6390, 6391, 10001
@@ -102,7 +102,19 @@ def start(world, *routes: str, extra=()) -> Daemon:
     args = [*(x for r in routes for x in ("--map", r)), "--mode", "connect", "--cgroup", world["cg"],
             "--listen", "127.0.0.1:10000", "--admin", f"127.0.0.1:{ADMIN}", "--workers", "1", *extra]
     # nsenter, not `ip netns exec`: that remounts /sys and hides the cgroup2 mount.
-    return Daemon(args, listen=None, prefix=["nsenter", f"--net=/run/netns/{b.name}", "--"], workdir=world["tmp"])
+    d = Daemon(args, listen=None, prefix=["nsenter", f"--net=/run/netns/{b.name}", "--"], workdir=world["tmp"],
+               wait=False)
+    def ready() -> bool:  # the admin API answers (at any --log-level), from b's namespace
+        if not d.alive():
+            raise DaemonExited(d.describe())
+        return http_get(ADMIN, "/healthz", ns=b, timeout=1)[0] == 200
+
+    try:
+        wait_until(ready, timeout=15, what=d.describe)
+    except BaseException:
+        d.kill()
+        raise
+    return d
 
 
 def test_consumers_reach_the_backend_with_no_proxy_and_nothing_else_is_touched(world):
@@ -253,5 +265,23 @@ def test_without_the_right_to_enter_namespaces_a_source_limited_route_says_so(wo
         line = d.wait_for(lambda r: "may not enter" in r.get("msg", ""), timeout=10)
         assert "routes limited to a source network cover none of them" in line["msg"]
         assert "Operation not permitted" in line["msg"]
+    finally:
+        assert d.stop() == 0
+
+
+def test_at_log_level_warning_the_kernels_counts_still_reach_routes_and_metrics(world):
+    b, cg = world["b"], world["cg"]
+    d = start(world, f"{ROUTE_PORT}=10.77.0.1:{REDIS_PORT}", extra=["--log-level", "warning"])
+    try:
+        for _ in range(5):
+            with dial(cg, b, "127.0.0.1", ROUTE_PORT) as s:
+                assert ask(s, b"PING") == b"+PONG\r\n"
+
+        def counted():
+            route = json.loads(http_get(ADMIN, "/routes", ns=b)[2])["routes"][0]
+            return route if route["connections"] == 5 else None
+        route = wait_until(counted, timeout=10, what=lambda: f"/routes never counted 5 connections:\n{d.describe()}")
+        assert (route["bytes_up"], route["bytes_down"]) == (5 * len(b"*1\r\n$4\r\nPING\r\n"), 5 * len(b"+PONG\r\n"))
+        assert d.connection_records() == []  # no connection lines at warning
     finally:
         assert d.stop() == 0
