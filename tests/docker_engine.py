@@ -26,6 +26,7 @@ Images come from the machine, not a registry: see tests/docker_images.py.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -92,7 +93,8 @@ class DockerError(RuntimeError):
 
 @dataclass(frozen=True)
 class Container:
-    """A running container: its id, its name and its address on the default bridge."""
+    """A running container: its id, its name and its IPv4 address on its first network
+    ("" when it has none)."""
 
     id: str
     name: str
@@ -189,13 +191,11 @@ class DockerEngine:
             raise DockerError(f"docker {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
         return proc.stdout
 
-    def ip_of(self, container: str) -> str:
-        """The IPv4 address of ``container`` (id or name) on its first network."""
+    def ipv4_addresses(self, container: str) -> list[str]:
+        """The IPv4 addresses of ``container`` (id or name), one per network it is on
+        (none with ``--network host`` or ``none``)."""
         networks = json.loads(self.docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", container))
-        addresses = [n["IPAddress"] for n in networks.values() if n.get("IPAddress")]
-        if not addresses:
-            raise DockerError(f"container {container} has no IPv4 address: {networks}")
-        return addresses[0]
+        return [n["IPAddress"] for n in (networks or {}).values() if n.get("IPAddress")]
 
     @contextlib.contextmanager
     def container(self, image: str, *cmd: str, name: str | None = None,
@@ -204,9 +204,8 @@ class DockerEngine:
         args = ["run", "-d", *(["--name", name] if name else []), *options, image, *cmd]
         cid = self.docker(*args).strip()
         try:
-            info = json.loads(self.docker("inspect", "-f", "{{json .}}", cid))
-            ip = next((n["IPAddress"] for n in info["NetworkSettings"]["Networks"].values() if n.get("IPAddress")), "")
-            yield Container(id=cid, name=info["Name"].lstrip("/"), ip=ip)
+            name = self.docker("inspect", "-f", "{{.Name}}", cid).strip().lstrip("/")
+            yield Container(id=cid, name=name, ip=next(iter(self.ipv4_addresses(cid)), ""))
         finally:
             self.docker("rm", "-f", "-v", cid, check=False)
 
@@ -317,17 +316,36 @@ def _rmdir_cgroup(path: str, timeout: float = 5) -> None:
             time.sleep(0.02)
 
 
+def shim_sockets(d: Path) -> list[str]:
+    """The paths of the shim sockets of the containers the engine in ``d`` knows.
+
+    containerd 1.6 (shim.SocketAddress) names them /run/containerd/s/<hex sha256 of
+    "<its GRPC socket>/<namespace>/<container id>">; dockerd's namespace is "moby".
+    """
+    grpc = f"{d}/exec/containerd/containerd.sock"
+    ids: set[str] = set()
+    for folder in (d / "root" / "containers", d / "exec/containerd/daemon/io.containerd.runtime.v2.task/moby"):
+        with contextlib.suppress(OSError):
+            ids.update(os.listdir(folder))
+    return [f"/run/containerd/s/{hashlib.sha256(f'{grpc}/moby/{cid}'.encode()).hexdigest()}" for cid in sorted(ids)]
+
+
 def teardown(d: Path, ns_name: str | None, remove_run_containerd: bool = False) -> None:
     """Remove what an engine in directory ``d`` left: processes in its namespace or cgroups
     (SIGKILL), mounts under ``d``, its cgroup directories, ``d`` and the namespace.
 
-    Its dockerd must be gone or be allowed to die. With ``remove_run_containerd``, also
-    /run/containerd when empty: containerd puts its shims' sockets in /run/containerd/s
-    whatever its state directory (a path compiled in), and removes only the sockets.
+    Its dockerd must be gone or be allowed to die. containerd puts its shims' sockets in
+    /run/containerd/s whatever its own directories (a path compiled in); a shim removes its
+    socket when it exits, a killed one does not: those of this engine's containers are
+    removed here, and with ``remove_run_containerd`` also /run/containerd when it is empty.
     """
     groups = cgroup_dirs(d.name)
+    sockets = shim_sockets(d)
     _kill_all(lambda: _pids_in_cgroups(groups) | (_pids_in_netns(ns_name) if ns_name else set()),
               f"{ns_name} or cgroup {d.name}")
+    for socket_path in sockets:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket_path)
     for point in mounts_under(d):
         if subprocess.run(["umount", point], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", point], capture_output=True)  # busy: detach now, free later
@@ -360,7 +378,10 @@ def sweep_stale() -> list[str]:
             if f"{d}/docker.sock".encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
                 os.kill(pid, signal.SIGKILL)
         ns_name = (d / "netns").read_text().strip() if (d / "netns").exists() else None
+        # /run/containerd holding nothing but shim sockets is what test engines leave; a
+        # containerd of the machine's would have its containerd.sock there.
+        only_shims = set(os.listdir("/run/containerd")) <= {"s"} if os.path.isdir("/run/containerd") else False
         with contextlib.suppress(DockerError, OSError):
-            teardown(d, ns_name)
+            teardown(d, ns_name, remove_run_containerd=only_shims)
             swept.append(str(d))
     return swept

@@ -6,7 +6,9 @@ minimal /etc/passwd. ``docker import`` turns the tar into an image in well under
 (:func:`import_image`); no shell script, no package manager, no network.
 
 :data:`TOOLS` is what the tests' containers need: a shell, ``sleep`` and ``cat`` to hold a
-container open or read a file, and Redis's server and client. ``redis-server`` is a symlink
+container open or read a file, ``timeout`` to bound a client (Debian 12's redis-cli has no
+connect timeout: a SYN that is never answered keeps it for two minutes), and Redis's server
+and client. ``redis-server`` is a symlink
 to ``redis-check-rdb`` on Debian, and Redis picks its role by the name it was run under: a
 program goes into the image under the name it was asked for, with the content of the file
 the name resolves to. Directories keep the layout they have here: on a merged-/usr system
@@ -28,7 +30,7 @@ from pathlib import Path
 from tests.docker_engine import DockerEngine
 
 TOOLS_IMAGE = "amb-test/tools:1"
-TOOLS = ("sh", "sleep", "cat", "redis-server", "redis-cli")
+TOOLS = ("sh", "sleep", "cat", "timeout", "redis-server", "redis-cli")
 
 
 def libraries(program: str) -> list[str]:

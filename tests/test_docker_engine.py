@@ -7,6 +7,9 @@ server in another namespace through the engine's namespace, masqueraded by docke
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,7 +107,7 @@ def test_containers_reach_each_other_on_the_bridge(docker_engine):
     with docker_engine.container(TOOLS_IMAGE, "redis-server", "--save", "", "--protected-mode", "no") as server:
         wait_until(lambda: docker_engine.docker("exec", server.id, "redis-cli", "ping", check=False).strip() == "PONG",
                    timeout=15, what=lambda: f"redis-server in {server.name}: {docker_engine.docker('logs', server.id)}")
-        client = docker_engine.docker("run", "--rm", TOOLS_IMAGE, "redis-cli", "-h", server.ip, "ping")
+        client = docker_engine.docker("run", "--rm", TOOLS_IMAGE, "timeout", "10", "redis-cli", "-h", server.ip, "ping")
         assert client.strip() == "PONG"
 
 
@@ -116,7 +119,45 @@ def test_a_container_reaches_a_server_in_a_linked_namespace(docker_engine, tmp_p
         link(docker_engine.ns, [f"{ENGINE_SIDE}/24"], far, [f"{FAR_SIDE}/24"], tag="dkfar")
         with RedisProcess(6379, host=FAR_SIDE, ns=far, workdir=tmp_path):
             out = docker_engine.docker("run", "--rm", TOOLS_IMAGE, "sh", "-c",
-                                       f"redis-cli -h {FAR_SIDE} ping && redis-cli -h {FAR_SIDE} client list")
+                                       f"timeout 10 redis-cli -h {FAR_SIDE} ping && redis-cli -h {FAR_SIDE} client list")
     pong, clients = out.split("\n", 1)
     assert pong == "PONG"
     assert f"addr={ENGINE_SIDE}:" in clients  # the container's address, masqueraded as the engine's
+
+
+KILLED_RUN = """
+import os, signal, sys
+from pathlib import Path
+from tests.docker_engine import DockerEngine
+from tests.docker_images import TOOLS_IMAGE, import_image
+
+engine = DockerEngine("dkkill")
+import_image(engine, Path(sys.argv[1]))
+engine.docker("run", "-d", TOOLS_IMAGE, "sleep", "300")
+print(engine.dir, engine.ns.name, engine.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # a test run killed before its clean-up
+"""
+
+
+def test_the_engine_of_a_killed_run_is_swept(tools_rootfs):
+    run_containerd_before = os.path.exists("/run/containerd")
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(tools_rootfs)], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    d, ns_name, pid = proc.stdout.split()
+    d = Path(d)
+    assert processes_mentioning(str(d))  # its dockerd lives on, and its container
+    assert mounts_under(d) and cgroup_dirs(d.name)
+    sockets = engines.shim_sockets(d)
+    assert sockets and all(os.path.exists(s) for s in sockets)
+
+    assert str(d) in engines.sweep_stale()
+    assert processes_mentioning(str(d)) == []
+    assert not os.path.exists(f"/proc/{pid}") or Path(f"/proc/{pid}/cmdline").read_bytes() == b""  # gone, or a zombie
+    assert mounts_under(d) == []
+    assert not d.exists()
+    assert cgroup_dirs(d.name) == []
+    assert ns_name not in namespace_names()
+    assert not any(os.path.exists(s) for s in sockets)  # the killed shim's socket
+    if not run_containerd_before:
+        assert not os.path.exists("/run/containerd")
