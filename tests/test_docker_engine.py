@@ -1,7 +1,8 @@
 """The tests' Docker engine itself (tests/docker_engine.py, tests/docker_images.py): it starts
 in a namespace of its own and leaves nothing behind, the machine's own networking untouched;
 containers from the locally made tools image reach each other on its bridge, and reach a
-server in another namespace through the engine's namespace, masqueraded by dockerd's own rule.
+server in another namespace through the engine's namespace, masqueraded by dockerd's own rule;
+an overlay2 engine builds from a Dockerfile offline; a killed run's engine is swept.
 """
 
 from __future__ import annotations
@@ -161,3 +162,19 @@ def test_the_engine_of_a_killed_run_is_swept(tools_rootfs):
     assert not any(os.path.exists(s) for s in sockets)  # the killed shim's socket
     if not run_containerd_before:
         assert not os.path.exists("/run/containerd")
+
+
+def test_overlay2_engine_builds_offline_and_leaves_no_mounts(tools_rootfs, tmp_path):
+    # The later image build wants overlay2 (vfs copies the base image for every step); a
+    # Dockerfile's RUN must work with nothing but the local image (no registry, no network).
+    with DockerEngine("dkover", log_dir=tmp_path, storage_driver="overlay2") as engine:
+        d = engine.dir
+        assert engine.docker("info", "-f", "{{.Driver}}").strip() == "overlay2"
+        import_image(engine, tools_rootfs)
+        engine.docker("build", "-q", "-t", "amb-test/built:1", "-",
+                      input=f"FROM {TOOLS_IMAGE}\nRUN redis-cli --version > /version\n")
+        with engine.container("amb-test/built:1", "sleep", "300") as box:
+            assert any(m.endswith("/merged") for m in mounts_under(d))
+            assert engine.docker("exec", box.id, "cat", "/version").startswith("redis-cli 7")
+    assert mounts_under(d) == []
+    assert not d.exists()
