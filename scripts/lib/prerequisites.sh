@@ -25,6 +25,11 @@ APT_PACKAGES=(
   etcd-server:etcd
   etcd-client:etcdctl
   docker-compose:docker-compose
+  # A real Docker engine for the tests (tests/docker_engine.py): dockerd, containerd, runc,
+  # and the docker CLI of the same version (/usr/bin/docker). The tests start their own
+  # dockerd inside a network namespace; on a machine whose init starts services, installing
+  # docker.io also starts docker.service in the machine's own namespace (Debian's default).
+  docker.io:dockerd
   haproxy:haproxy
   nginx-light:nginx
   libnginx-mod-stream:libnginx-mod-stream
