@@ -142,8 +142,14 @@ def test_the_kernels_totals_become_counters_once():
     assert st.outcomes["ok"] == 5 and st.up == 30
     feed.apply_stats({where: ConnStats(ok=1, reset=0, bytes_acked=1, bytes_received=1)})  # the kernel forgot it
     assert st.outcomes["ok"] == 6 and (st.up, st.down) == (31, 2001)
-    feed.apply_stats({(5432, 0, ("10.0.0.9", 5432)): ConnStats(1, 0, 1, 1)})  # no such route: dropped
+    feed.apply_stats({where: ConnStats(ok=1, reset=0, bytes_acked=1, bytes_received=1),
+                      (5432, 0, ("10.0.0.9", 5432)): ConnStats(1, 0, 1, 1)})  # no such route: dropped
     assert st.total() == 7
+    # open connections: established minus ended, per backend and per route
+    feed.apply_stats({where: ConnStats(ok=1, reset=0, bytes_acked=1, bytes_received=1, established=4)})
+    assert st.active == 3 and st.backends[str(A)].active == 3 and st.total() == 10
+    feed.apply_stats({where: ConnStats(ok=4, reset=0, bytes_acked=9, bytes_received=9, established=4)})
+    assert st.active == 0 and st.backends[str(A)].active == 0 and st.outcomes["ok"] == 9
 
 
 def test_an_event_for_a_route_gone_is_dropped():

@@ -141,6 +141,8 @@ def test_bad_records():
 def test_conn_stats_key_and_per_cpu_values():
     key = layout.STAT_KEY.pack(7, bytes([10, 0, 0, 2]) + bytes(12), (6390).to_bytes(2, "big"), 16379, socket.AF_INET)
     assert len(key) == 32 and layout.unpack_stat_key(key) == (16379, 7, ("10.0.0.2", 6390))
-    per_cpu = layout.STAT_VALUE.pack(1, 0, 6, 7) + layout.STAT_VALUE.pack(2, 1, 60, 70)
-    assert layout.sum_stats(per_cpu) == layout.ConnStats(ok=3, reset=1, bytes_acked=66, bytes_received=77)
+    per_cpu = layout.STAT_VALUE.pack(1, 0, 6, 7, 5) + layout.STAT_VALUE.pack(2, 1, 60, 70, 0)  # opened on one CPU
+    total = layout.sum_stats(per_cpu)
+    assert total == layout.ConnStats(ok=3, reset=1, bytes_acked=66, bytes_received=77, established=5)
+    assert total.open == 1
     assert layout.CONFIG.pack(5, layout.CONFIG_CONNECTION_EVENTS) == (5).to_bytes(8, sys.byteorder) + (1).to_bytes(8, sys.byteorder)

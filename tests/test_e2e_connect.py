@@ -283,5 +283,19 @@ def test_at_log_level_warning_the_kernels_counts_still_reach_routes_and_metrics(
         route = wait_until(counted, timeout=10, what=lambda: f"/routes never counted 5 connections:\n{d.describe()}")
         assert (route["bytes_up"], route["bytes_down"]) == (5 * len(b"*1\r\n$4\r\nPING\r\n"), 5 * len(b"+PONG\r\n"))
         assert d.connection_records() == []  # no connection lines at warning
+
+        def active(n):
+            route = json.loads(http_get(ADMIN, "/routes", ns=b)[2])["routes"][0]
+            return route if route["active"] == n else None
+        held = [dial(cg, b, "127.0.0.1", ROUTE_PORT) for _ in range(3)]  # open connections count while open
+        try:
+            route = wait_until(lambda: active(3), timeout=10, what="3 open connections in /routes")
+            assert [x["active"] for x in route["backends"]] == [3]
+            metrics = http_get(ADMIN, "/metrics", ns=b)[2].decode()
+            assert 'ambassadord_connections_active{route="6379"} 3.0' in metrics
+        finally:
+            for s in held:
+                s.close()
+        wait_until(lambda: active(0), timeout=10, what="no open connection in /routes after they closed")
     finally:
         assert d.stop() == 0

@@ -144,7 +144,8 @@ struct conn_stat {
 	__u64 reset;	      /* established, then ended by a reset */
 	__u64 bytes_acked;    /* payload to the backend */
 	__u64 bytes_received; /* payload from the backend */
-}; /* 32 bytes */
+	__u64 established;    /* connects that succeeded: minus ok and reset, the ones open now */
+}; /* 40 bytes */
 
 /* What a rewritten socket remembers (socket local storage: freed with the socket). */
 struct sock_state {
@@ -748,9 +749,9 @@ static __always_inline void payload(struct bpf_sock_ops *ctx, struct sock_state 
 	e->bytes_received = received > fin_in ? received - fin_in : 0;
 }
 
-/* An established connection's end, added to its route's and backend's counts (per CPU:
- * no atomics). The daemon reads them every second: they are the metrics. */
-static __always_inline void count(struct sock_state *st, __u8 outcome, const struct event *e)
+/* The counts of a socket's route and backend on this CPU, made at first use. The daemon
+ * reads them every second, summed over CPUs: they are the metrics. */
+static __always_inline struct conn_stat *stat_of(struct sock_state *st)
 {
 	struct stat_key key = {};
 	struct conn_stat *v, zero = {};
@@ -767,9 +768,17 @@ static __always_inline void count(struct sock_state *st, __u8 outcome, const str
 	if (!v) {
 		bpf_map_update_elem(&conn_stats, &key, &zero, BPF_NOEXIST);
 		v = bpf_map_lookup_elem(&conn_stats, &key);
-		if (!v)
-			return;
 	}
+	return v;
+}
+
+/* An established connection's end, added to its counts (per CPU: no atomics). */
+static __always_inline void count(struct sock_state *st, __u8 outcome, const struct event *e)
+{
+	struct conn_stat *v = stat_of(st);
+
+	if (!v)
+		return;
 	if (outcome == OUTCOME_RESET)
 		v->reset += 1;
 	else
@@ -853,7 +862,11 @@ int sock_ops(struct bpf_sock_ops *ctx)
 				st->timeout_set = 1;
 		}
 		break;
-	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
+		struct conn_stat *v = stat_of(st);
+
+		if (v)
+			v->established += 1; /* per CPU: no atomics needed */
 		st->established = 1;
 		if (st->timeout_set) {
 			ms = st->saved_user_timeout;
@@ -861,6 +874,7 @@ int sock_ops(struct bpf_sock_ops *ctx)
 			st->timeout_set = 0;
 		}
 		break;
+	}
 	case BPF_SOCK_OPS_STATE_CB:
 		switch (ctx->args[1]) {
 		case BPF_TCP_FIN_WAIT1:

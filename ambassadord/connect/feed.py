@@ -7,8 +7,9 @@ ConnectPlane's maps (plane.py), a whole set in one map update, so no connect see
 a change. Backends that the route's health checks say are down are left out (all of them
 down: all are kept, as the proxy's balancer does).
 
-Its ``run()`` task reads what the kernel counted (conn_stats: connections, resets and
-bytes per route and backend) into the routes' counters every second, and the plane's
+Its ``run()`` task reads what the kernel counted (conn_stats: connections established,
+ended, reset, and bytes, per route and backend) into the routes' counters every second
+(open connections included), and the plane's
 events: a failed connect becomes a backend failure and an ejection, shown by /routes and
 the metrics like one of the proxy's; when connection lines are logged (INFO), every
 connection's end is an event too, for its one log line with the proxy's fields.
@@ -157,33 +158,40 @@ class ConnectFeed(Peers):
 
     def _route_of(self, port: int, scope: int):
         """The Route that the kernel's (route port, scope) stands for now, or None."""
+        for key, scopes in self._written.items():
+            if key[0] == port and scope in scopes:
+                return self._routes_by_key().get(key)
+        return None
+
+    def _routes_by_key(self) -> dict:
+        """The server's current table by route key (made again after a reload)."""
         table = self._table()
         if self._by_key[0] is not table:
             self._by_key = (table, {r.config.key: r for r in table.routes})
-        for key, scopes in self._written.items():
-            if key[0] == port and scope in scopes:
-                return self._by_key[1].get(key)
-        return None
+        return self._by_key[1]
 
     def apply_stats(self, stats: dict) -> None:
         """The kernel's totals (plane.connection_stats()) into the routes' counters: what
-        was added since the last look."""
-        now, seen = time.time(), {}
+        was added since the last look, and how many are open now."""
+        now, seen, open_now = time.time(), {}, {}
         for where, total in stats.items():
             seen[where] = total
-            before = self._counted.get(where)
-            if before is None or any(a < b for a, b in zip(_fields(total), _fields(before))):
-                before = None  # new, or the kernel forgot and started again: all of it is new
-            ok, reset, up, down = (a - b for a, b in zip(_fields(total), _fields(before) if before else (0, 0, 0, 0)))
-            if not (ok or reset or up or down):
-                continue
             route = self._route_of(where[0], where[1])
             if route is None or route.config.mode != CONNECT:
                 continue
             backend = _find(route, where[2])
             name = str(backend) if backend is not None else _addr(where[2])
             st = route.stats
-            b = st.backend(name, backend)
+            before = self._counted.get(where)
+            if before is None or any(a < b for a, b in zip(_fields(total), _fields(before))):
+                before = None  # new, or the kernel forgot and started again: all of it is new
+            ok, reset, up, down = (a - b for a, b in zip(_fields(total), _fields(before) if before else (0, 0, 0, 0)))
+            if ok or reset or up or down or total.open:
+                b = st.backend(name, backend)
+                b.active = total.open
+                open_now[route] = open_now.get(route, 0) + total.open
+            if not (ok or reset or up or down):
+                continue
             st.outcomes[Outcome.OK] = st.outcomes.get(Outcome.OK, 0) + ok
             if reset:
                 st.outcomes[Outcome.RESET] = st.outcomes.get(Outcome.RESET, 0) + reset
@@ -193,7 +201,17 @@ class ConnectFeed(Peers):
             b.up += up
             b.down += down
             b.last_connect = now
+        for route in self._routes_fed():
+            route.stats.active = open_now.get(route, 0)
+            if route not in open_now:
+                for b in route.stats.backends.values():
+                    b.active = 0
         self._counted = seen
+
+    def _routes_fed(self) -> list:
+        """The Routes of the connect-mode routes written into the kernel now."""
+        by_key = self._routes_by_key()
+        return [r for key in self._written if (r := by_key.get(key)) is not None]
 
     def account(self, event) -> None:
         """One event of the plane (layout.py): a connection that ended (or whose connect

@@ -52,7 +52,7 @@ CONFIG = struct.Struct("=QQ")  # the daemon's netns cookie, flags (CONFIG_*)
 CONFIG_CONNECTION_EVENTS = 1  # an event for every connection's end, not only failed connects
 # conn_stats: scope, backend addr, backend port (network order), route port, backend family
 STAT_KEY = struct.Struct("=Q16s2sHB3x")
-STAT_VALUE = struct.Struct("=QQQQ")  # ok, reset, bytes_acked, bytes_received (one CPU's)
+STAT_VALUE = struct.Struct("=QQQQQ")  # ok, reset, bytes_acked, bytes_received, established (one CPU's)
 COUNTER = struct.Struct("=Q")  # one CPU's count
 # cookie, start_ns, end_ns, bytes_received, bytes_acked, scope, src/orig/backend addr,
 # src/orig/backend/route port, kind, outcome, src/orig/backend family
@@ -259,12 +259,18 @@ def unpack_event(record: bytes) -> Event:
 class ConnStats:
     """The established connections of one route (``route_port``, ``scope``) to one
     ``backend`` (ip, port), since the plane was made: ended in order (``ok``) or by a
-    reset, and their payload bytes each way (to the backend: ``bytes_acked``)."""
+    reset, their payload bytes each way (to the backend: ``bytes_acked``), and how many
+    were ``established`` at all (so :attr:`open` are open now)."""
 
     ok: int
     reset: int
     bytes_acked: int
     bytes_received: int
+    established: int = 0
+
+    @property
+    def open(self) -> int:
+        return max(0, self.established - self.ok - self.reset)
 
 
 def unpack_stat_key(key: bytes) -> tuple[int, int, tuple[str, int]]:
