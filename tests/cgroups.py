@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 from ambassadord.connect.cgroup import cgroup2_mount
+from tests.daemon import connect
 from tests.netns import Netns
 
 _serial = itertools.count()
@@ -104,3 +105,9 @@ def attached(cgroup_dir: str) -> str:
     """What ``bpftool cgroup show`` lists on the directory (empty: nothing attached)."""
     out = subprocess.run(["bpftool", "cgroup", "show", cgroup_dir], capture_output=True, text=True, check=True).stdout
     return "\n".join(line for line in out.splitlines() if line.strip() and not line.startswith("ID"))
+
+
+def dial(cgroup_dir: str | None, ns: Netns, host: str, port: int, *, timeout: float = 5) -> socket.socket:
+    """A connected socket from ``ns`` to ``host:port``, made in ``cgroup_dir`` (None: in ours)."""
+    make = None if cgroup_dir is None else (lambda family: socket_in(cgroup_dir, ns, family))
+    return connect(host, port, ns=ns, timeout=timeout, make=make)

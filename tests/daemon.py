@@ -90,10 +90,12 @@ def _socket(ns: Netns | None, family: int) -> socket.socket:
     return ns.socket(family) if ns is not None else socket.socket(family, socket.SOCK_STREAM)
 
 
-def connect(host: str, port: int, *, ns: Netns | None = None, timeout: float = 5) -> socket.socket:
-    """A TCP connection to ``host:port`` (IP literal), from inside ``ns`` if given."""
+def connect(host: str, port: int, *, ns: Netns | None = None, timeout: float = 5,
+            make: Callable[[int], socket.socket] | None = None) -> socket.socket:
+    """A TCP connection to ``host:port`` (IP literal), from inside ``ns`` if given; ``make``
+    (family -> socket) makes the socket instead (e.g. in a cgroup: tests/cgroups.dial)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = _socket(ns, family)
+    sock = make(family) if make is not None else _socket(ns, family)
     try:
         sock.settimeout(timeout)
         sock.connect((host, port))

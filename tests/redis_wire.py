@@ -34,3 +34,15 @@ def read_bulk(sock: socket.socket) -> bytes:
             raise ConnectionError("closed mid-reply")
         rest += chunk
     return head + rest
+
+
+def served_by(sock: socket.socket) -> int:
+    """Which redis-server answered on ``sock``: the port it listens on (CONFIG GET port)."""
+    sock.sendall(b"CONFIG GET port\r\n")
+    reply = b""
+    while reply.count(b"\r\n") < 5:
+        chunk = sock.recv(256)
+        if not chunk:
+            raise ConnectionError(f"closed after {reply!r}")
+        reply += chunk
+    return int(reply.split(b"\r\n")[4])

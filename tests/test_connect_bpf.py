@@ -28,11 +28,20 @@ import pytest
 import trio
 import trio.testing
 
-from ambassadord.connect import Backend, BackendEjected, ConnectionEnded, ConnectPlane, ConnectPlaneError, netns_cookie, netns_cookie_at
+from ambassadord.connect import (
+    Backend,
+    BackendEjected,
+    ConnectionEnded,
+    ConnectPlane,
+    ConnectPlaneError,
+    netns_cookie,
+    netns_cookie_at,
+)
 from ambassadord.connect.plane import OBJECT_PATH
 from tests import netns as nslib
-from tests.cgroups import attached, child_cgroup, run_in, socket_in
+from tests.cgroups import attached, child_cgroup, dial, run_in, socket_in
 from tests.daemon import REPO_ROOT, RedisProcess, read_to_eof, require, wait_until
+from tests.redis_wire import served_by
 
 pytestmark = pytest.mark.netns
 
@@ -101,31 +110,6 @@ def plane(net, cgroup):
     finally:
         p.close()
         assert attached(cgroup) == "", "programs still attached after close()"
-
-
-def dial(cgroup: str | None, ns, host: str, port: int, *, timeout: float = 5) -> socket.socket:
-    """A connected socket from ``ns`` (in ``cgroup`` if given) to ``host:port``."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket_in(cgroup, ns, family) if cgroup else ns.socket(family)
-    try:
-        sock.settimeout(timeout)
-        sock.connect((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def served_by(sock: socket.socket) -> int:
-    """The port of the Redis at the other end (CONFIG GET port)."""
-    sock.sendall(b"CONFIG GET port\r\n")
-    reply = b""
-    while reply.count(b"\r\n") < 5:
-        chunk = sock.recv(256)
-        if not chunk:
-            raise ConnectionError(f"closed after {reply!r}")
-        reply += chunk
-    return int(reply.split(b"\r\n")[4])
 
 
 def answer(cgroup, ns, host, port) -> int:

@@ -24,10 +24,11 @@ from pathlib import Path
 import pytest
 
 from tests.admin_client import http_get
+from tests.cgroups import attached, child_cgroup, dial
 from tests.consul import ConsulAgent, consul_binary
-from tests.cgroups import attached, child_cgroup, socket_in
 from tests.daemon import Daemon, DaemonExited, RedisProcess, wait_until
-from tests.netns import Netns, link, namespaces, require_prerequisites
+from tests.netns import link, namespaces, require_prerequisites
+from tests.redis_wire import read_line, resp, served_by
 
 ROUTE_PORT, ROUTE6_PORT, REDIS_PORT, DEAD_PORT, ADMIN = 6379, 6380, 6390, 6391, 10001
 
@@ -39,33 +40,9 @@ def _require_bpf() -> None:
 
 
 def ask(sock: socket.socket, *parts: bytes) -> bytes:
-    """One Redis command on ``sock``; the raw reply (first read)."""
-    sock.sendall(b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts))
-    return sock.recv(65536)
-
-
-def redis_port_of(sock: socket.socket) -> int:
-    """Which redis-server answered: the port it listens on (INFO server's tcp_port)."""
-    sock.sendall(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
-    data = b""
-    while b"tcp_port:" not in data or not data.endswith(b"\r\n\r\n"):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    line = next(x for x in data.decode().splitlines() if x.startswith("tcp_port:"))
-    return int(line.split(":")[1])
-
-
-def dial(cg: str | None, ns: Netns, host: str, port: int, family=socket.AF_INET, timeout: float = 5) -> socket.socket:
-    sock = socket_in(cg, ns, family) if cg else ns.socket(family)
-    sock.settimeout(timeout)
-    try:
-        sock.connect((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    """One Redis command on ``sock``; its one-line reply (+PONG, +OK)."""
+    sock.sendall(resp(*parts))
+    return read_line(sock)
 
 
 @pytest.fixture
@@ -123,21 +100,21 @@ def test_consumers_reach_the_backend_with_no_proxy_and_nothing_else_is_touched(w
     try:
         # a host process in the cgroup: loopback, rewritten; it sees what it dialled
         with dial(cg, b, "127.0.0.1", ROUTE_PORT) as s:
-            assert redis_port_of(s) == REDIS_PORT
+            assert served_by(s) == REDIS_PORT
             assert s.getpeername() == ("127.0.0.1", ROUTE_PORT)
-        with dial(cg, b, "::1", ROUTE6_PORT, socket.AF_INET6) as s:
-            assert redis_port_of(s) == REDIS_PORT
+        with dial(cg, b, "::1", ROUTE6_PORT) as s:
+            assert served_by(s) == REDIS_PORT
             assert s.getpeername()[:2] == ("::1", ROUTE6_PORT)
         # a "container" on the bridge, dialling the bridge's address
         with dial(cg, c, "172.31.77.1", ROUTE_PORT) as s:
-            assert redis_port_of(s) == REDIS_PORT
+            assert served_by(s) == REDIS_PORT
             assert s.getpeername() == ("172.31.77.1", ROUTE_PORT)
-        with dial(cg, c, "fd31:77::1", ROUTE6_PORT, socket.AF_INET6) as s:  # and over IPv6
-            assert redis_port_of(s) == REDIS_PORT
+        with dial(cg, c, "fd31:77::1", ROUTE6_PORT) as s:  # and over IPv6
+            assert served_by(s) == REDIS_PORT
             assert s.getpeername()[:2] == ("fd31:77::1", ROUTE6_PORT)
         # the container's own loopback Redis is its own
         with dial(cg, c, "127.0.0.1", ROUTE_PORT) as s:
-            assert redis_port_of(s) == ROUTE_PORT
+            assert served_by(s) == ROUTE_PORT
         # a process outside the cgroup: untouched (nothing listens on b's 127.0.0.1:6379)
         with pytest.raises(ConnectionRefusedError):
             dial(None, b, "127.0.0.1", ROUTE_PORT).close()
@@ -214,7 +191,7 @@ def test_a_consul_deregistration_reaches_new_connects_within_a_second(world):
         try:
             def answered_by() -> int:
                 with dial(cg, b, "127.0.0.1", ROUTE_PORT) as s:
-                    return redis_port_of(s)
+                    return served_by(s)
 
             seen: set[int] = set()
             wait_until(lambda: seen.add(answered_by()) or seen == {REDIS_PORT, other}, timeout=15,
@@ -242,12 +219,12 @@ def test_a_route_limited_to_the_containers_network_serves_only_them(world):
         try:
             def container_gets_its_route() -> bool:
                 with dial(cg, c, "172.31.77.1", ROUTE_PORT) as s:
-                    return redis_port_of(s) == other
+                    return served_by(s) == other
             # the namespace scan runs every second: the container's route follows within a few
             wait_until(container_gets_its_route, timeout=10, what=lambda: f"the container never got its route:\n{d.describe()}")
             for _ in range(10):
                 with dial(cg, b, "127.0.0.1", ROUTE_PORT) as s:  # the host's processes keep the host-wide one
-                    assert redis_port_of(s) == REDIS_PORT
+                    assert served_by(s) == REDIS_PORT
                 assert container_gets_its_route()
         finally:
             assert d.stop() == 0
