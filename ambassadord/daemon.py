@@ -162,8 +162,15 @@ def _feed(settings: RunSettings, server: Server, configs, plane):
     from .connect.feed import ConnectFeed
     from .connect.layout import MAX_BACKENDS, Backend
 
-    plane.set_catch_addresses(connect_start.catch_addresses(settings.catch))
+    caught = connect_start.catch_addresses(settings.catch)
+    plane.set_catch_addresses(caught)
+    _log_catch(caught)
     return ConnectFeed(plane, configs, lambda: server.table, backend=Backend, limit=MAX_BACKENDS)
+
+
+def _log_catch(addresses: list[str]) -> None:
+    log.info("connect mode: rewriting connects to loopback (this namespace's)%s",
+             "".join(f", {a}" for a in addresses))
 
 
 def _routes(sources: RouteSources) -> list:
@@ -344,10 +351,9 @@ class _Daemon:
                 sock, self.admin_sock = self.admin_sock, None
                 await nursery.start(serve_admin, make_app(server, self.config, self.pool), sock)
                 log.info("admin API on %s", admin_url(self.settings.admin))
-            if self.rules is not None:
+            if self.rules is not None or self.plane is not None:
                 nursery.start_soon(self._watch_bridges)
             if self.plane is not None:
-                nursery.start_soon(self._watch_catch_addresses)
                 nursery.start_soon(self._watch_scopes)
             sdnotify.ready(f"serving {len(server.table)} route(s)")
 
@@ -414,42 +420,49 @@ class _Daemon:
             await self.reload(f"{path} changed")
 
     async def _watch_bridges(self) -> None:
-        """Follow this host's container bridges (a ``docker network create`` after start):
-        their containers' connections are redirected, other hosts' are not (netfilter.py)."""
+        """Follow this host's container bridges (a ``docker network create`` after start),
+        listed once a poll for both users: under --iptables their containers' connections
+        are redirected, other hosts' are not (netfilter.py); in connect mode, connects to
+        their addresses are rewritten."""
+        caught = sorted(self.plane.catch_addresses()) if self.plane is not None else None
         while True:
             await trio.sleep(BRIDGE_POLL)
             try:
                 bridges = tuple(await trio.to_thread.run_sync(netfilter.container_bridges, abandon_on_cancel=True))
             except netfilter.NetfilterError as exc:
-                log.warning("iptables: cannot list the container bridges: %s", exc)
+                log.warning("%s: cannot list the container bridges: %s",
+                            "iptables" if self.rules is not None else "connect mode", exc)
                 continue
-            if bridges == self.rules.plan.from_interfaces:
-                continue
-            async with self._reload_lock:
-                if self.stopping:
+            if self.plane is not None:
+                caught = await self._follow_catch_addresses(bridges, caught)
+            if self.rules is not None and bridges != self.rules.plan.from_interfaces:
+                if not await self._follow_rules(bridges):
                     return
-                new_plan = replace(self.rules.plan, from_interfaces=bridges)
-                try:
-                    await trio.to_thread.run_sync(self.rules.change, new_plan)
-                except netfilter.NetfilterError as exc:
-                    log.error("iptables: could not follow the container bridges (%s): %s",
-                              ", ".join(bridges) or "none", exc)
-                    continue
-                _log_exposure(new_plan)
 
-    async def _watch_catch_addresses(self) -> None:
-        """Connect mode follows the container bridges' addresses (a ``docker network
-        create`` after start), as the rules follow the bridges."""
-        seen = None
-        while True:
-            await trio.sleep(BRIDGE_POLL)
-            found = await trio.to_thread.run_sync(connect_start.catch_addresses, self.settings.catch,
-                                                  abandon_on_cancel=True)
-            if found != seen:
-                if seen is not None:
-                    log.info("connect mode: rewriting connects to %s", ", ".join(found) or "loopback only")
-                self.plane.set_catch_addresses(found)
-                seen = found
+    async def _follow_rules(self, bridges: tuple[str, ...]) -> bool:
+        """The rules for these bridges; False once stopping."""
+        async with self._reload_lock:
+            if self.stopping:
+                return False
+            new_plan = replace(self.rules.plan, from_interfaces=bridges)
+            try:
+                await trio.to_thread.run_sync(self.rules.change, new_plan)
+            except netfilter.NetfilterError as exc:
+                log.error("iptables: could not follow the container bridges (%s): %s",
+                          ", ".join(bridges) or "none", exc)
+                return True
+            _log_exposure(new_plan)
+        return True
+
+    async def _follow_catch_addresses(self, bridges: tuple[str, ...], before: list) -> list:
+        """Connect mode's catch set for these bridges (their addresses may change while
+        the bridges stay); what it is now."""
+        found = await trio.to_thread.run_sync(connect_start.catch_addresses, self.settings.catch, bridges,
+                                              abandon_on_cancel=True)
+        if found != before:
+            self.plane.set_catch_addresses(found)
+            _log_catch(found)
+        return found
 
     async def _watch_scopes(self) -> None:
         """Connect-mode routes limited to a source network follow the host's network

@@ -276,3 +276,27 @@ def test_at_log_level_warning_the_kernels_counts_still_reach_routes_and_metrics(
         wait_until(lambda: active(0), timeout=10, what="no open connection in /routes after they closed")
     finally:
         assert d.stop() == 0
+
+
+def test_a_bridge_made_after_start_is_caught_within_seconds(world):
+    b, c, cg = world["b"], world["c"], world["cg"]
+    d = start(world, f"{ROUTE_PORT}=10.77.0.1:{REDIS_PORT}")
+    try:
+        tag = os.getpid() % 100000
+        bridge, vb, vc = f"ambnb{tag}", f"vnb{tag}", f"vnc{tag}"  # `docker network create`, as it were
+        b.exec(["ip", "link", "add", bridge, "type", "bridge"])
+        b.exec(["ip", "addr", "add", "172.31.88.1/24", "dev", bridge])
+        b.exec(["ip", "link", "set", bridge, "up"])
+        b.exec(["ip", "link", "add", vb, "type", "veth", "peer", "name", vc, "netns", c.name])
+        b.exec(["ip", "link", "set", vb, "master", bridge, "up"])
+        c.exec(["ip", "addr", "add", "172.31.88.2/24", "dev", vc])
+        c.exec(["ip", "link", "set", vc, "up"])
+
+        def caught() -> bool:
+            with dial(cg, c, "172.31.88.1", ROUTE_PORT, timeout=2) as s:
+                return served_by(s) == REDIS_PORT
+        wait_until(caught, timeout=10, what=lambda: f"connects to the new bridge never rewritten:\n{d.describe()}")
+        assert any("connect mode: rewriting connects to" in r.get("msg", "") and "172.31.88.1" in r["msg"]
+                   for r in d.records())
+    finally:
+        assert d.stop() == 0

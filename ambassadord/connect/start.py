@@ -42,13 +42,16 @@ def open_plane(cgroup: str | None):
         raise ConnectStartError(f"--cgroup {cgroup}: {reason}") from None
 
 
-def catch_addresses(dests=()) -> list[str]:
+def catch_addresses(dests=(), bridges=None) -> list[str]:
     """The addresses other namespaces' connects are rewritten for: the host's container
-    bridges' (docker0 ...) and ``--iptables-dest``/``--iptables-interface``'s. Loopback is
-    always caught, in the daemon's own namespace only (the plane's program checks it)."""
+    bridges' (docker0 ...; ``bridges``, or listed now if None) and
+    ``--iptables-dest``/``--iptables-interface``'s. Loopback is always caught, in the
+    daemon's own namespace only (the plane's program checks it)."""
     found = [str(d) for d in dests]
     try:
-        found += [str(a) for a in netfilter.interface_addresses(netfilter.container_bridges())]
+        if bridges is None:
+            bridges = netfilter.container_bridges()
+        found += [str(a) for a in netfilter.interface_addresses(bridges)]
     except netfilter.NetfilterError as exc:
         log.warning("connect mode: cannot list the container bridges' addresses: %s", exc)
     return sorted(set(found))
