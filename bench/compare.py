@@ -485,12 +485,14 @@ TARGETS = {t.name: t for t in (Target(), Socat(), HAProxy(), Nginx(), Ambassador
 
 
 def cgroup2_root() -> str:
-    with open("/proc/mounts", encoding="utf-8") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 3 and fields[2] == "cgroup2":
-                return fields[1]
-    raise BenchError("no cgroup2 file system in /proc/mounts: connect mode cannot be measured")
+    # The daemon's own reader of /proc/mounts (it unescapes \040 and friends in paths);
+    # imported here, so that runs without the connect target need no ambassadord.
+    from ambassadord.connect.cgroup import cgroup2_mount
+
+    try:
+        return cgroup2_mount()
+    except LookupError as exc:
+        raise BenchError(f"{exc}: connect mode cannot be measured") from None
 
 
 def own_cgroup() -> str:
