@@ -300,3 +300,23 @@ def test_a_bridge_made_after_start_is_caught_within_seconds(world):
                    for r in d.records())
     finally:
         assert d.stop() == 0
+
+
+def test_a_restart_leaves_established_connections_alone(world):
+    b, cg = world["b"], world["cg"]
+    route = f"{ROUTE_PORT}=10.77.0.1:{REDIS_PORT}"
+    d = start(world, route)
+    held = [dial(cg, b, "127.0.0.1", ROUTE_PORT) for _ in range(10)]
+    try:
+        assert d.stop() == 0  # no proxy in their path: the daemon's exit does not touch them
+        assert attached(cg) == ""
+        assert [ask(s, b"PING") for s in held] == [b"+PONG\r\n"] * 10
+        d = start(world, route)  # and back, under the same 10 connections
+        assert [ask(s, b"PING") for s in held] == [b"+PONG\r\n"] * 10
+        with dial(cg, b, "127.0.0.1", ROUTE_PORT) as s:
+            assert ask(s, b"PING") == b"+PONG\r\n"
+    finally:
+        for s in held:
+            s.close()
+        if d.alive():
+            assert d.stop() == 0
