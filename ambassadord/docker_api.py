@@ -153,15 +153,17 @@ def _ssl_context(tls: TLS) -> ssl.SSLContext:
 
 def _reason(exc: BaseException, uds: str | None) -> str:
     """One line for the user: the OSError underneath httpx's wrappers where there is one."""
-    cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, OSError):
-        cause = cause.__cause__ or cause.__context__
+    found, seen = [exc], set()  # depth first: causes, contexts, a group's members (trio's TCP attempts)
+    while found and not (isinstance(cause := found.pop(), OSError) and cause.errno is not None):
+        if id(cause) not in seen:
+            seen.add(id(cause))
+            found += [e for e in (cause.__context__, cause.__cause__, *getattr(cause, "exceptions", ())) if e]
     if isinstance(cause, OSError) and cause.errno is not None:
         if uds and cause.errno == errno.EACCES:
             return "permission denied (run as root or in the socket's group, e.g. docker)"
         hint = {errno.ENOENT: " (in a container, mount it: -v /var/run/docker.sock:/var/run/docker.sock)",
                 errno.ECONNREFUSED: " (no engine listens there)"}.get(cause.errno, "") if uds else ""
-        return f"[Errno {cause.errno}] {cause.strerror}{hint}"
+        return f"[Errno {cause.errno}] {os.strerror(cause.errno)}{hint}"
     return " ".join(str(exc).split()) or type(exc).__name__
 
 

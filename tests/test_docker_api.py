@@ -145,3 +145,169 @@ def test_unusable_tls_files_fail_the_start(certs, tmp_path, damage, words):
         endpoint("tcp://10.0.0.1:2376", {"DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": str(path)})
     for word in words:
         assert word in str(caught.value)
+
+
+# ---------------------------------------------------------------- a fake engine on a unix socket
+
+EVENT = {"Type": "container", "Action": "start", "Actor": {"ID": "c0ffee", "Attributes": {"name": "web"}},
+         "time": 1700000000, "timeNano": 1700000000000000000}
+STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def answer(status: str, body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    return b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        status.encode(), len(data), data)
+
+
+@contextlib.asynccontextmanager
+async def fake_engine(path: Path, events_reply: bytes = b"", *, api: str = "1.41", min_api: str | None = "1.12"):
+    """A unix socket server at ``path`` that answers /version with ``api`` (and
+    ``min_api``), and any other request with ``events_reply``, then closes. Yields the
+    list of request targets it got."""
+    got: list[str] = []
+    version = {"ApiVersion": api, "Version": "fake"} | ({"MinAPIVersion": min_api} if min_api else {})
+
+    async def handle(stream):
+        buffered = b""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while True:
+                while b"\r\n\r\n" not in buffered:
+                    if not (data := await stream.receive_some()):
+                        return
+                    buffered += data
+                head, _, buffered = buffered.partition(b"\r\n\r\n")
+                got.append(head.split(b" ")[1].decode())
+                if got[-1] == "/version":
+                    await stream.send_all(answer("200 OK", version))
+                else:
+                    await stream.send_all(events_reply)
+                    await stream.aclose()
+                    return
+
+    sock = trio.socket.socket(socket.AF_UNIX)
+    await sock.bind(str(path))
+    sock.listen()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handle, [trio.SocketListener(sock)])
+        yield got
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("api, min_api, prefix", [
+    ("1.41", "1.12", "/v1.41"),  # Debian 12's engine: its own version
+    ("1.52", "1.44", "/v1.47"),  # a newer engine: the newest this client speaks
+    ("1.47", None, "/v1.47"),  # engines before API 1.25 say no MinAPIVersion
+])
+async def test_version_fixes_the_prefix_of_later_calls(tmp_path, api, min_api, prefix):
+    async with fake_engine(tmp_path / "d.sock", b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+                           api=api, min_api=min_api) as got:
+        async with DockerClient(endpoint(f"unix://{tmp_path}/d.sock", {})) as client:
+            assert await client.inspect("gone") is None  # asks for the version first
+            assert client.api == prefix
+    assert got == ["/version", f"{prefix}/containers/gone/json"]
+
+
+@pytest.mark.parametrize("api, min_api, words", [
+    ("1.20", None, ["speaks API ? to 1.20", "this client 1.24 to 1.47"]),
+    ("1.60", "1.50", ["speaks API 1.50 to 1.60"]),
+    ("", None, ["GET /version: no API version"]),
+])
+async def test_an_engine_out_of_range_is_an_error(tmp_path, api, min_api, words):
+    async with fake_engine(tmp_path / "d.sock", api=api, min_api=min_api):
+        async with DockerClient(endpoint(f"unix://{tmp_path}/d.sock", {})) as client:
+            with pytest.raises(DockerError) as caught:
+                await client.version()
+    assert str(caught.value).startswith(f"unix://{tmp_path}/d.sock: ")
+    for word in words:
+        assert word in str(caught.value)
+
+
+@pytest.mark.parametrize("reply, words", [
+    # The engine dies mid-event: the connection closes inside a chunk.
+    (STREAM_HEAD + chunk(json.dumps(EVENT).encode() + b"\n") + b"50\r\n{\"Type\"", ["GET /v1.41/events: ", "incomplete"]),
+    # The engine ends the stream as HTTP allows (the last chunk).
+    (STREAM_HEAD + chunk(json.dumps(EVENT).encode() + b"\n") + b"0\r\n\r\n", ["the engine ended the event stream"]),
+    (STREAM_HEAD + chunk(json.dumps(EVENT).encode() + b"\nnot json\n"), ["an event is no JSON: 'not json'"]),
+])
+async def test_a_broken_or_ended_event_stream_raises(tmp_path, reply, words):
+    async with fake_engine(tmp_path / "d.sock", reply) as got:
+        async with DockerClient(endpoint(str(tmp_path / "d.sock"), {})) as client:
+            async with client.events(since=1700000000.5) as stream:
+                with pytest.raises(DockerError) as caught:
+                    with trio.fail_after(5):
+                        assert [event async for event in stream] == "never: the stream must raise"
+    assert got[1] == ("/v1.41/events?filters=%7B%22type%22%3A+%5B%22container%22%2C+%22network%22%5D%7D"
+                      "&since=1700000000.500000000")
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path}/d.sock: ") and "\n" not in message
+    for word in words:
+        assert word in message
+
+
+async def test_an_http_error_at_subscribing_raises_with_the_engines_message(tmp_path):
+    async with fake_engine(tmp_path / "d.sock", answer("500 Internal Server Error", {"message": "out of\nmemory"})):
+        async with DockerClient(endpoint(f"unix://{tmp_path}/d.sock", {})) as client:
+            with pytest.raises(DockerError) as caught:
+                async with client.events():
+                    pass
+    assert str(caught.value) == f"unix://{tmp_path}/d.sock: GET /v1.41/events: HTTP 500 out of memory"
+
+
+def socket_path_kinds(tmp_path: Path) -> dict[str, Path]:
+    (tmp_path / "file").write_text("")
+    (tmp_path / "dir").mkdir()
+    return {"missing": tmp_path / "missing.sock", "file": tmp_path / "file", "dir": tmp_path / "dir"}
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("missing", "[Errno 2] No such file or directory (in a container, mount it: -v /var/run/docker.sock:/var/run/docker.sock)"),
+    ("file", "[Errno 111] Connection refused (no engine listens there)"),
+    ("dir", "[Errno 111] Connection refused (no engine listens there)"),
+])
+async def test_no_engine_at_the_socket_path(tmp_path, kind, reason):
+    path = socket_path_kinds(tmp_path)[kind]
+    async with DockerClient(endpoint(f"unix://{path}", {})) as client:
+        with pytest.raises(DockerError) as caught:
+            await client.containers()
+    assert str(caught.value) == f"cannot connect to unix://{path}: {reason}"
+
+
+async def test_no_engine_at_a_tcp_address():
+    with socket.socket() as unused:  # bound, never listening: refused
+        unused.bind(("127.0.0.1", 0))
+        url = "tcp://127.0.0.1:%d" % unused.getsockname()[1]
+        async with DockerClient(endpoint(url, {})) as client:
+            with pytest.raises(DockerError) as caught:
+                await client.version()
+    assert str(caught.value) == f"cannot connect to {url}: [Errno 111] Connection refused"
+
+
+PERMISSION_PROBE = """
+import sys, trio
+from ambassadord.docker_api import DockerClient, DockerError, endpoint
+async def main():
+    async with DockerClient(endpoint(sys.argv[1], {})) as client:
+        try:
+            await client.version()
+        except DockerError as exc:
+            print(exc)
+trio.run(main)
+"""
+
+
+async def test_a_socket_the_daemon_may_not_open(tmp_path):
+    # Mode 000 stops no process with CAP_DAC_OVERRIDE: as root, the probe runs without it
+    # (setpriv drops every capability; uid 0 then gets the owner's bits, like anyone).
+    async with fake_engine(tmp_path / "d.sock"):
+        os.chmod(tmp_path / "d.sock", 0)
+        drop = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"] if os.geteuid() == 0 else []
+        probe = await trio.run_process([*drop, sys.executable, "-c", PERMISSION_PROBE, f"unix://{tmp_path}/d.sock"],
+                                       capture_stdout=True, capture_stderr=True, check=False,
+                                       cwd=Path(__file__).parent.parent)
+    assert probe.stdout.decode().strip() == (f"cannot connect to unix://{tmp_path}/d.sock: permission denied "
+                                              "(run as root or in the socket's group, e.g. docker)"), probe.stderr
