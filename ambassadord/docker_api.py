@@ -278,8 +278,13 @@ class DockerClient:
         recent events from then on: pass a time from before the call, and expect repeats.
 
         Resource handling: leaving the context (also by a cancellation) closes the
-        stream's connection. Raises DockerError on entry (unreachable, HTTP error) and out
-        of the iteration: a broken stream, one that ended, or an event that is no JSON.
+        stream's connection. A cancelled read ends the stream too (httpx cannot resume
+        it): put timeouts around the whole ``async with``, not around one read.
+
+        Raises:
+            DockerError: on entry (unreachable, HTTP error), and out of the iteration: a
+                broken stream, one that ended, an event that is no JSON, a read after a
+                cancelled one.
         """
         prefix = await self._prefix()
         what = f"GET {prefix}/events"
@@ -293,19 +298,37 @@ class DockerClient:
                 await self._check(response, what)
             lines = response.aiter_lines()
             stack.push_async_callback(lines.aclose)
-            stream = self._decode(lines, what)
-            stack.push_async_callback(stream.aclose)
-            yield stream
+            yield _EventStream(self, lines, what)
 
-    async def _decode(self, lines: AsyncIterator[str], what: str) -> AsyncIterator[dict]:
-        with self._errors(what):
-            async for line in lines:
-                line = line.strip().lstrip("\x1e")  # \x1e: an RFC 7464 JSON sequence's record separator
-                if not line:
-                    continue
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    raise DockerError(f"{self.endpoint.url}: {what}: an event is no JSON: {line!r:.80}") from None
-                yield event
-        raise DockerError(f"{self.endpoint.url}: {what}: the engine ended the event stream")
+
+class _EventStream:
+    """The decoded events of one ``GET /events``. Not an async generator: a cancelled read
+    ends an async generator, whose next read would then stop quietly, as if there were no
+    more events; here it raises DockerError."""
+
+    def __init__(self, client: DockerClient, lines: AsyncIterator[str], what: str):
+        self._client, self._lines, self._what = client, lines, what
+        self._ended: str | None = None
+
+    def __aiter__(self) -> _EventStream:
+        return self
+
+    async def __anext__(self) -> dict:
+        where = f"{self._client.endpoint.url}: {self._what}"
+        if self._ended is not None:
+            raise DockerError(self._ended)
+        try:
+            with self._client._errors(self._what):
+                line = ""
+                while not line:
+                    got = await anext(self._lines, None)
+                    if got is None:
+                        raise DockerError(f"{where}: the engine ended the event stream")
+                    line = got.strip().lstrip("\x1e")  # \x1e: an RFC 7464 JSON sequence's record separator
+            try:
+                return json.loads(line)
+            except ValueError:
+                raise DockerError(f"{where}: an event is no JSON: {line!r:.80}") from None
+        except BaseException as exc:  # the stream is over: say why at every later read too
+            self._ended = str(exc) if isinstance(exc, DockerError) else f"{where}: a read was cancelled, ending the stream"
+            raise

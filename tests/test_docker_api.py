@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from ambassadord.docker_api import (
     TLS,
@@ -311,3 +312,166 @@ async def test_a_socket_the_daemon_may_not_open(tmp_path):
                                        cwd=Path(__file__).parent.parent)
     assert probe.stdout.decode().strip() == (f"cannot connect to unix://{tmp_path}/d.sock: permission denied "
                                               "(run as root or in the socket's group, e.g. docker)"), probe.stderr
+
+
+# ---------------------------------------------------------------- a real engine
+
+async def docker(engine, *args: str) -> str:
+    """``docker ARGS`` against the test engine, in a thread (the test's trio loop, and the
+    event stream it reads, keep running)."""
+    return await trio.to_thread.run_sync(lambda: engine.docker(*args))
+
+
+@pytest.fixture
+async def client(docker_engine):
+    async with DockerClient(endpoint(docker_engine.host, {})) as made:
+        yield made
+
+
+async def next_event(stream, want, timeout: float = 30) -> dict:
+    """The first event for which ``want(event)`` holds (events before it are skipped)."""
+    with trio.fail_after(timeout):
+        async for event in stream:
+            if want(event):
+                return event
+    raise AssertionError("unreachable: the stream raises when it ends")
+
+
+async def test_version_of_a_real_engine(client, docker_engine):
+    info = await client.version()
+    assert info["ApiVersion"] == docker_engine.docker("version", "-f", "{{.Server.APIVersion}}").strip()
+    assert client.api == "/v%d.%d" % min(tuple(map(int, info["ApiVersion"].split("."))), (1, 47))
+
+
+async def test_running_containers_their_labels_env_and_addresses(client, docker_engine):
+    created = docker_engine.docker("create", TOOLS_IMAGE, "sleep", "300").strip()  # never started: not listed
+    try:
+        with docker_engine.container(TOOLS_IMAGE, "sleep", "300", options=[
+                "--label", "connect.6379=redis.service.consul", "-e", "BACKEND_6380=10.0.0.5:6380"]) as box:
+            listed = await client.containers()
+            assert created not in [c["Id"] for c in listed]
+            (mine,) = [c for c in listed if c["Id"] == box.id]
+            assert mine["Names"] == [f"/{box.name}"]
+            assert mine["Labels"] == {"connect.6379": "redis.service.consul"}
+            assert mine["NetworkSettings"]["Networks"]["bridge"]["IPAddress"] == box.ip != ""
+            assert "GlobalIPv6Address" in mine["NetworkSettings"]["Networks"]["bridge"]
+
+            details = await client.inspect(box.id)
+            assert details["Id"] == box.id and details["State"]["Running"]
+            assert "BACKEND_6380=10.0.0.5:6380" in details["Config"]["Env"]
+            assert details["Config"]["Labels"] == {"connect.6379": "redis.service.consul"}
+            assert details["NetworkSettings"]["Networks"]["bridge"]["IPAddress"] == box.ip
+            assert (await client.inspect(box.name))["Id"] == box.id
+        assert await client.inspect(box.id) is None  # removed
+        assert box.id not in [c["Id"] for c in await client.containers()]
+    finally:
+        docker_engine.docker("rm", "-f", created, check=False)
+
+
+async def test_events_a_container_started_after_subscribing(client, docker_engine):
+    async with client.events() as stream:
+        cid = (await docker(docker_engine, "run", "-d", "--label", "connect.6379=x:1", TOOLS_IMAGE, "sleep", "300")).strip()
+        try:
+            started = await next_event(stream, lambda e: e["Type"] == "container" and e["Action"] == "start")
+            assert started["Actor"]["ID"] == cid
+            assert started["Actor"]["Attributes"]["connect.6379"] == "x:1"  # labels come along
+            assert isinstance(started["time"], int) and isinstance(started["timeNano"], int)
+            await docker(docker_engine, "rm", "-f", cid)
+            died = await next_event(stream, lambda e: e["Type"] == "container" and e["Action"] in ("die", "kill"))
+            assert died["Actor"]["ID"] == cid
+        finally:
+            docker_engine.docker("rm", "-f", cid, check=False)
+
+
+async def test_events_since_replays_what_came_before_the_subscription(client, docker_engine):
+    since = time.time()
+    with docker_engine.container(TOOLS_IMAGE, "sleep", "300") as box:
+        async with client.events(since=since) as stream:
+            started = await next_event(stream, lambda e: e["Action"] == "start")
+            assert started["Actor"]["ID"] == box.id
+
+
+async def test_events_of_network_connect_and_disconnect(client, docker_engine):
+    network = f"amb-api-{os.getpid()}"
+    docker_engine.docker("network", "create", network)
+    try:
+        with docker_engine.container(TOOLS_IMAGE, "sleep", "300") as box:
+            async with client.events() as stream:
+                await docker(docker_engine, "network", "connect", network, box.id)
+                joined = await next_event(stream, lambda e: e["Type"] == "network")
+                assert joined["Action"] == "connect"
+                assert joined["Actor"]["Attributes"]["container"] == box.id
+                assert joined["Actor"]["Attributes"]["name"] == network
+                details = await client.inspect(box.id)
+                assert details["NetworkSettings"]["Networks"][network]["IPAddress"]
+                await docker(docker_engine, "network", "disconnect", network, box.id)
+                left = await next_event(stream, lambda e: e["Type"] == "network")
+                assert (left["Action"], left["Actor"]["Attributes"]["container"]) == ("disconnect", box.id)
+    finally:
+        docker_engine.docker("network", "rm", network, check=False)
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+async def test_cancelling_the_event_stream_is_prompt_and_leaks_nothing(docker_engine):
+    before = open_fds()
+    async with DockerClient(endpoint(docker_engine.host, {})) as client:
+        await client.version()
+        with_pool = open_fds()
+        for _ in range(3):
+            async with trio.open_nursery() as nursery:
+                async def read(task_status=trio.TASK_STATUS_IGNORED):
+                    async with client.events() as stream:
+                        task_status.started()
+                        await next_event(stream, lambda e: False)
+
+                await nursery.start(read)
+                await trio.testing.wait_all_tasks_blocked()  # the reader waits for an event
+                cancelled_at = time.monotonic()
+                nursery.cancel_scope.cancel()
+            assert time.monotonic() - cancelled_at < 0.5
+            assert open_fds() <= with_pool  # the stream's connection is closed (it may have been the pool's one)
+        assert (await client.version())["ApiVersion"]  # the client still works
+    assert open_fds() == before
+
+
+async def test_a_cancelled_read_ends_the_stream_loudly(client):
+    async with client.events() as stream:
+        with trio.move_on_after(0.2):  # no event comes: the read is cancelled
+            await stream.__anext__()
+        with pytest.raises(DockerError, match="a read was cancelled, ending the stream"):
+            await stream.__anext__()
+
+
+async def test_listing_and_inspecting_20_containers(client, docker_engine, capsys):
+    def start(n: int) -> list[str]:
+        return [docker_engine.docker("run", "-d", "--label", f"connect.{6000 + i}=x:1", TOOLS_IMAGE,
+                                     "sleep", "300").strip() for i in range(n)]
+
+    ids = await trio.to_thread.run_sync(start, 20)
+    try:
+        await client.version()
+        t0 = time.perf_counter()
+        listed = await client.containers()
+        details = [await client.inspect(c["Id"]) for c in listed]
+        sequential = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        listed = await client.containers()
+        concurrent: dict[str, dict] = {}
+
+        async def one(cid: str) -> None:
+            concurrent[cid] = await client.inspect(cid)
+
+        async with trio.open_nursery() as nursery:
+            for c in listed:
+                nursery.start_soon(one, c["Id"])
+        parallel = time.perf_counter() - t0
+        assert {d["Id"] for d in details} == set(concurrent) >= set(ids)
+        with capsys.disabled():
+            print(f"\n[measure] containers() + inspect() of {len(listed)} containers: "
+                  f"{sequential * 1000:.1f} ms one after another, {parallel * 1000:.1f} ms concurrently")
+    finally:
+        await docker(docker_engine, "rm", "-f", *ids)
