@@ -283,7 +283,7 @@ class DockerClient:
 
         Raises:
             DockerError: on entry (unreachable, HTTP error), and out of the iteration: a
-                broken stream, one that ended, an event that is no JSON, a read after a
+                broken stream, one that ended, an event that is no JSON object, a read after a
                 cancelled one.
         """
         prefix = await self._prefix()
@@ -326,9 +326,12 @@ class _EventStream:
                         raise DockerError(f"{where}: the engine ended the event stream")
                     line = got.strip().lstrip("\x1e")  # \x1e: an RFC 7464 JSON sequence's record separator
             try:
-                return json.loads(line)
+                event = json.loads(line)
             except ValueError:
-                raise DockerError(f"{where}: an event is no JSON: {line!r:.80}") from None
+                event = None
+            if not isinstance(event, dict):
+                raise DockerError(f"{where}: an event is no JSON object: {line!r:.80}")
+            return event
         except BaseException as exc:  # the stream is over: say why at every later read too
             self._ended = str(exc) if isinstance(exc, DockerError) else f"{where}: a read was cancelled, ending the stream"
             raise

@@ -166,10 +166,10 @@ def answer(status: str, body: dict) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def fake_engine(path: Path, events_reply: bytes = b"", *, api: str = "1.41", min_api: str | None = "1.12"):
+async def fake_engine(path: Path, events_reply: bytes | None = b"", *, api: str = "1.41", min_api: str | None = "1.12"):
     """A unix socket server at ``path`` that answers /version with ``api`` (and
-    ``min_api``), and any other request with ``events_reply``, then closes. Yields the
-    list of request targets it got."""
+    ``min_api``), and any other request with ``events_reply``, then closes (None: never
+    answers). Yields the list of request targets it got."""
     got: list[str] = []
     version = {"ApiVersion": api, "Version": "fake"} | ({"MinAPIVersion": min_api} if min_api else {})
 
@@ -185,6 +185,8 @@ async def fake_engine(path: Path, events_reply: bytes = b"", *, api: str = "1.41
                 got.append(head.split(b" ")[1].decode())
                 if got[-1] == "/version":
                     await stream.send_all(answer("200 OK", version))
+                elif events_reply is None:
+                    await trio.sleep_forever()
                 else:
                     await stream.send_all(events_reply)
                     await stream.aclose()
@@ -233,15 +235,20 @@ async def test_an_engine_out_of_range_is_an_error(tmp_path, api, min_api, words)
     (STREAM_HEAD + chunk(json.dumps(EVENT).encode() + b"\n") + b"50\r\n{\"Type\"", ["GET /v1.41/events: ", "incomplete"]),
     # The engine ends the stream as HTTP allows (the last chunk).
     (STREAM_HEAD + chunk(json.dumps(EVENT).encode() + b"\n") + b"0\r\n\r\n", ["the engine ended the event stream"]),
-    (STREAM_HEAD + chunk(json.dumps(EVENT).encode() + b"\nnot json\n"), ["an event is no JSON: 'not json'"]),
+    (STREAM_HEAD + chunk(json.dumps(EVENT).encode() + b"\nnot json\n"), ["an event is no JSON object: 'not json'"]),
+    (STREAM_HEAD + chunk(json.dumps(EVENT).encode() + b"\n[1, 2]\n"), ["an event is no JSON object: '[1, 2]'"]),
 ])
 async def test_a_broken_or_ended_event_stream_raises(tmp_path, reply, words):
     async with fake_engine(tmp_path / "d.sock", reply) as got:
         async with DockerClient(endpoint(str(tmp_path / "d.sock"), {})) as client:
             async with client.events(since=1700000000.5) as stream:
-                with pytest.raises(DockerError) as caught:
-                    with trio.fail_after(5):
-                        assert [event async for event in stream] == "never: the stream must raise"
+                with trio.fail_after(5):
+                    assert await anext(stream) == EVENT
+                    with pytest.raises(DockerError) as caught:
+                        await anext(stream)
+                    with pytest.raises(DockerError) as again:  # and so does every later read
+                        await anext(stream)
+    assert str(again.value) == str(caught.value)
     assert got[1] == ("/v1.41/events?filters=%7B%22type%22%3A+%5B%22container%22%2C+%22network%22%5D%7D"
                       "&since=1700000000.500000000")
     message = str(caught.value)
@@ -257,6 +264,15 @@ async def test_an_http_error_at_subscribing_raises_with_the_engines_message(tmp_
                 async with client.events():
                     pass
     assert str(caught.value) == f"unix://{tmp_path}/d.sock: GET /v1.41/events: HTTP 500 out of memory"
+
+
+async def test_an_engine_that_does_not_answer(tmp_path):
+    async with fake_engine(tmp_path / "d.sock", None):
+        async with DockerClient(endpoint(f"unix://{tmp_path}/d.sock", {}), timeout=0.3) as client:
+            await client.version()
+            with pytest.raises(DockerError) as caught:
+                await client.containers()
+    assert str(caught.value) == f"unix://{tmp_path}/d.sock: GET /v1.41/containers/json: no answer within 0.3s"
 
 
 def socket_path_kinds(tmp_path: Path) -> dict[str, Path]:
