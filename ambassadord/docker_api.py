@@ -153,11 +153,16 @@ def _ssl_context(tls: TLS) -> ssl.SSLContext:
 
 def _reason(exc: BaseException, uds: str | None) -> str:
     """One line for the user: the OSError underneath httpx's wrappers where there is one."""
+    def telling(e: BaseException) -> bool:  # an SSLError's errno means nothing; trio's summary OSError has none
+        return isinstance(e, ssl.SSLError) or (isinstance(e, OSError) and e.errno is not None)
+
     found, seen = [exc], set()  # depth first: causes, contexts, a group's members (trio's TCP attempts)
-    while found and not (isinstance(cause := found.pop(), OSError) and cause.errno is not None):
+    while found and not telling(cause := found.pop()):
         if id(cause) not in seen:
             seen.add(id(cause))
             found += [e for e in (cause.__context__, cause.__cause__, *getattr(cause, "exceptions", ())) if e]
+    if isinstance(cause, ssl.SSLError):
+        return " ".join(str(cause).split())
     if isinstance(cause, OSError) and cause.errno is not None:
         if uds and cause.errno == errno.EACCES:
             return "permission denied (run as root or in the socket's group, e.g. docker)"

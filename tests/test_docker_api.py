@@ -11,9 +11,11 @@ out of range, a socket the client may not open.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -92,7 +94,8 @@ def certs(tmp_path) -> Path:
     d = tmp_path / "certs"
     d.mkdir()
     subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", d / "key.pem", "-out", d / "cert.pem", "-subj", "/CN=docker", "-days", "1"],
+                    "-keyout", d / "key.pem", "-out", d / "cert.pem", "-subj", "/CN=docker", "-days", "1",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:docker"],
                    check=True, capture_output=True)
     (d / "ca.pem").write_bytes((d / "cert.pem").read_bytes())
     return d
@@ -148,7 +151,7 @@ def test_unusable_tls_files_fail_the_start(certs, tmp_path, damage, words):
         assert word in str(caught.value)
 
 
-# ---------------------------------------------------------------- a fake engine on a unix socket
+# ---------------------------------------------------------------- a fake engine
 
 EVENT = {"Type": "container", "Action": "start", "Actor": {"ID": "c0ffee", "Attributes": {"name": "web"}},
          "time": 1700000000, "timeNano": 1700000000000000000}
@@ -165,12 +168,10 @@ def answer(status: str, body: dict) -> bytes:
         status.encode(), len(data), data)
 
 
-@contextlib.asynccontextmanager
-async def fake_engine(path: Path, events_reply: bytes | None = b"", *, api: str = "1.41", min_api: str | None = "1.12"):
-    """A unix socket server at ``path`` that answers /version with ``api`` (and
-    ``min_api``), and any other request with ``events_reply``, then closes (None: never
-    answers). Yields the list of request targets it got."""
-    got: list[str] = []
+def engine_handler(got: list[str], events_reply: bytes | None, api: str, min_api: str | None):
+    """A fake engine's connection handler: /version answers ``api`` (and ``min_api``); any
+    other request gets ``events_reply``, then the connection closes (None: no answer
+    ever). Each request's target is appended to ``got``."""
     version = {"ApiVersion": api, "Version": "fake"} | ({"MinAPIVersion": min_api} if min_api else {})
 
     async def handle(stream):
@@ -192,11 +193,20 @@ async def fake_engine(path: Path, events_reply: bytes | None = b"", *, api: str 
                     await stream.aclose()
                     return
 
+    return handle
+
+
+@contextlib.asynccontextmanager
+async def fake_engine(path: Path, events_reply: bytes | None = b"", *, api: str = "1.41", min_api: str | None = "1.12"):
+    """A fake engine (:func:`engine_handler`) on a unix socket at ``path``; yields the list
+    of request targets it got."""
+    got: list[str] = []
     sock = trio.socket.socket(socket.AF_UNIX)
     await sock.bind(str(path))
     sock.listen()
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, handle, [trio.SocketListener(sock)])
+        await nursery.start(trio.serve_listeners, engine_handler(got, events_reply, api, min_api),
+                            [trio.SocketListener(sock)])
         yield got
         nursery.cancel_scope.cancel()
 
@@ -393,8 +403,8 @@ async def test_events_a_container_started_after_subscribing(client, docker_engin
             assert started["Actor"]["Attributes"]["connect.6379"] == "x:1"  # labels come along
             assert isinstance(started["time"], int) and isinstance(started["timeNano"], int)
             await docker(docker_engine, "rm", "-f", cid)
-            died = await next_event(stream, lambda e: e["Type"] == "container" and e["Action"] in ("die", "kill"))
-            assert died["Actor"]["ID"] == cid
+            died = await next_event(stream, lambda e: e["Actor"]["ID"] == cid and e["Action"] in ("die", "kill"))
+            assert died["Type"] == "container"
         finally:
             docker_engine.docker("rm", "-f", cid, check=False)
 
@@ -491,3 +501,39 @@ async def test_listing_and_inspecting_20_containers(client, docker_engine, capsy
                   f"{sequential * 1000:.1f} ms one after another, {parallel * 1000:.1f} ms concurrently")
     finally:
         await docker(docker_engine, "rm", "-f", *ids)
+
+
+@contextlib.asynccontextmanager
+async def tls_engine(certs: Path):
+    """The fake engine over TLS on 127.0.0.1 (a free port), as ``dockerd --tlsverify``:
+    it presents cert.pem and wants a client certificate signed by ca.pem. Yields the port."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=certs / "ca.pem")
+    context.load_cert_chain(certs / "cert.pem", certs / "key.pem")
+    context.verify_mode = ssl.CERT_REQUIRED
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(
+            trio.serve_ssl_over_tcp, engine_handler([], b"", "1.41", "1.12"), 0, context, host="127.0.0.1"))
+        yield listeners[0].transport_listener.socket.getsockname()[1]
+        nursery.cancel_scope.cancel()
+
+
+async def test_tls_verify_talks_to_an_engine_with_client_certificates(certs):
+    async with tls_engine(certs) as port:
+        ep = endpoint(f"tcp://127.0.0.1:{port}", {"DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": str(certs)})
+        async with DockerClient(ep) as client:
+            assert (await client.version())["Version"] == "fake"
+
+
+async def test_tls_verify_refuses_an_engine_its_ca_did_not_sign(certs, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", other / "ca-key.pem", "-out", other / "ca.pem", "-subj", "/CN=other", "-days", "1"],
+                   check=True, capture_output=True)
+    async with tls_engine(certs) as port:
+        url = f"tcp://127.0.0.1:{port}"
+        async with DockerClient(endpoint(url, {"DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": str(other)})) as client:
+            with pytest.raises(DockerError) as caught:
+                await client.version()
+    assert str(caught.value).startswith(f"cannot connect to {url}: ")
+    assert "CERTIFICATE_VERIFY_FAILED" in str(caught.value)
