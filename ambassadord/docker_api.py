@@ -338,5 +338,5 @@ class _EventStream:
                 raise DockerError(f"{where}: an event is no JSON object: {line!r:.80}")
             return event
         except BaseException as exc:  # the stream is over: say why at every later read too
-            self._ended = str(exc) if isinstance(exc, DockerError) else f"{where}: a read was cancelled, ending the stream"
+            self._ended = str(exc) if isinstance(exc, DockerError) else f"{where}: a read was cancelled, which ends it"
             raise

@@ -37,27 +37,31 @@ from tests.docker_images import TOOLS_IMAGE
 
 # ---------------------------------------------------------------- endpoint(): a pure table
 
+DEFAULT = "unix:///var/run/docker.sock"
+UNIX, TCP = {"DOCKER_HOST": "unix:///run/d.sock"}, {"DOCKER_HOST": "tcp://10.0.0.1:2375"}
 ENDPOINTS = [
-    # flag, env, (url, where, uds, base_url)
-    (None, {}, ("unix:///var/run/docker.sock", "default", "/var/run/docker.sock", "http://docker")),
-    ("", {}, ("unix:///var/run/docker.sock", "default", "/var/run/docker.sock", "http://docker")),
-    (None, {"DOCKER_HOST": ""}, ("unix:///var/run/docker.sock", "default", "/var/run/docker.sock", "http://docker")),
-    (None, {"DOCKER_HOST": "tcp://10.0.0.1:2375"}, ("tcp://10.0.0.1:2375", "env DOCKER_HOST", None, "http://10.0.0.1:2375")),
-    ("unix:///run/d.sock", {"DOCKER_HOST": "tcp://10.0.0.1:2375"}, ("unix:///run/d.sock", "--docker", "/run/d.sock", "http://docker")),
-    ("/run/d.sock", {}, ("/run/d.sock", "--docker", "/run/d.sock", "http://docker")),
-    ("tcp://10.0.0.1", {}, ("tcp://10.0.0.1", "--docker", None, "http://10.0.0.1:2375")),
-    ("tcp://docker.example:4243/", {}, ("tcp://docker.example:4243/", "--docker", None, "http://docker.example:4243")),
-    ("tcp://[fd00::1]:2375", {}, ("tcp://[fd00::1]:2375", "--docker", None, "http://[fd00::1]:2375")),
+    # flag, env, url, where, what requests go to: a socket path, or a base URL
+    (None, {}, DEFAULT, "default", "/var/run/docker.sock"),
+    ("", {}, DEFAULT, "default", "/var/run/docker.sock"),
+    (None, {"DOCKER_HOST": ""}, DEFAULT, "default", "/var/run/docker.sock"),
+    (None, TCP, "tcp://10.0.0.1:2375", "env DOCKER_HOST", "http://10.0.0.1:2375"),
+    (None, UNIX, "unix:///run/d.sock", "env DOCKER_HOST", "/run/d.sock"),
+    ("unix:///run/e.sock", TCP, "unix:///run/e.sock", "--docker", "/run/e.sock"),
+    ("/run/e.sock", UNIX, "/run/e.sock", "--docker", "/run/e.sock"),
+    ("tcp://10.0.0.1", {}, "tcp://10.0.0.1", "--docker", "http://10.0.0.1:2375"),
+    ("tcp://docker.example:4243/", {}, "tcp://docker.example:4243/", "--docker", "http://docker.example:4243"),
+    ("tcp://[fd00::1]:2375", {}, "tcp://[fd00::1]:2375", "--docker", "http://[fd00::1]:2375"),
     # The TLS variables concern tcp:// only; DOCKER_CERT_PATH alone turns no TLS on (the CLI).
-    ("unix:///run/d.sock", {"DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": "/nowhere"}, ("unix:///run/d.sock", "--docker", "/run/d.sock", "http://docker")),
-    ("tcp://10.0.0.1:2376", {"DOCKER_CERT_PATH": "/nowhere"}, ("tcp://10.0.0.1:2376", "--docker", None, "http://10.0.0.1:2376")),
+    ("/run/e.sock", {"DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": "/x"}, "/run/e.sock", "--docker", "/run/e.sock"),
+    ("tcp://10.0.0.1:2376", {"DOCKER_CERT_PATH": "/x"}, "tcp://10.0.0.1:2376", "--docker", "http://10.0.0.1:2376"),
 ]
 
 
-@pytest.mark.parametrize("flag, env, want", ENDPOINTS)
-def test_endpoint(flag, env, want):
+@pytest.mark.parametrize("flag, env, url, where, target", ENDPOINTS)
+def test_endpoint(flag, env, url, where, target):
     ep = endpoint(flag, env)
-    assert (ep.url, ep.where, ep.uds, ep.base_url) == want
+    assert (ep.url, ep.where) == (url, where)
+    assert (ep.uds, ep.base_url) == ((target, "http://docker") if target.startswith("/") else (None, target))
     assert ep.tls is None
 
 
@@ -242,7 +246,8 @@ async def test_an_engine_out_of_range_is_an_error(tmp_path, api, min_api, words)
 
 @pytest.mark.parametrize("reply, words", [
     # The engine dies mid-event: the connection closes inside a chunk.
-    (STREAM_HEAD + chunk(json.dumps(EVENT).encode() + b"\n") + b"50\r\n{\"Type\"", ["GET /v1.41/events: ", "incomplete"]),
+    (STREAM_HEAD + chunk(json.dumps(EVENT).encode() + b"\n") + b"50\r\n{\"Type\"",
+     ["GET /v1.41/events: ", "incomplete"]),
     # The engine ends the stream as HTTP allows (the last chunk).
     (STREAM_HEAD + chunk(json.dumps(EVENT).encode() + b"\n") + b"0\r\n\r\n", ["the engine ended the event stream"]),
     (STREAM_HEAD + chunk(json.dumps(EVENT).encode() + b"\nnot json\n"), ["an event is no JSON object: 'not json'"]),
@@ -292,7 +297,8 @@ def socket_path_kinds(tmp_path: Path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("kind, reason", [
-    ("missing", "[Errno 2] No such file or directory (in a container, mount it: -v /var/run/docker.sock:/var/run/docker.sock)"),
+    ("missing", "[Errno 2] No such file or directory "
+                "(in a container, mount it: -v /var/run/docker.sock:/var/run/docker.sock)"),
     ("file", "[Errno 111] Connection refused (no engine listens there)"),
     ("dir", "[Errno 111] Connection refused (no engine listens there)"),
 ])
@@ -396,7 +402,8 @@ async def test_running_containers_their_labels_env_and_addresses(client, docker_
 
 async def test_events_a_container_started_after_subscribing(client, docker_engine):
     async with client.events() as stream:
-        cid = (await docker(docker_engine, "run", "-d", "--label", "connect.6379=x:1", TOOLS_IMAGE, "sleep", "300")).strip()
+        cid = await docker(docker_engine, "run", "-d", "--label", "connect.6379=x:1", TOOLS_IMAGE, "sleep", "300")
+        cid = cid.strip()
         try:
             started = await next_event(stream, lambda e: e["Type"] == "container" and e["Action"] == "start")
             assert started["Actor"]["ID"] == cid
@@ -467,7 +474,7 @@ async def test_a_cancelled_read_ends_the_stream_loudly(client):
     async with client.events() as stream:
         with trio.move_on_after(0.2):  # no event comes: the read is cancelled
             await stream.__anext__()
-        with pytest.raises(DockerError, match="a read was cancelled, ending the stream"):
+        with pytest.raises(DockerError, match="a read was cancelled, which ends it"):
             await stream.__anext__()
 
 
