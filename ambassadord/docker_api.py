@@ -177,15 +177,18 @@ class DockerClient:
 
     Calls fix the API version first (:meth:`version`) if not done yet. Timeouts: every
     request has ``timeout`` seconds to connect and answer, but the event stream waits for
-    events for ever. Raises :class:`DockerError` for anything that goes wrong.
+    events for ever. Raises :class:`DockerError` for anything that goes wrong, also when
+    the endpoint's TLS files can no longer be loaded.
     """
 
     def __init__(self, ep: Endpoint, *, timeout: float = 5.0):
         self.endpoint, self.timeout = ep, timeout
         self.api: str | None = None  # "/v1.41" once version() ran
-        # verify=False without TLS only spares loading the system's CA store for plain http.
-        transport = httpx.AsyncHTTPTransport(uds=ep.uds, verify=_ssl_context(ep.tls) if ep.tls else False,
-                                             trust_env=False)
+        try:  # endpoint() loaded the files once; they may have gone since (a reconnect)
+            context = _ssl_context(ep.tls) if ep.tls else False  # False: plain http loads no CA store
+        except (OSError, ssl.SSLError) as exc:
+            raise DockerError(f"{ep.url}: TLS files: {exc}") from None
+        transport = httpx.AsyncHTTPTransport(uds=ep.uds, verify=context, trust_env=False)
         self._http = httpx.AsyncClient(transport=transport, base_url=ep.base_url, timeout=timeout, trust_env=False)
 
     async def __aenter__(self) -> DockerClient:

@@ -113,6 +113,13 @@ def test_tls_verify_uses_the_cert_path_like_the_cli(certs):
     DockerClient(ep)  # builds its SSL context from the files
 
 
+def test_tls_files_gone_since_the_start_are_a_docker_error(certs):
+    ep = endpoint("tcp://10.0.0.1:2376", {"DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": str(certs)})
+    (certs / "ca.pem").unlink()
+    with pytest.raises(DockerError, match=r"^tcp://10\.0\.0\.1:2376: TLS files: .*No such file"):
+        DockerClient(ep)
+
+
 def test_docker_tls_encrypts_without_verifying(certs):
     (certs / "cert.pem").unlink()
     (certs / "key.pem").unlink()  # no client certificate: allowed, as by the CLI
