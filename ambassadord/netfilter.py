@@ -10,6 +10,11 @@ Layout, per daemon port ``TO`` and per address family::
     nat OUTPUT      -p tcp -j AMBASSADORD-TO     host processes, --net=host containers
     nat PREROUTING  -p tcp -j AMBASSADORD-TO-IN  connections arriving from elsewhere
     AMBASSADORD-TO-IN:                           who, of those, may be redirected:
+      -i BRIDGE -p tcp [--dport C] -m addrtype --dst-type LOCAL -j REDIRECT --to-ports TO
+                                                 --docker: every port (bridge_all), or one
+                                                 rule per port C that only containers
+                                                 declare; with dests, -d ADDR instead of
+                                                 addrtype
       -i BRIDGE -j AMBASSADORD-TO                containers on this host's bridges
       -s CIDR [-p tcp --dport P] -j AMBASSADORD-TO
                                                  networks opened explicitly (--allow-from)
@@ -139,6 +144,14 @@ class RedirectPlan:
       allow_from: ``(network, port)`` pairs: connections arriving from ``network`` (any
         interface, another host too) are redirected, to ``port`` only or, with ``None``,
         to every mapped port. ``0.0.0.0/0`` and ``::/0`` open to everyone.
+      bridge_ports: ports redirected only for connections arriving on ``from_interfaces``:
+        the ports that only containers declare for themselves (``--docker``). A host
+        process that connects to such a port reaches whatever listens there, as before.
+        Ports also in ``ports`` are dropped from here.
+      bridge_all: redirect every TCP port for connections arriving on ``from_interfaces``
+        to this host (``--docker``'s default): a container's first connection reaches the
+        daemon even before Docker told it what the container declares; the daemon passes
+        on what no route takes (server.py, passthrough). ``bridge_ports`` is then moot.
 
     Raises:
       ValueError: a port, mark or family is out of range, a dest is not an
@@ -154,12 +167,17 @@ class RedirectPlan:
     families: tuple[int, ...] = _FAMILIES
     from_interfaces: tuple[str, ...] = ()
     allow_from: tuple[tuple[Network, int | None], ...] = ()
+    bridge_ports: tuple[int, ...] = ()
+    bridge_all: bool = False
 
     def __post_init__(self) -> None:
         _check_port(self.to_port, "to_port")
         ports = tuple(dict.fromkeys(self.ports))
         for port in ports:
             _check_port(port, "mapped port")
+        bridge_ports = tuple(p for p in dict.fromkeys(self.bridge_ports) if p not in ports)
+        for port in bridge_ports:
+            _check_port(port, "container port")
         dests = tuple(dict.fromkeys(self.dests))
         for dest in dests:
             if not isinstance(dest, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
@@ -181,6 +199,7 @@ class RedirectPlan:
         # Frozen, so normalised values go in through object.__setattr__; lists given by a
         # caller become tuples, which keeps the plan hashable.
         object.__setattr__(self, "ports", ports)
+        object.__setattr__(self, "bridge_ports", bridge_ports)
         object.__setattr__(self, "dests", dests)
         object.__setattr__(self, "families", families)
         object.__setattr__(self, "from_interfaces", interfaces)
@@ -258,6 +277,14 @@ def render_install(plan: RedirectPlan, family: int, existing_jumps: set[str],
                 f"-A {chain} -p tcp --dport {port} -m addrtype --dst-type LOCAL -j REDIRECT --to-ports {to}"
             )
     for name in plan.from_interfaces:
+        for port in (None,) if plan.bridge_all else plan.bridge_ports:
+            only = f" --dport {port}" if port is not None else ""
+            if plan.dests:
+                lines += [f"-A {in_chain} -i {name} -d {dest} -p tcp{only} -j REDIRECT --to-ports {to}"
+                          for dest in plan.dests if dest.version == family]
+            else:
+                lines.append(f"-A {in_chain} -i {name} -p tcp{only} -m addrtype --dst-type LOCAL "
+                             f"-j REDIRECT --to-ports {to}")
         lines.append(f"-A {in_chain} -i {name} -j {chain}")
     for network, port in plan.allow_from:
         if network.version != family:

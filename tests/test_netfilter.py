@@ -157,6 +157,40 @@ INSTALL_CASES = [
               "COMMIT"),
         id="bridges-and-allowed-networks-v6",
     ),
+    pytest.param(
+        # --docker: 6380 only containers declare; 6379 is also a host route (so not twice).
+        RedirectPlan(10000, (6379,), from_interfaces=("docker0", "br-1"), bridge_ports=(6380, 6379, 6380)),
+        4,
+        {"OUTPUT", "PREROUTING"},
+        _text("*nat", *_head(), _local(6379),
+              f"-A {IN_CHAIN} -i docker0 -p tcp --dport 6380 -m addrtype --dst-type LOCAL -j REDIRECT --to-ports 10000",
+              f"-A {IN_CHAIN} -i docker0 -j {CHAIN}",
+              f"-A {IN_CHAIN} -i br-1 -p tcp --dport 6380 -m addrtype --dst-type LOCAL -j REDIRECT --to-ports 10000",
+              f"-A {IN_CHAIN} -i br-1 -j {CHAIN}",
+              "COMMIT"),
+        id="container-ports-from-bridges-only",
+    ),
+    pytest.param(
+        RedirectPlan(10000, (), dests=(V4("172.17.0.1"), V6("fd00::1")), from_interfaces=("docker0",),
+                     bridge_ports=(6380,)),
+        6,
+        {"OUTPUT", "PREROUTING"},
+        _text("*nat", *_head(),
+              f"-A {IN_CHAIN} -i docker0 -d fd00::1 -p tcp --dport 6380 -j REDIRECT --to-ports 10000",
+              f"-A {IN_CHAIN} -i docker0 -j {CHAIN}",
+              "COMMIT"),
+        id="container-ports-with-dests-v6",
+    ),
+    pytest.param(
+        RedirectPlan(10000, (6379,), from_interfaces=("docker0",), bridge_ports=(6380,), bridge_all=True),
+        4,
+        {"OUTPUT", "PREROUTING"},
+        _text("*nat", *_head(), _local(6379),
+              f"-A {IN_CHAIN} -i docker0 -p tcp -m addrtype --dst-type LOCAL -j REDIRECT --to-ports 10000",
+              f"-A {IN_CHAIN} -i docker0 -j {CHAIN}",
+              "COMMIT"),
+        id="docker-every-port-from-bridges",
+    ),
 ]
 
 
