@@ -22,6 +22,7 @@ import math
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING
@@ -59,6 +60,8 @@ class ConfigState:
     last_reload_ok: bool = True
     last_reload_error: str | None = None
     last_reload_summary: str | None = None
+    # --docker: the watch's status() (docker_watch.ContainerWatch), for /routes; None: off.
+    docker: Callable[[], dict] | None = None
 
     def succeeded(self, summary: str) -> None:
         self.loaded_at = self.last_reload_at = time.time()
@@ -287,6 +290,7 @@ def route_view(route, st=None) -> dict:
         "source": str(cfg.source) if cfg.source else None,
         "spec": cfg.spec.text,
         "origin": cfg.origin,
+        "container": cfg.container or None,
         "balance": cfg.balance,
         "mode": cfg.mode,
         "connect_timeout": cfg.connect_timeout,
@@ -340,6 +344,7 @@ def snapshot(server: Server, config: ConfigState, views: dict | None = None, tot
                 "at": config.last_reload_at, "ok": config.last_reload_ok,
                 "error": config.last_reload_error, "summary": config.last_reload_summary},
         },
+        "docker": config.docker() if config.docker is not None else None,
         "routes": [route_view(r, views.get(r)) for r in sorted(server.table.routes, key=_route_order)],
     }
 
@@ -482,7 +487,7 @@ def make_app(server: Server, config: ConfigState, pool: WorkerPool | None = None
             return PlainTextResponse("stopping\n", status_code=503)
         if not server.listening:
             return PlainTextResponse("not listening yet\n", status_code=503)
-        if not server.table.routes:
+        if not server.table.routes and config.docker is None:  # --docker: containers may come later
             return PlainTextResponse("no routes loaded\n", status_code=503)
         return PlainTextResponse("ok\n")
 

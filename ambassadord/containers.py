@@ -58,14 +58,30 @@ def from_inspect(doc: Mapping) -> Container:
         name, sep, value = str(item).partition("=")
         if sep:
             env[name] = value
-    addresses = []
-    for net in ((doc.get("NetworkSettings") or {}).get("Networks") or {}).values():
+    # Not gated on State.Running: dockerd says "running" a little after the process
+    # started, and a container's first connection may come in between. Its addresses are
+    # given at start and taken back when it stops.
+    addresses = _addresses((doc.get("NetworkSettings") or {}).get("Networks"))
+    return Container(id=str(doc.get("Id", "")), name=str(doc.get("Name", "")).lstrip("/"),
+                     addresses=addresses, labels=dict(config.get("Labels") or {}), env=env)
+
+
+def _addresses(networks: Mapping | None) -> tuple[str, ...]:
+    """Every IPv4 and global IPv6 address of a container's networks (none for a network
+    without an address: not started, ``--network none``, host)."""
+    addresses: list[str] = []
+    for net in (networks or {}).values():
         for key in ("IPAddress", "GlobalIPv6Address"):
             addr = (net or {}).get(key)
             if addr and addr not in addresses:
                 addresses.append(addr)
-    return Container(id=str(doc.get("Id", "")), name=str(doc.get("Name", "")).lstrip("/"),
-                     addresses=tuple(addresses), labels=dict(config.get("Labels") or {}), env=env)
+    return tuple(addresses)
+
+
+def listed_addresses(entry: Mapping) -> tuple[str, ...]:
+    """The addresses of one entry of ``GET /containers/json`` (``docker ps``), in the order
+    :func:`from_inspect` gives them: the listing says whether an inspect is needed."""
+    return _addresses((entry.get("NetworkSettings") or {}).get("Networks"))
 
 
 def declared(container: Container) -> tuple[dict[int, tuple[str, str]], list[str]]:
@@ -100,7 +116,8 @@ def container_routes(container: Container, defaults: RouteDefaults) -> tuple[lis
     routes: list[RouteConfig] = []
     for port, (spec, where) in sorted(ports.items()):
         try:
-            made = [make_route(port, spec, where, defaults, source=ipaddress.ip_network(addr))
+            made = [make_route(port, spec, where, defaults, source=ipaddress.ip_network(addr),
+                               container=f"{container.name} ({container.short_id})")
                     for addr in container.addresses]
         except ConfigError as exc:
             warnings.append(f"{exc}; ignoring it")

@@ -36,6 +36,15 @@ MODES = ("proxy", "connect")
 _KEEPALIVE_MAX = (32767, 32767, 127)
 
 
+def client_address(text: str) -> str | None:
+    """A connection's source address as --docker knows containers' (an IPv4 client of a
+    dual-stack listener without its ``::ffff:``), or None for loopback (the host's own
+    processes, never a container)."""
+    if text.startswith("::ffff:"):
+        text = text[7:]
+    return None if text.startswith("127.") or text == "::1" else text
+
+
 @dataclass(frozen=True, slots=True)
 class Keepalive:
     """TCP keepalive on both sockets of a connection: after ``idle`` seconds without a
@@ -97,6 +106,9 @@ class RouteConfig:
     # cgroup BPF program rewrites the consumer's connect() to a backend (connect/).
     mode: str = "proxy"
     origin: str = ""
+    # A route a Docker container declared for itself (containers.py): "NAME (SHORT_ID)";
+    # "" for the host's routes. Shown by /routes, the status page and ``status``.
+    container: str = ""
 
     @property
     def key(self) -> tuple[int, IPNetwork | None]:
@@ -107,7 +119,8 @@ class RouteConfig:
         return f"{self.port}{src}"
 
     def same_route(self, other: RouteConfig) -> bool:
-        """Equal in everything that matters for serving (``origin`` is only where it was read)."""
+        """Equal in everything that matters for serving (``origin`` and ``container`` only
+        say where it was read; a renamed container keeps its route)."""
         return (self.port, self.spec, self.source, self.balance, self.connect_timeout, self.idle_timeout,
                 self.eject_for, self.max_connections, self.max_backend_connections, self.keepalive,
                 self.check_interval, self.check_rise, self.check_fall, self.mode) == (

@@ -14,7 +14,10 @@ Today's sources, read in this order (``settings.RouteSources`` says which are on
 * :class:`EnvVars`: ``BACKEND_<PORT>=SPEC`` and, with ``--link-env``, Docker links'
   ``<ALIAS>_PORT_<PORT>_TCP``: one source, read in the variables' name order, so that
   which error comes first, and the order of a duplicate's two names, stay as they were
-  when both kinds were one pass over the environment.
+  when both kinds were one pass over the environment;
+* :class:`ContainerRoutes`: with ``--docker``, what each container declares for itself
+  (``connect.<PORT>`` labels, ``BACKEND_<PORT>`` in its environment; containers.py), as
+  the Docker watch (docker_watch.py) last saw the containers.
 
 Precedence (:class:`Scope`): routes for everyone the host serves (every source above, and
 a KV-held route table to come) form one layer, in which a port (with the same source
@@ -43,7 +46,7 @@ class Scope(enum.IntEnum):
     network, the narrower (higher) one wins; within one, that is an error."""
 
     HOST = 0  # everyone the host serves: flags, the file, the environment (a KV table later)
-    CONTAINER = 1  # one container's addresses (Docker's labels and env, to come)
+    CONTAINER = 1  # one container's addresses (Docker's labels and env: ContainerRoutes)
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,26 @@ class EnvVars:
         return SourceRoutes(tuple(routes), tuple(warnings))
 
 
+@dataclass(frozen=True)
+class ContainerRoutes:
+    """The routes the containers declare (containers.py), each limited to its container's
+    addresses; a container without an address (stopped, created) gives none.
+
+    A bad label or variable is no error here: the watch logged it once, when it first saw
+    the container, and the container's other routes still count (so nothing is warned
+    again at every reload)."""
+
+    containers: tuple = ()  # containers.Container, as last seen
+
+    def read(self, defaults: RouteDefaults) -> SourceRoutes:
+        from .containers import container_routes
+
+        routes: list[RouteConfig] = []
+        for c in self.containers:
+            routes += container_routes(c, defaults)[0]
+        return SourceRoutes(tuple(routes), scope=Scope.CONTAINER)
+
+
 @dataclass
 class LoadedConfig:
     routes: list[RouteConfig]
@@ -160,9 +183,11 @@ def load_routes(
     link_env: bool = False,
     backend_env: bool = True,
     flag_defaults: Mapping | None = None,
+    containers: tuple | None = None,
 ) -> LoadedConfig:
     """Every route from today's sources: the flags' defaults first (a bad flag is
-    reported before the file is read), then the file, ``--map``, the environment.
+    reported before the file is read), then the file, ``--map``, the environment and,
+    with ``containers`` (``--docker``), what they declare.
 
     Raises:
         ConfigError: naming the bad value and its origin.
@@ -170,4 +195,6 @@ def load_routes(
     defaults = route_defaults(flag_defaults or {})
     sources: list[RouteSource] = [ConfigFile(config_file)] if config_file else []
     sources += [FlagMaps(tuple(maps)), EnvVars(env, backend=backend_env, links=link_env)]
+    if containers is not None:
+        sources.append(ContainerRoutes(tuple(containers)))
     return read_routes(sources, defaults)

@@ -80,7 +80,9 @@ def columns(rows: list[tuple[str, ...]]) -> list[str]:
 
 def _route_rows(r: dict, now: float) -> list[tuple[str, ...]]:
     # A connect-mode route says so after its spec; proxy, the default, says nothing.
-    route_cols = (r["name"], r["spec"] + (" (connect)" if r.get("mode", "proxy") != "proxy" else ""))
+    # A route a container declared names it after its spec: "(container web-1 (3f2a9c1d0e4b))".
+    route_cols = (r["name"], r["spec"] + (" (connect)" if r.get("mode", "proxy") != "proxy" else "")
+                  + (f" (container {r['container']})" if r.get("container") else ""))
     if not r["backends"]:
         state = "not resolved" if not r["resolved"] else "no backends"
         return [(*route_cols, "-", state, str(r["active"]), str(r["connections"]), "-",
@@ -108,4 +110,9 @@ def _totals(data: dict, cfg: dict, now: float) -> list[str]:
         lines.append(f"{workers['count']} worker processes" + (
             f"; only {workers['answered']} answered, counts are partial" if workers["answered"] < workers["count"]
             else "") + (f"; {workers['restarts']} restarted" if workers.get("restarts") else ""))
+    docker = data.get("docker")
+    if docker:
+        lines.append(f"docker {docker['url']}: " + (
+            f"{docker['containers']} container(s), {docker['declaring']} declaring routes" if docker["connected"]
+            else f"not connected ({docker['error']}), last known routes kept since {_ago(docker['lost_at'], now)}"))
     return lines
