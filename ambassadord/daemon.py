@@ -64,7 +64,7 @@ def run(settings: RunSettings) -> int:
         configs = _routes(settings.routes)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    if not configs:
+    if not configs and settings.docker is None:
         raise UsageError(NO_ROUTES)
     plan = None
     if settings.iptables is not None:
@@ -117,6 +117,7 @@ def _serve(settings: RunSettings, configs, plan, kernel, plane=None) -> int:
         server = Server(RouteTable([Route(c) for c in configs]), sockets,
                         options=settings.resolver, grace=settings.grace, kernel=kernel,
                         mark=settings.mark, use_splice=settings.use_splice)
+        server.passthrough = settings.passthrough
         pool = _pool(settings, server, sockets, kernel) if settings.workers > 1 else None
         feed = _feed(settings, server, configs, plane) if plane is not None else None
         server.peers = fanout(pool, feed)  # what the server tells: the helpers, the kernel's maps
@@ -153,7 +154,8 @@ def _pool(settings: RunSettings, server: Server, sockets, kernel):
         settings.workers, Settings(listen=bound, grace=settings.grace, mark=settings.mark,
                                    use_splice=settings.use_splice, sockmap="on" if kernel is not None else "off",
                                    sockmap_size=settings.sockmap_size, log_format=settings.log_format,
-                                   log_level=settings.log_level),
+                                   log_level=settings.log_level, docker=settings.docker is not None,
+                                   passthrough=settings.passthrough),
         table=lambda: server.table, apply_ejection=server.apply_ejection)
 
 
@@ -173,9 +175,10 @@ def _log_catch(addresses: list[str]) -> None:
              "".join(f", {a}" for a in addresses))
 
 
-def _routes(sources: RouteSources) -> list:
-    """The routes as the sources say now; their warnings logged. Raises ConfigError."""
-    loaded = sources.load(os.environ)
+def _routes(sources: RouteSources, containers: tuple | None = None) -> list:
+    """The routes as the sources say now (with ``--docker``, what ``containers`` declare
+    too); their warnings logged. Raises ConfigError."""
+    loaded = sources.load(os.environ, containers)
     for w in loaded.warnings:
         log.warning("%s", w)
     return loaded.routes
@@ -232,12 +235,20 @@ def _redirect_plan(settings: RunSettings, configs) -> netfilter.RedirectPlan:
     return netfilter.RedirectPlan(to_port=listen_ports[0], ports=_redirect_ports(configs, settings.listen),
                                   dests=settings.iptables.dests, mark=settings.mark,
                                   families=_families_for(settings.listen), from_interfaces=bridges,
-                                  allow_from=settings.iptables.allow_from)
+                                  allow_from=settings.iptables.allow_from, bridge_all=settings.passthrough)
 
 
 def _redirect_ports(configs, listen) -> tuple[int, ...]:
-    """The ports of the proxy-mode routes (connect mode's connects never reach the rules)."""
-    return tuple(sorted({c.port for c in configs if c.mode == "proxy"} - {a.port for a in listen}))
+    """The ports of the host's proxy-mode routes (connect mode's connects never reach the
+    rules; a container's own routes are redirected from the bridges only: _bridge_ports)."""
+    return tuple(sorted({c.port for c in configs if c.mode == "proxy" and not c.container}
+                        - {a.port for a in listen}))
+
+
+def _bridge_ports(watch, listen) -> tuple[int, ...]:
+    """--docker: the ports that containers declare (running or about to run), redirected
+    for the container bridges only. In connect mode the rule is never reached: harmless."""
+    return tuple(sorted(watch.declared_ports() - {a.port for a in listen})) if watch is not None else ()
 
 
 def _families_for(listen) -> tuple[int, ...]:
@@ -297,7 +308,13 @@ class RedirectRules:
 
 
 def _log_redirect(plan: netfilter.RedirectPlan) -> None:
-    log.info("iptables: redirecting ports %s to %d", ",".join(map(str, plan.ports)) or "(none)", plan.to_port)
+    if plan.bridge_all:
+        also = "; from the container bridges every port (--docker-redirect all)"
+    elif plan.bridge_ports:
+        also = f"; from the container bridges also {','.join(map(str, plan.bridge_ports))} (declared by containers)"
+    else:
+        also = ""
+    log.info("iptables: redirecting ports %s to %d%s", ",".join(map(str, plan.ports)) or "(none)", plan.to_port, also)
 
 
 def _log_exposure(plan: netfilter.RedirectPlan) -> None:
@@ -337,6 +354,12 @@ class _Daemon:
         self._reload_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self.stopping = False
+        self.watch = None  # --docker: the ContainerWatch (docker_watch.py)
+        if settings.docker is not None:
+            from .docker_watch import ContainerWatch
+
+            self.watch = ContainerWatch(settings.docker, self.reload)
+            self.config.docker = self.watch.status
 
     async def serve(self) -> None:
         server = self.server
@@ -344,6 +367,13 @@ class _Daemon:
             self._nursery = nursery
             nursery.start_soon(self._on_signals)
             await nursery.start(self._run_server)
+            if self.watch is not None:
+                # Before the admin API answers and READY=1: the containers' routes are
+                # served (or the engine is known to be away, logged) by then.
+                server.first_seen = self.watch.first_seen
+                if self.pool is not None:
+                    self.pool.first_seen = self.watch.first_seen  # the helpers' Lookups
+                await nursery.start(self.watch.run)
             if self.settings.routes.config and self.settings.config_poll > 0:
                 # Before the admin API answers: a change made once it does is noticed.
                 await nursery.start(self._watch_config_file)
@@ -530,7 +560,9 @@ class _Daemon:
             try:
                 # Abandoned if a stop cancels it: a file that blocks (a FIFO, a hung NFS
                 # mount) holds a thread, never the daemon.
-                configs = await trio.to_thread.run_sync(_routes, self.settings.routes, abandon_on_cancel=True)
+                containers = self.watch.snapshot() if self.watch is not None else None
+                configs = await trio.to_thread.run_sync(_routes, self.settings.routes, containers,
+                                                        abandon_on_cancel=True)
             except ConfigError as exc:
                 raise _Rejected(str(exc)) from None
             except Exception as exc:  # a bug of ours or a library's: the old routes stay
@@ -538,7 +570,7 @@ class _Daemon:
                 raise _Rejected(f"{source}: cannot be read: {type(exc).__name__}: {exc}") from None
         if self._reload_scope.cancelled_caught or self.stopping:
             return None
-        if not configs:
+        if not configs and self.watch is None:
             raise _Rejected(f"{source}: no routes in the new configuration")
         return configs
 
@@ -547,8 +579,9 @@ class _Daemon:
         changes: if iptables refuses, the reload is rejected. Raises _Rejected."""
         if self.rules is None:
             return
-        new_plan = replace(self.rules.plan, ports=_redirect_ports(configs, self.settings.listen))
-        if new_plan.ports == self.rules.plan.ports:
+        new_plan = replace(self.rules.plan, ports=_redirect_ports(configs, self.settings.listen),
+                           bridge_ports=() if self.rules.plan.bridge_all else _bridge_ports(self.watch, self.settings.listen))
+        if new_plan == self.rules.plan:
             return
         # A port that goes keeps its established connections: the chain always holds a
         # REDIRECT rule (netfilter.py, "the anchor").

@@ -57,6 +57,8 @@ def setup(fmt: str = "text", level: str = "info", stream=None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx (--docker's client) logs every request at INFO; its failures reach us as errors.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
 
 
 class Throttled:

@@ -246,6 +246,15 @@ def _add_run(run: argparse.ArgumentParser) -> None:
                    help="how often to check --config for changes (default 1; 0 = only on SIGHUP)")
     g.add_argument("--link-env", action="store_true",
                    help="also read Docker link variables <ALIAS>_PORT_<PORT>_TCP=tcp://HOST:PORT")
+    g.add_argument("--docker", nargs="?", const="", default=None, metavar="URL",
+                   help="also route what each container declares for itself (label connect.<PORT>=SPEC, "
+                   "env BACKEND_<PORT>=SPEC), from its own addresses; URL: the engine's API "
+                   "(default $DOCKER_HOST, else unix:///var/run/docker.sock)")
+    g.add_argument("--docker-redirect", choices=("all", "declared"), default="all",
+                   help="with --docker and --iptables, which ports of this host's addresses the containers' "
+                   "connections are redirected for: all (default: race-free from a container's first "
+                   "millisecond; what no route takes goes on to where it was headed) or only the ports "
+                   "that routes and containers declare (from the container's create event on)")
     g = run.add_argument_group("listening")
     g.add_argument("--listen", action="append", type=_listen, metavar="ADDR:PORT",
                    help=f"address to accept on; repeatable (default 0.0.0.0:{DEFAULT_PORT} and [::]:{DEFAULT_PORT})")

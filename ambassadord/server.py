@@ -25,6 +25,7 @@ import os
 import random
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -37,7 +38,7 @@ from .balancer import pick_order
 from .logs import Throttled
 from .peers import NO_PEERS, Peers
 from .relay import KernelRelay, RelayResult, relay
-from .routes import Keepalive, Route, RouteConfig, RouteTable
+from .routes import Keepalive, Route, RouteConfig, RouteTable, client_address
 from .stats import Outcome
 from .upstream import CAPACITY_ERRNOS, CAPACITY_SLEEP, Connector, Refused, set_keepalive
 
@@ -158,6 +159,17 @@ def _addr_str(sockaddr) -> str:
     return str(ListenAddress(sockaddr[0], sockaddr[1]))
 
 
+PASSTHROUGH = "passthrough"
+_PASSTHROUGH_CACHE = 4096  # passthrough routes kept (one per host address and port dialled)
+
+
+@dataclass(frozen=True)
+class StaticAddress:
+    """The spec of a passthrough route: only its text (it is never resolved)."""
+
+    text: str
+
+
 def intended_port(original: tuple[str, int] | None, listen_port: int) -> int:
     """The port a connection was meant for: its original destination's (SO_ORIGINAL_DST),
     or, not redirected (no conntrack entry: ``None``), the listen port it arrived on.
@@ -236,6 +248,15 @@ class Server:
         self.rng = rng or random.Random()
         self.resolve = resolve
         self.peers = peers if peers is not None else NO_PEERS
+        # --docker (docker_watch.ContainerWatch.first_seen): for a connection's source
+        # address, None (route it now) or a coroutine function to await before the lookup.
+        self.first_seen: Callable[[str], Callable[[], Awaitable[None]] | None] | None = None
+        # --docker's catch-all redirect from the container bridges: a container's connection
+        # that no route takes goes on to where it was headed (_passthrough), as if there
+        # were no redirect. Off: such a connection is closed (outcome no-route).
+        self.passthrough = False
+        self._passthroughs: dict[tuple[str, int], Route] = {}
+        self._listen_ports = {s.getsockname()[1] for s in listeners}
         self.active = 0
         self.total = 0
         self.unrouted: dict[str, int] = {}  # connections closed before a route was found, by outcome
@@ -519,12 +540,16 @@ class Server:
         outcome, error, result = Outcome.ERROR, None, RelayResult()
         route = upstream = own = bstats = None
         try:
-            fields["port"] = port = intended_port(_original_destination(conn), listen_port)
+            original = _original_destination(conn)
+            fields["port"] = port = intended_port(original, listen_port)
             if self.upstreams.is_own(peer, port):  # one of our upstream connections, looped back
                 raise Refused(Outcome.LOOP)
+            if self.first_seen is not None and (ask := self.first_seen(peer[0])) is not None:
+                await ask()  # a container's first connection, maybe before Docker told us of it
             if (route := self.table.lookup(port, peer[0])) is None:
-                raise Refused(Outcome.NO_ROUTE)
-            fields["route"] = route.name
+                if not self.passthrough or (route := self._passthrough(original, peer[0])) is None:
+                    raise Refused(Outcome.NO_ROUTE)
+            fields["route"] = route.name if route.config.origin != PASSTHROUGH else PASSTHROUGH
             route.stats.active += 1  # until route.stats.closed()
             await self._admit(route, conn)
             upstream, own, bstats = await self.upstreams.connect(route, self._pick_order(route), result,
@@ -553,7 +578,10 @@ class Server:
             if upstream is not None:
                 self.upstreams.release(upstream, own)
             conn.close()
-            if conn_log.isEnabledFor(level := OUTCOME_LEVELS.get(outcome, logging.INFO)):
+            # A passthrough that failed is a container dialling a closed port of this host:
+            # ordinary, not the daemon's error.
+            level = logging.INFO if fields.get("route") == PASSTHROUGH else OUTCOME_LEVELS.get(outcome, logging.INFO)
+            if conn_log.isEnabledFor(level):
                 _log_connection(level, fields, result, outcome, error, started)
 
     async def _admit(self, route: Route, conn: socket.socket) -> None:
@@ -598,6 +626,24 @@ class Server:
             raise Refused(Outcome.NO_BACKENDS, route.backends.error or "the route has no backends")
         return order
 
+    def _passthrough(self, original: tuple[str, int] | None, src: str) -> Route | None:
+        """A route straight to ``original``, the address a container dialled (one of this
+        host's: the redirect takes only those), for a connection no route takes; None for
+        a host process's connection, or one that was not redirected or was meant for us."""
+        if original is None or client_address(src) is None or original[1] in self._listen_ports:
+            return None
+        route = self._passthroughs.get(original)
+        if route is None:
+            if len(self._passthroughs) >= _PASSTHROUGH_CACHE:
+                self._passthroughs.clear()
+            backend = Backend(*original)
+            route = Route(RouteConfig(port=original[1], spec=StaticAddress(str(backend)), origin=PASSTHROUGH,
+                                      max_connections=0, keepalive=self._listener_keepalive),
+                          BackendSet((backend,), source=PASSTHROUGH), resolved=True)
+            self._passthroughs[original] = route
+        return route
+
     def _ejected(self, route: Route, backend: Backend, ejected: float) -> None:
         """A failed connect ejected ``backend`` of ``route``: so do the other processes."""
-        self.peers.ejected(route.config.key, backend, ejected)
+        if route.config.origin != PASSTHROUGH:  # a passthrough's is this process's own business
+            self.peers.ejected(route.config.key, backend, ejected)

@@ -71,15 +71,16 @@ class RouteSources:
     backend_env: bool = True  # read BACKEND_<PORT> (check: only with --env)
     flags: RouteFlags = field(default_factory=RouteFlags)
 
-    def load(self, env: Mapping[str, str]) -> LoadedConfig:
-        """Every route, read now from the file and ``env``: at the start and at every
-        reload, the same way.
+    def load(self, env: Mapping[str, str], containers: tuple | None = None) -> LoadedConfig:
+        """Every route, read now from the file and ``env`` and, with ``--docker``, what
+        ``containers`` declare: at the start and at every reload, the same way.
 
         Raises:
             ConfigError: naming the bad value and its origin.
         """
         return load_routes(maps=self.maps, config_file=self.config, env=env, link_env=self.link_env,
-                           backend_env=self.backend_env, flag_defaults=self.flags.as_dict())
+                           backend_env=self.backend_env, flag_defaults=self.flags.as_dict(),
+                           containers=containers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +113,10 @@ class RunSettings:
     sockmap_size: int
     log_format: str
     log_level: str
+    docker: object = None  # --docker: a docker_api.Endpoint, or None (off)
+    # --docker with --iptables and --docker-redirect all: every port from the container
+    # bridges is redirected, and what no route takes passes through (server.passthrough).
+    passthrough: bool = False
 
 
 def route_flags(args) -> RouteFlags:
@@ -143,7 +148,22 @@ def run_settings(args, env: Mapping[str, str] = os.environ) -> RunSettings:
         sockmap_size=args.sockmap_size,
         log_format=args.log_format,
         log_level=args.log_level,
+        docker=_docker(args, env),
+        passthrough=bool(args.iptables and getattr(args, "docker", None) is not None
+                         and getattr(args, "docker_redirect", "all") == "all"),
     )
+
+
+def _docker(args, env: Mapping[str, str]):
+    """--docker's endpoint (docker_api.Endpoint), or None without the flag."""
+    if getattr(args, "docker", None) is None:
+        return None
+    from .docker_api import DockerConfigError, endpoint
+
+    try:
+        return endpoint(args.docker or None, env)
+    except DockerConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def check_sources(args) -> RouteSources:

@@ -18,6 +18,7 @@ import sys
 
 import pytest
 import trio
+import trio.testing
 
 from ambassadord.sources import load_routes
 from ambassadord.routes import Route, RouteTable
@@ -34,6 +35,8 @@ from ambassadord.workers.protocol import (
     Eject,
     Failed,
     Init,
+    Looked,
+    Lookup,
     ProtocolError,
     Ready,
     Routes,
@@ -73,6 +76,7 @@ TO_HELPER_SAMPLES = [
     StatsRequest(41),
     Stop(),
     Abort(),
+    Looked(5),
 ]
 TO_MAIN_SAMPLES = [
     Ready(4242),
@@ -80,6 +84,7 @@ TO_MAIN_SAMPLES = [
     RoutesOk(7),
     Eject(_key(), B, 0.5),
     StatsReply(41, {"pid": 4242, "active": 1, "total": 3, "unrouted": {"no-route": 1}, "routes": {}}),
+    Lookup("172.17.0.5", 5),
 ]
 
 
@@ -138,7 +143,7 @@ def _raw(payload: bytes) -> bytes:
     (b"\x80\x05garbage", "cannot decode a 9-byte message: UnpicklingError"),
     (pickle.dumps(("routes", [], {}, 3)), "tuple ('routes', [], {}, 3) is not a worker message"),
     (pickle.dumps("x" * 200), "str 'xxxx"),  # named, and cut short
-    (pickle.dumps(Ready(1)), "Ready is not one of Init, Routes, Backends, Eject, Down, StatsRequest, Stop, Abort"),
+    (pickle.dumps(Ready(1)), "Ready is not one of Init, Routes, Backends, Eject, Down, StatsRequest, Stop, Abort, Looked"),
 ], ids=["garbage", "old-tuple", "long-repr", "wrong-direction"])
 async def test_a_frame_that_is_no_message_for_its_receiver_is_a_clear_error(payload, error):
     main, child = _pair()
@@ -289,7 +294,7 @@ async def test_the_pool_passes_a_helpers_ejection_on_to_the_others(caplog):
             ends[1].sock.close()
             ends[2].sock.send(_raw(pickle.dumps(Stop())))  # a main -> helper message, backwards
             assert await pool._next(h2)
-            assert "worker 2 sent a bad message: Stop is not one of Ready, Failed, RoutesOk, Eject, StatsReply; " \
+            assert "worker 2 sent a bad message: Stop is not one of Ready, Failed, RoutesOk, Eject, StatsReply, Lookup; " \
                    "ignored" in caplog.text
             # Helper 1 is gone: the next ejection goes to helper 2 alone, and nothing fails.
             pool.ejected(_key(), B, 1.0)
@@ -325,3 +330,47 @@ async def test_collect_sums_only_the_helpers_that_answer(autojump_clock):
 async def _follow_pool(pool: WorkerPool, h) -> None:
     while await pool._next(h):
         pass
+
+
+async def test_a_helper_asks_once_per_unknown_address_and_learns_from_the_table():
+    """--docker in a helper (workers/helper.Link): a connection from an address no container
+    route of its table has waits for the main process's Looked; the next table teaches it."""
+    import trio
+
+    from ambassadord.workers.helper import Link
+
+    class Channel:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, msg):
+            self.sent.append(msg)
+
+    ch = Channel()
+    link = Link(ch)
+    assert link.first_seen("127.0.0.1") is None and link.first_seen("::1") is None
+    ask = link.first_seen("::ffff:172.17.0.5")
+    assert ask is not None
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):  # three first connections, one question
+            nursery.start_soon(ask)
+        await trio.testing.wait_all_tasks_blocked()
+        assert ch.sent == [Lookup("172.17.0.5", 1)]
+        from dataclasses import replace
+        import ipaddress
+
+        (route,) = _configs("6379=127.0.0.1:6379")
+        link.routes([replace(route, source=ipaddress.ip_network("172.17.0.5/32"), container="web (abc)")])
+        link.looked(1)
+    assert link.first_seen("172.17.0.5") is None  # its route is in the table now
+    stranger = link.first_seen("10.1.1.1")
+    link.looked(99)  # an answer to nothing: ignored
+    with trio.move_on_after(0.05):
+        pass
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stranger)
+        await trio.testing.wait_all_tasks_blocked()
+        link.looked(2)
+    assert link.first_seen("10.1.1.1") is None  # no route came: a stranger until the next table
+    link.routes([])
+    assert link.first_seen("10.1.1.1") is not None

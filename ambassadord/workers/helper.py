@@ -16,6 +16,7 @@ import socket
 import trio
 
 from ..peers import Peers
+from ..routes import client_address
 from .channel import Channel
 from .protocol import (
     TO_HELPER,
@@ -25,6 +26,8 @@ from .protocol import (
     Eject,
     Failed,
     Init,
+    Looked,
+    Lookup,
     ProtocolError,
     Ready,
     Routes,
@@ -36,18 +39,59 @@ from .protocol import (
 )
 
 log = logging.getLogger("ambassadord")
+# Seconds a connection waits for the main process's answer about its client address
+# (docker_watch.LOOKUP_WAIT, which bounds the main process's own wait, plus a margin).
+LOOKUP_WAIT = 2.5
 
 
 class Link(Peers):
     """A helper's peers, as its Server sees them: the main process. Only what this helper
-    found out itself travels (an ejection); tables, sets and checks come from the main
-    process, so the rest of Peers stays a no-op."""
+    found out itself travels (an ejection, and with --docker a client address it knows no
+    container of); tables, sets and checks come from the main process, so the rest of
+    Peers stays a no-op."""
 
     def __init__(self, channel: Channel):
         self.channel = channel
+        self._req = 0
+        self._asked: dict[str, tuple[int, trio.Event]] = {}  # address -> (Lookup req, answered)
+        self._known: set[str] = set()  # the addresses of the container routes in the table
+        self._strangers: set[str] = set()  # asked about, no route came (until the next table)
 
     def ejected(self, key, backend, duration: float) -> None:
         self.channel.send(Eject(key, backend, duration))
+
+    def routes(self, configs) -> None:
+        """The table changed (server.reload): which client addresses it has routes for."""
+        self._known = {str(c.source.network_address) for c in configs if c.container and c.source is not None}
+        self._strangers.clear()
+
+    def first_seen(self, addr: str):
+        """Server.first_seen under --docker: None, or a coroutine function that asks the
+        main process (one Lookup per address at a time) and returns once it answered, or
+        after LOOKUP_WAIT seconds."""
+        addr = client_address(addr)
+        if addr is None or addr in self._known or addr in self._strangers:
+            return None
+        return lambda: self._ask(addr)
+
+    async def _ask(self, addr: str) -> None:
+        if addr not in self._asked:
+            self._req += 1
+            self._asked[addr] = (self._req, trio.Event())
+            self.channel.send(Lookup(addr, self._req))
+        req, answered = self._asked[addr]
+        with trio.move_on_after(LOOKUP_WAIT):
+            await answered.wait()
+        if self._asked.get(addr, (None,))[0] == req:
+            del self._asked[addr]
+            if addr not in self._known:
+                self._strangers.add(addr)
+
+    def looked(self, req: int) -> None:
+        for addr, (r, answered) in self._asked.items():
+            if r == req:
+                answered.set()
+                return
 
 
 def main(fd: int) -> int:
@@ -89,9 +133,14 @@ async def _serve(channel: Channel) -> int:
         if kernel is not None:
             kernel.close()
         return 1
+    link = Link(channel)
     server = Server(RouteTable([Route(c) for c in first.configs]), listeners, grace=settings.grace,
                     mark=settings.mark, use_splice=settings.use_splice, kernel=kernel, resolve=False,
-                    peers=Link(channel))
+                    peers=link)
+    if settings.docker:
+        link.routes(first.configs)
+        server.first_seen = link.first_seen
+    server.passthrough = settings.passthrough
     for key, bset in first.sets.items():
         server.install(key, bset)
 
@@ -168,6 +217,8 @@ def receive(channel: Channel, server, msg) -> None:
             server.shutdown()
         case Abort():
             server.abort()
+        case Looked(req):
+            server.peers.looked(req)
         case _:  # Init again: the main process's bug
             log.error("%s from the main process once running; ignored", type(msg).__name__)
 

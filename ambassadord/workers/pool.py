@@ -29,6 +29,8 @@ from .protocol import (
     Eject,
     Failed,
     Init,
+    Looked,
+    Lookup,
     Message,
     ProtocolError,
     Ready,
@@ -82,14 +84,18 @@ class WorkerPool(Peers):
         table: the RouteTable the main process serves now (a starting helper gets it).
         apply_ejection: ``(key, backend, duration)``: a helper ejected ``backend`` of route
             ``key``; the main process ejects it too (Server.apply_ejection).
+        first_seen: --docker's ``first_seen`` (docker_watch.ContainerWatch): a helper's
+            Lookup is answered once what it returns has been awaited.
     """
 
     def __init__(self, count: int, settings: Settings, *, table: Callable[[], RouteTable],
-                 apply_ejection: Callable[[tuple, Backend, float], None]):
+                 apply_ejection: Callable[[tuple, Backend, float], None], first_seen: Callable | None = None):
         self.count = count
         self.settings = settings
         self._table = table
         self._apply_ejection = apply_ejection
+        self.first_seen = first_seen
+        self._nursery: trio.Nursery | None = None
         self.helpers = [_Helper(i) for i in range(1, count)]
         self.stopping = False
         self.aborting = False
@@ -185,6 +191,7 @@ class WorkerPool(Peers):
             WorkerStartError: a helper could not start (the message says why).
         """
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for h in self.helpers:
                 await nursery.start(self._keep, h)
             task_status.started()
@@ -313,3 +320,15 @@ class WorkerPool(Peers):
             case Eject(key, backend, duration):
                 self._apply_ejection(key, backend, duration)
                 self.ejected(key, backend, duration, source=h)
+            case Lookup(addr, req):
+                ask = self.first_seen(addr) if self.first_seen is not None else None
+                if ask is None or self._nursery is None:
+                    h.channel.send(Looked(req))
+                else:
+                    self._nursery.start_soon(self._look_up, h, ask, req)
+
+    async def _look_up(self, h: _Helper, ask, req: int) -> None:
+        try:
+            await ask()
+        finally:
+            h.channel.send(Looked(req))

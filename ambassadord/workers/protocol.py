@@ -58,6 +58,8 @@ class Settings:
     sockmap_size: int
     log_format: str
     log_level: str
+    docker: bool = False  # --docker: ask the main process about unknown client addresses
+    passthrough: bool = False  # RunSettings.passthrough
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,8 +154,25 @@ class StatsReply(Message):
     snapshot: dict  # Server.stats_snapshot()
 
 
-TO_HELPER = (Init, Routes, Backends, Eject, Down, StatsRequest, Stop, Abort)
-TO_MAIN = (Ready, Failed, RoutesOk, Eject, StatsReply)
+@dataclass(frozen=True, slots=True)
+class Lookup(Message):
+    """--docker: a helper's connection came from ``addr``, which no container route of its
+    table has; the main process asks Docker (docker_watch.ContainerWatch.first_seen)."""
+
+    addr: str
+    req: int
+
+
+@dataclass(frozen=True, slots=True)
+class Looked(Message):
+    """The answer to Lookup ``req``: sent after the Routes of any route it found, so the
+    helper's table has it when this arrives (the channel keeps the order)."""
+
+    req: int
+
+
+TO_HELPER = (Init, Routes, Backends, Eject, Down, StatsRequest, Stop, Abort, Looked)
+TO_MAIN = (Ready, Failed, RoutesOk, Eject, StatsReply, Lookup)
 
 
 # ---- frames -------------------------------------------------------------------------------
