@@ -58,6 +58,11 @@ _INSPECT_ON = frozenset({"create", "start", "restart", "unpause", "rename", "upd
 _REASONS_SHOWN = 3
 
 
+def _declares(c: Container) -> bool:
+    """Does it declare a port (its routes, or its redirected ports, change with it)?"""
+    return bool(declared(c)[0])
+
+
 class ContainerWatch:
     """The containers of one Docker engine (the module's docstring says how).
 
@@ -261,7 +266,7 @@ class ContainerWatch:
             self._announced.pop(cid, None)
             if old is not None:
                 del self.containers[cid]
-                self._changed(f"{old.describe()} removed")
+                self._changed(f"{old.describe()} removed", _declares(old))
             return
         if kind == "container" and action == "create" and old is None:
             # Its labels come with the event: the ports it declares by label are
@@ -275,7 +280,7 @@ class ContainerWatch:
         if kind == "container" and action == "die":
             if old is not None and old.addresses:
                 self.containers[cid] = Container(old.id, old.name, (), old.labels, old.env)
-                self._changed(f"{old.describe()} stopped")
+                self._changed(f"{old.describe()} stopped", _declares(old))
             return
         if kind == "container" and action not in _INSPECT_ON:
             return
@@ -312,14 +317,14 @@ class ContainerWatch:
             self._starting.discard(cid)
             if old is not None:
                 del self.containers[cid]
-                self._changed(f"{old.describe()} removed")
+                self._changed(f"{old.describe()} removed", _declares(old))
             return
         if found == old:
             return
         self.containers[cid] = found
         if found.addresses:
             self._starting.discard(cid)
-        self._changed(f"{found.describe()}: {why}")
+        self._changed(f"{found.describe()}: {why}", _declares(found) or (old is not None and _declares(old)))
 
     # ---- applying ---------------------------------------------------------------------
 
@@ -327,8 +332,14 @@ class ContainerWatch:
         self._known = {a for c in self.containers.values() for a in c.addresses}
         self._strangers.clear()
 
-    def _changed(self, reason: str) -> None:
+    def _changed(self, reason: str, declaring: bool = True) -> None:
+        """The containers changed; if it changes routes or redirected ports (a container
+        that declares something, now or before), the routes are applied again."""
         self._reindex()
+        if not declaring:  # its addresses are known now; no route to apply
+            if self._applied == self._changes:
+                self._routed = set(self._known)
+            return
         self._changes += 1
         self._reasons.append(reason)
         self._wake.set()

@@ -36,6 +36,11 @@ MODES = ("proxy", "connect")
 _KEEPALIVE_MAX = (32767, 32767, 127)
 
 
+# RouteConfig.origin of a route that --docker's passthrough makes for one connection
+# (server.py): straight to where a container's connection was headed. Never ejected.
+PASSTHROUGH = "passthrough"
+
+
 def client_address(text: str) -> str | None:
     """A connection's source address as --docker knows containers' (an IPv4 client of a
     dual-stack listener without its ``::ffff:``), or None for loopback (the host's own

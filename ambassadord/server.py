@@ -38,7 +38,7 @@ from .balancer import pick_order
 from .logs import Throttled
 from .peers import NO_PEERS, Peers
 from .relay import KernelRelay, RelayResult, relay
-from .routes import Keepalive, Route, RouteConfig, RouteTable, client_address
+from .routes import PASSTHROUGH, Keepalive, Route, RouteConfig, RouteTable, client_address
 from .stats import Outcome
 from .upstream import CAPACITY_ERRNOS, CAPACITY_SLEEP, Connector, Refused, set_keepalive
 
@@ -159,7 +159,6 @@ def _addr_str(sockaddr) -> str:
     return str(ListenAddress(sockaddr[0], sockaddr[1]))
 
 
-PASSTHROUGH = "passthrough"
 _PASSTHROUGH_CACHE = 4096  # passthrough routes kept (one per host address and port dialled)
 
 

@@ -42,7 +42,7 @@ from ambassadord.backends.interface import Backend
 
 from . import health
 from .logs import Throttled
-from .routes import Keepalive, Route
+from .routes import PASSTHROUGH, Keepalive, Route
 from .stats import BackendStats, Outcome
 
 log = logging.getLogger("ambassadord")
@@ -241,6 +241,8 @@ class Connector:
         """``backend`` failed to connect: count it, eject it, say so. Returns the reason."""
         reason = failure_reason(exc)
         route.stats.connect_failed(b, reason, time.time())
+        if route.config.origin == PASSTHROUGH:  # a closed port of this host: the connection's line says so
+            return reason
         ejected = route.pick.ejections.eject(backend, time.monotonic(), route.config.eject_for)
         if ejected is not None:
             self._on_eject(route, backend, ejected)

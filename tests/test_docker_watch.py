@@ -174,7 +174,7 @@ async def test_a_burst_is_one_reload():
         h.watch._apply = slow_apply
         for i in range(10):
             cid = f"{i:064d}"
-            engine.docs[cid] = doc(cid, f"c{i}", addrs=(f"172.17.0.{10 + i}",))
+            engine.docs[cid] = doc(cid, f"c{i}", addrs=(f"172.17.0.{10 + i}",), labels={"connect.80": "10.0.0.1:80"})
             engine.event("container", "start", cid)
         await applying.wait()
         await settle(h, lambda: len(h.routes()) == 10, "all ten known")
@@ -302,3 +302,19 @@ async def test_create_redirects_labelled_ports_while_dockerd_holds_the_inspect()
             await settle(h, lambda: h.routes().get("quick") == ("172.17.0.5",), "the inspect, once answered")
         finally:
             FakeClient.inspect = slow
+
+
+async def test_containers_that_declare_nothing_cause_no_reload():
+    engine = Engine()
+    async with watching(engine) as h:
+        applied = len(h.applied)
+        cid = "p" * 64
+        engine.docs[cid] = doc(cid, "plain", addrs=("172.17.0.4",))
+        engine.event("container", "create", cid)
+        engine.event("container", "start", cid)
+        await settle(h, lambda: "plain" in h.routes(), "known")
+        assert h.watch.first_seen("172.17.0.4") is None  # known: no lookup, no wait
+        engine.event("container", "die", cid)
+        engine.event("container", "destroy", cid)
+        await settle(h, lambda: "plain" not in h.routes(), "gone")
+        assert len(h.applied) == applied, h.applied

@@ -242,3 +242,30 @@ def test_time_to_first_route(docker_engine, host_a, gateway, tmp_path):
                 took.append(time.monotonic() - t0)
             wait_until(lambda: not routes_of(d), timeout=10, what="no route")
         print(f"route after docker run -d returned: {', '.join(f'{t * 1000:.0f} ms' for t in took)}")
+
+
+def test_what_no_route_takes_goes_where_it_was_headed(docker_engine, host_a, gateway, tmp_path):
+    # --docker-redirect all takes every port of the host's addresses from the bridge: a
+    # service the host itself runs stays reachable (passthrough), a closed port stays closed.
+    with RedisProcess(7777, host=gateway, ns=docker_engine.ns, workdir=tmp_path), \
+            ambassadord(docker_engine, tmp_path=tmp_path) as d:
+        assert redis_cli(docker_engine, gateway, 7777, "config", "get", "port")[1].splitlines()[-1] == "7777"
+        status, out = redis_cli(docker_engine, gateway, 7778, "ping", timeout=5)
+        assert status != 0 and "PONG" not in out, out
+        lines = {r["port"]: r for r in d.connection_records() if r.get("route") == "passthrough"}
+        assert lines[7777]["outcome"] == "ok" and lines[7777]["backend"] == f"{gateway}:7777", lines
+        assert lines[7778]["outcome"] == "all-backends-failed" and lines[7778]["level"] == "info", lines
+        # The host's own processes are not redirected for ports no route has.
+        assert "-A AMBASSADORD-10000 -p tcp -m tcp --dport 7777" not in d.nat_rules()
+
+
+def test_helper_processes_route_a_containers_first_connection_too(docker_engine, host_a, gateway, tmp_path):
+    # With --workers 3 the kernel spreads connections over three processes; two of them
+    # learn of a new container by asking the first one.
+    with ambassadord(docker_engine, "--workers", "3", tmp_path=tmp_path) as d:
+        results = [redis_cli(docker_engine, gateway, 6379, "ping", options=["--label", f"connect.6379={HOST_A}:6379"])
+                   for _ in range(8)]
+        assert results == [(0, "PONG")] * 8, results
+        served = [r.get("worker", 0) for r in d.connection_records() if r.get("port") == 6379]
+        assert len(served) == 8 and all(r["outcome"] == "ok" for r in d.connection_records() if r.get("port") == 6379)
+        assert set(served) - {0}, f"every connection went to the first process: {served}"
