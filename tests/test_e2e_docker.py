@@ -269,3 +269,34 @@ def test_helper_processes_route_a_containers_first_connection_too(docker_engine,
         served = [r.get("worker", 0) for r in d.connection_records() if r.get("port") == 6379]
         assert len(served) == 8 and all(r["outcome"] == "ok" for r in d.connection_records() if r.get("port") == 6379)
         assert set(served) - {0}, f"every connection went to the first process: {served}"
+
+
+def test_connect_mode_balances_a_containers_own_route_in_the_kernel(docker_engine, host_a, gateway, tmp_path):
+    # --mode connect: a container's declared route is a source-limited connect route; the
+    # cgroup program rewrites the container's connect() to 172.17.0.1:6379 to host A, with
+    # no proxy in the path. The engine's containers live under its cgroup parent.
+    from ambassadord.connect.cgroup import cgroup2_mount
+
+    cgroup = os.path.join(cgroup2_mount(), docker_engine.dir.name)  # the engine's --cgroup-parent
+    os.makedirs(cgroup, exist_ok=True)  # runc makes it at the first container; the engine's teardown removes it
+    d = Daemon(["--mode", "connect", "--cgroup", cgroup, "--docker", docker_engine.host, "--listen", "127.0.0.1:10000",
+                "--admin", f"127.0.0.1:{ADMIN}"], listen=None, workdir=tmp_path,
+               prefix=["nsenter", f"--net=/run/netns/{docker_engine.ns.name}", "--"])
+    with d:
+        d.ns = docker_engine.ns  # for get_routes and nat_rules: the namespace it runs in
+        d.wait_for(lambda r: "docker: following" in r.get("msg", ""))
+        with docker_engine.container(TOOLS_IMAGE, "sleep", "300",
+                                     options=["--label", f"connect.6379={HOST_A}:6379"]) as box:
+            def pong() -> bool:
+                out = docker_engine.docker("exec", box.id, "timeout", "5", "redis-cli", "-h", gateway, "ping",
+                                           check=False)
+                return out.strip() == "PONG"
+
+            wait_until(pong, timeout=15, what=lambda: f"PONG through connect mode: {routes_of(d)}")
+            (route,) = routes_of(d)
+            assert route["mode"] == "connect" and route["container"].startswith(box.name), route
+            # The connection went straight to host A: Redis saw the container's own address
+            # (masqueraded by dockerd's rule as the engine's), not the daemon's.
+            clients = docker_engine.docker("exec", box.id, "redis-cli", "-h", gateway, "client", "list")
+            assert f"addr={ENGINE_SIDE}:" in clients, clients
+            assert not [r for r in d.connection_records() if r.get("mode") != "connect"]
