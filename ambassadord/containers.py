@@ -51,28 +51,39 @@ class Container:
 
 def from_inspect(doc: Mapping) -> Container:
     """The Container of one ``docker inspect`` (or ``GET /containers/ID/json``) document.
-    Networks without an address (not started, ``--network none``) give none."""
-    config = doc.get("Config") or {}
+    Networks without an address (not started, ``--network none``) give none. A part of the
+    document of another shape than Docker's gives nothing (an engine's answer is input)."""
+    config = _mapping(doc.get("Config"))
     env = {}
-    for item in config.get("Env") or ():
+    items = config.get("Env")
+    for item in items if isinstance(items, list) else ():
         name, sep, value = str(item).partition("=")
         if sep:
             env[name] = value
+    labels = {str(k): v for k, v in _mapping(config.get("Labels")).items()}
     # Not gated on State.Running: dockerd says "running" a little after the process
     # started, and a container's first connection may come in between. Its addresses are
     # given at start and taken back when it stops.
-    addresses = _addresses((doc.get("NetworkSettings") or {}).get("Networks"))
-    return Container(id=str(doc.get("Id", "")), name=str(doc.get("Name", "")).lstrip("/"),
-                     addresses=addresses, labels=dict(config.get("Labels") or {}), env=env)
+    addresses = _addresses(_mapping(doc.get("NetworkSettings")).get("Networks"))
+    return Container(id=str(doc.get("Id") or ""), name=str(doc.get("Name") or "").lstrip("/"),
+                     addresses=addresses, labels=labels, env=env)
+
+
+def _mapping(value) -> Mapping:
+    return value if isinstance(value, Mapping) else {}
 
 
 def _addresses(networks: Mapping | None) -> tuple[str, ...]:
     """Every IPv4 and global IPv6 address of a container's networks (none for a network
     without an address: not started, ``--network none``, host)."""
     addresses: list[str] = []
-    for net in (networks or {}).values():
+    for net in (networks.values() if isinstance(networks, Mapping) else ()):
         for key in ("IPAddress", "GlobalIPv6Address"):
-            addr = (net or {}).get(key)
+            addr = net.get(key) if isinstance(net, Mapping) else None
+            try:
+                addr = str(ipaddress.ip_address(addr)) if isinstance(addr, str) and addr else None
+            except ValueError:  # not an address: nothing to route from
+                continue
             if addr and addr not in addresses:
                 addresses.append(addr)
     return tuple(addresses)
@@ -81,7 +92,7 @@ def _addresses(networks: Mapping | None) -> tuple[str, ...]:
 def listed_addresses(entry: Mapping) -> tuple[str, ...]:
     """The addresses of one entry of ``GET /containers/json`` (``docker ps``), in the order
     :func:`from_inspect` gives them: the listing says whether an inspect is needed."""
-    return _addresses((entry.get("NetworkSettings") or {}).get("Networks"))
+    return _addresses(_mapping(entry.get("NetworkSettings")).get("Networks"))
 
 
 def declared(container: Container) -> tuple[dict[int, tuple[str, str]], list[str]]:

@@ -206,7 +206,9 @@ class ContainerWatch:
         listed = await client.containers()
         fresh: dict[str, Container] = {}
         for entry in listed:
-            cid = str(entry.get("Id", ""))
+            if not isinstance(entry, dict) or not entry.get("Id"):
+                continue  # not a container as Docker describes one
+            cid = str(entry["Id"])
             old = self.containers.get(cid)
             if old is not None and old.addresses == listed_addresses(entry):
                 fresh[cid] = old
@@ -305,6 +307,8 @@ class ContainerWatch:
                     self._inspecting[cid] = ""
             except DockerError as exc:  # the stream notices a lost engine; this one only logs
                 log.warning("docker: cannot inspect container %s: %s", cid[:12], exc)
+            except Exception:  # an answer we cannot read: this container's problem, not the watch's
+                log.exception("docker: container %s: cannot read what the engine says of it", cid[:12])
             finally:
                 self._inspecting.pop(cid, None)
 
@@ -389,7 +393,9 @@ class ContainerWatch:
         for cid in list(self._starting):
             await self._update(client, cid, "first connection")
         for entry in await client.containers():
-            cid = str(entry.get("Id", ""))
+            if not isinstance(entry, dict) or not entry.get("Id"):
+                continue
+            cid = str(entry["Id"])
             old = self.containers.get(cid)
             if old is not None and old.addresses == listed_addresses(entry):
                 continue

@@ -318,3 +318,48 @@ async def test_containers_that_declare_nothing_cause_no_reload():
         engine.event("container", "destroy", cid)
         await settle(h, lambda: "plain" not in h.routes(), "gone")
         assert len(h.applied) == applied, h.applied
+
+
+@pytest.mark.parametrize("garbage", [
+    {"Id": "q" * 64, "Name": None, "Config": None, "NetworkSettings": None, "State": None},
+    {"Id": "q" * 64, "Name": ["x"], "Config": "text", "NetworkSettings": [1, 2], "State": {}},
+    {"Id": "q" * 64, "Config": {"Labels": ["connect.6379=x"], "Env": "BACKEND_6379=x"},
+     "NetworkSettings": {"Networks": ["172.17.0.30"]}},
+    {"Id": "q" * 64, "Config": {"Labels": None, "Env": [None, 5, "NOEQUALS", "BACKEND_6379"]},
+     "NetworkSettings": {"Networks": {"x": None, "y": {"IPAddress": None}}}},
+    {"Id": "q" * 64, "Config": {"Labels": {"connect.6379": None, "connect.6380": 7}, "Env": []},
+     "NetworkSettings": {"Networks": {"x": {"IPAddress": "not-an-address"}}}},
+])
+async def test_an_engine_answer_full_of_garbage_harms_nothing_else(caplog, garbage):
+    caplog.set_level(logging.INFO, "ambassadord")
+    engine = Engine()
+    good = "r" * 64
+    engine.docs[good] = doc(good, "good", addrs=("172.17.0.20",), labels={"connect.6379": "10.0.0.1:6379"})
+    async with watching(engine) as h:
+        engine.docs["q" * 64] = {**garbage, "State": {"Running": True}} if garbage.get("State") is None else garbage
+        engine.event("container", "start", "q" * 64)
+        engine.event("container", "create", "")  # no id: ignored
+        for send in engine.subscribers:
+            send.send_nowait({"Type": None, "Action": None, "Actor": None})
+        await settle(h, lambda: not h.watch._inspecting and engine.calls.count(f"inspect {'q' * 64}") >= 1,
+                     "the garbage inspected")
+        assert h.watch.connected  # the stream goes on
+        assert h.routes()["good"] == ("172.17.0.20",)
+        other = "s" * 64
+        engine.docs[other] = doc(other, "after", addrs=("172.17.0.21",))
+        engine.event("container", "start", other)
+        await settle(h, lambda: "after" in h.routes(), "events after the garbage")
+
+
+def test_garbage_addresses_and_labels_never_break_the_routes():
+    from ambassadord.containers import from_inspect
+    from ambassadord.sources import ContainerRoutes
+    from ambassadord.config import RouteDefaults
+
+    c = from_inspect({"Id": "q" * 64, "Name": "/g", "Config": {"Labels": {"connect.6379": None, "connect.6380": 7,
+                                                                          "connect.6381": "10.0.0.1:1"}},
+                      "NetworkSettings": {"Networks": {"a": {"IPAddress": "not-an-address"},
+                                                       "b": {"IPAddress": "172.17.0.9", "GlobalIPv6Address": 5}}}})
+    assert c.addresses == ("172.17.0.9",)
+    routes = ContainerRoutes((c,)).read(RouteDefaults()).routes
+    assert [(r.port, str(r.source)) for r in routes] == [(6381, "172.17.0.9/32")]
