@@ -116,8 +116,7 @@ class ContainerWatch:
         if addr is None or addr in self._routed or addr in self._strangers:
             return None
         if addr in self._known:  # a container's address whose routes are being applied
-            change = self._changes
-            return lambda: self._wait_applied(change)
+            return self._until_applied
         if self._client is None:  # the engine is away: nobody to ask
             return None
         return lambda: self._look_up(addr)
@@ -362,6 +361,11 @@ class ContainerWatch:
                 self._applied, self._routed = upto, known
                 self._applied_event.set()
                 self._applied_event = trio.Event()
+
+    async def _until_applied(self) -> None:
+        """Wait (at most LOOKUP_WAIT) until the changes made so far are applied."""
+        with trio.move_on_after(LOOKUP_WAIT):
+            await self._wait_applied(self._changes)
 
     async def _wait_applied(self, change: int) -> None:
         while self._applied < change:

@@ -369,3 +369,28 @@ def test_page_shows_a_rejected_reload_and_a_daemon_that_stops_answering(page, tm
         expect(down_banner).to_be_hidden()
         expect(header(page, "reloads")).to_have_text("0 / 0")
         expect(route_field(page, listen, "spec")).to_have_text(backend)
+
+
+def test_page_shows_whose_route_it_is_and_the_docker_engine(page, tmp_path):
+    # --docker's fields (tests/test_e2e_docker.py checks that a real daemon serves them):
+    # the daemon's own /routes, with a route marked as a container's and the engine's
+    # state added on the way to the page, as a --docker daemon would send them.
+    listen, admin = free_port(), free_port()
+    config = write_config(tmp_path / "routes.toml", {listen: f"127.0.0.1:{free_port()}"})
+    with running_daemon(tmp_path, config, listen, admin):
+        docker = {"url": "unix:///var/run/docker.sock", "connected": True, "engine": "20.10.24 (API 1.41)",
+                  "error": None, "lost_at": None, "containers": 3, "declaring": 1}
+
+        def as_docker_daemon(route):
+            data = get_routes(admin)
+            data["routes"][0]["container"] = "web-1 (3f2a9c1d0e4b)"
+            data["docker"] = docker
+            route.fulfill(status=200, content_type="application/json", body=json.dumps(data))
+
+        page.route("**/routes", as_docker_daemon)
+        page.goto(f"http://127.0.0.1:{admin}/")
+        expect(route_field(page, listen, "container")).to_have_text("web-1 (3f2a9c1d0e4b)")
+        expect(header(page, "docker")).to_contain_text("3 container(s), 1 declaring routes")
+        docker.update(connected=False, error="cannot connect to unix:///var/run/docker.sock: refused")
+        expect(header(page, "docker")).to_contain_text("NOT CONNECTED (cannot connect")
+        expect(header(page, "docker")).to_have_class(re.compile(r"\bbad\b"))
