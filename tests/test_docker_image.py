@@ -12,6 +12,10 @@ NET_ADMIN IMAGE ...`` (without --cap-add BPF: Docker 20.10 does not know that ca
 the daemon relays in user space), and consumers are containers of the tools image
 (tests/docker_images.py) on the engine's default bridge, which dial its gateway.
 
+The compose file (deploy/docker-compose.yml) runs against the same engine with Debian's
+docker-compose 1.29 (the ``docker compose`` v2 plugin is not packaged in Debian bookworm):
+its host B profile, with the images a registry would give made here instead.
+
 Every container is removed after each test, also when it fails; host A goes with its test.
 """
 
@@ -30,12 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests import docker_engine as engines
 from tests import netns, server_logs
+from tests.consul import ConsulAgent, consul_binary
 from tests.daemon import RedisProcess, connect, ping, wait_until
 from tests.docker_engine import DockerEngine, docker_cli
-from tests.docker_images import TOOLS_IMAGE, import_image
+from tests.docker_images import TOOLS_IMAGE, import_image, libraries
 from tests.netns import Netns, link, namespaces
 
 REPO = Path(__file__).resolve().parent.parent
@@ -285,3 +291,96 @@ def test_a_consumer_declaring_backend_env_gets_its_route_on_its_first_command(en
         declared = ["-e", f"BACKEND_6380={host_a}:{REDIS_PORT}"]
         assert redis_cli(engine, gw, 6380, options=declared) == "PONG"
         assert redis_cli(engine, gw, 6380) == "", "a container without the variable must get no relay"
+
+
+# ---- deploy/docker-compose.yml, host B -------------------------------------------------------
+
+COMPOSE = REPO / "deploy" / "docker-compose.yml"
+# What hashicorp/consul's docker-entrypoint.sh does for `agent`, the part the compose file uses.
+CONSUL_ENTRYPOINT = """#!/bin/sh
+if [ "$1" = agent ]; then shift; set -- agent -data-dir=/consul/data -config-dir=/consul/config "$@"; fi
+exec consul "$@"
+"""
+
+
+def compose_cli() -> list[str]:
+    """Debian's docker-compose (v1, 1.29): the compose implementation there is here.
+    A missing one fails under CI=true, skips elsewhere."""
+    found = shutil.which("docker-compose")
+    if found is None:
+        message = "docker-compose is not installed (Debian package docker-compose)"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI=true: this is a failure, not a skip)", pytrace=False)
+        pytest.skip(message)
+    return [found]
+
+
+def stand_in_images(engine: DockerEngine, tmp_path: Path) -> None:
+    """The compose file's host B images, made here (no registry): ambassadord:latest is the
+    image built from docker/Dockerfile; the consumer's redis:7-alpine is the tools image
+    (sh, redis-cli, sleep: all its command needs); hashicorp/consul:1.20 is the tools image
+    with this machine's consul (1.8) and the official image's entrypoint behaviour."""
+    engine.docker("tag", IMAGE, "ambassadord:latest")
+    engine.docker("tag", TOOLS_IMAGE, "redis:7-alpine")
+    context = tmp_path / "consul-image"
+    consul = consul_binary()
+    # consul and its libraries, at the paths they have here with the directories resolved
+    # (/lib -> usr/lib on a merged-/usr system, as in the tools image).
+    for source, name in ((consul, "/usr/bin/consul"), *((lib, lib) for lib in libraries(consul))):
+        target = context / "root" / os.path.realpath(os.path.dirname(name)).lstrip("/") / os.path.basename(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    (context / "docker-entrypoint.sh").write_text(CONSUL_ENTRYPOINT)
+    (context / "docker-entrypoint.sh").chmod(0o755)
+    (context / "Dockerfile").write_text(
+        f"FROM {TOOLS_IMAGE}\nCOPY root/ /\nCOPY docker-entrypoint.sh /usr/local/bin/\n"
+        "WORKDIR /consul/config\nWORKDIR /consul/data\nENTRYPOINT [\"/usr/local/bin/docker-entrypoint.sh\"]\n")
+    engine.docker("build", "-q", "-t", "hashicorp/consul:1.20", str(context), timeout=120)
+
+
+def compose_for_docker_20(tmp_path: Path) -> Path:
+    """deploy/docker-compose.yml as its comment says to use it on Docker before 23.0: without
+    BPF in cap_add (this engine is 20.10). The build context made absolute; nothing else
+    changes."""
+    doc = yaml.safe_load(COMPOSE.read_text())
+    amb = doc["services"]["ambassadord"]
+    assert "BPF" in amb["cap_add"]
+    amb["cap_add"] = [c for c in amb["cap_add"] if c != "BPF"]
+    amb["build"]["context"] = str((COMPOSE.parent / amb["build"]["context"]).resolve())
+    path = tmp_path / "docker-compose.yml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_compose_host_b_runs_and_its_consumer_reaches_redis_on_host_a(engine, tmp_path):
+    """Host B of deploy/docker-compose.yml, run by docker-compose against the engine: the
+    Consul client agent joins host A's Consul server, ambassadord resolves consul:///redis
+    through it, turns healthy, and the consumer container (started only then) INCRs host A's
+    Redis through the bridge gateway."""
+    compose = compose_cli()
+    env = {**script_env(engine), "HOST_IP": B_SIDE, "HOST_A_IP": A_SIDE}
+    assert subprocess.run([docker_cli(), "compose", "version"], capture_output=True).returncode != 0, \
+        "`docker compose` (v2) exists here now: test the file with it too"
+    checked = subprocess.run([*compose, "-f", str(COMPOSE), "--profile", "host-b", "config", "-q"],
+                             env=env, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    stand_in_images(engine, tmp_path)
+    project = [*compose, "-p", "ambtest", "-f", str(compose_for_docker_20(tmp_path)), "--profile", "host-b"]
+    with namespaces("dkcmpa") as (a,):
+        link(engine.ns, [f"{B_SIDE}/24"], a, [f"{A_SIDE}/24"], tag="dkcmp")
+        # Host A: Redis, and the Consul server on its LAN address (the default Serf and
+        # RPC ports, where host B's agent joins), Redis registered in it as Registrator would.
+        with RedisProcess(REDIS_PORT, host=A_SIDE, ns=a, workdir=tmp_path), \
+                ConsulAgent("host-a", ns=a, bind=A_SIDE, ports={"serf-lan": 8301, "server": 8300}) as server:
+            server.register("redis", "host-a:redis:6379", A_SIDE, REDIS_PORT, ttl_check=True, ttl="10m")
+            try:
+                up = subprocess.run([*project, "up", "-d"], env=env, capture_output=True, text=True, timeout=180)
+                assert up.returncode == 0, f"docker-compose up: {up.stdout}{up.stderr}"
+                hits = lambda: a.exec(["redis-cli", "-h", A_SIDE, "get", "consumer:hits"]).strip()  # noqa: E731
+                wait_until(lambda: hits().isdigit() and int(hits()) >= 1, timeout=60,
+                           what=lambda: "consumer:hits on host A: " + hits() + "\n" + subprocess.run(
+                               [*project, "logs", "--tail", "30"], env=env, capture_output=True, text=True).stdout)
+                status = engine.docker("inspect", "-f", "{{.State.Health.Status}}", "ambtest_ambassadord_1").strip()
+                assert status == "healthy"
+            finally:
+                subprocess.run([*project, "down", "-v", "-t", "30"], env=env, capture_output=True, timeout=120)
