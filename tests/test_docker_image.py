@@ -154,7 +154,9 @@ def daemon(engine: DockerEngine, *args: str, options: Sequence[str] = (), iptabl
 
 
 def logs(engine: DockerEngine, container: str) -> str:
-    return engine.docker("logs", "--tail", "40", container, check=False, timeout=10)
+    """The container's last log lines (the daemon logs to stderr)."""
+    proc = engine.cli("logs", "--tail", "40", container, timeout=10)
+    return proc.stdout + proc.stderr
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,7 @@ class Reply:
 def redis_cli(engine: DockerEngine, host: str, port: int = REDIS_PORT, *, options: Sequence[str] = ()) -> Reply:
     """A consumer container on the default bridge: ``redis-cli -h HOST -p PORT PING``, its
     very first command, bound by ``timeout``; what it printed."""
-    proc = engine._cli("run", "--rm", *options, TOOLS_IMAGE, "timeout", "10",
+    proc = engine.cli("run", "--rm", *options, TOOLS_IMAGE, "timeout", "10",
                        "redis-cli", "-h", host, "-p", str(port), "PING", timeout=30)
     return Reply(out=proc.stdout.strip(), err=proc.stderr)
 
@@ -303,11 +305,14 @@ exec consul "$@"
 
 
 def compose_cli() -> list[str]:
-    """Debian's docker-compose (v1, 1.29): the compose implementation there is here.
-    A missing one fails under CI=true, skips elsewhere."""
+    """The compose implementation: ``docker compose`` (v2) where the plugin is installed,
+    else Debian's docker-compose (v1, 1.29; bookworm packages no v2 plugin). None: a
+    failure under CI=true, a skip elsewhere."""
+    if subprocess.run([docker_cli(), "compose", "version"], capture_output=True).returncode == 0:
+        return [docker_cli(), "compose"]
     found = shutil.which("docker-compose")
     if found is None:
-        message = "docker-compose is not installed (Debian package docker-compose)"
+        message = "neither `docker compose` nor docker-compose (Debian package docker-compose) is installed"
         if os.environ.get("CI"):
             pytest.fail(message + " (CI=true: this is a failure, not a skip)", pytrace=False)
         pytest.skip(message)
@@ -361,8 +366,6 @@ def test_compose_host_b_runs_and_its_consumer_reaches_redis_on_host_a(engine, tm
     Redis through the bridge gateway."""
     compose = compose_cli()
     env = {**script_env(engine), "HOST_IP": B_SIDE, "HOST_A_IP": A_SIDE}
-    assert subprocess.run([docker_cli(), "compose", "version"], capture_output=True).returncode != 0, \
-        "`docker compose` (v2) exists here now: test the file with it too"
     checked = subprocess.run([*compose, "-f", str(COMPOSE), "--profile", "host-b", "config", "-q"],
                              env=env, capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stderr
@@ -382,8 +385,9 @@ def test_compose_host_b_runs_and_its_consumer_reaches_redis_on_host_a(engine, tm
                 wait_until(lambda: hits().isdigit() and int(hits()) >= 1, timeout=60,
                            what=lambda: "consumer:hits on host A: " + hits() + "\n" + subprocess.run(
                                [*project, "logs", "--tail", "30"], env=env, capture_output=True, text=True).stdout)
-                status = engine.docker("inspect", "-f", "{{.State.Health.Status}}", "ambtest_ambassadord_1").strip()
-                assert status == "healthy"
+                amb = subprocess.run([*project, "ps", "-q", "ambassadord"], env=env, capture_output=True,
+                                     text=True, timeout=60).stdout.strip()
+                assert engine.docker("inspect", "-f", "{{.State.Health.Status}}", amb).strip() == "healthy"
             finally:
                 # The consumer's shell, its PID 1, ignores SIGTERM: kill it rather than wait
                 # for the stop timeout. The rest stops as `down` says.
