@@ -185,6 +185,11 @@ class DockerEngine:
         return subprocess.run([docker_cli(), "-H", self.host, *args], input=input, capture_output=True,
                               text=True, timeout=timeout, env=env)
 
+    def cli(self, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+        """``docker -H HOST ARGS...`` against this engine, whatever its exit status: the
+        completed process (``returncode``, ``stdout``, ``stderr`` as text)."""
+        return self._cli(*args, input=input, timeout=timeout)
+
     def docker(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60) -> str:
         """Run ``docker -H HOST ARGS...`` against this engine; return its stdout.
 

@@ -30,6 +30,9 @@ APT_PACKAGES=(
   # dockerd inside a network namespace; on a machine whose init starts services, installing
   # docker.io also starts docker.service in the machine's own namespace (Debian's default).
   docker.io:dockerd
+  # The base image of the Docker image test (scripts/build-image): a Debian root file system
+  # made from the system's apt mirror, imported into the test engine (no registry here).
+  debootstrap:debootstrap
   haproxy:haproxy
   nginx-light:nginx
   libnginx-mod-stream:libnginx-mod-stream
