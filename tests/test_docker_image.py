@@ -268,7 +268,7 @@ def test_docker_stop_lets_an_open_connection_finish_and_removes_the_rules(engine
         assert "AMBASSADORD" not in nat_rules(engine)  # and the chains at the exit
 
 
-# ---- routes declared by the consumer containers (issue 15, part 1) ----------------------------
+# ---- routes declared by the consumer containers (run --docker) -------------------------------
 
 
 def docker_daemon_options(engine: DockerEngine) -> list[str]:
@@ -276,7 +276,6 @@ def docker_daemon_options(engine: DockerEngine) -> list[str]:
     return ["-v", f"{engine.dir}/docker.sock:/var/run/docker.sock"]
 
 
-@pytest.mark.xfail(reason="needs --docker (issue 15 part 1)", strict=False)
 def test_a_consumer_declaring_connect_label_gets_its_route_on_its_first_command(engine, host_a):
     gw = gateway(engine)
     with daemon(engine, "--iptables", "--docker", options=docker_daemon_options(engine), iptables=False):
@@ -285,7 +284,6 @@ def test_a_consumer_declaring_connect_label_gets_its_route_on_its_first_command(
         assert redis_cli(engine, gw) == "", "a container without the label must get no relay"
 
 
-@pytest.mark.xfail(reason="needs --docker (issue 15 part 1)", strict=False)
 def test_a_consumer_declaring_backend_env_gets_its_route_on_its_first_command(engine, host_a):
     gw = gateway(engine)
     with daemon(engine, "--iptables", "--docker", options=docker_daemon_options(engine), iptables=False):
