@@ -129,6 +129,7 @@ class DockerEngine:
                  log_dir: Path | None = None, storage_driver: str = "vfs", extra_args: Sequence[str] = ()):
         self.stop_timeout = stop_timeout
         self.storage_driver = storage_driver
+        self.extra_args = tuple(extra_args)
         self.dir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-{next(_serial)}-", dir="/tmp"))
         self.cgroup_parent = self.dir.name
         self.host = f"unix://{self.dir}/docker.sock"
@@ -242,6 +243,13 @@ class DockerEngine:
         ids = self.docker("ps", "-aq", timeout=30).split()
         if ids:
             self.docker("rm", "-f", "-v", *ids, timeout=60)
+
+    def restart(self, timeout: float = 60) -> None:
+        """Stop dockerd (SIGTERM: it stops the containers, as a restart or an upgrade of the
+        engine does) and start it again on the same data; containers with a restart policy
+        come back."""
+        self._stop_dockerd()
+        self._start(timeout, self.extra_args)
 
     def _stop_dockerd(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

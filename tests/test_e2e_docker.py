@@ -310,3 +310,22 @@ def test_connect_mode_balances_a_containers_own_route_in_the_kernel(docker_engin
             clients = docker_engine.docker("exec", box.id, "redis-cli", "-h", gateway, "client", "list")
             assert f"addr={ENGINE_SIDE}:" in clients, clients
             assert not [r for r in d.connection_records() if r.get("mode") != "connect"]
+
+
+def test_a_restart_of_the_engine_keeps_the_routes_and_follows_it_back(docker_engine, host_a, gateway, tmp_path):
+    # Last in the module: the shared engine restarts. dockerd stops its containers on the
+    # way down; one with a restart policy comes back, maybe with another address.
+    with docker_engine.container(TOOLS_IMAGE, "sleep", "600", name="amb-survivor",
+                                 options=["--restart", "always", "--label", f"connect.6379={HOST_A}:6379"]) as box, \
+            ambassadord(docker_engine, tmp_path=tmp_path) as d:
+        wait_until(lambda: len(routes_of(d)) == 1, timeout=10, what=lambda: str(routes_of(d)))
+        docker_engine.restart()
+        lost = d.wait_for(lambda r: r.get("event") == "docker-lost")
+        assert "keeping the routes of" in lost["msg"]
+        d.wait_for(lambda r: "docker: reconnected" in r.get("msg", ""), timeout=30)
+        ip = docker_engine.ipv4_addresses(box.id)[0]
+        wait_until(lambda: [r["source"] for r in routes_of(d)] == [f"{ip}/32"], timeout=15,
+                   what=lambda: f"the survivor's route after the restart: {routes_of(d)}")
+        assert docker_engine.docker("exec", box.id, "timeout", "10", "redis-cli", "-h", gateway, "ping").strip() \
+            == "PONG"
+        assert len([r for r in d.records() if r.get("event") == "docker-lost"]) == 1
