@@ -551,3 +551,21 @@ async def test_tls_verify_refuses_an_engine_its_ca_did_not_sign(certs, tmp_path)
                 await client.version()
     assert str(caught.value).startswith(f"cannot connect to {url}: ")
     assert "CERTIFICATE_VERIFY_FAILED" in str(caught.value)
+
+
+@pytest.mark.parametrize("args, env, says", [
+    (["--docker", "ssh://user@host"], {}, "--docker 'ssh://user@host'"),
+    (["--docker"], {"DOCKER_HOST": "npipe:////./pipe/docker_engine"}, "env DOCKER_HOST"),
+    (["--docker", "tcp://10.0.0.1:2376"], {"DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": "/nonexistent"},
+     "/nonexistent"),
+])
+def test_run_refuses_a_bad_docker_endpoint_before_starting_anything(args, env, says):
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")} | env
+    proc = subprocess.run([sys.executable, "-m", "ambassadord", "run", "--map", "6379=127.0.0.1:6379",
+                           "--admin", "off", "--listen", "127.0.0.1:1", *args],
+                          capture_output=True, text=True, env=environ, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert says in proc.stderr and "listening" not in proc.stderr, proc.stderr
