@@ -74,6 +74,8 @@ def run(settings: RunSettings) -> int:
             log.error("iptables: %s", exc)
             return 1
 
+    if settings.iptables is None:
+        _warn_without_redirect(settings, configs)
     kernel = None
     if settings.sockmap != "off":
         from .relay import KernelRelay, SockmapError
@@ -249,6 +251,22 @@ def _bridge_ports(watch, listen) -> tuple[int, ...]:
     """--docker: the ports that containers declare (running or about to run), redirected
     for the container bridges only. In connect mode the rule is never reached: harmless."""
     return tuple(sorted(watch.declared_ports() - {a.port for a in listen})) if watch is not None else ()
+
+
+def _warn_without_redirect(settings: RunSettings, configs) -> None:
+    """Without --iptables, a proxy route works only if something else redirects its port to
+    the listener: say so at the start when nothing in this namespace's nat table does, or
+    the first sign would be a consumer's "connection refused" and a silent log."""
+    ports = _redirect_ports(configs, settings.listen)
+    if not ports:
+        return
+    to = sorted({a.port for a in settings.listen})[0]
+    if netfilter.redirects_to(to) is False:
+        shown = ",".join(map(str, ports[:8])) + (",..." if len(ports) > 8 else "")
+        log.warning("no iptables rule redirects connections to the listener (port %d): consumers dialling "
+                    "port(s) %s here will get 'connection refused'. Run with --iptables, or install the rules: "
+                    "ambassadord iptables install --to-port %d %s", to, shown, to,
+                    " ".join(f"--port {p}" for p in ports[:8]))
 
 
 def _families_for(listen) -> tuple[int, ...]:

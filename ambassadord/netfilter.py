@@ -616,6 +616,36 @@ def _nat_state(family: int, to_port: int, netns: str | None) -> NatState:
     return _parse_nat_listing(listing, to_port)
 
 
+def redirects_to(to_port: int, netns: str | None = None) -> bool | None:
+    """Does some IPv4 nat rule (ours or anybody's) send connections to local port
+    ``to_port`` (REDIRECT, or DNAT to an address and that port)? None when the table cannot
+    be read (no iptables, no permission): then nobody can tell."""
+    try:
+        listing = _run([_TOOLS[4][0], "-w", "-t", "nat", "-S"], netns=netns)
+    except NetfilterError:
+        return None
+    return redirects_in(listing, to_port)
+
+
+def redirects_in(listing: str, to_port: int) -> bool:
+    """:func:`redirects_to` on an ``iptables -t nat -S`` listing. Pure."""
+    for line in listing.splitlines():
+        words = line.split()
+        for flag, value in zip(words, words[1:]):
+            if flag == "--to-ports" and str(to_port) in _port_range(value):
+                return True
+            if flag == "--to-destination" and value.rpartition(":")[2].split("-")[0] == str(to_port):
+                return True
+    return False
+
+
+def _port_range(text: str) -> set[str]:
+    low, _, high = text.partition("-")
+    if low.isdigit() and high.isdigit():
+        return {str(p) for p in range(int(low), int(high) + 1)}
+    return {low}
+
+
 def _parse_nat_listing(listing: str, to_port: int) -> NatState:
     # -S prints rules in the canonical form iptables-save uses, so our own jump reads
     # back exactly as "-A OUTPUT -p tcp -j CHAIN".

@@ -271,6 +271,7 @@ class Server:
         self.stopping = False
         self._aborted = False
         self._throttled = Throttled()
+        self._hints = Throttled(every=60.0)  # advice on a misuse: once a minute is plenty
         # Accepted sockets inherit their listener's keepalive settings (Linux copies them at
         # accept): set once here, they cost nothing per connection. Only a route whose
         # keepalive differs pays four setsockopt calls for each client socket.
@@ -547,6 +548,8 @@ class Server:
                 await ask()  # a container's first connection, maybe before Docker told us of it
             if (route := self.table.lookup(port, peer[0])) is None:
                 if not self.passthrough or (route := self._passthrough(original, peer[0])) is None:
+                    if port in self._listen_ports:
+                        self._not_redirected(peer, port)
                     raise Refused(Outcome.NO_ROUTE)
             fields["route"] = route.name if route.config.origin != PASSTHROUGH else PASSTHROUGH
             route.stats.active += 1  # until route.stats.closed()
@@ -624,6 +627,17 @@ class Server:
         if not order:
             raise Refused(Outcome.NO_BACKENDS, route.backends.error or "the route has no backends")
         return order
+
+    def _not_redirected(self, peer, port: int) -> None:
+        """A connection came to the listen port itself, and no route has that port: the
+        consumer dialled the daemon, not the service (rate-limited: a port scan must not
+        flood the log)."""
+        self._hints.log(("direct", port), logging.WARNING,
+                        "a connection from %s came to the listen port %d itself (not redirected) and no route "
+                        "has port %d: consumers dial the service's own port (e.g. 127.0.0.1:6379), which the "
+                        "REDIRECT rules (run --iptables) send here; to serve port %d directly, map it "
+                        "(--map %d=SPEC)", _addr_str(peer), port, port, port, port,
+                        fields={"event": "not-redirected", "port": port})
 
     def _passthrough(self, original: tuple[str, int] | None, src: str) -> Route | None:
         """A route straight to ``original``, the address a container dialled (one of this

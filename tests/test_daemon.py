@@ -369,3 +369,27 @@ def test_text_log_has_key_value_connection_line(redis, tmp_path):
     assert not line.lstrip().startswith("{")
     for field in (f"port={port}", "up=6", "down=7", "outcome=ok", "src=127.0.0.1:"):
         assert field in line, line
+
+
+# ---- forgetting --iptables -------------------------------------------------------------
+
+
+def test_without_a_redirect_the_start_warns_and_a_direct_connection_says_what_to_do(ns, tmp_path):
+    # A new namespace: nothing redirects to port 10000. The start says so, with the command
+    # that would; a consumer that dials the listener itself is told what it should dial.
+    with Daemon(["--listen", "127.0.0.1:10000", "--map", "6379=127.0.0.1:1", "--workers", "1"], ns=ns,
+                workdir=tmp_path) as daemon:
+        warning = daemon.wait_for(lambda r: "no iptables rule redirects" in r.get("msg", ""))
+        assert "--iptables" in warning["msg"] and "iptables install --to-port 10000 --port 6379" in warning["msg"]
+        for _ in range(3):  # the harness's readiness probe came first: one line for all
+            with contextlib.closing(daemon.connect("127.0.0.1", 10000)) as client:
+                assert is_closed(client, 5)
+        hint = daemon.wait_for(lambda r: r.get("event") == "not-redirected")
+        assert "127.0.0.1:6379" in hint["msg"] and "--iptables" in hint["msg"], hint
+        assert len([r for r in daemon.records() if r.get("event") == "not-redirected"]) == 1
+        daemon.stop()
+    # With the rules in place (here, installed by hand), no warning.
+    ambassadord(ns, "iptables", "install", "--port", "6379", "--ipv4-only")
+    with Daemon(["--listen", "127.0.0.1:10000", "--map", "6379=127.0.0.1:1"], ns=ns, workdir=tmp_path) as daemon:
+        daemon.stop()
+        assert "no iptables rule redirects" not in daemon.text()

@@ -747,3 +747,17 @@ def test_namespaces_left_by_a_killed_run_are_swept_and_live_ones_kept():
         sleeper.wait()
         for name in (stale, live, busy):
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.mark.parametrize("listing, found", [
+    ("-P PREROUTING ACCEPT\n-A OUTPUT -p tcp --dport 6379 -j REDIRECT --to-ports 10000\n", True),
+    ("-A PREROUTING -p tcp -j DNAT --to-destination 127.0.0.1:10000\n", True),
+    ("-A OUTPUT -p tcp -j REDIRECT --to-ports 9990-10010\n", True),
+    ("-A OUTPUT -p tcp -j REDIRECT --to-ports 10001\n-A X -j DNAT --to-destination 10.0.0.1:100000\n", False),
+    ("-A DOCKER ! -i docker0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80\n", False),
+    ("", False),
+])
+def test_redirects_in_finds_any_rule_that_leads_to_the_listener(listing, found):
+    from ambassadord.netfilter import redirects_in
+
+    assert redirects_in(listing, 10000) is found
