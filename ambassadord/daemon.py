@@ -59,7 +59,7 @@ def run(settings: RunSettings) -> int:
     Raises:
         UsageError: the routes cannot be read, or there are none.
     """
-    logs.setup(settings.log_format, settings.log_level)
+    logs.setup(settings.log_format, settings.log_level, connections=settings.log_connections)
     try:
         configs = _routes(settings.routes)
     except ConfigError as exc:
@@ -157,7 +157,7 @@ def _pool(settings: RunSettings, server: Server, sockets, kernel):
                                    use_splice=settings.use_splice, sockmap="on" if kernel is not None else "off",
                                    sockmap_size=settings.sockmap_size, log_format=settings.log_format,
                                    log_level=settings.log_level, docker=settings.docker is not None,
-                                   passthrough=settings.passthrough),
+                                   passthrough=settings.passthrough, log_connections=settings.log_connections),
         table=lambda: server.table, apply_ejection=server.apply_ejection)
 
 

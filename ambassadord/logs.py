@@ -51,7 +51,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def setup(fmt: str = "text", level: str = "info", stream=None) -> None:
+# --log-connections: which connections get their one line (logger "ambassadord.conn").
+CONNECTION_LINES = ("all", "errors", "none")
+CONNECTION_LOGGER = "ambassadord.conn"
+
+
+class _NotOk(logging.Filter):
+    """--log-connections errors: a connection line whose outcome is ok is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (getattr(record, "fields", None) or {}).get("outcome") != "ok"
+
+
+def setup(fmt: str = "text", level: str = "info", stream=None, connections: str = "all") -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
@@ -59,6 +71,11 @@ def setup(fmt: str = "text", level: str = "info", stream=None) -> None:
     root.setLevel(level.upper())
     # httpx (--docker's client) logs every request at INFO; its failures reach us as errors.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
+    conn = logging.getLogger(CONNECTION_LOGGER)
+    conn.filters[:] = [_NotOk()] if connections == "errors" else []
+    # none: above every level, so that isEnabledFor() is False and no line is even built
+    # (connect mode then asks the kernel for no connection-end events either).
+    conn.setLevel(logging.CRITICAL + 1 if connections == "none" else logging.NOTSET)
 
 
 class Throttled:

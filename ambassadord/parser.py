@@ -338,6 +338,9 @@ def _add_process_flags(run: argparse.ArgumentParser) -> None:
                    f"the others get its backend sets; auto = one per core (default {DEFAULT_WORKERS})")
     g.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format (default text)")
     g.add_argument("--log-level", choices=logs.LEVELS, default="info", help="(default info)")
+    g.add_argument("--log-connections", choices=logs.CONNECTION_LINES, default="all",
+                   help="which connections get their one log line: all (default), errors (every outcome but ok), "
+                   "none; unrouted ones are at most one line a second per port either way")
 
 
 def _add_status(st: argparse.ArgumentParser) -> None:

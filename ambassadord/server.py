@@ -35,7 +35,7 @@ from ambassadord.backends.interface import Backend, BackendSet, ResolverOptions,
 
 from . import health, original_dst
 from .balancer import pick_order
-from .logs import Throttled
+from .logs import CONNECTION_LOGGER, Throttled
 from .peers import NO_PEERS, Peers
 from .relay import KernelRelay, RelayResult, relay
 from .routes import PASSTHROUGH, Keepalive, Route, RouteConfig, RouteTable, client_address
@@ -43,7 +43,7 @@ from .stats import Outcome
 from .upstream import CAPACITY_ERRNOS, CAPACITY_SLEEP, Connector, Refused, set_keepalive
 
 log = logging.getLogger("ambassadord")
-conn_log = logging.getLogger("ambassadord.conn")
+conn_log = logging.getLogger(CONNECTION_LOGGER)
 
 # accept() errors. CAPACITY_ERRNOS (upstream.py) mean "out of a resource", not "bug": back
 # off and go on, as trio's serve_listeners does. These concern only the one connection
@@ -193,16 +193,20 @@ OUTCOME_LEVELS = {Outcome.LOOP: logging.ERROR, Outcome.CAPACITY: logging.ERROR, 
 
 
 def _log_connection(level: int, fields: dict, result: RelayResult, outcome: str, error: str | None,
-                    started: float) -> None:
+                    started: float, unrouted: Throttled) -> None:
     """A connection's one line (README, "Logs"): ``fields`` as the handler filled them in,
-    then what it came to."""
+    then what it came to. An unrouted one goes through ``unrouted``: a scan or a flood of
+    them is one line a second per port, with how many were left out."""
     fields["src"] = _addr_str(fields["src"])
     fields["up"], fields["down"] = result.up, result.down
     if error is not None:
         fields["error"] = error
     fields["duration"] = round(time.monotonic() - started, 6)
     fields["outcome"] = outcome
-    conn_log.log(level, "connection", extra={"fields": {"event": "connection", **fields}})
+    if outcome == Outcome.NO_ROUTE:
+        unrouted.log(("no-route", fields["port"]), level, "connection", fields={"event": "connection", **fields})
+    else:
+        conn_log.log(level, "connection", extra={"fields": {"event": "connection", **fields}})
 
 
 class Server:
@@ -272,6 +276,7 @@ class Server:
         self._aborted = False
         self._throttled = Throttled()
         self._hints = Throttled(every=60.0)  # advice on a misuse: once a minute is plenty
+        self._unrouted_log = Throttled(conn_log)
         # Accepted sockets inherit their listener's keepalive settings (Linux copies them at
         # accept): set once here, they cost nothing per connection. Only a route whose
         # keepalive differs pays four setsockopt calls for each client socket.
@@ -584,7 +589,7 @@ class Server:
             # ordinary, not the daemon's error.
             level = logging.INFO if fields.get("route") == PASSTHROUGH else OUTCOME_LEVELS.get(outcome, logging.INFO)
             if conn_log.isEnabledFor(level):
-                _log_connection(level, fields, result, outcome, error, started)
+                _log_connection(level, fields, result, outcome, error, started, self._unrouted_log)
 
     async def _admit(self, route: Route, conn: socket.socket) -> None:
         """Let one more connection into ``route`` (already counted in its ``active``): its

@@ -113,6 +113,7 @@ class RunSettings:
     sockmap_size: int
     log_format: str
     log_level: str
+    log_connections: str = "all"  # --log-connections
     docker: object = None  # --docker: a docker_api.Endpoint, or None (off)
     # --docker with --iptables and --docker-redirect all: every port from the container
     # bridges is redirected, and what no route takes passes through (server.passthrough).
@@ -148,6 +149,7 @@ def run_settings(args, env: Mapping[str, str] = os.environ) -> RunSettings:
         sockmap_size=args.sockmap_size,
         log_format=args.log_format,
         log_level=args.log_level,
+        log_connections=args.log_connections,
         docker=_docker(args, env),
         passthrough=bool(args.iptables and getattr(args, "docker", None) is not None
                          and getattr(args, "docker_redirect", "all") == "all"),

@@ -105,7 +105,7 @@ def test_events_become_log_lines_failures_and_ejections(caplog):
     route = table.routes[0]
     route.update(BackendSet((A, C)))
     feed.backends(route.config.key, route.backends)
-    with caplog.at_level(logging.INFO, logger="ambassadord.connections"):
+    with caplog.at_level(logging.INFO, logger="ambassadord.conn"):
         feed.account(ended(("127.0.0.1", 40000), ("127.0.0.1", 6379), ("10.0.0.1", 6379), up=10, down=2000))
         feed.account(ended(("127.0.0.1", 0), ("127.0.0.1", 6379), ("10.0.0.3", 6379), outcome="refused"))
         feed.account(ended(("127.0.0.1", 40002), ("127.0.0.1", 6379), ("10.0.0.1", 6379), outcome="reset"))
@@ -117,7 +117,7 @@ def test_events_become_log_lines_failures_and_ejections(caplog):
     assert st.outcomes == {"connect-failed": 1} and st.active == 0
     assert st.backends[str(C)].failures == 1 and st.backends[str(C)].last_error == "refused"
     assert route.pick.ejections.until  # the failed one is ejected, as /routes and the metrics show
-    lines = [r.fields for r in caplog.records if r.name == "ambassadord.connections"]
+    lines = [r.fields for r in caplog.records if r.name == "ambassadord.conn"]
     assert lines[0] == {"event": "connection", "src": "127.0.0.1:40000", "port": 6379, "route": "6379",
                         "backend": "10.0.0.1:6379", "up": 10, "down": 2000, "mode": "connect",
                         "duration": 0.5, "outcome": "ok"}

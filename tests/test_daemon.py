@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
 import signal
 import socket
@@ -393,3 +394,40 @@ def test_without_a_redirect_the_start_warns_and_a_direct_connection_says_what_to
     with Daemon(["--listen", "127.0.0.1:10000", "--map", "6379=127.0.0.1:1"], ns=ns, workdir=tmp_path) as daemon:
         daemon.stop()
         assert "no iptables rule redirects" not in daemon.text()
+
+
+# ---- log volume ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which, logged", [("all", {"ok", "all-backends-failed"}), ("errors", {"all-backends-failed"}),
+                                           ("none", set())])
+def test_log_connections_chooses_which_connections_get_a_line(redis, tmp_path, which, logged):
+    good, dead = free_port(), free_port()
+    with Daemon(["--listen", f"127.0.0.1:{good}", "--listen", f"127.0.0.1:{dead}", "--map", f"{good}=127.0.0.1:{redis.port}",
+                 "--map", f"{dead}=127.0.0.1:{free_port()}", "--log-connections", which, "--workers", "1"],
+                listen=("127.0.0.1", good), workdir=tmp_path) as d:
+        with contextlib.closing(d.connect("127.0.0.1", good)) as client:
+            assert ping(client) == b"+PONG\r\n"
+        with contextlib.closing(d.connect("127.0.0.1", dead)) as client:
+            assert is_closed(client, 5)
+        d.stop()
+        assert {r["outcome"] for r in d.connection_records()} == logged
+
+
+def test_a_flood_of_unrouted_connections_is_one_line_a_second_per_port(ns, tmp_path):
+    ambassadord(ns, "iptables", "install", "--port", "6390", "--ipv4-only")
+    from tests.admin_client import get_routes
+
+    with Daemon(["--listen", "127.0.0.1:10000", "--map", "6379=127.0.0.1:1", "--workers", "1",
+                 "--admin", "127.0.0.1:10001"], ns=ns, workdir=tmp_path) as d:
+        for _ in range(200):
+            with contextlib.closing(d.connect("127.0.0.1", 6390)) as client:
+                assert is_closed(client, 5)
+        counted = get_routes(10001, ns=ns)["connections"]["unrouted"]["no-route"]
+        d.stop()
+        lines = [r for r in d.connection_records() if r.get("port") == 6390]
+    assert counted >= 200  # every one counted (and the readiness probe's, on the listen port)
+    assert 1 <= len(lines) <= 10, len(lines)  # 200 in a second or two: a line or a few
+    assert lines[0]["outcome"] == "no-route"
+    if len(lines) > 1:  # a later line says how many were left out before it
+        assert re.search(r"and \d+ more", lines[1]["msg"]), lines[1]

@@ -29,7 +29,7 @@ from ..peers import Peers
 from ..stats import Outcome
 
 log = logging.getLogger("ambassadord")
-conn_log = logging.getLogger("ambassadord.connections")
+conn_log = logging.getLogger("ambassadord.conn")  # the proxy's too (server.py): one --log-connections
 
 CONNECT = "connect"
 

@@ -115,7 +115,7 @@ async def _serve(channel: Channel) -> int:
         channel.send(Failed(str(exc)))
         await channel.flush(2)
         return 1
-    logs.setup(settings.log_format, settings.log_level)
+    logs.setup(settings.log_format, settings.log_level, connections=settings.log_connections)
     logging.getLogger().handlers[0].addFilter(_tag(index))
     kernel = None
     if settings.sockmap == "on":

@@ -59,6 +59,7 @@ class Settings:
     log_format: str
     log_level: str
     docker: bool = False  # --docker: ask the main process about unknown client addresses
+    log_connections: str = "all"  # --log-connections
     passthrough: bool = False  # RunSettings.passthrough
 
 
