@@ -293,6 +293,8 @@ def route_view(route, st=None) -> dict:
         "container": cfg.container or None,
         "balance": cfg.balance,
         "mode": cfg.mode,
+        "on_down": cfg.on_down,
+        "drain": cfg.drain,
         "connect_timeout": cfg.connect_timeout,
         "idle_timeout": cfg.idle_timeout,
         "eject_for": cfg.eject_for,

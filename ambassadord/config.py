@@ -38,7 +38,7 @@ from ambassadord.backends.interface import parse_port
 
 from .balancer import BALANCE_POLICIES
 from .health import MIN_INTERVAL as MIN_CHECK_INTERVAL
-from .routes import DEFAULT_MAX_CONNECTIONS, MODES, Keepalive, RouteConfig
+from .routes import DEFAULT_MAX_CONNECTIONS, MODES, ON_DOWN, Keepalive, RouteConfig
 
 
 class ConfigError(ValueError):
@@ -61,6 +61,8 @@ class RouteDefaults:
     check_rise: int = 2
     check_fall: int = 3
     mode: str = "proxy"
+    on_down: str = "keep"
+    drain: float = 0.0
     pinned: frozenset[str] = frozenset()
 
     def overlaid(self, options: Mapping) -> RouteDefaults:
@@ -84,6 +86,21 @@ def _mode(value, where: str) -> str:
     if value not in MODES:
         raise ConfigError(f"{where}: bad mode {_show(value)}: expected one of {', '.join(MODES)}")
     return value
+
+
+def _on_down(value, where: str) -> str:
+    if value not in ON_DOWN:
+        raise ConfigError(f"{where}: bad on_down {_show(value)}: expected one of {', '.join(ON_DOWN)}")
+    return value
+
+
+def _drain(value, where: str) -> float:
+    """Seconds from 0 (close at once) to an hour."""
+    if isinstance(value, str) or isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 <= value <= 3600:
+        raise ConfigError(f"{where}: bad drain {_show(value)}: expected a number of seconds from 0 (at once) "
+                          "to 3600 (an hour), written without quotes")
+    return float(value)
 
 
 def _balance(value, where: str) -> str:
@@ -208,6 +225,8 @@ OPTION_PARSERS = {
     "check_rise": _check_count,
     "check_fall": _check_count,
     "mode": _mode,
+    "on_down": _on_down,
+    "drain": _drain,
 }
 
 
@@ -246,6 +265,8 @@ def make_route(port: int, spec_text, where: str, defaults: RouteDefaults, **opti
         check_rise=defaults.check_rise,
         check_fall=defaults.check_fall,
         mode=defaults.mode,
+        on_down=defaults.on_down,
+        drain=defaults.drain,
     )
     values.update(options)
     return RouteConfig(port=port, spec=spec, origin=where, **values)

@@ -12,7 +12,7 @@ import ipaddress
 
 from . import logs, netfilter
 from .balancer import BALANCE_POLICIES
-from .routes import DEFAULT_MAX_CONNECTIONS, MODES, Keepalive
+from .routes import DEFAULT_MAX_CONNECTIONS, MODES, ON_DOWN, Keepalive
 from .server import ListenAddress, parse_listen
 from .settings import DEFAULT_ADMIN, DEFAULT_PORT
 
@@ -283,6 +283,11 @@ def _add_route_default_flags(run: argparse.ArgumentParser) -> None:
     g.add_argument("--keepalive", type=_keepalive, metavar="IDLE[,INTVL,CNT]|off",
                    help="TCP keepalive on both sides: probe after IDLE s of silence, every INTVL s, give up after "
                    "CNT probes (default 60,10,6: a vanished peer is noticed in about 2 minutes)")
+    g.add_argument("--on-down", choices=ON_DOWN,
+                   help="a connection whose backend leaves the set, is ejected or is down by the checks: keep it "
+                   "(default) or shut it down after --drain (HAProxy's on-marked-down shutdown-sessions)")
+    g.add_argument("--drain", type=_seconds, metavar="SECONDS",
+                   help="with --on-down shutdown: how long such a connection may go on first (default 0: at once)")
     g = run.add_argument_group("active health checks (defaults for every route; off unless --check-interval)")
     g.add_argument("--check-interval", type=_check_interval, metavar="SECONDS",
                    help="TCP connect to every backend this often; a backend that is down is not picked "

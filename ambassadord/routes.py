@@ -31,6 +31,10 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # files' LimitNOFILE, instead of running the daemon out of fds. See README, "Limits".
 DEFAULT_MAX_CONNECTIONS = 10_000
 MODES = ("proxy", "connect")
+# What happens to a route's open connections when their backend leaves the set, is ejected
+# or is down by the health checks: "keep" them (they end by themselves), or "shutdown" them
+# after the route's drain time (HAProxy's on-marked-down shutdown-sessions).
+ON_DOWN = ("keep", "shutdown")
 # The kernel's bounds for TCP_KEEPIDLE / TCP_KEEPINTVL (MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL)
 # and TCP_KEEPCNT (MAX_TCP_KEEPCNT).
 _KEEPALIVE_MAX = (32767, 32767, 127)
@@ -110,6 +114,8 @@ class RouteConfig:
     # "proxy": connections come to the listener (REDIRECT) and are relayed; "connect": a
     # cgroup BPF program rewrites the consumer's connect() to a backend (connect/).
     mode: str = "proxy"
+    on_down: str = "keep"
+    drain: float = 0.0  # on_down = "shutdown": seconds a connection may go on first
     origin: str = ""
     # A route a Docker container declared for itself (containers.py): "NAME (SHORT_ID)";
     # "" for the host's routes. Shown by /routes, the status page and ``status``.
@@ -128,10 +134,10 @@ class RouteConfig:
         say where it was read; a renamed container keeps its route)."""
         return (self.port, self.spec, self.source, self.balance, self.connect_timeout, self.idle_timeout,
                 self.eject_for, self.max_connections, self.max_backend_connections, self.keepalive,
-                self.check_interval, self.check_rise, self.check_fall, self.mode) == (
+                self.check_interval, self.check_rise, self.check_fall, self.mode, self.on_down, self.drain) == (
                     other.port, other.spec, other.source, other.balance, other.connect_timeout, other.idle_timeout,
                     other.eject_for, other.max_connections, other.max_backend_connections, other.keepalive,
-                    other.check_interval, other.check_rise, other.check_fall, other.mode)
+                    other.check_interval, other.check_rise, other.check_fall, other.mode, other.on_down, other.drain)
 
 
 @dataclass(eq=False)

@@ -159,6 +159,18 @@ def _addr_str(sockaddr) -> str:
     return str(ListenAddress(sockaddr[0], sockaddr[1]))
 
 
+SESSION_SWEEP = 1.0  # seconds between looks at on_down = "shutdown" connections
+
+
+def _usable(route: Route, backend: str, now: float) -> bool:
+    """Is ``backend`` (as the connection's log names it) in the route's set, not ejected
+    and not down by the health checks?"""
+    for b in route.backends.backends:
+        if str(b) == backend:
+            return not route.pick.ejections.is_ejected(b, now) and b not in route.pick.down
+    return False
+
+
 _PASSTHROUGH_CACHE = 4096  # passthrough routes kept (one per host address and port dialled)
 
 
@@ -259,6 +271,10 @@ class Server:
         # were no redirect. Off: such a connection is closed (outcome no-route).
         self.passthrough = False
         self._passthroughs: dict[tuple[str, int], Route] = {}
+        # on_down = "shutdown": the open connections of such routes (their relay's cancel
+        # scope -> route and backend), and since when each one's backend is unusable.
+        self._sessions: dict[trio.CancelScope, tuple[Route, str]] = {}
+        self._down_since: dict[trio.CancelScope, float] = {}
         self._listen_ports = {s.getsockname()[1] for s in listeners}
         self.active = 0
         self.total = 0
@@ -296,6 +312,7 @@ class Server:
                 for route in self.table.routes:
                     self._start_resolver(route)
                 await resolvers.start(self.peers.run)
+                resolvers.start_soon(self._shut_down_sessions)
                 with trio.CancelScope() as self._conn_scope:
                     if self._aborted:
                         self._conn_scope.cancel()
@@ -563,9 +580,17 @@ class Server:
                                                                  peer[0], conn)
             fields["backend"] = result.backend
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await relay(conn, upstream, idle_timeout=route.config.idle_timeout, use_splice=self.use_splice,
-                        kernel=self.kernel, result=result)
-            outcome = result.outcome
+            session = trio.CancelScope()
+            if route.config.on_down == "shutdown":
+                self._sessions[session] = (route, result.backend)
+            try:
+                with session:
+                    await relay(conn, upstream, idle_timeout=route.config.idle_timeout, use_splice=self.use_splice,
+                                kernel=self.kernel, result=result)
+            finally:
+                self._sessions.pop(session, None)
+                self._down_since.pop(session, None)
+            outcome = Outcome.BACKEND_DOWN if session.cancelled_caught else result.outcome
         except Refused as exc:
             outcome, error = exc.outcome, exc.error
         except Exception as exc:  # one connection's bug is logged and contained
@@ -632,6 +657,22 @@ class Server:
         if not order:
             raise Refused(Outcome.NO_BACKENDS, route.backends.error or "the route has no backends")
         return order
+
+    async def _shut_down_sessions(self) -> None:
+        """on_down = "shutdown": once a second, close the connections whose backend has been
+        unusable (gone from the set, ejected, down by the checks) for the route's drain time.
+        A backend that comes back in time keeps its connections."""
+        while True:
+            await trio.sleep(SESSION_SWEEP)
+            if not self._sessions:
+                continue
+            now, current = time.monotonic(), {r.config.key: r for r in self.table.routes}
+            for session, (route, backend) in list(self._sessions.items()):
+                live = current.get(route.config.key, route)
+                if _usable(live, backend, now):
+                    self._down_since.pop(session, None)
+                elif now - self._down_since.setdefault(session, now) >= live.config.drain:
+                    session.cancel()
 
     def _not_redirected(self, peer, port: int) -> None:
         """A connection came to the listen port itself, and no route has that port: the

@@ -54,6 +54,8 @@ class RouteFlags:
     check_rise: int | None = None
     check_fall: int | None = None
     mode: str | None = None
+    on_down: str | None = None
+    drain: float | None = None
 
     def as_dict(self) -> dict:
         """As sources.load_routes takes them (``flag_defaults``)."""

@@ -45,6 +45,9 @@ class Outcome(enum.StrEnum):
     # Connect mode (connect/feed.py): the consumer's own connect to the backend failed.
     CONNECT_FAILED = "connect-failed"
     RESET = "reset"  # connect mode: it ended in a reset (the kernel does not say whose)
+    # on_down = "shutdown": closed because its backend left the set, was ejected or is down
+    # by the health checks (after the route's drain time).
+    BACKEND_DOWN = "backend-down"
 
 
 @dataclass(slots=True, eq=False)

@@ -431,3 +431,57 @@ def test_a_flood_of_unrouted_connections_is_one_line_a_second_per_port(ns, tmp_p
     assert lines[0]["outcome"] == "no-route"
     if len(lines) > 1:  # a later line says how many were left out before it
         assert re.search(r"and \d+ more", lines[1]["msg"]), lines[1]
+
+
+# ---- on_down: connections to a backend that is gone ------------------------------------
+
+
+def _served_by(sock: socket.socket) -> int:
+    sock.sendall(b"*3\r\n$6\r\nCONFIG\r\n$3\r\nGET\r\n$4\r\nport\r\n")
+    data = b""
+    while data.count(b"\r\n") < 5:
+        chunk = sock.recv(1024)
+        assert chunk, "closed while asking its port"
+        data += chunk
+    return int(data.split(b"\r\n")[4])
+
+
+@pytest.mark.parametrize("on_down", ["keep", "shutdown"])
+def test_on_down_shutdown_closes_connections_to_a_backend_that_left_the_set(tmp_path, on_down):
+    with RedisProcess(free_port(), workdir=tmp_path) as r1, RedisProcess(free_port(), workdir=tmp_path) as r2:
+        port, config = free_port(), tmp_path / "routes.toml"
+        both = f"127.0.0.1:{r1.port},127.0.0.1:{r2.port}"
+        config.write_text(f'[routes]\n{port} = {{ backend = "{both}", balance = "round-robin", '
+                          f'on_down = "{on_down}", drain = 1 }}\n')
+        with Daemon(["--listen", f"127.0.0.1:{port}", "--config", str(config), "--config-poll", "0.2",
+                     "--workers", "1"], listen=None, workdir=tmp_path) as d:
+            wait_until(lambda: "listening on" in d.text(), timeout=10, what=d.describe)
+            socks = [connect("127.0.0.1", port) for _ in range(4)]
+            try:
+                by = {s: _served_by(s) for s in socks}
+                assert set(by.values()) == {r1.port, r2.port}, by
+                # r1 leaves the set (deregistered, deleted: here, the file no longer names it)
+                tmp = config.with_suffix(".new")
+                tmp.write_text(f'[routes]\n{port} = {{ backend = "127.0.0.1:{r2.port}", balance = "round-robin", '
+                               f'on_down = "{on_down}", drain = 1 }}\n')
+                os.replace(tmp, config)
+                d.wait_for(lambda r: r.get("event") == "reload" and r.get("ok"), timeout=10)
+                started = time.monotonic()
+                gone = [s for s in socks if by[s] == r1.port]
+                kept = [s for s in socks if by[s] == r2.port]
+                if on_down == "shutdown":
+                    for s in gone:
+                        assert is_closed(s, 5), "a connection to the backend that left stays open"
+                    assert time.monotonic() - started >= 0.9, "closed before the drain time"
+                    wait_until(lambda: len([r for r in d.connection_records() if r["outcome"] == "backend-down"])
+                               == len(gone), timeout=5, what=lambda: str(d.connection_records()))
+                else:
+                    for s in gone:  # still served, well past drain + a sweep
+                        assert not is_closed(s, 2.5)
+                        assert _served_by(s) == r1.port
+                for s in kept:
+                    assert _served_by(s) == r2.port
+            finally:
+                for s in socks:
+                    s.close()
+            d.stop()
