@@ -238,6 +238,24 @@ def test_duplicate_port_across_map_and_env_names_both():
 # ---- environment -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("spec, meant", [
+    ("consul//redis", "did you mean consul:///redis?"),
+    ("etcd://services/redis", "did you mean etcd:///services/redis (three slashes"),
+    ("consul-kv://services/redis", "did you mean consul-kv:///services/redis (three slashes"),
+])
+def test_spec_typo_says_what_was_meant_and_where(tmp_path, spec, meant):
+    assert_usage_error(cli("check", "--map", f"6379={spec}"), f"--map 6379={spec}: spec {spec!r}: ", meant)
+    path = write(tmp_path, "routes.toml", f'[routes]\n6379 = "{spec}"\n')
+    assert_usage_error(cli("run", "--config", path), f"{path}:2", meant)
+
+
+@pytest.mark.netns
+def test_resolve_of_a_lost_slash_connects_nowhere(ns):
+    """etcd://services/redis used to try an etcd at a host called services, until a timeout."""
+    proc = cli("resolve", "etcd://services/redis", ns=ns, timeout=10)
+    assert_usage_error(proc, "did you mean etcd:///services/redis")
+
+
 def test_bad_backend_env_names_the_variable():
     proc = cli("run", env={"BACKEND_6379": "non sense"})
     assert_usage_error(proc, "BACKEND_6379", "non sense")
