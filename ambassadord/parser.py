@@ -337,7 +337,8 @@ def _add_iptables_and_admin_flags(run: argparse.ArgumentParser) -> None:
                    help=f"SO_MARK on upstream connections, exempted from the redirect (default {netfilter.DEFAULT_MARK:#x})")
     g = run.add_argument_group("admin API")
     g.add_argument("--admin", type=_admin, default=DEFAULT_ADMIN, metavar="ADDR:PORT|off",
-                   help=f"admin HTTP API: /, /healthz, /routes, /metrics (default {DEFAULT_ADMIN}; off = none)")
+                   help=f"admin HTTP API: /, /healthz, /routes, /metrics, on this IP address and port "
+                   f"(default {DEFAULT_ADMIN}; off = none)")
 
 
 def _add_connect_flags(run: argparse.ArgumentParser) -> None:
