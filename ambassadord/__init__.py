@@ -54,7 +54,14 @@ installed, it is inside this package (pyproject.toml's package-dir), so the dist
 owns no top-level name but ``ambassadord``.
 """
 
-__version__ = "0.1.0"
+import importlib.metadata
+
+try:
+    # pyproject.toml's version, the one source: `ambassadord --version`, the admin API's
+    # /routes and the ambassadord_build_info metric all say the same.
+    __version__ = importlib.metadata.version("ambassadord")
+except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 
 def _backends_beside() -> None:

@@ -81,8 +81,13 @@ def parse_admin(text: str) -> ListenAddress | None:
     try:
         return parse_listen(text)
     except ValueError as exc:
-        raise ValueError(str(exc).replace("listen address", "admin address").replace(
-            "e.g. 0.0.0.0:10000", f"e.g. {DEFAULT_ADMIN}, or off")) from None
+        message = str(exc).replace("listen address", "admin address").replace(
+            "e.g. 0.0.0.0:10000", f"e.g. {DEFAULT_ADMIN}, or off")
+        if message.endswith("is not an IP address"):
+            # A name is refused, not looked up: it may have several addresses, of both
+            # families, or none yet at boot; which one the API listens on must not depend on it.
+            message += f": the admin API listens on an IP address, e.g. {DEFAULT_ADMIN} (status --admin takes a host name)"
+        raise ValueError(message) from None
 
 
 def bind_admin(addr: ListenAddress) -> socket.socket:

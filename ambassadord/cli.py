@@ -46,7 +46,7 @@ def cmd_iptables(args) -> int:
             print(f"removed {netfilter.chain_name(args.to_port)}")
             return 0
         if not args.port:
-            raise UsageError("iptables install: give at least one --port P")
+            raise UsageError("install needs at least one --port PORT to redirect")
         dests = list(args.dest)
         if args.interface:
             dests += netfilter.interface_addresses(args.interface)
@@ -90,7 +90,7 @@ def cmd_resolve(args) -> int:
 def cmd_check(args) -> int:
     logs.setup("text", "warning")
     if not (args.config or args.map or args.env or args.link_env):
-        raise UsageError("check: give --config FILE (and/or --map, --env, --link-env)")
+        raise UsageError("nothing to check: give --config FILE, --map PORT=SPEC, --env or --link-env")
     try:
         routes = check_sources(args).load(os.environ).routes
     except ConfigError as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 
-from . import logs, netfilter
+from . import __version__, logs, netfilter
 from .balancer import BALANCE_POLICIES
 from .routes import DEFAULT_MAX_CONNECTIONS, MODES, ON_DOWN, Keepalive
 from .server import ListenAddress, parse_listen
@@ -20,7 +20,8 @@ DEFAULT_WORKERS = "auto"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, except that a word starting with a dash and a digit is a value.
+    """argparse, except that a word starting with a dash and a digit is a value, and that
+    an error is one line and a hint, without the usage.
 
     argparse takes ``--map -1=10.0.0.5:6379`` for an unknown option ``-1=...`` and says
     only "expected one argument", hiding the bad port. No flag here looks like that, so
@@ -31,6 +32,21 @@ class _Parser(argparse.ArgumentParser):
         if arg_string[:1] == "-" and arg_string[1:2].isdigit():
             return None
         return super()._parse_optional(arg_string)
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse reports a word no subcommand took as the top parser's ("ambassadord:
+        # error: unrecognized arguments"): name the command whose flags were meant.
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            commands = next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
+            where = commands.get(getattr(parsed, "command", None), self)
+            where.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
+    def error(self, message):
+        # One line and where to look, as git and ip do: argparse's own error() prints the
+        # whole usage first (17 lines for run), which buries the one line that matters.
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
 
 
 # Numbers on the command line are ASCII: int() and float() also take other scripts'
@@ -169,6 +185,12 @@ def _admin(text: str) -> ListenAddress | None:
     return _quoting(parse_admin, text)
 
 
+def _status_admin(text: str) -> ListenAddress:
+    from .status import parse_admin_address
+
+    return _quoting(parse_admin_address, text)
+
+
 def _dns_server(text: str) -> tuple[str, int]:
     from ambassadord.backends.dns import parse_dns_server
 
@@ -222,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "service's usual port; an iptables REDIRECT sends the connection here; ambassadord relays it "
         "to a live backend.",
     )
+    p.add_argument("--version", action="version", version=f"ambassadord {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub.add_parser("run", help="run the proxy", description="Run the proxy."))
     _add_status(sub.add_parser("status", help="print a running daemon's routes and backends (from its admin API)",
@@ -229,10 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_iptables(sub.add_parser("iptables", help="install or remove the REDIRECT rules by hand",
                                  description="Install or remove the nat REDIRECT rules that send connections for "
                                  "--port to ambassadord's --to-port. Atomic and idempotent."))
-    res = sub.add_parser("resolve", help="print the backends a spec resolves to now")
-    res.add_argument("spec", metavar="SPEC")
+    res = sub.add_parser("resolve", help="print the backends a spec resolves to now",
+                         description="Resolve SPEC once, as a route would, and print its backends, one HOST:PORT "
+                         "a line in order of preference. Exits 1 if there are none.")
+    res.add_argument("spec", metavar="SPEC", help="a route's value, e.g. consul:///redis or srv://_redis._tcp.example.com")
     _add_resolver_flags(res)
-    _add_check(sub.add_parser("check", help="validate routes and print the route table"))
+    _add_check(sub.add_parser("check", help="validate routes and print the route table",
+                              description="Validate routes as run would read them (--config, --map, --env, "
+                              "--link-env) and print the route table; nothing is started. Exits 2 with run's "
+                              "message if a route is wrong, or if there is none."))
     return p
 
 
@@ -312,8 +340,10 @@ def _add_iptables_and_admin_flags(run: argparse.ArgumentParser) -> None:
                    "processes and the containers on its bridges; repeatable")
     g.add_argument("--mark", type=_mark, default=netfilter.DEFAULT_MARK, metavar="N",
                    help=f"SO_MARK on upstream connections, exempted from the redirect (default {netfilter.DEFAULT_MARK:#x})")
+    g = run.add_argument_group("admin API")
     g.add_argument("--admin", type=_admin, default=DEFAULT_ADMIN, metavar="ADDR:PORT|off",
-                   help=f"admin HTTP API: /, /healthz, /routes, /metrics (default {DEFAULT_ADMIN}; off = none)")
+                   help=f"admin HTTP API: /, /healthz, /routes, /metrics, on this IP address and port "
+                   f"(default {DEFAULT_ADMIN}; off = none)")
 
 
 def _add_connect_flags(run: argparse.ArgumentParser) -> None:
@@ -349,7 +379,7 @@ def _add_process_flags(run: argparse.ArgumentParser) -> None:
 
 
 def _add_status(st: argparse.ArgumentParser) -> None:
-    st.add_argument("--admin", type=_admin, default=DEFAULT_ADMIN, metavar="ADDR:PORT",
+    st.add_argument("--admin", type=_status_admin, default=DEFAULT_ADMIN, metavar="HOST:PORT",
                     help=f"the daemon's admin address (default {DEFAULT_ADMIN})")
     st.add_argument("--json", action="store_true", help="print the admin API's /routes JSON as it is")
     st.add_argument("--timeout", type=_seconds, default=5.0, metavar="SECONDS",

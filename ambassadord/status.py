@@ -8,8 +8,30 @@ import sys
 import urllib.error
 import urllib.request
 
-from .server import ListenAddress
+from ambassadord.backends.interface import hostname_problem
+
+from .server import ListenAddress, parse_listen
 from .settings import UsageError
+
+
+def parse_admin_address(text: str) -> ListenAddress:
+    """``status --admin``: ``ADDR:PORT``, ``[V6]:PORT``, or ``HOST:PORT`` with a host name
+    (``localhost:10001``), looked up when status connects. (``run --admin`` binds, and takes
+    IP addresses only: admin.parse_admin.) Raises ValueError quoting the text."""
+    if text.strip().lower() == "off":
+        raise ValueError("'off': status needs the daemon's admin address, e.g. localhost:10001")
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        literal_error = str(exc).replace("bad listen address", "bad admin address").replace(
+            "expected ADDR:PORT", "expected HOST:PORT").replace("e.g. 0.0.0.0:10000", "e.g. localhost:10001")
+    host, sep, port = text.strip().rpartition(":")
+    if sep and ":" not in host and port.isascii() and port.isdigit() and 0 < int(port) < 65536:
+        problem = hostname_problem(host)
+        if problem is None:
+            return ListenAddress(host, int(port))
+        raise ValueError(f"bad admin address {text!r}: host {host!r}: {problem}")
+    raise ValueError(literal_error)
 
 
 def show(admin: ListenAddress | None, *, timeout: float, as_json: bool = False) -> int:

@@ -22,7 +22,9 @@ spec's scheme (the part before ``://``) or, for scheme-less values, by its shape
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import re
 
 from .interface import (
     Backend,
@@ -84,8 +86,49 @@ def parse_spec(text: str) -> Spec:
         if where is not None:
             return _spec_class(*where).parse(text)
         known = ", ".join(sorted(SCHEMES))
-        raise SpecError(f"spec {text!r}: unknown scheme {scheme!r} (known schemes: {known}; or HOST:PORT[,HOST:PORT...])")
-    if ":" not in text and "," not in text:
-        # A bare name with no port: a DNS SRV name, as in ambassadord (redis.service.consul).
-        return _spec_class("dns", "SrvSpec").parse(text)
-    return _spec_class("static", "StaticSpec").parse(text)
+        close = difflib.get_close_matches(scheme.lower(), SCHEMES, n=1)
+        meant = f"; did you mean {close[0]}://?" if close else ""
+        raise SpecError(f"spec {text!r}: unknown scheme {scheme!r}{meant} "
+                        f"(known schemes: {known}; or HOST:PORT[,HOST:PORT...])")
+    try:
+        if ":" not in text and "," not in text:
+            # A bare name with no port: a DNS SRV name, as in ambassadord (redis.service.consul).
+            return _spec_class("dns", "SrvSpec").parse(text)
+        return _spec_class("static", "StaticSpec").parse(text)
+    except SpecError:
+        mangled = _mangled_scheme(text)
+        if mangled is None:
+            raise
+        raise SpecError(f"spec {text!r}: {mangled}") from None
+
+
+# SCHEME followed by a broken "://" (consul//redis, consul:/redis, etcd:services/redis),
+# longest scheme first (consul-kv before consul).
+_MANGLED = re.compile(r"(%s)([:/]+)(.+)" % "|".join(sorted(map(re.escape, SCHEMES), key=len, reverse=True)))
+# Where a third slash (SCHEME:///...) stands for the default agent or endpoint.
+_DEFAULT_HOST = {"consul": "agent", "consul-kv": "agent", "etcd": "endpoint"}
+
+
+def _mangled_scheme(text: str) -> str | None:
+    """What to say about a spec that failed as a name or a host:port list but starts with
+    a known scheme whose "://" is mistyped (what it probably meant); None otherwise. Asked
+    only after the spec failed: ``consul:8500`` stays a valid host:port (a host called
+    consul).
+
+    For consul, consul-kv and etcd, the rest goes after three slashes (the default agent or
+    endpoint) unless its first segment has a port (then it is the host). If the likely
+    meaning is no valid spec either, its own error is said too.
+    """
+    m = _MANGLED.fullmatch(text)
+    if m is None or m.group(2) == "://":
+        return None
+    scheme, rest = m.group(1), m.group(3)
+    default = _DEFAULT_HOST.get(scheme)
+    third = default is not None and not (":" in rest.split("/", 1)[0] and "/" in rest)
+    meant = f"{scheme}:{'///' if third else '//'}{rest}"
+    said = f"did you mean {meant}? ({scheme} specs start with {scheme}://{'; the third slash: the default ' + default if third else ''})"
+    try:
+        parse_spec(meant)
+    except SpecError as exc:
+        return f"{said}; but that is no valid spec either: {exc}"
+    return said

@@ -68,7 +68,9 @@ from .interface import (
     TemporaryFailure,
     answer_or_failure,
     canonical,
+    host_or_lost_slash,
     host_problem,
+    name_as_host_hint,
     parse_port,
     split_host_port,
 )
@@ -117,6 +119,13 @@ def _split(text: str, scheme: str) -> urllib.parse.SplitResult:
     return parts
 
 
+def _three_slashes(parts: urllib.parse.SplitResult, scheme: str) -> str:
+    """``consul://redis``: the name went where the agent goes."""
+    if parts.path.strip("/"):
+        return ""
+    return name_as_host_hint(parts.netloc, parts.query and "?" + parts.query, scheme=scheme, what="agent")
+
+
 @dataclass(frozen=True, slots=True)
 class ConsulServiceSpec(Spec):
     text: str
@@ -131,7 +140,7 @@ class ConsulServiceSpec(Spec):
         service = parts.path.strip("/")
         if not service or "/" in service or not _SERVICE_NAME.match(service):
             raise SpecError(f"spec {text!r}: expected consul://[AGENT]/SERVICE[?tag=T&dc=DC], "
-                            f"with a service name of letters, digits, '-', '_' and '.'")
+                            f"with a service name of letters, digits, '-', '_' and '.'{_three_slashes(parts, 'consul')}")
         try:
             query = urllib.parse.parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
         except ValueError:
@@ -160,7 +169,9 @@ class ConsulKVSpec(Spec):
         parts = _split(text, "consul-kv")
         path = parts.path.strip("/")
         if not path or parts.query:
-            raise SpecError(f"spec {text!r}: expected consul-kv://[AGENT]/PATH, e.g. consul-kv:///services/redis")
+            raise SpecError(f"spec {text!r}: expected consul-kv://[AGENT]/PATH, e.g. consul-kv:///services/redis"
+                            f"{_three_slashes(parts, 'consul-kv')}")
+        host_or_lost_slash(text, parts.netloc, parts.path, scheme="consul-kv", what="agent", default_port=8500)
         return cls(text=text, agent=_agent(parts.netloc, text), path=path)
 
     def resolver(self, options: ResolverOptions) -> "ConsulKVResolver":

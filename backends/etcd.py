@@ -66,7 +66,9 @@ from .interface import (  # noqa: E402
     TemporaryFailure,
     answer_or_failure,
     canonical,
+    host_or_lost_slash,
     host_problem,
+    name_as_host_hint,
     parse_port,
     split_host_port,
     split_http_url,
@@ -150,7 +152,9 @@ class EtcdSpec(Spec):
             raise SpecError(f"spec {text!r}: {exc}") from None
         prefix = parts.path.rstrip("/")
         if parts.scheme != "etcd" or not prefix.strip("/") or parts.query or parts.fragment:
-            raise SpecError(f"spec {text!r}: expected etcd://[ENDPOINT]/PREFIX, e.g. etcd:///services/redis")
+            meant = "" if prefix.strip("/") else name_as_host_hint(parts.netloc, "", scheme="etcd", what="endpoint")
+            raise SpecError(f"spec {text!r}: expected etcd://[ENDPOINT]/PREFIX, e.g. etcd:///services/redis{meant}")
+        host_or_lost_slash(text, parts.netloc, prefix, scheme="etcd", what="endpoint", default_port=2379)
         endpoint = parse_endpoint(parts.netloc, context=f"spec {text!r}") if parts.netloc else None
         return cls(text=text, endpoint=endpoint, prefix=prefix)
 

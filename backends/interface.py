@@ -303,6 +303,41 @@ def host_problem(host: str) -> str | None:
     return None
 
 
+def name_as_host_hint(netloc: str, rest: str, *, scheme: str, what: str) -> str:
+    """For ``consul://redis``, ``etcd://services`` (a spec with no path, refused): the name
+    went where the host goes. ``"; did you mean SCHEME:///NAME..."``, or "" when ``netloc``
+    is an IP address or has a port or brackets (then it was meant as the host, and only the
+    path is missing)."""
+    if not netloc or ":" in netloc or netloc.startswith("["):
+        return ""
+    try:
+        ipaddress.ip_address(netloc)
+        return ""
+    except ValueError:
+        pass
+    return f"; did you mean {scheme}:///{netloc}{rest} (three slashes: the default {what})?"
+
+
+def host_or_lost_slash(text: str, netloc: str, path: str, *, scheme: str, what: str, default_port: int) -> None:
+    """Refuse ``SCHEME://WORD/MORE`` where WORD is more likely a path's first segment that
+    lost a slash than a host: ``etcd://services/redis`` for ``etcd:///services/redis``.
+
+    WORD is taken for a lost slash when it is one label (no dot, so no IPv4 literal and no
+    FQDN), without a port or brackets, and not ``localhost``: a host of that shape (a
+    Compose service called ``etcd``) must then be written with its port, which says "host"
+    beyond doubt. For a path-shaped spec only (consul-kv://, etcd://): a Consul service
+    name has no slash, so ``consul://agent/redis`` is never ambiguous.
+
+    Raises:
+        SpecError: quoting ``text`` and giving both readings, with the one to write for each.
+    """
+    if not netloc or "." in netloc or ":" in netloc or netloc.startswith("[") or netloc.lower() == "localhost":
+        return
+    raise SpecError(f"spec {text!r}: did you mean {scheme}:///{netloc}{path} (three slashes: the path "
+                    f"/{netloc}{path} on the default {what})? As written, {netloc!r} would be the {what}'s "
+                    f"host; a one-word host needs its port, e.g. {scheme}://{netloc}:{default_port}{path}")
+
+
 def parse_host_port(item: str, *, context: str) -> tuple[str, int]:
     """Split ``host:port`` / ``[v6]:port`` and check the port.
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from ambassadord.cli import build_parser
-from tests.daemon import REPO_ROOT, free_port, refused
+from tests.daemon import REPO_ROOT, Daemon, free_port, refused, wait_until
 from tests.netns import Netns
 
 CHAIN = "AMBASSADORD-10000"
@@ -125,6 +125,32 @@ def test_bad_flag_exits_2_naming_it(args, needles):
     assert_usage_error(cli("run", *args), *needles)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["run", "--grace", "soon"], "ambassadord run: error: argument --grace: 'soon': expected a number of seconds"),
+    (["run", "--balance", "fastest"], "ambassadord run: error: argument --balance: invalid choice: 'fastest'"),
+    (["run", "--no-such-flag"], "ambassadord run: error: unrecognized arguments: --no-such-flag"),
+    (["status", "--timeout"], "ambassadord status: error: argument --timeout: expected one argument"),
+    (["iptables", "insatll"], "ambassadord iptables: error: argument action: invalid choice: 'insatll'"),
+    (["resolve"], "ambassadord resolve: error: the following arguments are required: SPEC"),
+    (["bogus"], "ambassadord: error: argument COMMAND: invalid choice: 'bogus'"),
+    ([], "ambassadord: error: the following arguments are required: COMMAND"),
+])
+def test_a_flag_error_is_one_line_and_a_pointer_to_help(args, message):
+    """Not argparse's usage dump first (17 lines for run), which buried the line that matters."""
+    proc = cli(*args)
+    assert_usage_error(proc)
+    command = " ".join(["ambassadord", *args[:1]]) if args and args[0] != "bogus" else "ambassadord"
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(message), proc.stderr
+    assert lines[1] == f"(see {command} --help)", proc.stderr
+
+
+def test_run_admin_takes_an_ip_address_and_says_why_not_a_name():
+    proc = cli("run", "--map", "6379=1.2.3.4:1", "--admin", "localhost:10001")
+    assert_usage_error(proc, "--admin", "'localhost:10001'", "listens on an IP address, e.g. 127.0.0.1:10001",
+                       "status --admin takes a host name")
+
+
 def test_run_without_routes_says_where_routes_come_from():
     proc = cli("run")
     assert_usage_error(proc, "no routes", "--map", "--config", "BACKEND_")
@@ -210,6 +236,24 @@ def test_duplicate_port_across_map_and_env_names_both():
 
 
 # ---- environment -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec, meant", [
+    ("consul//redis", "did you mean consul:///redis?"),
+    ("etcd://services/redis", "did you mean etcd:///services/redis (three slashes"),
+    ("consul-kv://services/redis", "did you mean consul-kv:///services/redis (three slashes"),
+])
+def test_spec_typo_says_what_was_meant_and_where(tmp_path, spec, meant):
+    assert_usage_error(cli("check", "--map", f"6379={spec}"), f"--map 6379={spec}: spec {spec!r}: ", meant)
+    path = write(tmp_path, "routes.toml", f'[routes]\n6379 = "{spec}"\n')
+    assert_usage_error(cli("run", "--config", path), f"{path}:2", meant)
+
+
+@pytest.mark.netns
+def test_resolve_of_a_lost_slash_connects_nowhere(ns):
+    """etcd://services/redis used to try an etcd at a host called services, until a timeout."""
+    proc = cli("resolve", "etcd://services/redis", ns=ns, timeout=10)
+    assert_usage_error(proc, "did you mean etcd:///services/redis")
 
 
 def test_bad_backend_env_names_the_variable():
@@ -433,7 +477,10 @@ def test_check_bad_file_exits_2(tmp_path):
 
 
 def test_check_without_anything_to_check_exits_2():
-    assert_usage_error(cli("check"), "--config")
+    proc = cli("check")
+    assert_usage_error(proc)
+    assert proc.stderr == ("ambassadord check: nothing to check: give --config FILE, --map PORT=SPEC, "
+                           "--env or --link-env\n"), proc.stderr
 
 
 def test_check_of_a_file_without_routes_exits_2_as_run_does(tmp_path):
@@ -514,6 +561,73 @@ def test_run_help_lists_every_flag():
     for flag in ("--map", "--config", "--link-env", "--listen", "--balance", "--connect-timeout", "--idle-timeout",
                  "--iptables", "--grace", "--log-format", "--log-level"):
         assert flag in proc.stdout, flag
+
+
+def help_groups(text: str) -> dict[str, list[str]]:
+    """``--help`` output -> {group title: the long flags listed under it}."""
+    groups: dict[str, list[str]] = {}
+    title = None
+    for line in text.splitlines():
+        if line and not line[0].isspace() and line.endswith(":"):
+            title = line[:-1]
+            groups[title] = []
+        elif title is not None and (m := re.match(r"\s{2}(?:-\w, )?(--[\w-]+)", line)):
+            groups[title].append(m.group(1))
+    return groups
+
+
+def test_run_help_lists_admin_in_its_own_group():
+    groups = help_groups(cli("run", "--help").stdout)
+    assert groups["admin API"] == ["--admin"], groups
+    assert "--admin" not in groups["iptables"], groups
+    assert "--iptables" in groups["iptables"], groups
+
+
+@pytest.mark.parametrize("command, says", [
+    ("check", "Validate routes as run would read them"),
+    ("resolve", "Resolve SPEC once, as a route would"),
+])
+def test_check_and_resolve_help_say_what_they_do(command, says):
+    proc = cli(command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    # argparse puts a description between the usage and the first group, after a blank line
+    description = proc.stdout.split("\n\n")[1]
+    assert " ".join(description.split()).startswith(says), proc.stdout
+
+
+def test_version_is_the_package_metadata():
+    import importlib.metadata
+
+    proc = cli("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"ambassadord {importlib.metadata.version('ambassadord')}\n", proc.stdout
+
+
+# ---- status --------------------------------------------------------------------------
+
+
+def test_status_admin_takes_a_host_name(tmp_path):
+    port, admin = free_port(), free_port()
+    args = ["--map", "6379=127.0.0.1:6379", "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
+            "--workers", "1"]
+    with Daemon(args, listen=("127.0.0.1", port), workdir=tmp_path) as daemon:
+        def status():
+            proc = cli("status", "--admin", f"localhost:{admin}", "--json", timeout=10)
+            return proc if proc.returncode == 0 else None
+
+        proc = wait_until(status, timeout=10, what=daemon.describe)
+        assert '"port": 6379' in proc.stdout, proc.stdout
+        daemon.stop()
+
+
+@pytest.mark.parametrize("value, needles", [
+    ("localhost", ["'localhost'", "expected HOST:PORT"]),
+    ("localhost:0", ["'localhost:0'", "expected HOST:PORT"]),
+    ("web-:10001", ["'web-:10001'", "host 'web-'"]),
+    ("::1:10001", ["'::1:10001'", "[::1]"]),
+])
+def test_status_admin_bad_address_exits_2(value, needles):
+    assert_usage_error(cli("status", "--admin", value), "argument --admin", *needles)
 
 
 def test_no_command_exits_2():

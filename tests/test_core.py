@@ -62,6 +62,73 @@ def test_bad_specs_say_what_is_wrong(text, fragment):
     assert fragment in str(err.value)
 
 
+# A typo in a spec gets what was probably meant, not the error of the form it fell into
+# (consul//redis used to say "expected srv://NAME": it has no ":", so it read as a SRV name).
+@pytest.mark.parametrize("text, meant", [
+    ("consul//redis", "did you mean consul:///redis? (consul specs start with consul://; the third slash: "
+                      "the default agent)"),
+    ("consul:/redis", "did you mean consul:///redis?"),
+    ("consul:redis", "did you mean consul:///redis?"),
+    ("consul//redis?tag=primary", "did you mean consul:///redis?tag=primary?"),
+    ("consul//10.0.0.2:8500/redis", "did you mean consul://10.0.0.2:8500/redis? (consul specs start with consul://)"),
+    ("consul-kv//services/redis", "did you mean consul-kv:///services/redis?"),
+    ("etcd:/services/redis", "did you mean etcd:///services/redis? (etcd specs start with etcd://; the third "
+                             "slash: the default endpoint)"),
+    ("srv//_redis._tcp.example.com", "did you mean srv://_redis._tcp.example.com?"),
+    ("dns:/redis.example.com:6379", "did you mean dns://redis.example.com:6379?"),
+    # the likely meaning is wrong too: both said
+    ("consul//re dis", "did you mean consul:///re dis? (consul specs start with consul://; the third slash: "
+                       "the default agent); but that is no valid spec either: spec 'consul:///re dis': expected"),
+    # a path's first segment where the host goes (one word, no port): not a host to connect to
+    ("etcd://services/redis", "did you mean etcd:///services/redis (three slashes: the path /services/redis on "
+                              "the default endpoint)? As written, 'services' would be the endpoint's host; a one-word "
+                              "host needs its port, e.g. etcd://services:2379/redis"),
+    ("consul-kv://services/redis", "did you mean consul-kv:///services/redis (three slashes: the path "
+                                   "/services/redis on the default agent)?"),
+    # the name where the host goes, and no path at all
+    ("consul://redis", "did you mean consul:///redis (three slashes: the default agent)?"),
+    ("consul://redis?dc=dc2", "did you mean consul:///redis?dc=dc2 (three slashes"),
+    ("consul-kv://services", "did you mean consul-kv:///services (three slashes: the default agent)?"),
+    ("etcd://services", "did you mean etcd:///services (three slashes: the default endpoint)?"),
+    # a scheme spelt almost right
+    ("Consul:///redis", "unknown scheme 'Consul'; did you mean consul://?"),
+    ("consull:///redis", "unknown scheme 'consull'; did you mean consul://?"),
+])
+def test_spec_typos_say_what_was_probably_meant(text, meant):
+    with pytest.raises(SpecError) as err:
+        parse_spec(text)
+    assert str(err.value).startswith(f"spec {text!r}: "), str(err.value)
+    assert meant in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("consul://10.0.0.2:8500", "expected consul://[AGENT]/SERVICE"),  # an agent with a port: only the name is missing
+    ("etcd://10.0.0.5", "expected etcd://[ENDPOINT]/PREFIX"),
+    ("http://x", "unknown scheme 'http' (known schemes"),  # nothing close
+])
+def test_no_hint_where_nothing_was_probably_meant(text, fragment):
+    with pytest.raises(SpecError) as err:
+        parse_spec(text)
+    assert fragment in str(err.value) and "did you mean" not in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("text, parsed", [
+    # what looks like a typo but is valid stays valid: a host called consul, port 8500
+    ("consul:8500", ("StaticSpec", "entries", (("consul", 8500),))),
+    # one-word hosts with a port, localhost, names with a dot: hosts, as written
+    ("etcd://etcd:2379/services/redis", ("EtcdSpec", "endpoint", ("etcd", 2379))),
+    ("etcd://localhost/services/redis", ("EtcdSpec", "endpoint", ("localhost", 2379))),
+    ("consul-kv://consul:8500/services/redis", ("ConsulKVSpec", "agent", ("consul", 8500))),
+    ("consul-kv://consul.local/services/redis", ("ConsulKVSpec", "agent", ("consul.local", 8500))),
+    # a service name has no slash: the word before it can only be the agent
+    ("consul://consul/redis", ("ConsulServiceSpec", "agent", ("consul", 8500))),
+])
+def test_specs_that_only_look_like_typos_parse(text, parsed):
+    spec = parse_spec(text)
+    kind, field, value = parsed
+    assert (type(spec).__name__, getattr(spec, field)) == (kind, value)
+
+
 def test_literal_spec_needs_no_resolution():
     assert parse_spec("10.0.0.1:1,[::1]:2").literal
     assert not parse_spec("10.0.0.1:1,localhost:2").literal
