@@ -579,7 +579,8 @@ def test_dockerignore_sends_what_the_build_copies_and_little_else():
     for top in (".venv", ".git", ".cache", "tests", "ambassadord.egg-info"):
         assert not any(f == top or f.startswith(top + "/") for f in context), f"{top} is in the build context"
     assert not any("__pycache__" in f for f in context)
-    for must in ("pyproject.toml", "README.md", "LICENSE", "ambassadord/cli.py", "backends/__init__.py"):
+    for must in ("pyproject.toml", "README.md", "LICENSE", "constraints.txt", "ambassadord/cli.py",
+                 "backends/__init__.py"):
         assert must in context
     # docker/wheels/, an air-gapped build's wheelhouse, is there only when made (scripts/build-image).
     size = sum((REPO / f).stat().st_size for f in context if not f.startswith("docker/wheels/"))

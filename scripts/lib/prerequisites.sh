@@ -56,7 +56,7 @@ CONSUL_DIR=.cache/consul
 CONSUL_BIN=$CONSUL_DIR/bin/consul
 
 VENV=.venv
-VENV_STAMP=$VENV/.ambassadord-install.sha256 # hash of the pyproject.toml last installed
+VENV_STAMP=$VENV/.ambassadord-install.sha256 # hash of the pyproject.toml and constraints.txt last installed
 MIN_PYTHON=(3 11)
 
 # iproute2 and iptables live in sbin directories that a non-root PATH may not include.
@@ -157,14 +157,15 @@ step_venv() {
     "$python" -m venv "$VENV" || die "$python -m venv $VENV failed"
   fi
   local want
-  want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$VENV_STAMP" 2>/dev/null)" != "$want" ] || [ ! -x "$VENV/bin/pytest" ]; then
-    say "installing the project and its test dependencies into $VENV (pip install -e '.[test]')"
+    say "installing the project and its test dependencies into $VENV (pip install -c constraints.txt -e '.[test]')"
     # pip's build backend is chatty even with -q: keep its output, show it only on failure.
-    if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]' \
+    # constraints.txt: the exact versions (scripts/lock), so a new release changes nothing.
+    if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]' \
       </dev/null >"$VENV/pip-install.log" 2>&1; then
       cat "$VENV/pip-install.log" >&2
-      die "pip install -e '.[test]' failed (log above, also in $VENV/pip-install.log)"
+      die "pip install -c constraints.txt -e '.[test]' failed (log above, also in $VENV/pip-install.log)"
     fi
     echo "$want" >"$VENV_STAMP"
   fi
