@@ -19,7 +19,7 @@ import json
 import os
 import re
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -106,12 +106,14 @@ def get_routes(admin: int) -> dict:
 
 
 @contextlib.contextmanager
-def running_daemon(tmp_path: Path, config: Path, listen: int, admin: int) -> Iterator[Daemon]:
-    """The daemon on 127.0.0.1:``listen``, admin API on 127.0.0.1:``admin``, reading
-    ``config`` (polled every 0.2 s). Killed on the way out, whatever happens; its log is
-    printed (shown by pytest) if the test fails inside."""
-    args = ["--listen", f"127.0.0.1:{listen}", "--config", str(config), "--config-poll", "0.2",
-            "--admin", f"127.0.0.1:{admin}"]
+def running_daemon(tmp_path: Path, config: Path, listen: int | Sequence[int], admin: int) -> Iterator[Daemon]:
+    """The daemon on 127.0.0.1:``listen`` (one port or several: with no iptables, a
+    connection to one of them takes the route of that port), admin API on
+    127.0.0.1:``admin``, reading ``config`` (polled every 0.2 s). Killed on the way out,
+    whatever happens; its log is printed (shown by pytest) if the test fails inside."""
+    ports = [listen] if isinstance(listen, int) else list(listen)
+    args = [*(a for p in ports for a in ("--listen", f"127.0.0.1:{p}")), "--config", str(config),
+            "--config-poll", "0.2", "--admin", f"127.0.0.1:{admin}"]
     # listen=None: no readiness probe through the listener, which would count as a
     # connection of the route whose port is the listen port. Ready: /routes answers.
     with Daemon(args, listen=None, workdir=tmp_path) as daemon:
