@@ -8,8 +8,11 @@ with a deadline (Playwright's ``expect``), never with a fixed sleep. Everything 
 over loopback only.
 
 The page's hooks: ``section[data-route=NAME]`` per route, ``tr[data-backend=ADDR]`` per
-backend row (with ``data-state``), ``[data-field=KEY]`` cells named after the JSON keys
-(raw numbers in ``data-value``), ``#daemon`` for the header and ``[data-banner=...]``.
+backend row (with ``data-state``), ``#summary tr[data-route=NAME]`` per route in the summary,
+``data-health`` (ok, degraded, down) on both, ``[data-field=KEY]`` cells named after the
+JSON keys or the page's own figures (``health``, ``conn_rate``, ``up_rate``, ``down_rate``
+and their ``peak_`` forms; raw numbers in ``data-value``), ``#daemon`` for the header,
+``[data-banner=...]`` and ``#filter``.
 """
 
 from __future__ import annotations
@@ -478,7 +481,8 @@ def test_health_rolls_up_from_the_backends_and_the_summary_has_a_line_per_route(
         # The summary: one line per route, in the daemon's order, with the same health.
         rows = page.locator("#summary tr[data-route]")
         expect(rows).to_have_count(3)
-        assert [rows.nth(i).get_attribute("data-route") for i in range(3)] == [r["name"] for r in get_routes(admin)["routes"]]
+        order = [r["name"] for r in get_routes(admin)["routes"]]
+        assert [rows.nth(i).get_attribute("data-route") for i in range(3)] == order
         for route, health, backends, spec in ((ok, "ok", "2/2", f"127.0.0.1:{r1.port},127.0.0.1:{r2.port}"),
                                               (degraded, "degraded", "1/2", f"127.0.0.1:{r3.port},{closed}"),
                                               (down, "down", "0/1", closed)):
@@ -527,7 +531,8 @@ def test_rates_come_from_successive_answers_and_peaks_stay(page, tmp_path):
                 expect(route_field(page, listen, field)).to_have_attribute("data-value", "0")
                 expect(summary_field(page, listen, field)).to_have_attribute("data-value", "0")
                 expect(header(page, field)).to_have_attribute("data-value", "0")
-            peak_conn, peak_up = value(route_field(page, listen, "peak_conn_rate")), value(route_field(page, listen, "peak_up_rate"))
+            peak_conn = value(route_field(page, listen, "peak_conn_rate"))
+            peak_up = value(route_field(page, listen, "peak_up_rate"))
             assert 0 < peak_conn <= connections
             assert 0 < peak_up <= 6 * pings  # PING\r\n
             assert value(header(page, "peak_conn_rate")) > 0  # the daemon's: its own total, not quite the route's
