@@ -8,8 +8,11 @@ with a deadline (Playwright's ``expect``), never with a fixed sleep. Everything 
 over loopback only.
 
 The page's hooks: ``section[data-route=NAME]`` per route, ``tr[data-backend=ADDR]`` per
-backend row (with ``data-state``), ``[data-field=KEY]`` cells named after the JSON keys
-(raw numbers in ``data-value``), ``#daemon`` for the header and ``[data-banner=...]``.
+backend row (with ``data-state``), ``#summary tr[data-route=NAME]`` per route in the summary,
+``data-health`` (ok, degraded, down) on both, ``[data-field=KEY]`` cells named after the
+JSON keys or the page's own figures (``health``, ``conn_rate``, ``up_rate``, ``down_rate``
+and their ``peak_`` forms; raw numbers in ``data-value``), ``#daemon`` for the header,
+``[data-banner=...]`` and ``#filter``.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ import contextlib
 import json
 import os
 import re
+import subprocess
+import sys
+import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -106,12 +112,14 @@ def get_routes(admin: int) -> dict:
 
 
 @contextlib.contextmanager
-def running_daemon(tmp_path: Path, config: Path, listen: int, admin: int) -> Iterator[Daemon]:
-    """The daemon on 127.0.0.1:``listen``, admin API on 127.0.0.1:``admin``, reading
-    ``config`` (polled every 0.2 s). Killed on the way out, whatever happens; its log is
-    printed (shown by pytest) if the test fails inside."""
-    args = ["--listen", f"127.0.0.1:{listen}", "--config", str(config), "--config-poll", "0.2",
-            "--admin", f"127.0.0.1:{admin}"]
+def running_daemon(tmp_path: Path, config: Path, listen: int | Sequence[int], admin: int) -> Iterator[Daemon]:
+    """The daemon on 127.0.0.1:``listen`` (one port or several: with no iptables, a
+    connection to one of them takes the route of that port), admin API on
+    127.0.0.1:``admin``, reading ``config`` (polled every 0.2 s). Killed on the way out,
+    whatever happens; its log is printed (shown by pytest) if the test fails inside."""
+    ports = [listen] if isinstance(listen, int) else list(listen)
+    args = [*(a for p in ports for a in ("--listen", f"127.0.0.1:{p}")), "--config", str(config),
+            "--config-poll", "0.2", "--admin", f"127.0.0.1:{admin}"]
     # listen=None: no readiness probe through the listener, which would count as a
     # connection of the route whose port is the listen port. Ready: /routes answers.
     with Daemon(args, listen=None, workdir=tmp_path) as daemon:
@@ -138,6 +146,19 @@ def backend_field(page, route: int | str, backend: str, field: str):
 
 def header(page, field: str):
     return page.locator(f'#daemon [data-field="{field}"]')
+
+
+def summary_row(page, route: int | str):
+    return page.locator(f'#summary tr[data-route="{route}"]')
+
+
+def summary_field(page, route: int | str, field: str):
+    return summary_row(page, route).locator(f'[data-field="{field}"]')
+
+
+def value(locator) -> float:
+    """A cell's raw number (data-value); 0 while it has none yet."""
+    return float(locator.get_attribute("data-value") or 0)
 
 
 def json_backend(admin: int, route: int, backend: str) -> dict | None:
@@ -177,6 +198,8 @@ def test_page_shows_routes_backends_and_live_counts(page, tmp_path):
                 expect(backend_field(page, listen, b, "active")).to_have_text("0")
             expect(route_field(page, listen, "name")).to_have_text(str(listen))
             expect(route_field(page, listen, "state")).to_have_text("resolved")
+            expect(route_field(page, listen, "health")).to_have_attribute("data-health", "ok")
+            expect(summary_field(page, listen, "backends")).to_have_text("2/2")
             expect(route_field(page, listen, "spec")).to_have_text(f"{b1},{b2}")
             expect(route_field(page, listen, "balance")).to_have_text("random")
             expect(route_field(page, listen, "source")).to_have_text("any")
@@ -289,6 +312,8 @@ def test_page_shows_an_ejected_backend(page, tmp_path):
         expect(backend_field(page, listen, b1, "state")).to_have_text("up")
         expect(route_field(page, listen, "failures")).to_have_text("1")
         expect(route_field(page, listen, "outcomes")).to_contain_text("ok")
+        expect(route_field(page, listen, "health")).to_have_attribute("data-health", "degraded")
+        expect(route_field(page, listen, "state")).to_have_text("resolved")  # discovery is fine
         # and it is coloured apart from an up backend
         colour = "el => getComputedStyle(el).backgroundColor"
         assert (backend_field(page, listen, b2, "state").evaluate(colour)
@@ -310,6 +335,8 @@ def test_page_shows_health_checks(page, tmp_path):
         expect(backend_field(page, listen, b2, "state")).to_have_text("down")
         expect(backend_field(page, listen, b2, "check")).to_have_text(re.compile(r"^down · Connection refused \d+s ago$"))
         expect(backend_field(page, listen, b1, "check")).to_have_text(re.compile(r"^up · ok \d+s ago$"))
+        expect(route_field(page, listen, "health")).to_have_attribute("data-health", "degraded")
+        expect(route_field(page, listen, "health_why")).to_contain_text("1 down by health checks")
         colour = "el => getComputedStyle(el).backgroundColor"
         assert (backend_field(page, listen, b2, "state").evaluate(colour)
                 != backend_field(page, listen, b1, "state").evaluate(colour))
@@ -318,11 +345,14 @@ def test_page_shows_health_checks(page, tmp_path):
         expect(backend_row(page, listen, b2)).to_have_attribute("data-state", "up")
         expect(backend_field(page, listen, b2, "check")).to_have_text(re.compile(r"^up · ok \d+s ago$"))
         expect(route_field(page, listen, "state")).to_have_text("resolved")
+        expect(route_field(page, listen, "health")).to_have_attribute("data-health", "ok")
 
         r1.stop()
         r2.stop()  # every backend down: the route says it picks as if there were no checks
         expect(route_field(page, listen, "state")).to_have_text("all down")
         expect(route_field(page, listen, "error")).to_contain_text("health checks")
+        expect(route_field(page, listen, "health")).to_have_attribute("data-health", "down")
+        expect(summary_row(page, listen)).to_have_attribute("data-health", "down")
 
 
 def test_page_shows_a_rejected_reload_and_a_daemon_that_stops_answering(page, tmp_path):
@@ -390,7 +420,233 @@ def test_page_shows_whose_route_it_is_and_the_docker_engine(page, tmp_path):
         page.route("**/routes", as_docker_daemon)
         page.goto(f"http://127.0.0.1:{admin}/")
         expect(route_field(page, listen, "container")).to_have_text("web-1 (3f2a9c1d0e4b)")
+        page.fill("#filter", "WEB-1")  # the filter finds a route by its container
+        expect(page.locator(f'section[data-route="{listen}"]')).to_be_visible()
+        page.fill("#filter", "web-2")
+        expect(page.locator(f'section[data-route="{listen}"]')).to_be_hidden()
+        page.fill("#filter", "")
         expect(header(page, "docker")).to_contain_text("3 container(s), 1 declaring routes")
         docker.update(connected=False, error="cannot connect to unix:///var/run/docker.sock: refused")
         expect(header(page, "docker")).to_contain_text("NOT CONNECTED (cannot connect")
         expect(header(page, "docker")).to_have_class(re.compile(r"\bbad\b"))
+
+
+# ---- health, summary, rates, filter, narrow screens -----------------------------------
+
+
+def eject_by_connecting(admin: int, route: int, backend: str) -> None:
+    """Connect to ``route`` (a listen port of the daemon) until its connect to ``backend``
+    (a closed port) has failed, which ejects it. A connection that finds no backend is
+    closed by the daemon: that is expected here."""
+    for _ in range(6):
+        with contextlib.suppress(OSError), contextlib.closing(connect("127.0.0.1", route)) as s:
+            ping(s)
+        if json_backend(admin, route, backend)["state"] == "ejected":
+            return
+    pytest.fail(f"{backend} of route {route} was not ejected: {get_routes(admin)}")
+
+
+def test_health_rolls_up_from_the_backends_and_the_summary_has_a_line_per_route(page, tmp_path):
+    ok, degraded, down, admin = free_port(), free_port(), free_port(), free_port()
+    closed = f"127.0.0.1:{free_port()}"  # nothing listens there
+    with contextlib.ExitStack() as stack:
+        r1, r2, r3 = (stack.enter_context(RedisProcess(free_port())) for _ in range(3))
+        config = write_config(tmp_path / "routes.toml", {
+            ok: f"127.0.0.1:{r1.port},127.0.0.1:{r2.port}",
+            degraded: {"backend": f"127.0.0.1:{r3.port},{closed}", "balance": "round-robin", "eject_for": 120},
+            down: {"backend": closed, "eject_for": 120},
+        })
+        stack.enter_context(running_daemon(tmp_path, config, [ok, degraded, down], admin))
+        page.goto(f"http://127.0.0.1:{admin}/")
+        expect(page.locator("#summary tr[data-route]")).to_have_count(3)
+        for route in (ok, degraded, down):  # before any connection: every backend counts as up
+            expect(summary_row(page, route)).to_have_attribute("data-health", "ok")
+
+        eject_by_connecting(admin, degraded, closed)
+        eject_by_connecting(admin, down, closed)
+
+        # The route whose only backend is ejected is down, although discovery resolved it.
+        section = page.locator(f'section[data-route="{down}"]')
+        expect(section).to_have_attribute("data-health", "down")
+        expect(route_field(page, down, "health")).to_have_text("down")
+        expect(route_field(page, down, "health_why")).to_have_text("no usable backend: 1 ejected")
+        expect(route_field(page, down, "state")).to_have_text("resolved")
+        expect(route_field(page, degraded, "health")).to_have_text("degraded")
+        expect(route_field(page, degraded, "health_why")).to_have_text("1 of 2 up (1 ejected)")
+        expect(route_field(page, ok, "health")).to_have_text("ok")
+        colour = "el => getComputedStyle(el).backgroundColor"
+        badges = {route: route_field(page, route, "health").evaluate(colour) for route in (ok, degraded, down)}
+        assert len(set(badges.values())) == 3, badges
+
+        # The summary: one line per route, in the daemon's order, with the same health.
+        rows = page.locator("#summary tr[data-route]")
+        expect(rows).to_have_count(3)
+        order = [r["name"] for r in get_routes(admin)["routes"]]
+        assert [rows.nth(i).get_attribute("data-route") for i in range(3)] == order
+        for route, health, backends, spec in ((ok, "ok", "2/2", f"127.0.0.1:{r1.port},127.0.0.1:{r2.port}"),
+                                              (degraded, "degraded", "1/2", f"127.0.0.1:{r3.port},{closed}"),
+                                              (down, "down", "0/1", closed)):
+            expect(summary_row(page, route)).to_have_attribute("data-health", health)
+            expect(summary_field(page, route, "health")).to_have_text(health)
+            expect(summary_field(page, route, "backends")).to_have_text(backends)
+            expect(summary_field(page, route, "spec")).to_have_text(spec)
+            expect(summary_field(page, route, "active")).to_have_text("0")
+        expect(page.locator('[data-field="health_counts"]')).to_have_text("3 routes: 1 down, 1 degraded, 1 ok")
+
+        # A route's name in the summary jumps to its section.
+        page.set_viewport_size({"width": 1280, "height": 400})  # so that the last section starts below
+        expect(section).not_to_be_in_viewport()
+        summary_field(page, down, "name").click()
+        expect(section).to_be_in_viewport()
+        assert page.evaluate("decodeURIComponent(location.hash)") == f"#route-{down}"
+
+
+def test_rates_come_from_successive_answers_and_peaks_stay(page, tmp_path):
+    listen, admin = free_port(), free_port()
+    with RedisProcess(free_port()) as r1:
+        config = write_config(tmp_path / "routes.toml", {listen: f"127.0.0.1:{r1.port}"})
+        with running_daemon(tmp_path, config, listen, admin):
+            page.goto(f"http://127.0.0.1:{admin}/")
+            # the second answer gives the first rates: nothing flows, so 0
+            expect(route_field(page, listen, "conn_rate")).to_have_attribute("data-value", "0")
+            expect(route_field(page, listen, "up_rate")).to_have_text("0 B/s")
+            expect(summary_field(page, listen, "conn_rate")).to_have_text("0")
+
+            # Traffic, in rounds of 20 connections of 10 PINGs, until the page shows a rate.
+            deadline, connections, pings = time.monotonic() + WAIT_MS / 1000, 0, 0
+            while value(route_field(page, listen, "conn_rate")) == 0:
+                assert time.monotonic() < deadline, f"no rate after {connections} connections: {get_routes(admin)}"
+                for _ in range(20):
+                    with contextlib.closing(connect("127.0.0.1", listen)) as s:
+                        for _ in range(10):
+                            assert ping(s) == PONG
+                    connections, pings = connections + 1, pings + 10
+            for field in ("up_rate", "down_rate"):
+                assert value(route_field(page, listen, field)) > 0
+            assert value(header(page, "conn_rate")) > 0
+
+            # Quiet again: every rate goes back to 0; the peaks stay, and they are per second:
+            # never more than what was sent in all (two answers are at least a second apart).
+            for field in ("conn_rate", "up_rate", "down_rate"):
+                expect(route_field(page, listen, field)).to_have_attribute("data-value", "0")
+                expect(summary_field(page, listen, field)).to_have_attribute("data-value", "0")
+                expect(header(page, field)).to_have_attribute("data-value", "0")
+            peak_conn = value(route_field(page, listen, "peak_conn_rate"))
+            peak_up = value(route_field(page, listen, "peak_up_rate"))
+            assert 0 < peak_conn <= connections
+            assert 0 < peak_up <= 6 * pings  # PING\r\n
+            assert value(header(page, "peak_conn_rate")) > 0  # the daemon's: its own total, not quite the route's
+            expect(summary_field(page, listen, "conn_rate")).to_have_attribute("title", re.compile(r"peak \d"))
+            totals = get_routes(admin)["routes"][0]
+            assert (totals["connections"], totals["bytes_up"]) == (connections, 6 * pings)
+
+
+def test_filter_hides_and_shows_routes(page, tmp_path):
+    a, b, c, admin = free_port(), free_port(), free_port(), free_port()
+    backend_a, backend_b, backend_c = (f"127.0.0.1:{free_port()}" for _ in range(3))
+    config = write_config(tmp_path / "routes.toml", {a: backend_a, b: backend_b, c: f"{backend_c},{backend_a}"})
+    with running_daemon(tmp_path, config, a, admin):
+        page.goto(f"http://127.0.0.1:{admin}/?filter={backend_b}")  # set by the address too
+        expect(page.locator("#filter")).to_have_value(backend_b)
+
+        def shown(*routes):
+            for route in (a, b, c):
+                for where in (page.locator(f'section[data-route="{route}"]'), summary_row(page, route)):
+                    if route in routes:
+                        expect(where).to_be_visible()
+                    else:
+                        expect(where).to_be_hidden()
+
+        shown(b)
+        expect(page.locator('[data-field="health_counts"]')).to_contain_text("1 shown")
+        # it holds across the next answers (the page redraws every second)
+        before = page.locator('footer [data-field="refreshed"]').text_content()
+        expect(page.locator('footer [data-field="refreshed"]')).not_to_have_text(before)
+        shown(b)
+
+        page.fill("#filter", backend_a)  # a backend of two routes
+        shown(a, c)
+        page.fill("#filter", str(c))  # a route's name
+        shown(c)
+        page.fill("#filter", "no such route")
+        shown()
+        expect(page.locator('[data-field="no_match"]')).to_be_visible()
+        page.fill("#filter", "")
+        shown(a, b, c)
+        assert "filter=" not in page.url
+
+
+NUMERIC_CELLS_OVERFLOWING = """() => [...document.querySelectorAll("td.num, th.num, #daemon [data-field]")]
+    .filter((e) => e.offsetParent !== null && e.scrollWidth > e.clientWidth + (e.tagName === "SPAN" ? 1 : 0))
+    .map((e) => `${e.closest("[data-route]")?.dataset.route ?? "header"} ${e.dataset.field}: ${e.textContent}`
+                + ` (${e.scrollWidth} > ${e.clientWidth})`)"""
+
+
+def test_numbers_are_not_cut_at_900px_and_the_layout_wraps(page, tmp_path):
+    listen, admin = free_port(), free_port()
+    long_name = "redis-primary-0.redis-headless.production.svc.cluster.local"
+    with RedisProcess(free_port()) as r1:
+        b1 = f"127.0.0.1:{r1.port}"
+        config = write_config(tmp_path / "routes.toml", {listen: f"{b1},127.0.0.1:{free_port()}"})
+        with running_daemon(tmp_path, config, listen, admin):
+            page.set_viewport_size({"width": 900, "height": 900})
+            answers = []
+
+            def busy_host(route):
+                # The daemon's own answer with a busy host's figures, growing between answers
+                # so that the rates are as large: the widest numbers the page can get.
+                data = get_routes(admin)
+                n = len(answers)
+                answers.append(n)
+                big = 10 ** 11 + n * 10 ** 9
+                for r in data["routes"]:
+                    r.update(active=987654, connections=big, bytes_up=big * 40_000, bytes_down=big * 50_000)
+                    for bk in r["backends"]:
+                        bk.update(active=987654, connections=big, failures=12345678, priority=65535, weight=65535,
+                                  bytes_up=big * 40_000, bytes_down=big * 50_000, host=long_name,
+                                  last_error="Connection refused " * 5)
+                data["connections"]["total"] = big
+                route.fulfill(status=200, content_type="application/json", body=json.dumps(data))
+
+            page.goto(f"http://127.0.0.1:{admin}/")
+            expect(backend_row(page, listen, b1)).to_have_count(1)
+            assert page.evaluate(NUMERIC_CELLS_OVERFLOWING) == []
+
+            page.route("**/routes", busy_host)
+            expect(route_field(page, listen, "connections")).to_have_text(re.compile(r"^1\d{11}$"))
+            expect(route_field(page, listen, "peak_up_rate")).to_have_text(re.compile(r"[TP]iB/s$"))
+            expect(summary_field(page, listen, "down_rate")).to_have_text(re.compile(r"[TP]iB/s$"))
+            assert page.evaluate(NUMERIC_CELLS_OVERFLOWING) == []
+            # nothing wider than the window: the text wraps instead
+            assert page.evaluate("document.documentElement.scrollWidth") <= 900
+            name = backend_field(page, listen, b1, "name")
+            line = float(name.evaluate("e => parseFloat(getComputedStyle(e).lineHeight)"))
+            assert name.evaluate("e => e.clientHeight") > 2 * line, "the long host name should wrap"
+            tops = page.evaluate("() => new Set([...document.querySelectorAll('#daemon .stats > div')]"
+                                 ".filter((e) => e.offsetParent).map((e) => e.offsetTop)).size")
+            assert tops >= 2, "the header's figures should wrap onto more lines"
+            # the columns of every route's table line up
+            lefts = page.evaluate("""() => [...document.querySelectorAll("section[data-route] tr.cols")]
+                .map((tr) => [...tr.children].map((th) => Math.round(th.getBoundingClientRect().left)).join(","))""")
+            assert len(set(lefts)) == 1, lefts
+
+
+def test_the_screenshot_script_makes_readmes_picture(tmp_path):
+    """scripts/lib/screenshot_status.py redoes docs/status-page.png; README shows it."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert "](docs/status-page.png)" in readme
+    committed = REPO_ROOT / "docs" / "status-page.png"
+    assert png_size(committed) == (1280, 900)
+    assert committed.stat().st_size < 400_000
+
+    out = tmp_path / "status.png"
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "lib" / "screenshot_status.py"),
+                             "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert png_size(out) == (1280, 900)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
