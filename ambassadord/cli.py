@@ -80,7 +80,9 @@ def cmd_resolve(args) -> int:
         print(f"ambassadord resolve: {exc}", file=sys.stderr)
         return 1
     if not backends:
-        print(f"ambassadord resolve: {args.spec!r} resolves to no backends", file=sys.stderr)
+        why = trio.run(spec.resolver(options).explain_empty)
+        print(f"ambassadord resolve: {args.spec!r} resolves to no backends" + (f": {why}" if why else ""),
+              file=sys.stderr)
         return 1
     for b in sorted(backends, key=lambda b: (b.priority, -b.weight)):  # the order of preference
         print(b)

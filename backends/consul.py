@@ -40,6 +40,7 @@ abandoned thread always ends, even across a network partition.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 import random
@@ -301,6 +302,9 @@ class _ConsulResolver(Resolver):
         except consul.base.ConsulException as exc:
             raise TemporaryFailure(f"{self.agent_url}: {str(exc).strip() or type(exc).__name__}") from None
         except requests.exceptions.SSLError as exc:
+            if _PLAIN_HTTP.search(str(exc)):  # the TLS hello was answered in plain HTTP
+                raise TemporaryFailure(f"{self.agent_url}: the agent answers plain HTTP there, not TLS: use http:// "
+                                       "(an agent's HTTPS port is 8501 by default)") from None
             raise TemporaryFailure(f"{self.agent_url}: TLS error ({_reason(exc)}); is --consul-ca right?") from None
         except requests.exceptions.RequestException as exc:
             raise TemporaryFailure(f"{self.agent_url}: {_reason(exc)}") from None
@@ -314,6 +318,13 @@ class _ConsulResolver(Resolver):
     async def to_backends(self, raw) -> tuple[tuple[Backend, ...], list[str]]:
         """(backends, notes on what was skipped) of a raw answer."""
         raise NotImplementedError
+
+    async def explain_empty(self) -> str:
+        # Consul does not refuse a token-less read under a default-deny ACL: it filters the
+        # answer to nothing. Say so, or a forgotten token looks like an empty source.
+        return self.empty_answer + ("" if self.options.consul_token else
+                                    " (if the agent enforces ACLs, a missing --consul-token / CONSUL_HTTP_TOKEN "
+                                    "hides it)")
 
     async def _read(self, index: int, wait: float | None):
         """(index, backends, notes) of one query; any failure is a TemporaryFailure."""
@@ -366,15 +377,14 @@ class _ConsulResolver(Resolver):
             else:
                 step = state.not_found(self.empty_answer, trio.current_time(), self.answered_at)
                 if step.publish is not None:
-                    # Consul does not refuse a token-less read under a default-deny ACL: it
-                    # filters the answer to nothing. Say so, or a forgotten token looks
-                    # exactly like a service without instances.
-                    hint = "" if self.options.consul_token else (
-                        " (if the agent enforces ACLs, a missing --consul-token / CONSUL_HTTP_TOKEN hides them)")
-                    log.warning("%s: %s on %s; the route has no backends%s", source, self.empty_answer,
-                                self.agent_url, hint)
+                    log.warning("%s: %s on %s; the route has no backends", source, await self.explain_empty(),
+                                self.agent_url)
             if step.publish is not None:
                 publish(step.publish)
+
+
+# What OpenSSL says when a TLS hello is answered by a plain-HTTP server.
+_PLAIN_HTTP = re.compile(r"WRONG_VERSION_NUMBER|wrong version number|record layer failure|http request", re.I)
 
 
 def _reason(exc: Exception) -> str:
@@ -391,7 +401,35 @@ def _reason(exc: Exception) -> str:
 class ConsulServiceResolver(_ConsulResolver):
     @property
     def empty_answer(self) -> str:
-        return f"no passing instance of service {self.spec.service!r}"
+        spec = self.spec
+        return (f"no passing instance of service {spec.service!r}" + (f" with tag {spec.tag!r}" if spec.tag else "")
+                + (f" in datacenter {spec.dc!r}" if spec.dc else ""))
+
+    async def explain_empty(self) -> str:
+        """Why there is no passing instance, from what else the agent says: a name it does
+        not know (and those it does), instances none of which pass or carry the tag, or no
+        service at all (what a default-deny ACL shows a request without a token)."""
+        spec = self.spec
+        try:
+            _, names = await self._call(self.client.catalog.services, dc=spec.dc)
+            if spec.service in (names or {}):
+                _, entries = await self._call(self.client.health.service, service=spec.service, dc=spec.dc)
+            else:
+                entries = None
+        except TemporaryFailure:
+            return self.empty_answer
+        if entries is None:
+            return _unknown_service(spec.service, sorted(n for n in names or {} if n != "consul"),
+                                    bool(self.options.consul_token))
+        tagged = [e for e in entries if not spec.tag or spec.tag in ((e.get("Service") or {}).get("Tags") or [])]
+        if spec.tag and entries and not tagged:
+            seen = sorted({t for e in entries for t in (e.get("Service") or {}).get("Tags") or []})
+            return (f"{self.empty_answer}: its {len(entries)} instance(s) have tags {', '.join(seen) or '(none)'}")
+        worst = [_worst_check(e) for e in tagged]
+        counts = ", ".join(f"{worst.count(s)} {s}" for s in ("critical", "warning", "maintenance") if worst.count(s))
+        if not tagged:
+            return f"{self.empty_answer}: the service has no instance registered"
+        return f"{self.empty_answer}: {len(tagged)} instance(s), {counts or 'none passing'}"
 
     async def fetch(self, index, wait):
         spec = self.spec
@@ -409,6 +447,27 @@ class ConsulServiceResolver(_ConsulResolver):
             backends += got
             notes += [f"cannot resolve instance address {error}" for error in errors]
         return canonical(backends), notes
+
+
+def _unknown_service(name: str, known: list[str], token: bool) -> str:
+    if not known:
+        return (f"no service named {name!r}: the agent shows no service at all"
+                + ("; the ACL token may not read any" if token else
+                   "; if it enforces ACLs, a missing --consul-token / CONSUL_HTTP_TOKEN hides them"))
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    rest = close + [n for n in known if n not in close]
+    return (f"no service named {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; known: {', '.join(rest[:10])}" + (f" and {len(rest) - 10} more" if len(rest) > 10 else ""))
+
+
+def _worst_check(entry) -> str:
+    """An instance's state by its worst check: maintenance (node or service), critical,
+    warning or passing."""
+    checks = [c for c in entry.get("Checks") or () if isinstance(c, dict)]
+    if any(str(c.get("CheckID", "")).startswith(("_node_maintenance", "_service_maintenance")) for c in checks):
+        return "maintenance"
+    statuses = {str(c.get("Status", "")) for c in checks}
+    return "critical" if "critical" in statuses else "warning" if "warning" in statuses else "passing"
 
 
 class ConsulKVResolver(_ConsulResolver):

@@ -243,6 +243,11 @@ class Resolver(ABC):
     async def resolve(self) -> tuple[Backend, ...]:
         """One answer, now. Raises ResolveError if the source cannot answer."""
 
+    async def explain_empty(self) -> str | None:
+        """Why an answer was empty, where the source can tell more (a misspelled name,
+        instances that all fail, an ACL that hides everything); None: it cannot."""
+        return None
+
     @abstractmethod
     async def watch(self, publish: Publish) -> None:
         """Publish a fresh BackendSet whenever the answer changes; runs until cancelled."""

@@ -873,3 +873,50 @@ def test_cli_token_and_https(acl_agent, tls_agent):
     assert (proc.returncode, proc.stdout) == (0, "127.0.0.2:8001\n"), proc.stderr
     proc = cli("--consul", f"https://127.0.0.1:{port}", "consul:///tlssvc")
     assert proc.returncode == 1 and "TLS" in proc.stderr, proc.stderr
+
+
+# ---- saying why a service has no backends ----------------------------------------------------
+
+
+async def test_an_empty_answer_says_why(agent, acl_agent):
+    async def why(spec: str, options) -> str:
+        resolver = parse_spec(spec).resolver(options)
+        assert await resolver.resolve() == ()
+        return await resolver.explain_empty()
+
+    agent.register("redis-why", "redis-why-1", "127.0.0.2", 7001, tags=["primary"])
+    try:
+        agent.wait_for_health("redis-why", 1, timeout=TIMEOUT)
+        # a misspelled name: the names the agent knows, the closest first
+        said = await why("consul:///redis-wy", opts(agent))
+        assert said.startswith("no service named 'redis-wy' (did you mean 'redis-why'?); known: redis-why"), said
+        # the tag filter is part of the message, with the tags the instances have
+        said = await why("consul:///redis-why?tag=replica", opts(agent))
+        assert said == ("no passing instance of service 'redis-why' with tag 'replica': its 1 instance(s) have "
+                        "tags primary"), said
+    finally:
+        agent.deregister("redis-why-1")
+    # default-deny ACL and no token: nothing at all is visible, and that is what it says
+    said = await why("consul:///secret", opts(acl_agent))
+    assert "shows no service at all" in said and "missing --consul-token" in said, said
+
+
+async def test_instances_that_all_fail_and_https_to_a_plain_http_port_say_so(agent):
+    check = agent.register("flaky-why", "flaky-why-1", "127.0.0.2", 7002, ttl_check=True)
+    try:
+        agent.check_fail(check)
+        resolver = parse_spec("consul:///flaky-why").resolver(opts(agent))
+        with trio.fail_after(TIMEOUT):
+            while await resolver.resolve() != ():  # the check's failure reaches the health API
+                await trio.sleep(0.05)
+        assert await resolver.explain_empty() == "no passing instance of service 'flaky-why': 1 instance(s), 1 critical"
+    finally:
+        agent.deregister("flaky-why-1")
+    with pytest.raises(TemporaryFailure, match="plain HTTP there, not TLS: use http://"):
+        await parse_spec("consul:///flaky-why").resolver(opts(agent, consul_scheme="https")).resolve()
+
+
+def test_cli_resolve_of_a_misspelled_service_names_the_known_ones(agent, cli_service):
+    proc = cli("--consul", agent.http_addr, "consul:///clisvcx")
+    assert proc.returncode == 1
+    assert "no service named 'clisvcx' (did you mean 'clisvc'?)" in proc.stderr, proc.stderr
