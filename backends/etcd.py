@@ -39,6 +39,7 @@ small, so the slower implementation costs nothing that matters.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -108,6 +109,14 @@ _previous_excepthook = threading.excepthook
 threading.excepthook = _quiet_closed_watch_threads
 
 
+def client_installed() -> bool:
+    """Is the etcd3 package there (the ``etcd`` extra)? Not imported: that takes gRPC."""
+    try:
+        return importlib.util.find_spec("etcd3") is not None
+    except (ImportError, ValueError):  # a broken install, or sys.modules["etcd3"] = None
+        return False
+
+
 def _etcd3():
     try:
         import etcd3
@@ -156,6 +165,9 @@ class EtcdSpec(Spec):
             raise SpecError(f"spec {text!r}: expected etcd://[ENDPOINT]/PREFIX, e.g. etcd:///services/redis{meant}")
         host_or_lost_slash(text, parts.netloc, prefix, scheme="etcd", what="endpoint", default_port=2379)
         endpoint = parse_endpoint(parts.netloc, context=f"spec {text!r}") if parts.netloc else None
+        if not client_installed():  # said where the spec is read (check, start, reload), not at its first query
+            raise SpecError(f"spec {text!r}: etcd:// needs the etcd client, an optional part of ambassadord: "
+                            "pip install 'ambassadord[etcd]'")
         return cls(text=text, endpoint=endpoint, prefix=prefix)
 
     def resolver(self, options: ResolverOptions) -> "EtcdResolver":

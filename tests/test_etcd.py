@@ -691,3 +691,19 @@ def test_cli_unreachable_or_empty_exits_1(etcd):
     assert f"127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     proc = cli("--etcd", etcd.addr, "etcd:///no/such/prefix")
     assert proc.returncode == 1 and "no backends" in proc.stderr, proc.stderr
+
+
+def test_an_etcd_spec_without_the_etcd_extra_names_it():
+    # As if installed without [etcd]: the spec is refused where it is read, with the command.
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['etcd3'] = None\n"
+            "from ambassadord.backends import SpecError, parse_spec\n"
+            "try:\n    parse_spec('etcd:///services/redis')\nexcept SpecError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "pip install 'ambassadord[etcd]'" in out.stdout, (out.stdout, out.stderr)
+    proc = subprocess.run([sys.executable, "-c", "import sys; sys.modules['etcd3'] = None\n"
+                           "from ambassadord.cli import main; sys.exit(main(['check', '--map', '2379=etcd:///x']))"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "ambassadord[etcd]" in proc.stderr, proc.stderr
