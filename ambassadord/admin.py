@@ -389,6 +389,7 @@ class DaemonCollector:
     def _add_route(fams: dict, route, st, now: float, now_mono: float) -> None:
         """One route's samples in the per-route families."""
         name = route.name
+        fams["info"].add_metric([name, str(route.port), str(route.config.source or ""), route.config.mode], 1)
         for outcome, n in sorted(st.outcomes.items()):
             fams["conns"].add_metric([name, outcome], n)
         fams["active"].add_metric([name], st.active)
@@ -469,6 +470,9 @@ _ROUTE_FAMILIES = (
      "fails).", ["route"]),
     ("age", G, "ambassadord_route_last_update_age_seconds", "Seconds since the route's source last "
      "gave a good answer, changed or not (NaN before the first).", ["route"]),
+    ("info", G, "ambassadord_route_info", "1 per route: its port, source network (\"\" for any) and mode, "
+     "to join with the other families on route (a route's name, or its port and source).",
+     ["route", "port", "source", "mode"]),
 )
 del C, G, H
 

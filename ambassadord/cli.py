@@ -101,9 +101,12 @@ def cmd_check(args) -> int:
         raise UsageError(NO_ROUTES)
     # A MODE column only when some route is not proxied: the usual table stays as it was.
     modes = any(r.mode != "proxy" for r in routes)
-    rows = [("PORT", "SOURCE", "BACKEND", *(("MODE",) if modes else ()), "BALANCE", "CONNECT", "IDLE", "FROM")]
+    names = any(r.name for r in routes)  # a NAME column only when some route is named
+    rows = [(*(("NAME",) if names else ()), "PORT", "SOURCE", "BACKEND", *(("MODE",) if modes else ()), "BALANCE",
+             "CONNECT", "IDLE", "FROM")]
     for r in sorted(routes, key=lambda r: (r.port, str(r.source))):
-        rows.append((str(r.port), str(r.source or "any"), r.spec.text, *((r.mode,) if modes else ()), r.balance,
+        rows.append((*((r.name or "-",) if names else ()), str(r.port), str(r.source or "any"), r.spec.text,
+                     *((r.mode,) if modes else ()), r.balance,
                      f"{r.connect_timeout:g}s", f"{r.idle_timeout:g}s" if r.idle_timeout else "-", r.origin))
     print("\n".join(status.columns(rows)))
     print(f"{len(routes)} route(s) OK")

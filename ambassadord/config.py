@@ -281,7 +281,18 @@ def route_port(text, where: str) -> int:
 
 # ---- --map -------------------------------------------------------------------------
 
-_MAP_RE = re.compile(r"^\s*(?P<port>[^=@\s]+)\s*(?:@\s*(?P<source>[^=\s]+)\s*)?=(?P<spec>.*)$")
+_MAP_RE = re.compile(r"^\s*(?:(?P<name>[A-Za-z][A-Za-z0-9._-]*):)?(?P<port>[^=@\s]+)\s*(?:@\s*(?P<source>[^=\s]+)\s*)?"
+                     r"=(?P<spec>.*)$")
+# A route's name: what logs, metrics and /routes call it. A letter first (so that it is never
+# taken for a port), then letters, digits, '.', '_' and '-'; at most 63 characters.
+_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,62}")
+
+
+def _name(value, where: str) -> str:
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+        raise ConfigError(f"{where}: bad route name {_show(value)}: a letter, then letters, digits, '.', '_' or '-' "
+                          "(at most 63), e.g. redis-primary")
+    return value
 
 
 def routes_from_maps(maps: Iterable[str], defaults: RouteDefaults) -> list[RouteConfig]:
@@ -290,9 +301,10 @@ def routes_from_maps(maps: Iterable[str], defaults: RouteDefaults) -> list[Route
         where = f"--map {item}"
         m = _MAP_RE.match(item)
         if not m:
-            raise ConfigError(f"{where}: expected PORT=SPEC or PORT@CIDR=SPEC, e.g. --map 6379=10.0.0.5:6379")
+            raise ConfigError(f"{where}: expected PORT=SPEC, PORT@CIDR=SPEC or NAME:PORT=SPEC, e.g. --map "
+                              "6379=10.0.0.5:6379 or --map redis:6379=10.0.0.5:6379")
         port = route_port(m["port"], where)
-        opts = {}
+        opts = {"name": m["name"]} if m["name"] else {}
         if m["source"]:
             opts["source"] = _source(m["source"], where)
         routes.append(make_route(port, m["spec"], where, defaults, **opts))
@@ -336,7 +348,7 @@ def routes_from_env(env: Mapping[str, str], defaults: RouteDefaults, *, backend_
 
 # ---- TOML file ---------------------------------------------------------------------
 
-_ROUTE_KEYS = {"backend", "source", *OPTION_PARSERS}
+_ROUTE_KEYS = {"backend", "source", "name", *OPTION_PARSERS}
 
 
 def _key_lines(text: str) -> dict[tuple[str, str], int]:
@@ -491,5 +503,7 @@ def _file_routes(path: str, text: str, defaults: RouteDefaults) -> tuple[list[Ro
             ropts = {k: OPTION_PARSERS[k](v, f"{ew}.{k}") for k, v in entry.items() if k in OPTION_PARSERS}
             if "source" in entry:
                 ropts["source"] = _source(entry["source"], f"{ew}.source")
+            if "name" in entry:
+                ropts["name"] = _name(entry["name"], f"{ew}.name")
             routes.append(make_route(port, entry["backend"], ew, defaults, **ropts))
     return routes, defaults

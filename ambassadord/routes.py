@@ -117,6 +117,9 @@ class RouteConfig:
     on_down: str = "keep"
     drain: float = 0.0  # on_down = "shutdown": seconds a connection may go on first
     origin: str = ""
+    # What logs, metrics, /routes and the page call the route ("redis-primary"); "": its
+    # port (and source network). Only a name: serving does not depend on it.
+    name: str = ""
     # A route a Docker container declared for itself (containers.py): "NAME (SHORT_ID)";
     # "" for the host's routes. Shown by /routes, the status page and ``status``.
     container: str = ""
@@ -131,7 +134,8 @@ class RouteConfig:
 
     def same_route(self, other: RouteConfig) -> bool:
         """Equal in everything that matters for serving (``origin`` and ``container`` only
-        say where it was read; a renamed container keeps its route)."""
+        say where it was read, ``name`` what it is called; a renamed container keeps its
+        route)."""
         return (self.port, self.spec, self.source, self.balance, self.connect_timeout, self.idle_timeout,
                 self.eject_for, self.max_connections, self.max_backend_connections, self.keepalive,
                 self.check_interval, self.check_rise, self.check_fall, self.mode, self.on_down, self.drain) == (
@@ -168,7 +172,7 @@ class Route:
 
     @property
     def name(self) -> str:
-        return self.config.describe()
+        return self.config.name or self.config.describe()
 
     def update(self, new: BackendSet) -> None:
         """Install a resolver's fresh set (called by the resolver task only)."""

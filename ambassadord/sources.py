@@ -157,6 +157,10 @@ def combine(found: Iterable[SourceRoutes]) -> LoadedConfig:
             if scopes.get(r.key) == got.scope:
                 raise ConfigError(f"port {r.describe()} is mapped twice: by {routes[r.key].origin} and by {r.origin}")
             routes[r.key], scopes[r.key] = r, got.scope
+    named: dict = {}
+    for r in routes.values():  # a name says one route: metrics and logs must not mix two
+        if r.name and named.setdefault(r.name, r) is not r:
+            raise ConfigError(f"route name {r.name!r} is given twice: by {named[r.name].origin} and by {r.origin}")
     return LoadedConfig(list(routes.values()), warnings)
 
 

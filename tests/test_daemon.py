@@ -485,3 +485,43 @@ def test_on_down_shutdown_closes_connections_to_a_backend_that_left_the_set(tmp_
                 for s in socks:
                     s.close()
             d.stop()
+
+
+# ---- named routes ----------------------------------------------------------------------
+
+
+def test_a_named_route_is_called_by_its_name_in_logs_metrics_routes_and_status(redis, tmp_path):
+    from tests.admin_client import get_routes, http_get
+
+    port, admin = free_port(), free_port()
+    config = tmp_path / "routes.toml"
+    config.write_text(f'[routes]\n{port} = {{ backend = "127.0.0.1:{redis.port}", name = "redis-primary" }}\n')
+    with Daemon(["--listen", f"127.0.0.1:{port}", "--config", str(config), "--admin", f"127.0.0.1:{admin}",
+                 "--workers", "1"], listen=("127.0.0.1", port), workdir=tmp_path) as d:
+        with contextlib.closing(d.connect("127.0.0.1", port)) as client:
+            assert ping(client) == b"+PONG\r\n"
+        wait_until(lambda: any(r.get("route") == "redis-primary" for r in d.connection_records()), timeout=5,
+                   what=lambda: str(d.connection_records()))
+        (route,) = get_routes(admin)["routes"]
+        assert route["name"] == "redis-primary" and route["port"] == port
+        _, _, body = http_get(admin, "/metrics")
+        text = body.decode()
+        assert f'ambassadord_route_info{{mode="proxy",port="{port}",route="redis-primary",source=""}} 1.0' in text
+        assert 'ambassadord_connections_active{route="redis-primary"} 0.0' in text
+        status = subprocess.run([sys.executable, "-m", "ambassadord", "status", "--admin", f"127.0.0.1:{admin}"],
+                                capture_output=True, text=True, timeout=30)
+        assert status.stdout.splitlines()[1].startswith("redis-primary"), status.stdout
+        d.stop()
+
+
+@pytest.mark.parametrize("bad, says", [
+    ('{ backend = "127.0.0.1:1", name = "6379" }', "bad route name '6379'"),
+    ('{ backend = "127.0.0.1:1", name = "a b" }', "bad route name 'a b'"),
+])
+def test_a_bad_route_name_is_refused_with_its_place(tmp_path, bad, says):
+    config = tmp_path / "routes.toml"
+    config.write_text(f"[routes]\n6379 = {bad}\n")
+    proc = subprocess.run([sys.executable, "-m", "ambassadord", "check", "--config", str(config)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and says in proc.stderr and "routes.toml:2: [routes] 6379.name" in proc.stderr, \
+        proc.stderr
