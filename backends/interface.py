@@ -199,16 +199,22 @@ class Notes:
     anything else: 1,000 bad keys and 30 writes/s made 94 MB of log in half a minute. A note
     is logged when it first appears (a value that changes to another bad value makes a new
     note); one that no longer holds is forgotten, so that it is reported again if it comes back.
+    At most ``most`` new notes are logged per answer, then one line says how many more there
+    were: a registry filled with thousands of bad keys at once is a few lines, not thousands.
     """
 
-    def __init__(self, log, source: str):
-        self.log, self.source = log, source
+    def __init__(self, log, source: str, most: int = 20):
+        self.log, self.source, self.most = log, source, most
         self._current: set[str] = set()
 
     def report(self, notes) -> None:
         notes = set(notes)
-        for note in sorted(notes - self._current):
+        new = sorted(notes - self._current)
+        for note in new[:self.most]:
             self.log.warning("%s: %s", self.source, note)
+        if len(new) > self.most:
+            self.log.warning("%s: and %d more such problems in this answer (not logged one by one)", self.source,
+                             len(new) - self.most)
         self._current = notes
 
 

@@ -328,3 +328,19 @@ def test_link_env_is_opt_in_and_non_port_backend_vars_warn():
     env = {"R_PORT_1_TCP": "tcp://1.2.3.4:1", "BACKEND_URL": "x"}
     loaded = load_routes(env=env)
     assert loaded.routes == [] and any("BACKEND_URL" in w for w in loaded.warnings)
+
+
+def test_notes_are_logged_once_each_and_at_most_twenty_new_ones_per_answer(caplog):
+    import logging
+
+    from ambassadord.backends.interface import Notes
+
+    log = logging.getLogger("ambassadord.test-notes")
+    notes = Notes(log, "consul-kv:///bad")
+    with caplog.at_level(logging.WARNING, logger="ambassadord.test-notes"):
+        notes.report([f"key k{i}: bad value" for i in range(1000)])  # a registry filled with garbage at once
+        first = [r.getMessage() for r in caplog.records]
+        notes.report([f"key k{i}: bad value" for i in range(1000)])  # the same answer again: nothing new
+    assert len(first) == 21 and first[-1] == ("consul-kv:///bad: and 980 more such problems in this answer "
+                                              "(not logged one by one)"), first[-3:]
+    assert len(caplog.records) == 21

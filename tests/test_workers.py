@@ -41,7 +41,7 @@ def test_connections_are_spread_over_every_process(redis, tmp_path):
     port, admin = free_port(), free_port()
     with (admin_daemon(["--listen", f"127.0.0.1:{port}", "--map", f"{port}=127.0.0.1:{redis.port}",
                                           "--workers", "3"], admin, tmp_path)) as d:
-        assert len(helpers_of(d.proc.pid)) == 2, d.describe()
+        wait_until(lambda: len(helpers_of(d.proc.pid)) == 2, timeout=10, what=d.describe)
         for _ in range(60):
             ping_once(port)
         wait_until(lambda: len(served(d, port)) == 60, timeout=10, what=d.describe)
@@ -256,8 +256,9 @@ def test_helpers_stop_when_the_main_process_is_killed(redis, tmp_path):
     d = Daemon(["--listen", f"127.0.0.1:{port}", "--map", f"{port}=127.0.0.1:{redis.port}", "--workers", "3"],
                listen=("127.0.0.1", port), workdir=tmp_path)
     try:
+        # Ready may mean the first helper's "listening on" line: the second may still be starting.
+        wait_until(lambda: len(helpers_of(d.proc.pid)) == 2, timeout=10, what=d.describe)
         helpers = helpers_of(d.proc.pid)
-        assert len(helpers) == 2
         d.proc.kill()
         d.proc.wait(5)
         wait_until(lambda: not any(alive(p) for p in helpers), timeout=10, what=d.describe)
@@ -280,7 +281,8 @@ def test_workers_auto_is_one_per_core(redis, tmp_path):
     port = free_port()
     with (Daemon(["--listen", f"127.0.0.1:{port}", "--map", f"{port}=127.0.0.1:{redis.port}"],
                                    listen=("127.0.0.1", port), workdir=tmp_path)) as d:
-        assert len(helpers_of(d.proc.pid)) == len(os.sched_getaffinity(0)) - 1
+        wait_until(lambda: len(helpers_of(d.proc.pid)) == len(os.sched_getaffinity(0)) - 1, timeout=10,
+                   what=d.describe)
         d.stop()
 
 
