@@ -598,7 +598,7 @@ class _Daemon:
         if self.rules is None:
             return
         new_plan = replace(self.rules.plan, ports=_redirect_ports(configs, self.settings.listen),
-                           bridge_ports=() if self.rules.plan.bridge_all else _bridge_ports(self.watch, self.settings.listen))
+                           bridge_ports=_bridge_ports(self.watch, self.settings.listen))
         if new_plan == self.rules.plan:
             return
         # A port that goes keeps its established connections: the chain always holds a

@@ -147,11 +147,11 @@ class RedirectPlan:
       bridge_ports: ports redirected only for connections arriving on ``from_interfaces``:
         the ports that only containers declare for themselves (``--docker``). A host
         process that connects to such a port reaches whatever listens there, as before.
-        Ports also in ``ports`` are dropped from here.
+        Ports also in ``ports`` are dropped from here; with ``bridge_all``, all are.
       bridge_all: redirect every TCP port for connections arriving on ``from_interfaces``
         to this host (``--docker``'s default): a container's first connection reaches the
         daemon even before Docker told it what the container declares; the daemon passes
-        on what no route takes (server.py, passthrough). ``bridge_ports`` is then moot.
+        on what no route takes (server.py, passthrough). ``bridge_ports`` is then dropped.
 
     Raises:
       ValueError: a port, mark or family is out of range, a dest is not an
@@ -175,7 +175,8 @@ class RedirectPlan:
         ports = tuple(dict.fromkeys(self.ports))
         for port in ports:
             _check_port(port, "mapped port")
-        bridge_ports = tuple(p for p in dict.fromkeys(self.bridge_ports) if p not in ports)
+        # Every port from the bridges takes in the declared ones: a plan says it once.
+        bridge_ports = () if self.bridge_all else tuple(p for p in dict.fromkeys(self.bridge_ports) if p not in ports)
         for port in bridge_ports:
             _check_port(port, "container port")
         dests = tuple(dict.fromkeys(self.dests))

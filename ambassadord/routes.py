@@ -40,6 +40,14 @@ ON_DOWN = ("keep", "shutdown")
 _KEEPALIVE_MAX = (32767, 32767, 127)
 
 
+@dataclass(frozen=True, slots=True)
+class SpecText:
+    """A spec known only by its text, never resolved: a route as a --workers helper gets it
+    (it need not import Consul, etcd or DNS clients to unpickle it), or a passthrough's."""
+
+    text: str
+
+
 # RouteConfig.origin of a route that --docker's passthrough makes for one connection
 # (server.py): straight to where a container's connection was headed. Never ejected.
 PASSTHROUGH = "passthrough"

@@ -38,7 +38,7 @@ from .balancer import pick_order
 from .logs import CONNECTION_LOGGER, Throttled
 from .peers import NO_PEERS, Peers
 from .relay import KernelRelay, RelayResult, relay
-from .routes import PASSTHROUGH, Keepalive, Route, RouteConfig, RouteTable, client_address
+from .routes import PASSTHROUGH, Keepalive, Route, RouteConfig, RouteTable, SpecText, client_address
 from .stats import Outcome
 from .upstream import CAPACITY_ERRNOS, CAPACITY_SLEEP, Connector, Refused, set_keepalive
 
@@ -172,13 +172,6 @@ def _usable(route: Route, backend: str, now: float) -> bool:
 
 
 _PASSTHROUGH_CACHE = 4096  # passthrough routes kept (one per host address and port dialled)
-
-
-@dataclass(frozen=True)
-class StaticAddress:
-    """The spec of a passthrough route: only its text (it is never resolved)."""
-
-    text: str
 
 
 def intended_port(original: tuple[str, int] | None, listen_port: int) -> int:
@@ -573,24 +566,14 @@ class Server:
                     if port in self._listen_ports:
                         self._not_redirected(peer, port)
                     raise Refused(Outcome.NO_ROUTE)
-            fields["route"] = route.name if route.config.origin != PASSTHROUGH else PASSTHROUGH
+            fields["route"] = route.name
             route.stats.active += 1  # until route.stats.closed()
             await self._admit(route, conn)
             upstream, own, bstats = await self.upstreams.connect(route, self._pick_order(route), result,
                                                                  peer[0], conn)
             fields["backend"] = result.backend
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            session = trio.CancelScope()
-            if route.config.on_down == "shutdown":
-                self._sessions[session] = (route, result.backend)
-            try:
-                with session:
-                    await relay(conn, upstream, idle_timeout=route.config.idle_timeout, use_splice=self.use_splice,
-                                kernel=self.kernel, result=result)
-            finally:
-                self._sessions.pop(session, None)
-                self._down_since.pop(session, None)
-            outcome = Outcome.BACKEND_DOWN if session.cancelled_caught else result.outcome
+            outcome = await self._relay(route, conn, upstream, result)
         except Refused as exc:
             outcome, error = exc.outcome, exc.error
         except Exception as exc:  # one connection's bug is logged and contained
@@ -612,7 +595,8 @@ class Server:
             conn.close()
             # A passthrough that failed is a container dialling a closed port of this host:
             # ordinary, not the daemon's error.
-            level = logging.INFO if fields.get("route") == PASSTHROUGH else OUTCOME_LEVELS.get(outcome, logging.INFO)
+            passed = route is not None and route.config.origin == PASSTHROUGH
+            level = logging.INFO if passed else OUTCOME_LEVELS.get(outcome, logging.INFO)
             if conn_log.isEnabledFor(level):
                 _log_connection(level, fields, result, outcome, error, started, self._unrouted_log)
 
@@ -658,6 +642,24 @@ class Server:
             raise Refused(Outcome.NO_BACKENDS, route.backends.error or "the route has no backends")
         return order
 
+    async def _relay(self, route: Route, conn: socket.socket, upstream: socket.socket, result: RelayResult) -> str:
+        """Relay until the connection ends; its outcome. A route with on_down = "shutdown"
+        registers the relay, which _shut_down_sessions may cancel (outcome backend-down);
+        the others pay nothing for it."""
+        kw = dict(idle_timeout=route.config.idle_timeout, use_splice=self.use_splice, kernel=self.kernel, result=result)
+        if route.config.on_down != "shutdown":
+            await relay(conn, upstream, **kw)
+            return result.outcome
+        session = trio.CancelScope()
+        self._sessions[session] = (route, result.backend)
+        try:
+            with session:
+                await relay(conn, upstream, **kw)
+        finally:
+            self._sessions.pop(session, None)
+            self._down_since.pop(session, None)
+        return Outcome.BACKEND_DOWN if session.cancelled_caught else result.outcome
+
     async def _shut_down_sessions(self) -> None:
         """on_down = "shutdown": once a second, close the connections whose backend has been
         unusable (gone from the set, ejected, down by the checks) for the route's drain time.
@@ -696,8 +698,8 @@ class Server:
             if len(self._passthroughs) >= _PASSTHROUGH_CACHE:
                 self._passthroughs.clear()
             backend = Backend(*original)
-            route = Route(RouteConfig(port=original[1], spec=StaticAddress(str(backend)), origin=PASSTHROUGH,
-                                      max_connections=0, keepalive=self._listener_keepalive),
+            route = Route(RouteConfig(port=original[1], spec=SpecText(str(backend)), origin=PASSTHROUGH,
+                                      name=PASSTHROUGH, max_connections=0, keepalive=self._listener_keepalive),
                           BackendSet((backend,), source=PASSTHROUGH), resolved=True)
             self._passthroughs[original] = route
         return route

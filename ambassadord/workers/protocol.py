@@ -9,9 +9,11 @@ main -> helper          Init (settings; first), Routes (the table and current se
                         second, then after each reload), Backends (one route's new
                         set), Eject (a backend failed in another process), Down (a
                         route's backends that health checks say are down),
-                        StatsRequest, Stop, Abort
+                        StatsRequest, Stop, Abort, Looked (the answer to a Lookup,
+                        after the Routes it brought)
 helper -> main          Ready, Failed (why it cannot start), RoutesOk (it serves the
-                        table of that Routes), Eject, StatsReply (its counters)
+                        table of that Routes), Eject, StatsReply (its counters),
+                        Lookup (--docker: a client address it knows no container of)
 ======================  ==========================================================
 
 A frame is a 4-byte big-endian length and a pickle. Pickle, because both ends are this
@@ -30,6 +32,8 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from ..routes import SpecText  # a route's spec as a helper knows it: its text only
 
 if TYPE_CHECKING:
     from ambassadord.backends.interface import Backend, BackendSet
@@ -61,14 +65,6 @@ class Settings:
     docker: bool = False  # --docker: ask the main process about unknown client addresses
     log_connections: str = "all"  # --log-connections
     passthrough: bool = False  # RunSettings.passthrough
-
-
-@dataclass(frozen=True, slots=True)
-class SpecText:
-    """A route's spec as a helper knows it: only its text (a helper resolves nothing, and
-    need not import Consul, etcd or DNS clients to unpickle it)."""
-
-    text: str
 
 
 def light_configs(configs: Iterable[RouteConfig]) -> tuple[RouteConfig, ...]:
