@@ -53,23 +53,25 @@ def from_inspect(doc: Mapping) -> Container:
     """The Container of one ``docker inspect`` (or ``GET /containers/ID/json``) document.
     Networks without an address (not started, ``--network none``) give none. A part of the
     document of another shape than Docker's gives nothing (an engine's answer is input)."""
-    config = _mapping(doc.get("Config"))
+    config = mapping(doc.get("Config"))
     env = {}
     items = config.get("Env")
     for item in items if isinstance(items, list) else ():
         name, sep, value = str(item).partition("=")
         if sep:
             env[name] = value
-    labels = {str(k): v for k, v in _mapping(config.get("Labels")).items()}
+    labels = {str(k): v for k, v in mapping(config.get("Labels")).items()}
     # Not gated on State.Running: dockerd says "running" a little after the process
     # started, and a container's first connection may come in between. Its addresses are
     # given at start and taken back when it stops.
-    addresses = _addresses(_mapping(doc.get("NetworkSettings")).get("Networks"))
+    addresses = _addresses(mapping(doc.get("NetworkSettings")).get("Networks"))
     return Container(id=str(doc.get("Id") or ""), name=str(doc.get("Name") or "").lstrip("/"),
                      addresses=addresses, labels=labels, env=env)
 
 
-def _mapping(value) -> Mapping:
+def mapping(value) -> Mapping:
+    """``value`` if it is a mapping, else an empty one: a part of an engine's answer of
+    another shape than Docker's gives nothing."""
     return value if isinstance(value, Mapping) else {}
 
 
@@ -92,7 +94,7 @@ def _addresses(networks: Mapping | None) -> tuple[str, ...]:
 def listed_addresses(entry: Mapping) -> tuple[str, ...]:
     """The addresses of one entry of ``GET /containers/json`` (``docker ps``), in the order
     :func:`from_inspect` gives them: the listing says whether an inspect is needed."""
-    return _addresses(_mapping(entry.get("NetworkSettings")).get("Networks"))
+    return _addresses(mapping(entry.get("NetworkSettings")).get("Networks"))
 
 
 def declared(container: Container) -> tuple[dict[int, tuple[str, str]], list[str]]:

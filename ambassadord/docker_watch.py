@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from .config import RouteDefaults
-from .containers import Container, container_routes, declared, from_inspect, listed_addresses
+from .containers import Container, container_routes, declared, from_inspect, listed_addresses, mapping
 from .docker_api import DockerClient, DockerError, Endpoint
 from .routes import client_address
 
@@ -202,17 +202,9 @@ class ContainerWatch:
     async def _resync(self, client: DockerClient) -> None:
         """Every container anew: the listing, and an inspect of each one that is new or
         whose addresses changed; those gone are dropped."""
-        listed = await client.containers()
         fresh: dict[str, Container] = {}
-        for entry in listed:
-            if not isinstance(entry, dict) or not entry.get("Id"):
-                continue  # not a container as Docker describes one
-            cid = str(entry["Id"])
-            old = self.containers.get(cid)
-            if old is not None and old.addresses == listed_addresses(entry):
-                fresh[cid] = old
-                continue
-            found = await self._inspect(client, cid)
+        for cid, kept in self._listed(await client.containers()):
+            found = kept or await self._inspect(client, cid)
             if found is not None:
                 fresh[cid] = found
         gone = [c for cid, c in self.containers.items() if cid not in fresh]
@@ -248,9 +240,9 @@ class ContainerWatch:
         beside the stream (dockerd answers an inspect of a starting container only once
         its start is over, and the events after it must not wait that long)."""
         kind, action = event.get("Type"), str(event.get("Action", ""))
-        actor = event.get("Actor") or {}
+        actor = mapping(event.get("Actor"))
         if kind == "network" and action in ("connect", "disconnect"):
-            cid = str((actor.get("Attributes") or {}).get("container", ""))
+            cid = str(mapping(actor.get("Attributes")).get("container", ""))
             why = f"network {action}"
         elif kind == "container":
             cid, why = str(actor.get("ID") or event.get("id") or ""), action
@@ -272,7 +264,7 @@ class ContainerWatch:
         if kind == "container" and action == "create" and old is None:
             # Its labels come with the event: the ports it declares by label are
             # redirected now, before it runs (its env comes with the inspect).
-            attributes = actor.get("Attributes") or {}
+            attributes = mapping(actor.get("Attributes"))
             labels = {k: str(v) for k, v in attributes.items() if k.startswith("connect.")}
             if labels:
                 created = Container(cid, str(attributes.get("name", cid[:12])), (), labels, {})
@@ -396,12 +388,19 @@ class ContainerWatch:
         after its process started)."""
         for cid in list(self._starting):
             await self._update(client, cid, "first connection")
-        for entry in await client.containers():
+        for cid, kept in self._listed(await client.containers()):
+            if kept is None:
+                await self._update(client, cid, "first connection")
+
+    def _listed(self, entries) -> list[tuple[str, Container | None]]:
+        """``(id, the container as known)`` of each entry of a listing that is a container
+        as Docker describes one; None where it is new or its addresses changed (it needs an
+        inspect)."""
+        found = []
+        for entry in entries if isinstance(entries, list) else ():
             if not isinstance(entry, dict) or not entry.get("Id"):
                 continue
-            cid = str(entry["Id"])
-            old = self.containers.get(cid)
-            if old is not None and old.addresses == listed_addresses(entry):
-                continue
-            await self._update(client, cid, "first connection")
+            cid, old = str(entry["Id"]), self.containers.get(str(entry["Id"]))
+            found.append((cid, old if old is not None and old.addresses == listed_addresses(entry) else None))
+        return found
 

@@ -363,3 +363,19 @@ def test_garbage_addresses_and_labels_never_break_the_routes():
     assert c.addresses == ("172.17.0.9",)
     routes = ContainerRoutes((c,)).read(RouteDefaults()).routes
     assert [(r.port, str(r.source)) for r in routes] == [(6381, "172.17.0.9/32")]
+
+
+async def test_events_of_another_shape_are_ignored_and_the_stream_goes_on():
+    engine = Engine()
+    async with watching(engine) as h:
+        for garbage in ({"Type": "container", "Action": "start", "Actor": "x"},
+                        {"Type": "network", "Action": "connect", "Actor": {"Attributes": ["container"]}},
+                        {"Type": "container", "Action": "create", "Actor": {"ID": "z" * 64, "Attributes": 5}}):
+            for send in engine.subscribers:
+                send.send_nowait(garbage)
+        cid = "t" * 64
+        engine.docs[cid] = doc(cid, "after", addrs=("172.17.0.22",))
+        engine.event("container", "start", cid)
+        await settle(h, lambda: "after" in h.routes(), "the event after the garbage")
+        assert h.watch.connected
+        assert engine.calls.count("version") == 1  # never lost, never reconnected
