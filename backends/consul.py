@@ -418,8 +418,15 @@ class ConsulServiceResolver(_ConsulResolver):
                 entries = None
         except TemporaryFailure:
             return self.empty_answer
+        try:
+            return self._explained(names, entries)
+        except (AttributeError, TypeError, ValueError):  # an answer of another shape: no more to say
+            return self.empty_answer
+
+    def _explained(self, names, entries) -> str:
+        spec = self.spec
         if entries is None:
-            return _unknown_service(spec.service, sorted(n for n in names or {} if n != "consul"),
+            return _unknown_service(spec.service, sorted(str(n) for n in names or {} if n != "consul"),
                                     bool(self.options.consul_token))
         tagged = [e for e in entries if not spec.tag or spec.tag in ((e.get("Service") or {}).get("Tags") or [])]
         if spec.tag and entries and not tagged:

@@ -920,3 +920,11 @@ def test_cli_resolve_of_a_misspelled_service_names_the_known_ones(agent, cli_ser
     proc = cli("--consul", agent.http_addr, "consul:///clisvcx")
     assert proc.returncode == 1
     assert "no service named 'clisvcx' (did you mean 'clisvc'?)" in proc.stderr, proc.stderr
+
+
+async def test_explaining_an_empty_answer_survives_a_garbled_answer(agent, monkeypatch):
+    # The explanation is a second look at the registry: garbage there must not break the watch.
+    resolver = parse_spec("consul:///garbled-why").resolver(opts(agent))
+    monkeypatch.setattr(resolver.client.catalog, "services", lambda **kw: (1, {"garbled-why": []}))
+    monkeypatch.setattr(resolver.client.health, "service", lambda **kw: (1, ["not an entry", 5]))
+    assert await resolver.explain_empty() == "no passing instance of service 'garbled-why'"
