@@ -84,17 +84,18 @@ class WorkerPool(Peers):
         table: the RouteTable the main process serves now (a starting helper gets it).
         apply_ejection: ``(key, backend, duration)``: a helper ejected ``backend`` of route
             ``key``; the main process ejects it too (Server.apply_ejection).
-        first_seen: --docker's ``first_seen`` (docker_watch.ContainerWatch): a helper's
-            Lookup is answered once what it returns has been awaited.
     """
 
     def __init__(self, count: int, settings: Settings, *, table: Callable[[], RouteTable],
-                 apply_ejection: Callable[[tuple, Backend, float], None], first_seen: Callable | None = None):
+                 apply_ejection: Callable[[tuple, Backend, float], None]):
         self.count = count
         self.settings = settings
         self._table = table
         self._apply_ejection = apply_ejection
-        self.first_seen = first_seen
+        # --docker: the watch's first_seen (docker_watch.ContainerWatch), set by the daemon
+        # once it follows the engine; a helper's Lookup is answered once what it returns
+        # has been awaited (None: at once).
+        self.first_seen: Callable | None = None
         self._nursery: trio.Nursery | None = None
         self.helpers = [_Helper(i) for i in range(1, count)]
         self.stopping = False
