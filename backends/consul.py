@@ -29,13 +29,13 @@ Watching follows Consul's blocking-query rules
   There is no time limit on this stale set: a Consul outage says nothing about the
   backends themselves.
 
-Client: python-consul (synchronous, requests-based). Its calls run in worker threads
-(``trio.to_thread.run_sync`` with ``abandon_on_cancel=True``, so shutdown and route
-removal never wait on them) on a dedicated CapacityLimiter, so that long-blocking
-queries cannot starve trio's default thread pool. python-consul sets no HTTP timeout;
-our client subclass (python-consul's own extension point, ``Consul.connect``) bounds every
-request by the blocking wait plus Consul's jitter (wait/16) plus a margin, so an
-abandoned thread always ends, even across a network partition.
+Client: py-consul, the maintained continuation of python-consul (same ``consul`` module;
+synchronous, requests-based). Its calls run in worker threads (``trio.to_thread.run_sync``
+with ``abandon_on_cancel=True``, so shutdown and route removal never wait on them) on a
+dedicated CapacityLimiter, so that long-blocking queries cannot starve trio's default
+thread pool. py-consul bounds every request (``connections_timeout``, plus the blocking
+wait and Consul's wait/16 jitter for a blocking query), so an abandoned thread always
+ends, even across a network partition.
 """
 
 from __future__ import annotations
@@ -50,8 +50,6 @@ import urllib.parse
 from dataclasses import dataclass
 
 import consul
-import consul.base
-import consul.std
 import requests
 import trio
 
@@ -82,7 +80,8 @@ from .static import backends_of
 log = logging.getLogger("ambassadord.resolver.consul")
 
 MIN_QUERY_INTERVAL = 0.1
-# Extra time allowed to an HTTP request beyond the blocking wait and Consul's wait/16 jitter.
+# The time allowed to connect and to answer a request, beyond a blocking query's wait and
+# Consul's wait/16 jitter (py-consul's connections_timeout).
 HTTP_MARGIN = 5.0
 # Blocking queries hold a thread each for up to `wait`: give them their own pool.
 _limiter = trio.CapacityLimiter(256)
@@ -104,7 +103,7 @@ def _agent(netloc: str, text: str) -> tuple[str, int] | None:
         raise SpecError(f"spec {text!r}: bad agent address {netloc!r}")
     problem = host_problem(host)
     if problem:
-        # (caught here, not by the first query: python-consul would only fail at run time,
+        # (caught here, not by the first query: the client would only fail at run time,
         # on every query, for as long as the route lives)
         raise SpecError(f"spec {text!r}: bad agent address {netloc!r}: host {host!r}: {problem}")
     return host, parse_port(port, context=f"agent address {netloc!r} in {text!r}")
@@ -223,21 +222,6 @@ def kv_entries(path: str, items: list[dict] | None) -> tuple[list[tuple[str, int
 # ---- the client -----------------------------------------------------------------------------
 
 
-class _HTTPClient(consul.std.HTTPClient):
-    """python-consul's requests client, with a timeout on every request."""
-
-    timeout: float = 10.0
-
-    def get(self, callback, path, params=None):
-        uri = self.uri(path, params)
-        wait = next((v for k, v in (params or []) if k == "wait"), None)
-        timeout = self.timeout
-        if wait:  # always written in milliseconds by _wait()
-            w = int(str(wait).removesuffix("ms")) / 1000
-            timeout = w + w / 16 + HTTP_MARGIN
-        return callback(self.response(self.session.get(uri, verify=self.verify, cert=self.cert, timeout=timeout)))
-
-
 def _wait(seconds: float) -> str:
     # Milliseconds: "0s" would mean "the default" (5 minutes) to Consul, so a sub-second
     # wait must not be rounded down to whole seconds.
@@ -245,40 +229,27 @@ def _wait(seconds: float) -> str:
 
 
 class _Consul(consul.Consul):
-    """python-consul's client without its environment handling.
+    """py-consul's client, with the token it is given.
 
-    python-consul's own __init__ lets CONSUL_HTTP_ADDR / _SSL / _SSL_VERIFY / _TOKEN
-    override the arguments it is given (and raises on CONSUL_HTTP_ADDR with a scheme).
-    ambassadord has already weighed flags against those variables (settings.consul_options),
-    and a spec's own agent must win over both, so this sets the same attributes itself.
-    The token travels in the X-Consul-Token header rather than as ?token= in the URL,
-    so that it never appears in an error message or a log line.
+    Kept from python-consul's day, still needed with py-consul 1.8: its ``__init__`` sets
+    ``self.token = os.getenv("CONSUL_HTTP_TOKEN", token)``, so the environment beats the
+    token it is given. ambassadord has already weighed --consul-token against that
+    variable (settings.consul_options), so the token given is the one. (The agent's
+    address, scheme and verification are passed explicitly, which keeps py-consul from
+    reading CONSUL_HTTP_ADDR / _SSL / _SSL_VERIFY at all.) py-consul sends the token as
+    the X-Consul-Token header, never as ?token= in a URL, so it cannot show in an error.
     """
 
     def __init__(self, host: str, port: int, token: str | None, scheme: str, verify):
-        self.http = self.connect(host, port, scheme, verify, None)
-        if token:
-            self.http.session.headers["X-Consul-Token"] = token
-        self.token = None
-        self.scheme = scheme
-        self.dc = None
-        self.consistency = "default"
-        for name, cls in (("event", consul.Consul.Event), ("kv", consul.Consul.KV), ("txn", consul.Consul.Txn),
-                          ("agent", consul.Consul.Agent), ("catalog", consul.Consul.Catalog),
-                          ("health", consul.Consul.Health), ("session", consul.Consul.Session),
-                          ("acl", consul.Consul.ACL), ("status", consul.Consul.Status),
-                          ("query", consul.Consul.Query), ("coordinate", consul.Consul.Coordinate),
-                          ("operator", consul.Consul.Operator)):
-            setattr(self, name, cls(self))
-
-    def connect(self, host, port, scheme, verify=True, cert=None):
-        return _HTTPClient(host, port, scheme, verify, cert)
+        super().__init__(host=host, port=port, token=token, scheme=scheme, verify=verify,
+                         connections_timeout=HTTP_MARGIN)
+        self.token = token
 
 
 def _client(agent: tuple[str, int] | None, options: ResolverOptions) -> tuple[_Consul, str]:
     host, port = agent or options.consul_addr
     verify = options.consul_ca or True
-    hostpart = f"[{host}]" if ":" in host else host  # python-consul writes scheme://host:port
+    hostpart = f"[{host}]" if ":" in host else host  # py-consul writes scheme://host:port
     client = _Consul(hostpart, port, options.consul_token, options.consul_scheme, verify)
     return client, f"{options.consul_scheme}://{hostpart}:{port}"
 
@@ -299,8 +270,8 @@ class _ConsulResolver(Resolver):
         except consul.ACLPermissionDenied as exc:
             raise TemporaryFailure(f"{self.agent_url}: permission denied ({exc or 'HTTP 403'}): "
                                    "the ACL token (--consul-token / CONSUL_HTTP_TOKEN) lacks read access") from None
-        except consul.base.ConsulException as exc:
-            raise TemporaryFailure(f"{self.agent_url}: {str(exc).strip() or type(exc).__name__}") from None
+        except consul.ConsulException as exc:  # an HTTP error, or an answer that is not Consul's JSON
+            raise TemporaryFailure(f"{self.agent_url}: {_short(str(exc).strip()) or type(exc).__name__}") from None
         except requests.exceptions.SSLError as exc:
             if _PLAIN_HTTP.search(str(exc)):  # the TLS hello was answered in plain HTTP
                 raise TemporaryFailure(f"{self.agent_url}: the agent answers plain HTTP there, not TLS: use http:// "
@@ -395,7 +366,14 @@ def _reason(exc: Exception) -> str:
         return m.group(1).strip()
     if isinstance(exc, requests.exceptions.Timeout):
         return "timed out"
-    return text if len(text) < 200 else text[:200] + "..."
+    return _short(text)
+
+
+def _short(text: str, limit: int = 200) -> str:
+    # py-consul quotes a whole undecodable body (an HTML page of some other server) in its
+    # exception: one line of a log should not carry it
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class ConsulServiceResolver(_ConsulResolver):

@@ -160,6 +160,11 @@ step_venv() {
   want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$VENV_STAMP" 2>/dev/null)" != "$want" ] || [ ! -x "$VENV/bin/pytest" ]; then
     say "installing the project and its test dependencies into $VENV (pip install -c constraints.txt -e '.[test]')"
+    # python-consul (until 0.2) and py-consul, its continuation, both install the module
+    # `consul`: the old one must go first, or removing it later deletes the new one's files.
+    if "$VENV/bin/python" -m pip show -q python-consul >/dev/null 2>&1; then
+      "$VENV/bin/python" -m pip uninstall -q -y --disable-pip-version-check python-consul >/dev/null 2>&1 || true
+    fi
     # pip's build backend is chatty even with -q: keep its output, show it only on failure.
     # constraints.txt: the exact versions (scripts/lock), so a new release changes nothing.
     if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]' \
