@@ -220,7 +220,7 @@ async def live_view(server: Server, pool: WorkerPool | None = None) -> tuple[dic
     return views, totals
 
 
-def _backend_view(route, st, key: str, backend, now_mono: float) -> dict:
+def _backend_view(route, st, key: str, backend, now_mono: float, registry: dict | None = None) -> dict:
     b = st.backends.get(key)
     up, down = st.backend_bytes(key)
     known = backend or (b.backend if b else None)  # a backend gone from the set: as it was
@@ -244,6 +244,8 @@ def _backend_view(route, st, key: str, backend, now_mono: float) -> dict:
         "last_failure": b.last_failure if b else None,
     }
     view["check"] = _check_view(route, backend)
+    # what the registry says of it (Consul: instance ID, node, checks); None: nothing more
+    view["instance"] = (registry or {}).get("backends", {}).get(key)
     if backend is None:
         view["state"] = "gone"  # left the set; connections still open on it
     elif backend in route.pick.down:
@@ -283,9 +285,10 @@ def route_view(route, st=None) -> dict:
     cfg, bset = route.config, route.backends
     st = st or route.stats
     now_mono = time.monotonic()
-    backends = [_backend_view(route, st, str(b), b, now_mono) for b in bset.backends]
+    registry = _registry_view(route)
+    backends = [_backend_view(route, st, str(b), b, now_mono, registry) for b in bset.backends]
     in_set = {str(b) for b in bset.backends}
-    backends += [_backend_view(route, st, k, None, now_mono) for k, b in st.backends.items()
+    backends += [_backend_view(route, st, k, None, now_mono, registry) for k, b in st.backends.items()
                  if k not in in_set and b.active > 0]
     up, down = st.bytes()
     hist, total = st.connect_histogram()
@@ -322,7 +325,22 @@ def route_view(route, st=None) -> dict:
         "bytes_down": down,
         "connect_seconds": {"count": hist[-1][1], "sum": round(total, 6)},
         "backends": backends,
+        # instances the registry lists but does not offer (their checks fail); None: the
+        # source has no such notion
+        "failing_instances": registry.get("failing") if registry else None,
+        "failing_instances_more": registry.get("failing_more", 0) if registry else 0,
     }
+
+
+def _registry_view(route) -> dict | None:
+    view = getattr(route.resolver, "registry_view", None)
+    if view is None:
+        return None
+    try:
+        return view()
+    except Exception:  # a view of the registry must never take /routes down
+        log.exception("route %s: reading its registry's details failed", route.name)
+        return None
 
 
 def snapshot(server: Server, config: ConfigState, views: dict | None = None, totals: dict | None = None) -> dict:

@@ -70,22 +70,25 @@ def cmd_resolve(args) -> int:
         raise UsageError(str(exc)) from None
 
     options = resolver_options(args)
-
-    async def once():
-        return await spec.resolver(options).resolve()
-
+    resolver = spec.resolver(options)
     try:
-        backends = trio.run(once)
+        backends = trio.run(resolver.resolve)
     except ResolveError as exc:
         print(f"ambassadord resolve: {exc}", file=sys.stderr)
         return 1
+    # what the registry lists but leaves out (Consul: instances failing a check), and why
+    view = resolver.registry_view() or {}
+    left_out = [f"ambassadord resolve: {line}" for line in status.failing_lines(view.get("failing") or [],
+                                                                         view.get("failing_more") or 0)]
     if not backends:
         why = trio.run(spec.resolver(options).explain_empty)
         print(f"ambassadord resolve: {args.spec!r} resolves to no backends" + (f": {why}" if why else ""),
-              file=sys.stderr)
+              *left_out, sep="\n", file=sys.stderr)
         return 1
     for b in sorted(backends, key=lambda b: (b.priority, -b.weight)):  # the order of preference
         print(b)
+    if left_out:
+        print(*left_out, sep="\n", file=sys.stderr)
     return 0
 
 

@@ -87,6 +87,8 @@ def render_status(data: dict) -> str:
     for r in data["routes"]:
         rows += _route_rows(r, now)
     notes = [f"route {r['name']}: {'stale: ' if r['stale'] else ''}{r['error']}" for r in data["routes"] if r["error"]]
+    for r in data["routes"]:
+        notes += _failing_notes(r)
     cfg = data.get("config", {})
     last = cfg.get("last_reload")
     if last and not last.get("ok"):
@@ -120,6 +122,30 @@ def _route_rows(r: dict, now: float) -> list[tuple[str, ...]]:
                      str(b["connections"]), str(b["failures"]), _size(b["bytes_up"]), _size(b["bytes_down"]),
                      _ago(r["updated_at"], now) if i == 0 else ""))
     return rows
+
+
+FAILING_NOTES = 5  # failing instances named per route; the rest are counted
+
+
+def failing_lines(failing: list[dict], more: int = 0, limit: int = FAILING_NOTES) -> list[str]:
+    """Instances the registry lists but does not offer (Consul: failing checks), each with
+    the output of its first failing check; the ones past ``limit`` and ``more`` counted."""
+    lines = []
+    for i in failing[:limit]:
+        bad = [c for c in i.get("checks", []) if c.get("status") != "passing"]
+        why = f": {bad[0]['name']}: {bad[0]['output'] or bad[0]['status']}" if bad else ""
+        where = f"{i['address']}:{i['port']}" if ":" not in i["address"] else f"[{i['address']}]:{i['port']}"
+        lines.append(f"instance {i['id']}" + (f" on {i['node']}" if i.get("node") else "")
+                     + f" ({where}) is {i['status']}, not offered{why}")
+    more += max(0, len(failing) - limit)
+    if more > 0:
+        lines.append(f"and {more} more failing instance(s)")
+    return lines
+
+
+def _failing_notes(r: dict) -> list[str]:
+    return [f"route {r['name']}: {line}" for line in failing_lines(r.get("failing_instances") or [],
+                                                                   r.get("failing_instances_more") or 0)]
 
 
 def _totals(data: dict, cfg: dict, now: float) -> list[str]:

@@ -3,9 +3,11 @@
 Specs:
 
 * ``consul://[AGENT]/SERVICE[?tag=T&dc=DC]``: the passing instances of SERVICE from the
-  health API (``/v1/health/service/SERVICE?passing``). A backend is the instance's
-  Service.Address, else its node's Address, with the service port, weighted by the
-  instance's ``Weights.Passing``.
+  health API (``/v1/health/service/SERVICE``; every instance is read, and those with a
+  check other than passing are left out here, as ``?passing`` would, and kept for the
+  admin API with their checks: :meth:`ConsulServiceResolver.registry_view`). A backend is
+  the instance's Service.Address, else its node's Address, with the service port,
+  weighted by the instance's ``Weights.Passing``.
 * ``consul-kv://[AGENT]/PATH``: the values of the keys under ``PATH/`` (each
   ``host:port``), and PATH's own value split on commas (progrium/ambassadord's format).
   A malformed value (a host that is no valid DNS name too) is skipped with a log line
@@ -47,7 +49,7 @@ import random
 import re
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import consul
 import requests
@@ -181,17 +183,43 @@ class ConsulKVSpec(Spec):
 # ---- answers -> backends (pure) ---------------------------------------------------------
 
 
+# A check's output as kept and shown (an HTTP check's output quotes the response body).
+CHECK_OUTPUT_MAX = 500
+# Failing instances listed in the admin API per route; the rest are counted.
+FAILING_SHOWN = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    status: str  # passing, warning or critical
+    output: str
+
+
 @dataclass(frozen=True, slots=True)
 class Instance:
     host: str
     port: int
     weight: float
+    # What Consul says of it besides its address (not part of its identity):
+    id: str = field(default="", compare=False)
+    node: str = field(default="", compare=False)
+    status: str = field(default="passing", compare=False)  # by its worst check, see _worst_check
+    checks: tuple[Check, ...] = field(default=(), compare=False)
+
+    def detail(self) -> dict:
+        return {"id": self.id, "node": self.node, "status": self.status,
+                "checks": [{"name": c.name, "status": c.status, "output": c.output} for c in self.checks]}
 
 
 def service_instances(entries: list[dict]) -> tuple[list[Instance], list[str]]:
-    """Instances from /v1/health/service entries. Returns (instances, notes on skipped ones)."""
+    """Instances from /v1/health/service entries, passing or not (``Instance.status``).
+    Returns (instances, notes on skipped ones)."""
     out, notes = [], []
     for entry in entries or []:
+        if not isinstance(entry, dict):
+            notes.append(f"an entry that is no object ({type(entry).__name__}); skipped")
+            continue
         svc = entry.get("Service") or {}
         node = entry.get("Node") or {}
         sid = svc.get("ID") or svc.get("Service") or "?"
@@ -208,10 +236,26 @@ def service_instances(entries: list[dict]) -> tuple[list[Instance], list[str]]:
         if problem:
             notes.append(f"{where}: bad address {host!r}: {problem}; skipped")
             continue
+        checks = entry.get("Checks")
+        if checks is None:
+            checks = []
+        if not isinstance(checks, list) or not all(isinstance(c, dict) for c in checks):
+            # (the health API's own filter is no longer asked for: a garbled list must
+            # not make an instance look passing)
+            notes.append(f"{where}: bad Checks {_short(repr(checks), 80)}; skipped")
+            continue
         weight = ((svc.get("Weights") or {}).get("Passing"))
         weight = weight if isinstance(weight, int) and weight >= 0 else 1
-        out.append(Instance(host.strip("[]"), port, weight))
+        out.append(Instance(host.strip("[]"), port, weight, id=str(sid), node=str(node.get("Node") or ""),
+                            status=_worst_check(entry), checks=tuple(_check(c) for c in checks)))
     return out, notes
+
+
+def _check(c: dict) -> Check:
+    output = " ".join(str(c.get("Output") or "").split())
+    if len(output) > CHECK_OUTPUT_MAX:
+        output = output[:CHECK_OUTPUT_MAX] + "..."
+    return Check(str(c.get("Name") or c.get("CheckID") or "?"), str(c.get("Status") or "?"), output)
 
 
 def kv_entries(path: str, items: list[dict] | None) -> tuple[list[tuple[str, int]], list[str]]:
@@ -312,6 +356,17 @@ class _ConsulResolver(Resolver):
         return backends
 
     async def watch(self, publish: Publish) -> None:
+        try:
+            await self._watch(publish)
+        finally:
+            # The client and its endpoints refer to each other, so its pooled connection
+            # to the agent would otherwise wait for the cyclic garbage collector after a
+            # reload removed the route (measured: 3 fds of 20 removed watches still open
+            # before a gc.collect(), 0 with this). A query still in flight in its
+            # abandoned thread closes its own connection when it ends.
+            self.client.http.session.close()
+
+    async def _watch(self, publish: Publish) -> None:
         source = self.spec.text
         index = 0
         state = ResolverState(source)
@@ -416,9 +471,19 @@ class ConsulServiceResolver(_ConsulResolver):
             return f"{self.empty_answer}: the service has no instance registered"
         return f"{self.empty_answer}: {len(tagged)} instance(s), {counts or 'none passing'}"
 
+    def __init__(self, spec, options: ResolverOptions):
+        super().__init__(spec, options)
+        # The instances of the last answer: those offered, by backend, and those whose
+        # checks fail (see registry_view). Kept through a failure, like the set itself.
+        self._offered: dict[str, Instance] = {}
+        self._failing: list[Instance] = []
+
     async def fetch(self, index, wait):
+        # Every instance, not only ?passing ones: the failing ones are filtered out here
+        # (to_backends), as Consul's filter would, so that /routes can say which they are and
+        # why. The blocking query's index is the same either way.
         spec = self.spec
-        kw = dict(service=spec.service, passing=True, tag=spec.tag, dc=spec.dc)
+        kw = dict(service=spec.service, tag=spec.tag, dc=spec.dc)
         if index:
             kw.update(index=index, wait=_wait(wait))
         new_index, entries = await self._call(self.client.health.service, **kw)
@@ -427,11 +492,22 @@ class ConsulServiceResolver(_ConsulResolver):
     async def to_backends(self, entries) -> tuple[tuple[Backend, ...], list[str]]:
         instances, notes = service_instances(entries)
         backends: list[Backend] = []
+        offered: dict[str, Instance] = {}
         for inst in instances:
+            if inst.status != "passing":
+                continue
             got, errors = await backends_of([(inst.host, inst.port)], weight=inst.weight)
             backends += got
+            offered.update((str(b), inst) for b in got)
             notes += [f"cannot resolve instance address {error}" for error in errors]
+        self._offered = offered
+        self._failing = sorted((i for i in instances if i.status != "passing"), key=lambda i: (i.node, i.id))
         return canonical(backends), notes
+
+    def registry_view(self) -> dict:
+        failing = [{"address": i.host, "port": i.port, **i.detail()} for i in self._failing[:FAILING_SHOWN]]
+        return {"backends": {key: inst.detail() for key, inst in self._offered.items()},
+                "failing": failing, "failing_more": max(0, len(self._failing) - FAILING_SHOWN)}
 
 
 def _unknown_service(name: str, known: list[str], token: bool) -> str:
@@ -452,7 +528,10 @@ def _worst_check(entry) -> str:
     if any(str(c.get("CheckID", "")).startswith(("_node_maintenance", "_service_maintenance")) for c in checks):
         return "maintenance"
     statuses = {str(c.get("Status", "")) for c in checks}
-    return "critical" if "critical" in statuses else "warning" if "warning" in statuses else "passing"
+    # (Consul's own ?passing filter: an instance passes when every check says "passing")
+    if "critical" in statuses or statuses - {"passing", "warning"}:
+        return "critical"
+    return "warning" if "warning" in statuses else "passing"
 
 
 class ConsulKVResolver(_ConsulResolver):

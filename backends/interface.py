@@ -249,6 +249,16 @@ class Resolver(ABC):
     async def resolve(self) -> tuple[Backend, ...]:
         """One answer, now. Raises ResolveError if the source cannot answer."""
 
+    def registry_view(self) -> dict | None:
+        """What the registry says of its instances, for the admin API, where it says more
+        than addresses (Consul: instance ID, node, checks); None: nothing more to say.
+
+        ``{"backends": {"ADDR:PORT": detail}, "failing": [detail, ...], "failing_more": N}``,
+        where a detail is a JSON-ready dict and ``failing`` lists the instances the
+        registry knows but does not offer (their checks fail), at most a few dozen.
+        """
+        return None
+
     async def explain_empty(self) -> str | None:
         """Why an answer was empty, where the source can tell more (a misspelled name,
         instances that all fail, an ACL that hides everything); None: it cannot."""

@@ -28,6 +28,7 @@ beats the token it is given) had to be bypassed (backends/consul.py, _Consul).
 from __future__ import annotations
 
 import functools
+import gc
 import http.server
 import logging
 import os
@@ -232,6 +233,78 @@ def test_service_instances_keeps_the_good_ones_around_a_bad_one():
     assert len(notes) == 1 and "'bad'" in notes[0]
     assert service_instances([]) == ([], [])
     assert service_instances(None) == ([], [])
+
+
+def _checked(sid, addr, *checks, node="n1"):
+    """An entry whose checks are (name, status, output) triples."""
+    entry = _entry(sid, "10.1.0.1", 6379, addr, node=node)
+    entry["Checks"] = [{"CheckID": name, "Name": name, "Status": status, "Output": output}
+                       for name, status, output in checks]
+    return entry
+
+
+SERF = ("Serf Health Status", "passing", "Agent alive and reachable")
+
+
+@pytest.mark.parametrize("checks, status", [
+    ((), "passing"),  # no check at all: Consul counts it passing
+    ((SERF,), "passing"),
+    ((SERF, ("redis", "passing", "TCP connect 10.0.0.1:6379: Success")), "passing"),
+    ((SERF, ("redis", "warning", "slow")), "warning"),  # ?passing leaves warnings out too
+    ((SERF, ("redis", "warning", "slow"), ("disk", "critical", "full")), "critical"),
+    ((("Serf Health Status", "critical", "Agent not live or unreachable"),), "critical"),
+    ((SERF, ("_service_maintenance:r1", "critical", "Maintenance mode is enabled")), "maintenance"),
+    ((SERF, ("odd", "unknown-status", "")), "critical"),  # a status nobody foresaw does not pass
+])
+def test_an_instance_passes_when_every_check_passes(checks, status):
+    """What Consul's own ?passing filter does, done here (it is no longer asked for, so
+    that the failing instances can be shown): every check must say "passing"."""
+    (inst,), notes = service_instances([_checked("r1", "10.0.0.1", *checks)])
+    assert (inst.status, notes) == (status, [])
+    assert inst.detail()["checks"] == [{"name": n, "status": st, "output": o} for n, st, o in checks]
+
+
+def test_instance_details_are_kept_and_bounded():
+    long = "HTTP GET http://10.0.0.1/health: 200 OK Output: " + "x" * 5000
+    (inst,), _ = service_instances([_checked("web-1", "10.0.0.1", SERF, ("http", "passing", long + "\n\n  end"),
+                                             node="node-a")])
+    assert inst == Instance("10.0.0.1", 6379, 1)  # the details are no part of its identity
+    assert (inst.id, inst.node, inst.status) == ("web-1", "node-a", "passing")
+    output = inst.checks[1].output
+    assert len(output) == consul_backend.CHECK_OUTPUT_MAX + 3 and output.endswith("...") and "\n" not in output
+
+
+@pytest.mark.parametrize("checks", ["garbage", {"Status": "passing"}, [SERF, "passing"], [None]])
+def test_a_garbled_check_list_skips_the_instance_with_a_note(checks):
+    """With Consul's filter no longer asked for, a check list of another shape must not
+    make an instance look passing."""
+    entry = _entry("r1", "10.1.0.1", 6379, "10.0.0.1")
+    entry["Checks"] = checks
+    good = _checked("r2", "10.0.0.2", SERF)
+    instances, notes = service_instances([entry, good, "not an entry"])
+    assert [i.id for i in instances] == ["r2"]
+    assert len(notes) == 2 and "'r1'" in notes[0] and "bad Checks" in notes[0] and "no object" in notes[1]
+
+
+async def test_failing_instances_are_left_out_and_listed_with_their_checks():
+    resolver = parse_spec("consul:///web").resolver(ResolverOptions())
+    entries = [_checked("w1", "10.0.0.1", SERF, node="b"),
+               _checked("w2", "10.0.0.2", SERF, ("redis", "critical", "dial tcp: connection refused"), node="a"),
+               _checked("w3", "10.0.0.3", SERF, ("redis", "warning", "slow"), node="c")]
+    backends, notes = await resolver.to_backends(entries)
+    assert [str(b) for b in backends] == ["10.0.0.1:6379"] and notes == []
+    view = resolver.registry_view()
+    assert view["backends"] == {"10.0.0.1:6379": {"id": "w1", "node": "b", "status": "passing",
+                                                  "checks": [{"name": SERF[0], "status": "passing", "output": SERF[2]}]}}
+    assert [(f["id"], f["node"], f["address"], f["port"], f["status"]) for f in view["failing"]] == [
+        ("w2", "a", "10.0.0.2", 6379, "critical"), ("w3", "c", "10.0.0.3", 6379, "warning")]  # by node
+    assert view["failing"][0]["checks"][1]["output"] == "dial tcp: connection refused"
+    assert view["failing_more"] == 0
+    many = [_checked(f"x{i}", f"10.0.1.{i}", ("redis", "critical", "down")) for i in range(60)]
+    backends, _ = await resolver.to_backends(many)
+    view = resolver.registry_view()
+    assert backends == () and view["backends"] == {}
+    assert (len(view["failing"]), view["failing_more"]) == (consul_backend.FAILING_SHOWN, 60 - consul_backend.FAILING_SHOWN)
 
 
 KV_ITEMS = [
@@ -678,6 +751,40 @@ async def test_a_web_server_that_is_not_consul_gives_a_short_error():
     assert addr in message and "\n" not in message and len(message) < 400, message
 
 
+async def test_a_removed_watch_closes_its_connection_to_the_agent(agent):
+    """A route removed by a reload ends its watch: its connection to the agent closes then,
+    not when the cyclic garbage collector gets to the client (turned off here, so that it
+    cannot hide a leak). 20 watches started and cancelled mid-query leave no fd open once
+    their abandoned queries are over."""
+    agent.register("fds", "fds-1", "127.0.0.2", 7951)
+    try:
+        agent.wait_for_health("fds", 1, timeout=TIMEOUT)
+        options = opts(agent, consul_wait=0.3)
+        fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+        gc.collect()
+        gc.disable()
+        try:
+            before = fds()
+            for _ in range(20):
+                resolver = parse_spec("consul:///fds").resolver(options)
+                answered = trio.Event()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(resolver.watch, lambda s: answered.set())
+                    with trio.fail_after(TIMEOUT):
+                        await answered.wait()
+                    await trio.sleep(0.05)  # the blocking query is on its way
+                    nursery.cancel_scope.cancel()
+                del resolver
+            with trio.move_on_after(TIMEOUT):
+                while fds() > before:  # the abandoned queries end within their 0.3 s wait
+                    await trio.sleep(0.05)
+            assert fds() == before, f"{fds() - before} fd(s) still open after 20 watches ended"
+        finally:
+            gc.enable()
+    finally:
+        agent.deregister("fds-1")
+
+
 # ---- process environment vs explicit options ---------------------------------------------------
 
 
@@ -985,3 +1092,63 @@ async def test_explaining_an_empty_answer_survives_a_garbled_answer(agent, monke
     monkeypatch.setattr(resolver.client.catalog, "services", lambda **kw: (1, {"garbled-why": []}))
     monkeypatch.setattr(resolver.client.health, "service", lambda **kw: (1, ["not an entry", 5]))
     assert await resolver.explain_empty() == "no passing instance of service 'garbled-why'"
+
+
+# ---- what Consul says of each backend, in /routes and `status` -------------------------------
+
+
+def test_routes_and_status_show_each_instance_its_node_and_checks(agent, tmp_path):
+    """A real daemon following a real agent: /routes gives each backend its instance ID,
+    node and checks, and lists the instances Consul knows but does not offer (critical,
+    warning) with their checks' output; `ambassadord status` names those; a check that
+    passes again moves its instance back into the set, on /routes too."""
+    from tests.admin_client import admin_daemon, get_routes, route
+    from tests.daemon import free_port, wait_until
+
+    ids = ("det-1", "det-2", "det-3")
+    check = {sid: agent.register("det", sid, f"127.0.0.{i + 2}", 7970 + i, ttl_check=True) for i, sid in enumerate(ids)}
+    try:
+        agent.check_fail(check["det-2"], "dial tcp 127.0.0.3:7971: connect: connection refused")
+        agent.check_warn(check["det-3"], "replication lag 12s")
+        admin = free_port()
+        args = ["--listen", f"127.0.0.1:{free_port()}", "--map", f"det:{free_port()}=consul:///det",
+                "--consul", agent.http_addr]
+        with admin_daemon(args, admin, tmp_path) as daemon:
+            def view(want_failing: int):
+                r = route(get_routes(admin), "det")
+                return r if len(r["failing_instances"] or []) == want_failing and r["backends"] else None
+
+            r = wait_until(lambda: view(2), timeout=TIMEOUT, what=daemon.describe)
+            (b,) = r["backends"]
+            assert b["name"] == "127.0.0.2:7970"
+            assert b["instance"]["id"] == "det-1" and b["instance"]["node"] == agent.node
+            assert b["instance"]["status"] == "passing"
+            assert {c["name"]: c["status"] for c in b["instance"]["checks"]} == {
+                "Serf Health Status": "passing", "det det-1 TTL": "passing"}
+            failing = {i["id"]: i for i in r["failing_instances"]}
+            assert (failing["det-2"]["status"], failing["det-2"]["address"], failing["det-2"]["port"]) == (
+                "critical", "127.0.0.3", 7971)
+            assert any(c["output"] == "dial tcp 127.0.0.3:7971: connect: connection refused"
+                       for c in failing["det-2"]["checks"])
+            assert failing["det-3"]["status"] == "warning"
+            assert r["failing_instances_more"] == 0
+
+            status = subprocess.run([sys.executable, "-m", "ambassadord", "status", "--admin", f"localhost:{admin}"],
+                                    cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+            assert status.returncode == 0, status.stderr
+            assert (f"route det: instance det-2 on {agent.node} (127.0.0.3:7971) is critical, not offered: "
+                    "det det-2 TTL: dial tcp 127.0.0.3:7971: connect: connection refused") in status.stdout, status.stdout
+            assert f"instance det-3 on {agent.node} (127.0.0.4:7972) is warning" in status.stdout
+            resolved = cli("--consul", agent.http_addr, "consul:///det")  # `resolve` says the same
+            assert (resolved.returncode, resolved.stdout) == (0, "127.0.0.2:7970\n"), resolved.stderr
+            assert ("ambassadord resolve: instance det-2 on " + agent.node + " (127.0.0.3:7971) is critical, "
+                    "not offered: det det-2 TTL: dial tcp 127.0.0.3:7971: connect: connection refused") in resolved.stderr
+
+            agent.check_pass(check["det-2"], "back")
+            r = wait_until(lambda: view(1), timeout=TIMEOUT, what=daemon.describe)
+            assert sorted(b["instance"]["id"] for b in r["backends"]) == ["det-1", "det-2"]
+            assert [i["id"] for i in r["failing_instances"]] == ["det-3"]
+            daemon.stop()
+    finally:
+        for sid in ids:
+            agent.deregister(sid)

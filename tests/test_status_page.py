@@ -112,14 +112,15 @@ def get_routes(admin: int) -> dict:
 
 
 @contextlib.contextmanager
-def running_daemon(tmp_path: Path, config: Path, listen: int | Sequence[int], admin: int) -> Iterator[Daemon]:
+def running_daemon(tmp_path: Path, config: Path, listen: int | Sequence[int], admin: int,
+                   extra: Sequence[str] = ()) -> Iterator[Daemon]:
     """The daemon on 127.0.0.1:``listen`` (one port or several: with no iptables, a
     connection to one of them takes the route of that port), admin API on
     127.0.0.1:``admin``, reading ``config`` (polled every 0.2 s). Killed on the way out,
     whatever happens; its log is printed (shown by pytest) if the test fails inside."""
     ports = [listen] if isinstance(listen, int) else list(listen)
     args = [*(a for p in ports for a in ("--listen", f"127.0.0.1:{p}")), "--config", str(config),
-            "--config-poll", "0.2", "--admin", f"127.0.0.1:{admin}"]
+            "--config-poll", "0.2", "--admin", f"127.0.0.1:{admin}", *extra]
     # listen=None: no readiness probe through the listener, which would count as a
     # connection of the route whose port is the listen port. Ready: /routes answers.
     with Daemon(args, listen=None, workdir=tmp_path) as daemon:
@@ -429,6 +430,52 @@ def test_page_shows_whose_route_it_is_and_the_docker_engine(page, tmp_path):
         docker.update(connected=False, error="cannot connect to unix:///var/run/docker.sock: refused")
         expect(header(page, "docker")).to_contain_text("NOT CONNECTED (cannot connect")
         expect(header(page, "docker")).to_have_class(re.compile(r"\bbad\b"))
+
+
+def test_page_shows_what_consul_says_of_each_instance(page, tmp_path):
+    """A real Consul agent: each backend's row names its instance and node with its checks'
+    status and output; an instance Consul leaves out (a critical check) has a row of its
+    own saying why, and makes the route "degraded"; the filter finds a route by an
+    instance's ID; the row goes when the check passes again."""
+    from tests.consul import ConsulAgent, consul_binary
+
+    consul_binary()  # skip (or fail under CI) before starting anything
+    listen, admin = free_port(), free_port()
+    with ConsulAgent(node="amb-page-node") as agent:
+        check1 = agent.register("pg", "pg-1", "127.0.0.2", 7981, ttl_check=True)
+        check2 = agent.register("pg", "pg-2", "127.0.0.3", 7982, ttl_check=True)
+        # (Consul syncs a check's new output to the catalog at once only with a new status)
+        agent.check_fail(check1)
+        agent.check_pass(check1, "PONG in 0.4 ms")
+        agent.check_fail(check2, "dial tcp 127.0.0.3:7982: connect: connection refused")
+        config = write_config(tmp_path / "routes.toml", {listen: {"backend": "consul:///pg", "name": "pg"}})
+        with running_daemon(tmp_path, config, listen, admin, ["--consul", agent.http_addr]):
+            page.goto(f"http://127.0.0.1:{admin}/")
+            instance = backend_field(page, "pg", "127.0.0.2:7981", "instance")
+            expect(instance).to_have_attribute("data-id", "pg-1")
+            expect(instance).to_contain_text("pg-1 on amb-page-node · passing · ")
+            expect(instance).to_contain_text("PONG in 0.4 ms")
+            expect(instance.locator('[data-field="instance_status"]')).to_have_text("passing")
+            failing = page.locator('section[data-route="pg"] tr[data-failing="pg-2"]')
+            expect(failing).to_have_attribute("data-state", "critical")
+            expect(failing.locator('[data-field="name"]')).to_contain_text("127.0.0.3:7982")
+            expect(failing.locator('[data-field="name"]')).to_contain_text("pg-2 on amb-page-node · critical")
+            expect(failing.locator('[data-field="state"]')).to_have_text("not offered")
+            expect(failing.locator('[data-field="checks"]')).to_have_text(
+                "pg pg-2 TTL: critical · dial tcp 127.0.0.3:7982: connect: connection refused")
+            expect(route_field(page, "pg", "health")).to_have_attribute("data-health", "degraded")
+            expect(route_field(page, "pg", "health_why")).to_have_text("1 instance failing in the registry, not offered")
+            expect(summary_field(page, "pg", "backends")).to_have_text("1/1")
+            page.fill("#filter", "PG-2")
+            expect(page.locator('section[data-route="pg"]')).to_be_visible()
+            page.fill("#filter", "pg-9")
+            expect(page.locator('section[data-route="pg"]')).to_be_hidden()
+            page.fill("#filter", "")
+
+            agent.check_pass(check2, "PONG again")
+            expect(failing).to_have_count(0)
+            expect(backend_field(page, "pg", "127.0.0.3:7982", "instance")).to_contain_text("PONG again")
+            expect(route_field(page, "pg", "health")).to_have_attribute("data-health", "ok")
 
 
 # ---- health, summary, rates, filter, narrow screens -----------------------------------
