@@ -194,6 +194,7 @@ class Check:
     name: str
     status: str  # passing, warning or critical
     output: str
+    scope: str = "service"  # "node": a check of the instance's node (serfHealth, node maintenance)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +210,8 @@ class Instance:
 
     def detail(self) -> dict:
         return {"id": self.id, "node": self.node, "status": self.status,
-                "checks": [{"name": c.name, "status": c.status, "output": c.output} for c in self.checks]}
+                "checks": [{"name": c.name, "status": c.status, "output": c.output, "scope": c.scope}
+                           for c in self.checks]}
 
 
 def service_instances(entries: list[dict]) -> tuple[list[Instance], list[str]]:
@@ -255,7 +257,8 @@ def _check(c: dict) -> Check:
     output = " ".join(str(c.get("Output") or "").split())
     if len(output) > CHECK_OUTPUT_MAX:
         output = output[:CHECK_OUTPUT_MAX] + "..."
-    return Check(str(c.get("Name") or c.get("CheckID") or "?"), str(c.get("Status") or "?"), output)
+    return Check(str(c.get("Name") or c.get("CheckID") or "?"), str(c.get("Status") or "?"), output,
+                 "service" if c.get("ServiceID") else "node")
 
 
 def kv_entries(path: str, items: list[dict] | None) -> tuple[list[tuple[str, int]], list[str]]:

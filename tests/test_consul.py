@@ -238,12 +238,16 @@ def test_service_instances_keeps_the_good_ones_around_a_bad_one():
 def _checked(sid, addr, *checks, node="n1"):
     """An entry whose checks are (name, status, output) triples."""
     entry = _entry(sid, "10.1.0.1", 6379, addr, node=node)
-    entry["Checks"] = [{"CheckID": name, "Name": name, "Status": status, "Output": output}
-                       for name, status, output in checks]
+    entry["Checks"] = [{"CheckID": name, "Name": name, "Status": status, "Output": output,
+                        "ServiceID": "" if _node_check(name) else sid} for name, status, output in checks]
     return entry
 
 
 SERF = ("Serf Health Status", "passing", "Agent alive and reachable")
+
+
+def _node_check(name: str) -> bool:
+    return name == SERF[0] or name.startswith("_node_maintenance")
 
 
 @pytest.mark.parametrize("checks, status", [
@@ -261,7 +265,8 @@ def test_an_instance_passes_when_every_check_passes(checks, status):
     that the failing instances can be shown): every check must say "passing"."""
     (inst,), notes = service_instances([_checked("r1", "10.0.0.1", *checks)])
     assert (inst.status, notes) == (status, [])
-    assert inst.detail()["checks"] == [{"name": n, "status": st, "output": o} for n, st, o in checks]
+    assert inst.detail()["checks"] == [{"name": n, "status": st, "output": o, "scope": "node" if _node_check(n) else "service"}
+                                       for n, st, o in checks]
 
 
 def test_instance_details_are_kept_and_bounded():
@@ -295,7 +300,8 @@ async def test_failing_instances_are_left_out_and_listed_with_their_checks():
     assert [str(b) for b in backends] == ["10.0.0.1:6379"] and notes == []
     view = resolver.registry_view()
     assert view["backends"] == {"10.0.0.1:6379": {"id": "w1", "node": "b", "status": "passing",
-                                                  "checks": [{"name": SERF[0], "status": "passing", "output": SERF[2]}]}}
+                                                  "checks": [{"name": SERF[0], "status": "passing", "output": SERF[2],
+                                                              "scope": "node"}]}}
     assert [(f["id"], f["node"], f["address"], f["port"], f["status"]) for f in view["failing"]] == [
         ("w2", "a", "10.0.0.2", 6379, "critical"), ("w3", "c", "10.0.0.3", 6379, "warning")]  # by node
     assert view["failing"][0]["checks"][1]["output"] == "dial tcp: connection refused"
@@ -1123,8 +1129,8 @@ def test_routes_and_status_show_each_instance_its_node_and_checks(agent, tmp_pat
             assert b["name"] == "127.0.0.2:7970"
             assert b["instance"]["id"] == "det-1" and b["instance"]["node"] == agent.node
             assert b["instance"]["status"] == "passing"
-            assert {c["name"]: c["status"] for c in b["instance"]["checks"]} == {
-                "Serf Health Status": "passing", "det det-1 TTL": "passing"}
+            assert {c["name"]: (c["status"], c["scope"]) for c in b["instance"]["checks"]} == {
+                "Serf Health Status": ("passing", "node"), "det det-1 TTL": ("passing", "service")}
             failing = {i["id"]: i for i in r["failing_instances"]}
             assert (failing["det-2"]["status"], failing["det-2"]["address"], failing["det-2"]["port"]) == (
                 "critical", "127.0.0.3", 7971)

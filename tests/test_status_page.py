@@ -455,6 +455,8 @@ def test_page_shows_what_consul_says_of_each_instance(page, tmp_path):
             expect(instance).to_have_attribute("data-id", "pg-1")
             expect(instance).to_contain_text("pg-1 on amb-page-node · passing · ")
             expect(instance).to_contain_text("PONG in 0.4 ms")
+            expect(instance).not_to_contain_text("Agent alive")  # a passing node check: in the tooltip only
+            expect(instance).to_have_attribute("title", re.compile(r"Serf Health Status: passing · Agent alive"))
             expect(instance.locator('[data-field="instance_status"]')).to_have_text("passing")
             failing = page.locator('section[data-route="pg"] tr[data-failing="pg-2"]')
             expect(failing).to_have_attribute("data-state", "critical")
@@ -633,6 +635,11 @@ NUMERIC_CELLS_OVERFLOWING = """() => [...document.querySelectorAll("td.num, th.n
 def test_numbers_are_not_cut_at_900px_and_the_layout_wraps(page, tmp_path):
     listen, admin = free_port(), free_port()
     long_name = "redis-primary-0.redis-headless.production.svc.cluster.local"
+    # what Consul may say of an instance: long IDs and node names, an HTTP check quoting a body
+    check = {"name": "Service 'redis' check", "status": "passing", "scope": "service",
+             "output": "HTTP GET http://10.0.0.1:8080/health: 200 OK Output: " + "{\"status\":\"UP\"}" * 30}
+    instance = {"id": "redis-primary-0-" + "9f1c2e7a" * 4, "node": "ip-10-0-0-1.eu-west-1.compute.internal",
+                "status": "passing", "checks": [check]}
     with RedisProcess(free_port()) as r1:
         b1 = f"127.0.0.1:{r1.port}"
         config = write_config(tmp_path / "routes.toml", {listen: f"{b1},127.0.0.1:{free_port()}"})
@@ -652,7 +659,10 @@ def test_numbers_are_not_cut_at_900px_and_the_layout_wraps(page, tmp_path):
                     for bk in r["backends"]:
                         bk.update(active=987654, connections=big, failures=12345678, priority=65535, weight=65535,
                                   bytes_up=big * 40_000, bytes_down=big * 50_000, host=long_name,
-                                  last_error="Connection refused " * 5)
+                                  last_error="Connection refused " * 5, instance=instance)
+                    r.update(failing_instances=[{"address": "fd00:1234:5678::99", "port": 6379, **instance,
+                                                 "status": "critical", "checks": [{**check, "status": "critical"}]}],
+                             failing_instances_more=7)
                 data["connections"]["total"] = big
                 route.fulfill(status=200, content_type="application/json", body=json.dumps(data))
 
@@ -662,6 +672,8 @@ def test_numbers_are_not_cut_at_900px_and_the_layout_wraps(page, tmp_path):
 
             page.route("**/routes", busy_host)
             expect(route_field(page, listen, "connections")).to_have_text(re.compile(r"^1\d{11}$"))
+            expect(page.locator(f'section[data-route="{listen}"] tr[data-failing]')).to_have_count(1)
+            expect(backend_field(page, listen, b1, "instance")).to_contain_text("eu-west-1")
             expect(route_field(page, listen, "peak_up_rate")).to_have_text(re.compile(r"[TP]iB/s$"))
             expect(summary_field(page, listen, "down_rate")).to_have_text(re.compile(r"[TP]iB/s$"))
             assert page.evaluate(NUMERIC_CELLS_OVERFLOWING) == []
@@ -681,6 +693,9 @@ def test_numbers_are_not_cut_at_900px_and_the_layout_wraps(page, tmp_path):
 
 def test_the_screenshot_script_makes_readmes_picture(tmp_path):
     """scripts/lib/screenshot_status.py redoes docs/status-page.png; README shows it."""
+    from tests.consul import consul_binary
+
+    consul_binary()  # the picture's routes follow a real agent: skip (or fail under CI) without one
     readme = (REPO_ROOT / "README.md").read_text()
     assert "](docs/status-page.png)" in readme
     committed = REPO_ROOT / "docs" / "status-page.png"
