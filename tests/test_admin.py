@@ -14,6 +14,7 @@ Nothing sleeps to synchronise: every wait polls a condition with a deadline (wai
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -94,6 +95,36 @@ def test_healthz_ok_then_503_stopping_during_grace(redis, tmp_path):
 
 
 # ---- /routes -----------------------------------------------------------------------
+
+
+def test_admin_connections_closed_by_their_clients_free_their_fds_at_once(redis, tmp_path):
+    """A scraper or `status` opens a connection per request and closes it: the daemon lets
+    go of each socket then, not after the 5 s keep-alive timeout (hypercorn's trio server
+    waited it out: 250 requests in a row left ~240 sockets open in CLOSE_WAIT, fds a
+    client polling in a loop could take from the proxy). One keep-alive connection making
+    many requests still works."""
+    port, admin = free_port(), free_port()
+    with admin_daemon(["--listen", f"127.0.0.1:{port}", "--map", f"{port}=127.0.0.1:{redis.port}",
+                       "--workers", "2"], admin, tmp_path) as d:
+        fds = lambda: len(os.listdir(f"/proc/{d.proc.pid}/fd"))  # noqa: E731
+        get_routes(admin)
+        before = fds()
+        for _ in range(100):
+            get_routes(admin)  # a new connection each, closed by the client
+            healthz(admin)
+        start = time.monotonic()
+        wait_until(lambda: fds() <= before, timeout=1.5, what=lambda: f"{fds()} fds, {before} before the requests")
+        took = time.monotonic() - start
+        assert took < 1.5
+        conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=5)
+        try:
+            for _ in range(20):  # one connection, kept alive between requests
+                conn.request("GET", "/healthz")
+                resp = conn.getresponse()
+                assert (resp.status, resp.read()) == (200, b"ok\n")
+        finally:
+            conn.close()
+        d.stop()
 
 
 def test_routes_show_specs_sources_and_ejected_backend(redis, tmp_path):
