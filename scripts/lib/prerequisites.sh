@@ -39,6 +39,12 @@ APT_PACKAGES=(
   socat:socat
   iperf3:iperf3
   chromium:chromium
+  # Real servers and clients through the proxy (tests/test_e2e_protocols.py): PostgreSQL
+  # (server, psql, pgbench), OpenSSH's server (its client and curl are on every machine).
+  postgresql:pg_ctlcluster
+  openssh-server:sshd
+  openssh-client:ssh
+  curl:curl
   systemd:systemd-analyze
   # connect mode's BPF programs: clang (and llvm's llvm-strip) rebuild
   # ambassadord/connect/connect.bpf.o (the test that the committed object matches its
