@@ -77,6 +77,17 @@ def socket_in(cgroup_dir: str, ns: Netns | None = None, family: int = socket.AF_
         move(os.getpid(), home)
 
 
+def sockets_in(cgroup_dir: str, ns: Netns, n: int, family: int = socket.AF_INET) -> list[socket.socket]:
+    """``n`` TCP sockets created in ``cgroup_dir`` and ``ns``, with two moves of this process
+    in all (a socket's cgroup is the one it was created in; a move takes tens of ms)."""
+    home = own_cgroup_dir()
+    move(os.getpid(), cgroup_dir)
+    try:
+        return [ns.socket(family) for _ in range(n)]
+    finally:
+        move(os.getpid(), home)
+
+
 def popen_in(cgroup_dir: str, cmd: Sequence[str], ns: Netns | None = None, **kw) -> subprocess.Popen:
     """Start ``cmd`` in ``cgroup_dir`` (and in ``ns`` through ``nsenter --net``)."""
     procs = os.path.join(cgroup_dir, "cgroup.procs")

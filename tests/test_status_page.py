@@ -24,6 +24,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -132,6 +133,15 @@ def running_daemon(tmp_path: Path, config: Path, listen: int | Sequence[int], ad
             raise
 
 
+# The tests make the page ask every 0.25 s instead of every second (?refresh): they wait for
+# what it shows, and so wait less.
+REFRESH = 0.25
+
+
+def page_url(admin: int, **query: str) -> str:
+    return f"http://127.0.0.1:{admin}/?" + urllib.parse.urlencode({"refresh": REFRESH, **query})
+
+
 def route_field(page, route: int | str, field: str):
     """A route-level cell (title, info or total row) of the route's table."""
     return page.locator(f'section[data-route="{route}"] tr:not([data-backend]) [data-field="{field}"]')
@@ -189,7 +199,7 @@ def test_page_shows_routes_backends_and_live_counts(page, tmp_path):
             listen: f"{b1},{b2}", other: {"backend": nowhere, "balance": "round-robin"}})
         with running_daemon(tmp_path, config, listen, admin):
             snapshot = get_routes(admin)
-            page.goto(f"http://127.0.0.1:{admin}/")
+            page.goto(page_url(admin))
 
             # the route, its settings and both backends, up
             expect(page.locator(f'section[data-route="{listen}"] tr[data-backend]')).to_have_count(2)
@@ -213,6 +223,7 @@ def test_page_shows_routes_backends_and_live_counts(page, tmp_path):
             expect(header(page, "routes")).to_have_text("2")
             expect(header(page, "config")).to_have_text(str(config))
             expect(header(page, "last_reload")).to_have_text("none")
+            expect(page.locator('footer [data-field="refresh_every"]')).to_have_text(f"{REFRESH} s")
             expect(page.locator("[data-banner]:visible")).to_have_count(0)
 
             # One connection held open: active 1, and its bytes show while it is open.
@@ -255,7 +266,7 @@ def test_page_follows_a_change_of_backends(page, tmp_path):
         b1, b2 = f"127.0.0.1:{r1.port}", f"127.0.0.1:{r2.port}"
         config = write_config(tmp_path / "routes.toml", {listen: b1})
         with running_daemon(tmp_path, config, listen, admin):
-            page.goto(f"http://127.0.0.1:{admin}/")
+            page.goto(page_url(admin))
             expect(backend_field(page, listen, b1, "state")).to_have_text("up")
             expect(backend_row(page, listen, b2)).to_have_count(0)
 
@@ -292,7 +303,7 @@ def test_page_shows_an_ejected_backend(page, tmp_path):
         config = write_config(tmp_path / "routes.toml", {
             listen: {"backend": f"{b1},{b2}", "balance": "round-robin", "eject_for": 60}})
         stack.enter_context(running_daemon(tmp_path, config, listen, admin))
-        page.goto(f"http://127.0.0.1:{admin}/")
+        page.goto(page_url(admin))
         expect(backend_field(page, listen, b2, "state")).to_have_text("up")
 
         r2.stop()
@@ -329,7 +340,7 @@ def test_page_shows_health_checks(page, tmp_path):
         config = write_config(tmp_path / "routes.toml", {
             listen: {"backend": f"{b1},{b2}", "check_interval": 0.2, "check_rise": 2, "check_fall": 3}})
         stack.enter_context(running_daemon(tmp_path, config, listen, admin))
-        page.goto(f"http://127.0.0.1:{admin}/")
+        page.goto(page_url(admin))
         expect(route_field(page, listen, "check")).to_have_text("every 0.2s, rise 2, fall 3")
         # Nothing listens on b2: its first check takes it down.
         expect(backend_row(page, listen, b2)).to_have_attribute("data-state", "down")
@@ -365,7 +376,7 @@ def test_page_shows_a_rejected_reload_and_a_daemon_that_stops_answering(page, tm
     listen, admin = free_port(), free_port()
     config = write_config(folder / "routes.toml", {route: backend})
     with running_daemon(tmp_path, config, listen, admin) as daemon:
-        page.goto(f"http://127.0.0.1:{admin}/")
+        page.goto(page_url(admin))
         expect(backend_field(page, route, backend, "state")).to_have_text("up")
         expect(header(page, "config")).to_have_text(str(config))
         reload_banner = page.locator('[data-banner="reload"]')
@@ -419,7 +430,7 @@ def test_page_shows_whose_route_it_is_and_the_docker_engine(page, tmp_path):
             route.fulfill(status=200, content_type="application/json", body=json.dumps(data))
 
         page.route("**/routes", as_docker_daemon)
-        page.goto(f"http://127.0.0.1:{admin}/")
+        page.goto(page_url(admin))
         expect(route_field(page, listen, "container")).to_have_text("web-1 (3f2a9c1d0e4b)")
         page.fill("#filter", "WEB-1")  # the filter finds a route by its container
         expect(page.locator(f'section[data-route="{listen}"]')).to_be_visible()
@@ -450,7 +461,7 @@ def test_page_shows_what_consul_says_of_each_instance(page, tmp_path):
         agent.check_fail(check2, "dial tcp 127.0.0.3:7982: connect: connection refused")
         config = write_config(tmp_path / "routes.toml", {listen: {"backend": "consul:///pg", "name": "pg"}})
         with running_daemon(tmp_path, config, listen, admin, ["--consul", agent.http_addr]):
-            page.goto(f"http://127.0.0.1:{admin}/")
+            page.goto(page_url(admin))
             instance = backend_field(page, "pg", "127.0.0.2:7981", "instance")
             expect(instance).to_have_attribute("data-id", "pg-1")
             expect(instance).to_contain_text("pg-1 on amb-page-node · passing · ")
@@ -506,7 +517,7 @@ def test_health_rolls_up_from_the_backends_and_the_summary_has_a_line_per_route(
             down: {"backend": closed, "eject_for": 120},
         })
         stack.enter_context(running_daemon(tmp_path, config, [ok, degraded, down], admin))
-        page.goto(f"http://127.0.0.1:{admin}/")
+        page.goto(page_url(admin))
         expect(page.locator("#summary tr[data-route]")).to_have_count(3)
         for route in (ok, degraded, down):  # before any connection: every backend counts as up
             expect(summary_row(page, route)).to_have_attribute("data-health", "ok")
@@ -556,7 +567,7 @@ def test_rates_come_from_successive_answers_and_peaks_stay(page, tmp_path):
     with RedisProcess(free_port()) as r1:
         config = write_config(tmp_path / "routes.toml", {listen: f"127.0.0.1:{r1.port}"})
         with running_daemon(tmp_path, config, listen, admin):
-            page.goto(f"http://127.0.0.1:{admin}/")
+            page.goto(page_url(admin))
             # the second answer gives the first rates: nothing flows, so 0
             expect(route_field(page, listen, "conn_rate")).to_have_attribute("data-value", "0")
             expect(route_field(page, listen, "up_rate")).to_have_text("0 B/s")
@@ -576,15 +587,16 @@ def test_rates_come_from_successive_answers_and_peaks_stay(page, tmp_path):
             assert value(header(page, "conn_rate")) > 0
 
             # Quiet again: every rate goes back to 0; the peaks stay, and they are per second:
-            # never more than what was sent in all (two answers are at least a second apart).
+            # never more than what was sent in all over the shortest time between two answers
+            # (REFRESH, at least).
             for field in ("conn_rate", "up_rate", "down_rate"):
                 expect(route_field(page, listen, field)).to_have_attribute("data-value", "0")
                 expect(summary_field(page, listen, field)).to_have_attribute("data-value", "0")
                 expect(header(page, field)).to_have_attribute("data-value", "0")
             peak_conn = value(route_field(page, listen, "peak_conn_rate"))
             peak_up = value(route_field(page, listen, "peak_up_rate"))
-            assert 0 < peak_conn <= connections
-            assert 0 < peak_up <= 6 * pings  # PING\r\n
+            assert 0 < peak_conn <= connections / REFRESH
+            assert 0 < peak_up <= 6 * pings / REFRESH  # PING\r\n
             assert value(header(page, "peak_conn_rate")) > 0  # the daemon's: its own total, not quite the route's
             expect(summary_field(page, listen, "conn_rate")).to_have_attribute("title", re.compile(r"peak \d"))
             totals = get_routes(admin)["routes"][0]
@@ -596,7 +608,7 @@ def test_filter_hides_and_shows_routes(page, tmp_path):
     backend_a, backend_b, backend_c = (f"127.0.0.1:{free_port()}" for _ in range(3))
     config = write_config(tmp_path / "routes.toml", {a: backend_a, b: backend_b, c: f"{backend_c},{backend_a}"})
     with running_daemon(tmp_path, config, a, admin):
-        page.goto(f"http://127.0.0.1:{admin}/?filter={backend_b}")  # set by the address too
+        page.goto(page_url(admin, filter=backend_b))  # set by the address too
         expect(page.locator("#filter")).to_have_value(backend_b)
 
         def shown(*routes):
@@ -666,7 +678,7 @@ def test_numbers_are_not_cut_at_900px_and_the_layout_wraps(page, tmp_path):
                 data["connections"]["total"] = big
                 route.fulfill(status=200, content_type="application/json", body=json.dumps(data))
 
-            page.goto(f"http://127.0.0.1:{admin}/")
+            page.goto(page_url(admin))
             expect(backend_row(page, listen, b1)).to_have_count(1)
             assert page.evaluate(NUMERIC_CELLS_OVERFLOWING) == []
 
