@@ -28,7 +28,9 @@ How the pieces fit (one feature per module):
   vs. backend failure, and the registry of its sockets that the loop guard asks.
 * ``stats``: per-route and per-backend counters, plain integers bumped by the connection
   handler; ``admin`` reads them for ``/routes``, ``/metrics`` and the status page
-  (hypercorn + Starlette in the same trio loop; prometheus_client for the exposition).
+  (hypercorn + Starlette in the same trio loop; prometheus_client for the exposition),
+  loaded only when the admin API is on; ``config_state``: the configuration's loads and
+  reloads, which the daemon writes and ``admin`` shows.
 * ``relay`` (a package): bytes both ways, half-close aware; in the kernel (a BPF sockmap,
   whose resources one ``KernelRelay`` owns), or recv/send and splice(2). Its docstring
   lists its modules.

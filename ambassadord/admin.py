@@ -22,8 +22,6 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING
 
@@ -39,6 +37,7 @@ from starlette.routing import Route as HTTPRoute
 from . import __version__, health
 from .server import ListenAddress, Server, StartupError, parse_listen
 from .stats import merged
+from .config_state import ConfigState  # noqa: F401 (its home for the daemon, which need not load this module)
 
 if TYPE_CHECKING:
     from .workers import WorkerPool
@@ -46,32 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("ambassadord.admin")
 
 DEFAULT_ADMIN = "127.0.0.1:10001"
-
-
-@dataclass
-class ConfigState:
-    """What the admin API says about configuration and reloads (written by daemon.py)."""
-
-    file: str | None = None
-    loaded_at: float = field(default_factory=time.time)
-    reloads_ok: int = 0
-    reloads_failed: int = 0
-    last_reload_at: float | None = None
-    last_reload_ok: bool = True
-    last_reload_error: str | None = None
-    last_reload_summary: str | None = None
-    # --docker: the watch's status() (docker_watch.ContainerWatch), for /routes; None: off.
-    docker: Callable[[], dict] | None = None
-
-    def succeeded(self, summary: str) -> None:
-        self.loaded_at = self.last_reload_at = time.time()
-        self.reloads_ok += 1
-        self.last_reload_ok, self.last_reload_error, self.last_reload_summary = True, None, summary
-
-    def failed(self, error: str) -> None:
-        self.last_reload_at = time.time()
-        self.reloads_failed += 1
-        self.last_reload_ok, self.last_reload_error, self.last_reload_summary = False, error, None
 
 
 def parse_admin(text: str) -> ListenAddress | None:

@@ -37,7 +37,7 @@ import trio
 
 from . import logs, netfilter, sdnotify
 from .connect import start as connect_start
-from .admin import ConfigState, admin_url, bind_admin, make_app, serve_admin
+from .config_state import ConfigState
 from .config import ConfigError
 from .routes import Route, RouteTable
 from .peers import fanout
@@ -200,6 +200,8 @@ def _bind(stack: contextlib.ExitStack, settings: RunSettings) -> tuple[list[sock
         stack.enter_context(s)
     if settings.admin is None:
         return sockets, None
+    from .admin import bind_admin  # (Starlette, prometheus_client: only with the admin API on)
+
     return sockets, stack.enter_context(bind_admin(settings.admin))
 
 
@@ -397,6 +399,8 @@ class _Daemon:
                 await nursery.start(self._watch_config_file)
             if self.admin_sock is not None:
                 sock, self.admin_sock = self.admin_sock, None
+                from .admin import admin_url, make_app, serve_admin
+
                 await nursery.start(serve_admin, make_app(server, self.config, self.pool), sock)
                 log.info("admin API on %s", admin_url(self.settings.admin))
             if self.rules is not None or self.plane is not None:

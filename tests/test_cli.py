@@ -715,3 +715,14 @@ def test_iptables_install_redirects_for_real(ns):
 ])
 def test_agent_and_endpoint_urls_with_another_scheme_are_usage_errors(args, env, needles):
     assert_usage_error(cli("run", "--map", "6379=1.2.3.4:1", *args, env=env), *needles)
+
+
+def test_the_admin_apis_libraries_load_only_when_it_is_on():
+    """Starlette and prometheus_client are about a third of a daemon's imports: `check`,
+    `resolve`, `status` and `run --admin off` (every helper of --workers, most tests) do
+    without them; the admin API's module loads them when it is started."""
+    code = ("import sys, ambassadord.cli, ambassadord.daemon, ambassadord.workers.helper;"
+            "print(sorted(m for m in ('starlette', 'prometheus_client', 'hypercorn', 'ambassadord.admin')"
+            " if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout.strip()) == (0, "[]"), proc.stderr
