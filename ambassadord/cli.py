@@ -81,7 +81,7 @@ def cmd_resolve(args) -> int:
     left_out = [f"ambassadord resolve: {line}" for line in status.failing_lines(view.get("failing") or [],
                                                                          view.get("failing_more") or 0)]
     if not backends:
-        why = trio.run(spec.resolver(options).explain_empty)
+        why = trio.run(resolver.explain_empty)
         print(f"ambassadord resolve: {args.spec!r} resolves to no backends" + (f": {why}" if why else ""),
               *left_out, sep="\n", file=sys.stderr)
         return 1
