@@ -21,6 +21,7 @@ No test sleeps to synchronise: everything waits on a condition with a deadline.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import shutil
@@ -29,8 +30,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +105,30 @@ def connect(host: str, port: int, *, ns: Netns | None = None, timeout: float = 5
         sock.close()
         raise
     return sock
+
+
+@contextlib.contextmanager
+def web_page(body: bytes) -> Iterator[int]:
+    """Some other web server on 127.0.0.1: every GET gets ``body`` as text/html, 200. Its
+    port; shut down on the way out."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def free_port(host: str = "127.0.0.1", *, ns: Netns | None = None) -> int:

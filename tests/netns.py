@@ -75,6 +75,11 @@ class Netns:
         """Start a long-running process inside the namespace."""
         return subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], **kw)
 
+    def listening(self) -> set[str]:
+        """The local addresses of the TCP sockets listening in the namespace, as ``ss``
+        writes them (``127.0.0.1:10000``, ``[::]:10000``, ``[::ffff:127.0.0.1]:15051``)."""
+        return {line.split()[3] for line in self.exec(["ss", "-Hltn"]).splitlines() if len(line.split()) > 3}
+
     def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
         """A socket that lives in this namespace (created by a thread that setns'd into it).
 

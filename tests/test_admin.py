@@ -52,6 +52,7 @@ from tests.daemon import (
     require,
     tail,
     wait_until,
+    web_page,
 )
 from tests.netns import Netns
 
@@ -456,7 +457,7 @@ def test_admin_default_address_and_off_in_a_fresh_namespace(ns, tmp_path):
                 return healthz(10001, ns=ns) == (200, b"ok\n")
 
             wait_until(up, timeout=15, what=lambda: tail(log))
-            listening = {line.split()[3] for line in ns.exec(["ss", "-Hltn"]).splitlines()}
+            listening = ns.listening()
             assert listening == {"127.0.0.1:10000", "127.0.0.1:10001", "127.0.0.1:7000"}, listening
             assert "admin API on http://127.0.0.1:10001" in log.read_text()
             # `status` defaults to the same address.
@@ -469,7 +470,7 @@ def test_admin_default_address_and_off_in_a_fresh_namespace(ns, tmp_path):
 
         # --admin off: nothing listens but the relay.
         with Daemon([*route_args, "--admin", "off"], ns=ns, workdir=tmp_path) as d:
-            listening = {line.split()[3] for line in ns.exec(["ss", "-Hltn"]).splitlines()}
+            listening = ns.listening()
             assert listening == {"127.0.0.1:10000", "127.0.0.1:7000"}, listening
             assert refused("127.0.0.1", 10001, ns=ns)
             assert "admin API" not in d.text()
@@ -529,7 +530,7 @@ def test_admin_port_in_use_exits_1_and_leaves_nothing(ns):
         assert "cannot listen on admin address 127.0.0.1:10001: Address already in use" in proc.stderr, shown(proc)
         assert "--admin off" in proc.stderr, shown(proc)  # the hint
         assert "Traceback" not in proc.stderr, shown(proc)
-        listening = {line.split()[3] for line in ns.exec(["ss", "-Hltn"]).splitlines()}
+        listening = ns.listening()
         assert listening == {"127.0.0.1:10001"}, listening  # only the squatter
         after = ns.exec(["iptables-save", "-t", "nat"]) + ns.exec(["ip6tables-save", "-t", "nat"])
         assert "AMBASSADORD" not in after, after
@@ -555,28 +556,8 @@ def test_status_cannot_reach_the_admin_api():
 
 def test_status_against_something_that_is_not_ambassadord(tmp_path):
     """An HTTP server that is not ambassadord's admin API: exit 1 with a message, not a traceback."""
-    import http.server
-    import threading
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = b"<html>hello</html>"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    try:
-        proc = cli("status", "--admin", f"127.0.0.1:{server.server_address[1]}")
-    finally:
-        server.shutdown()
-        server.server_close()
+    with web_page(b"<html>hello</html>") as port:
+        proc = cli("status", "--admin", f"127.0.0.1:{port}")
     assert proc.returncode == 1, shown(proc)
     assert "did not answer with ambassadord's /routes JSON" in proc.stderr, shown(proc)
     assert "Traceback" not in proc.stderr, shown(proc)

@@ -29,14 +29,12 @@ from __future__ import annotations
 
 import functools
 import gc
-import http.server
 import logging
 import os
 import random
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -53,6 +51,7 @@ from ambassadord.backends.consul import (
     service_instances,
 )
 from tests.consul import ConsulAgent, consul_binary, free_ports
+from tests.daemon import web_page
 from tests.watch import Watch as BaseWatch
 from tests.watch import addrs, call
 
@@ -731,28 +730,11 @@ async def test_a_web_server_that_is_not_consul_gives_a_short_error():
     path, no X-Consul-Index): the failure names the address and stays one short line, not
     the whole page that the client quotes."""
     page = b"<html><body>" + b"<p>not consul</p>" * 500 + b"</body></html>"
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(page)))
-            self.end_headers()
-            self.wfile.write(page)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        addr = f"127.0.0.1:{server.server_address[1]}"
+    with web_page(page) as port:
+        addr = f"127.0.0.1:{port}"
         resolver = parse_spec(f"consul://{addr}/web").resolver(ResolverOptions())
         with trio.fail_after(TIMEOUT), pytest.raises(TemporaryFailure) as failure:
             await resolver.resolve()
-    finally:
-        server.shutdown()
-        server.server_close()
     message = str(failure.value)
     assert addr in message and "\n" not in message and len(message) < 400, message
 

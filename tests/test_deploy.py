@@ -421,7 +421,7 @@ class Deployed(Daemon):
                     workdir=workdir, ready_timeout=timeout if ready else None)
 
     def listeners(self) -> set[str]:
-        return {line.split()[3] for line in self.ns.exec(["ss", "-Hltn"]).splitlines() if line.strip()}
+        return self.ns.listening()
 
     def has_chain(self) -> bool:
         return all(self.CHAIN in self.nat_rules(tool) for tool in ("iptables", "ip6tables"))

@@ -103,12 +103,6 @@ def _start(site_procs: list, ns: Netns, cmd: list[str], log: Path) -> subprocess
     return proc
 
 
-def _listening(ns: Netns, port: int) -> bool:
-    # (grpcio listens on a dual-stack socket: [::ffff:127.0.0.1]:PORT)
-    return any(line.split()[3].endswith(f"127.0.0.1]:{port}") or line.split()[3] == f"127.0.0.1:{port}"
-               for line in ns.exec(["ss", "-Htln"]).splitlines() if len(line.split()) > 3)
-
-
 @pytest.fixture(scope="module")
 def site() -> Iterator[Site]:
     netns.require_prerequisites()
@@ -184,9 +178,11 @@ def site() -> Iterator[Site]:
                     raise RuntimeError(f"a server exited: {p.args}; logs in {top}: "
                                        + " | ".join(f.name + ": " + f.read_text(errors="replace")[-300:]
                                                     for f in top.glob("*.log")))
-            return all(_listening(ns, port) for port in (HTTP, PG, SSH, GRPC, GRPC_OTHER))
+            listening = ns.listening()  # (grpcio listens on a dual-stack socket: [::ffff:127.0.0.1]:PORT)
+            return all({f"127.0.0.1:{port}", f"[::ffff:127.0.0.1]:{port}"} & listening
+                       for port in (HTTP, PG, SSH, GRPC, GRPC_OTHER))
 
-        wait_until(up, timeout=30, what=lambda: f"the servers to listen; listening: {ns.exec(['ss', '-Htln'])}; "
+        wait_until(up, timeout=30, what=lambda: f"the servers to listen; listening: {sorted(ns.listening())}; "
                                                f"logs: {[(f.name, f.read_text(errors='replace')[-300:]) for f in top.glob('*.log')]}")
         yield Site(ns, top, hashlib.sha256(blob).hexdigest(), key, procs)
 

@@ -22,14 +22,13 @@ import socket
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from tests.consul import ConsulAgent  # noqa: E402
-from tests.daemon import RedisProcess, connect, free_port, ping  # noqa: E402
+from tests.daemon import RedisProcess, connect, free_port, ping, wait_until  # noqa: E402
 from tests.test_status_page import (  # noqa: E402
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -72,15 +71,12 @@ def register(agent: ConsulAgent, service: str, sid: str, port: int) -> None:
 
 def settled(admin: int, want: dict[str, tuple[int, int]], timeout: float = 20) -> None:
     """Wait until each route named in ``want`` has (backends, failing instances) as given."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def have() -> dict[str, tuple[int, int]]:
         routes = {r["name"]: r for r in get_routes(admin)["routes"]}
-        have = {n: (len(routes[n]["backends"]), len(routes[n]["failing_instances"] or [])) for n in want}
-        if have == want:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the Consul routes did not settle: {have}, expected {want}")
-        time.sleep(0.1)
+        return {n: (len(routes[n]["backends"]), len(routes[n]["failing_instances"] or [])) for n in want}
+
+    wait_until(lambda: have() == want, timeout=timeout,
+               what=lambda: f"the Consul routes to settle: {have()}, expected {want}")
 
 
 def eject(admin: int, route: int, backend: str) -> None:
