@@ -172,6 +172,16 @@ def value(locator) -> float:
     return float(locator.get_attribute("data-value") or 0)
 
 
+def measure(locator, js: str):
+    """``js`` (a function of an element) on the one element ``locator`` finds, found and
+    measured in one call into the page. The page builds its rows anew at every refresh, and
+    ``Locator.evaluate`` finds first and evaluates after: in between, the element it found may
+    have been replaced, and a detached element measures 0 and has no computed colour."""
+    values = locator.evaluate_all(f"(elements) => elements.map({js})")
+    assert len(values) == 1, f"{locator} found {len(values)} elements"
+    return values[0]
+
+
 def json_backend(admin: int, route: int, backend: str) -> dict | None:
     r = next(r for r in get_routes(admin)["routes"] if r["name"] == str(route))
     return next((b for b in r["backends"] if b["name"] == backend), None)
@@ -328,8 +338,8 @@ def test_page_shows_an_ejected_backend(page, tmp_path):
         expect(route_field(page, listen, "state")).to_have_text("resolved")  # discovery is fine
         # and it is coloured apart from an up backend
         colour = "el => getComputedStyle(el).backgroundColor"
-        assert (backend_field(page, listen, b2, "state").evaluate(colour)
-                != backend_field(page, listen, b1, "state").evaluate(colour))
+        assert (measure(backend_field(page, listen, b2, "state"), colour)
+                != measure(backend_field(page, listen, b1, "state"), colour))
 
 
 def test_page_shows_health_checks(page, tmp_path):
@@ -350,8 +360,8 @@ def test_page_shows_health_checks(page, tmp_path):
         expect(route_field(page, listen, "health")).to_have_attribute("data-health", "degraded")
         expect(route_field(page, listen, "health_why")).to_contain_text("1 down by health checks")
         colour = "el => getComputedStyle(el).backgroundColor"
-        assert (backend_field(page, listen, b2, "state").evaluate(colour)
-                != backend_field(page, listen, b1, "state").evaluate(colour))
+        assert (measure(backend_field(page, listen, b2, "state"), colour)
+                != measure(backend_field(page, listen, b1, "state"), colour))
 
         r2 = stack.enter_context(RedisProcess(b2_port))  # up after two checks
         expect(backend_row(page, listen, b2)).to_have_attribute("data-state", "up")
@@ -535,7 +545,7 @@ def test_health_rolls_up_from_the_backends_and_the_summary_has_a_line_per_route(
         expect(route_field(page, degraded, "health_why")).to_have_text("1 of 2 up (1 ejected)")
         expect(route_field(page, ok, "health")).to_have_text("ok")
         colour = "el => getComputedStyle(el).backgroundColor"
-        badges = {route: route_field(page, route, "health").evaluate(colour) for route in (ok, degraded, down)}
+        badges = {route: measure(route_field(page, route, "health"), colour) for route in (ok, degraded, down)}
         assert len(set(badges.values())) == 3, badges
 
         # The summary: one line per route, in the daemon's order, with the same health.
@@ -692,8 +702,8 @@ def test_numbers_are_not_cut_at_900px_and_the_layout_wraps(page, tmp_path):
             # nothing wider than the window: the text wraps instead
             assert page.evaluate("document.documentElement.scrollWidth") <= 900
             name = backend_field(page, listen, b1, "name")
-            line = float(name.evaluate("e => parseFloat(getComputedStyle(e).lineHeight)"))
-            assert name.evaluate("e => e.clientHeight") > 2 * line, "the long host name should wrap"
+            height, line = measure(name, "(e) => [e.clientHeight, parseFloat(getComputedStyle(e).lineHeight)]")
+            assert height > 2 * line, "the long host name should wrap"
             tops = page.evaluate("() => new Set([...document.querySelectorAll('#daemon .stats > div')]"
                                  ".filter((e) => e.offsetParent).map((e) => e.offsetTop)).size")
             assert tops >= 2, "the header's figures should wrap onto more lines"
