@@ -12,6 +12,7 @@ deadline, and a 0.5 s grace period takes no real time.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import logging
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import pytest
 import trio
+import trio.testing
 
 from ambassadord import server as server_mod
 from tests.trio_servers import echo, tcp_server
@@ -222,6 +224,63 @@ async def test_backend_half_close_lets_client_keep_sending(use_splice):
         with trio.fail_after(5):
             await received.wait()
         assert counted == [500_000]
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected TCP sockets on loopback, non-blocking, as the relay gets them."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    for s in (a, b):
+        s.setblocking(False)
+    return a, b
+
+
+async def _fill(sock: socket.socket) -> None:
+    """Send until nothing more fits anywhere: ``sock``'s buffers, the relay's and its peer's."""
+    chunk = b"x" * 65536
+    for _ in range(2):  # until the relay's down direction is blocked sending, twice over
+        while True:
+            try:
+                sock.send(chunk)
+            except BlockingIOError:
+                break
+        await trio.testing.wait_all_tasks_blocked()
+
+
+@pytest.mark.parametrize("use_splice", [False, True], ids=["copy", "splice"])
+async def test_a_client_reset_reaches_the_backend_as_a_reset_with_no_eof_before_it(use_splice):
+    """A reset client wakes both directions at once. The one sending to the client takes
+    the reset (a socket reports it once); the one reading from the client then reads 0.
+    That 0 is no FIN of the client's, and must not reach the backend as one: a backend
+    that sees its input end cleanly may act on a request that was cut short. Each order of
+    the two wake-ups is met (trio shuffles them), so 20 rounds meet both."""
+    from ambassadord.relay.contract import RelayResult, pass_reset
+    from ambassadord.relay.tcp_abi import LINGER_RESET
+    from ambassadord.relay.user import relay_user
+
+    seen = []
+    for _ in range(20):
+        client_peer, client = _tcp_pair()
+        backend, backend_peer = _tcp_pair()
+        result = RelayResult()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay_user, client, backend, None, use_splice, result)
+            await _fill(backend_peer)  # the backend streams; the client reads none of it
+            client_peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            client_peer.close()
+        pass_reset(result, client, backend)  # what the server does with a finished relay
+        client.close()
+        backend.close()
+        backend_peer.setblocking(True)
+        backend_peer.settimeout(5)
+        try:
+            seen.append("eof" if backend_peer.recv(1) == b"" else "data")
+        except ConnectionResetError:
+            seen.append("reset")
+        backend_peer.close()
+        assert result.outcome == "client-reset"
+    assert seen == ["reset"] * 20, collections.Counter(seen)
 
 
 # ---- failover, ejection, refusals ---------------------------------------------------------

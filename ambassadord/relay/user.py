@@ -118,7 +118,7 @@ async def _pump_copy(src, dst, result: RelayResult, up: bool, src_name: str, dst
             moved += n
             if n == CHUNK or moved >= splice_after:
                 return await _pump_splice(src, dst, result, up, src_name, dst_name, scope, idle)
-    half_close(dst, dst_name)
+    _pass_eof(result, dst, dst_name)
 
 
 async def _pump_splice(src, dst, result: RelayResult, up: bool, src_name: str, dst_name: str, scope, idle) -> None:
@@ -167,10 +167,20 @@ async def _pump_splice(src, dst, result: RelayResult, up: bool, src_name: str, d
                     raise Broken(f"{dst_name}-reset") from exc
             if not waited:
                 await checkpoint()
-        half_close(dst, dst_name)
+        _pass_eof(result, dst, dst_name)
     finally:
         os.close(rfd)
         os.close(wfd)
+
+
+def _pass_eof(result: RelayResult, dst: socket.socket, dst_name: str) -> None:
+    """Pass a source's EOF on, unless the other direction broke first. A reset wakes both
+    directions at once; the one sending to the reset socket takes the error (a socket
+    reports it once), and this one's recv then reads 0: no FIN of the peer's, but what is
+    left of its reset. Passed on, it would show the other side a clean end of input (on
+    which it may act) before the reset that pass_reset sends it."""
+    if result.outcome is None:
+        half_close(dst, dst_name)
 
 
 _pipe_warned = False
