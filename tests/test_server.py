@@ -249,12 +249,13 @@ async def _fill(sock: socket.socket) -> None:
 
 
 @pytest.mark.parametrize("use_splice", [False, True], ids=["copy", "splice"])
-async def test_a_client_reset_reaches_the_backend_as_a_reset_with_no_eof_before_it(use_splice):
-    """A reset client wakes both directions at once. The one sending to the client takes
-    the reset (a socket reports it once); the one reading from the client then reads 0.
-    That 0 is no FIN of the client's, and must not reach the backend as one: a backend
-    that sees its input end cleanly may act on a request that was cut short. Each order of
-    the two wake-ups is met (trio shuffles them), so 20 rounds meet both."""
+@pytest.mark.parametrize("resetting", ["client", "backend"])
+async def test_a_reset_reaches_the_other_side_as_a_reset_with_no_eof_before_it(resetting, use_splice):
+    """A reset side wakes both directions at once. The one sending to it takes the reset
+    (a socket reports it once); the one reading from it then reads 0. That 0 is no FIN,
+    and must not reach the other side as one: a server that sees its input end cleanly may
+    act on a request that was cut short. Each order of the two wake-ups is met (trio
+    shuffles them), so 20 rounds meet both."""
     from ambassadord.relay.contract import RelayResult, pass_reset
     from ambassadord.relay.tcp_abi import LINGER_RESET
     from ambassadord.relay.user import relay_user
@@ -263,23 +264,24 @@ async def test_a_client_reset_reaches_the_backend_as_a_reset_with_no_eof_before_
     for _ in range(20):
         client_peer, client = _tcp_pair()
         backend, backend_peer = _tcp_pair()
+        resets, other = (client_peer, backend_peer) if resetting == "client" else (backend_peer, client_peer)
         result = RelayResult()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relay_user, client, backend, None, use_splice, result)
-            await _fill(backend_peer)  # the backend streams; the client reads none of it
-            client_peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-            client_peer.close()
+            await _fill(other)  # the other side streams; the resetting side reads none of it
+            resets.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            resets.close()
         pass_reset(result, client, backend)  # what the server does with a finished relay
         client.close()
         backend.close()
-        backend_peer.setblocking(True)
-        backend_peer.settimeout(5)
+        other.setblocking(True)
+        other.settimeout(5)
         try:
-            seen.append("eof" if backend_peer.recv(1) == b"" else "data")
+            seen.append("eof" if other.recv(1) == b"" else "data")
         except ConnectionResetError:
             seen.append("reset")
-        backend_peer.close()
-        assert result.outcome == "client-reset"
+        other.close()
+        assert result.outcome == f"{resetting}-reset"
     assert seen == ["reset"] * 20, collections.Counter(seen)
 
 
