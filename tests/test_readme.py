@@ -3,7 +3,9 @@ every table renders as a table (a CommonMark parser with GFM tables, markdown-it
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,8 @@ from markdown_it import MarkdownIt
 from ambassadord import admin
 from ambassadord.cli import build_parser
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
 
 
 def _subcommands():
@@ -91,3 +94,15 @@ def test_spec_grammar_table_has_every_scheme():
     first_cells = " ".join(_cells(line)[0] for line in spec_table[2:])
     for form in ("`10.0.0.5:6379`", "`srv://", "`dns://", "`consul:///redis`", "`consul-kv:///", "`etcd:///"):
         assert form in first_cells, f"{form} is not a row of the spec grammar table"
+
+
+def test_scripts_test_takes_its_worker_count_from_readme_and_refuses_a_bad_one_first():
+    """README names TEST_WORKERS; scripts/test refuses a value that is no count before it
+    installs anything (it would otherwise fail minutes later, in pytest-xdist)."""
+    assert "`TEST_WORKERS=N`" in README
+    # A path to no test: were the check gone, this would reach pytest and exit 4, not run the suite.
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "test"), "tests/no_such_test.py"],
+                            env={**os.environ, "TEST_WORKERS": "two"}, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr.strip()) == (
+        1, "scripts/test: error: TEST_WORKERS must be a number of processes (0: one process), not 'two'")
