@@ -216,22 +216,35 @@ def test_a_backend_set_changes_atomically_under_connects(net, cgroup, plane):
     stop = threading.Event()
     swaps = []
 
+    # The connects go in bursts of 10. Each burst starts on a set the swapper holds for its
+    # first connect, large and small in turn; the other 9 race the swaps. Left to themselves
+    # the two threads take turns at the GIL in lockstep, and 200 connects may all meet the
+    # same set.
+    wanted: list[bool] = []  # the set the next burst starts on: large (True) or small
+    reached, resume = threading.Event(), threading.Event()
+
     def swap():
         while not stop.is_set():
-            route(plane, *(large if len(swaps) % 2 == 0 else small))
+            to_large = len(swaps) % 2 == 0
+            route(plane, *(large if to_large else small))
             swaps.append(1)
+            if wanted == [to_large]:
+                wanted.clear()
+                reached.set()
+                resume.wait(10)  # held for the burst's first connect
+                resume.clear()
+            time.sleep(0)  # let the connect loop have the GIL back: it waited 5 ms for it each time
 
     socks = sockets_in(cgroup, net["host"], 200)  # made first: moving into the cgroup per connect took most of the time
     swapper = threading.Thread(target=swap)
     swapper.start()
-    ok, failed = [], []
+    ok, failed, firsts = [], [], []
     try:
         for i, s in enumerate(socks):
             if i % 10 == 0:
-                # Let the swapper go on between bursts: on a busy machine it may get no CPU
-                # while 200 connects run, and the test would see one set only.
-                seen = len(swaps)
-                wait_until(lambda: len(swaps) > seen, timeout=10, what="a swap", interval=0.001)
+                wanted.append(i // 10 % 2 == 1)
+                assert reached.wait(10), "the swapper stopped swapping"
+                reached.clear()
             with contextlib.closing(s):
                 s.settimeout(5)
                 try:
@@ -239,14 +252,17 @@ def test_a_backend_set_changes_atomically_under_connects(net, cgroup, plane):
                     ok.append(served_by(s))
                 except OSError as exc:
                     failed.append(type(exc).__name__)
+            if i % 10 == 0:
+                firsts.append(ok[-1] if ok else None)
+                resume.set()
     finally:
         stop.set()
+        resume.set()
         swapper.join()
         for s in socks:
             s.close()
-    # Both sets served (the swaps did go on between the connects), and no connect met a
-    # half-written set: that would fail, or find no backend in the kernel.
-    assert failed == [] and set(ok) == {A, B}
+    # No connect met a half-written set: that would fail, or find no backend in the kernel.
+    assert failed == [] and set(ok) == {A, B} and firsts == [A, B] * 10
     assert plane.counters()["no_backend"] == 0
 
 

@@ -470,6 +470,13 @@ async def test_resync_reads_again_periodically_and_rescues_a_frozen_watch(etcd):
         # changes keep flowing between resyncs
         await watch.change("put during resyncs", {A, B}, (etcd.put, f"{P}/b", hp(B)))
         await watch.change("delete during resyncs", {B}, (etcd.delete, f"{P}/a"))
+        # Freeze a session whose watch has just started, a resync away from its end. (One
+        # caught while it still reads the range, as a resync may have just begun, waits out
+        # etcd_timeout instead: the resync timer bounds the watch, a read has its timeout.)
+        sessions = watch.resolver.sessions
+        with trio.fail_after(TIMEOUT):
+            while not (watch.resolver.sessions > sessions and watch.resolver._up):
+                await trio.sleep(0.005)  # polling the resolver's session count
         frozen = proxy.freeze()
         assert frozen >= 1
         latency = await watch.change("put while the watch stream is frozen", {B, C},
