@@ -215,8 +215,13 @@ class EtcdResolver(Resolver):
         user = password = None
         if o.etcd_user:
             user, _, password = o.etcd_user.partition(":")
+        # A TCP connection of its own (a local subchannel pool): gRPC otherwise shares one
+        # among all channels to the same address, and keeps it a while after they close, so
+        # the new client of a resync or a reconnect would go on over the old connection,
+        # dead or frozen as it may be, until etcd_timeout. One connection per etcd:// route.
         client = etcd3.client(host=host, port=port, timeout=o.etcd_timeout, user=user, password=password,
-                              ca_cert=o.etcd_ca, cert_key=o.etcd_key, cert_cert=o.etcd_cert)
+                              ca_cert=o.etcd_ca, cert_key=o.etcd_key, cert_cert=o.etcd_cert,
+                              grpc_options=[("grpc.use_local_subchannel_pool", 1)])
         if user and not o.etcd_ca:
             # etcd3 0.12 hands the auth token to gRPC twice: as call credentials, which current
             # grpcio refuses on a plain-text channel (UNAUTHENTICATED: "insufficient security

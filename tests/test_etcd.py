@@ -486,6 +486,21 @@ async def test_resync_reads_again_periodically_and_rescues_a_frozen_watch(etcd):
     assert not any(s.stale for _, s in watch.published)
 
 
+async def test_each_client_has_a_connection_of_its_own(etcd):
+    """gRPC shares one TCP connection among the channels to one address (its global
+    subchannel pool) and keeps it a while after they close: the new client of a resync or a
+    reconnect went on over the old connection, frozen or dead, until etcd_timeout (a change
+    6.4 s late in a full run). Each client has its own: with the watch's frozen, a one-shot
+    read opens a new one and answers."""
+    etcd.put(f"{P}/a", hp(A))
+    async with (Proxy(etcd.endpoint).running() as proxy,
+                Watch(resolver(proxy.endpoint)).running() as watch):
+        await watch.fresh({A}, "start")
+        assert proxy.freeze() == 1
+        assert addrs(await resolver(proxy.endpoint, etcd_timeout=3).resolve()) == {A}
+        assert proxy.accepted == 2
+
+
 async def test_cluster_failover_to_the_next_endpoint(etcd):
     dead = ("127.0.0.1", free_port())
     etcd.put(f"{P}/a", hp(A))
