@@ -23,6 +23,9 @@ Watching follows Consul's blocking-query rules
   as the result changes, so a change reaches the route in well under a second;
 * an index that goes backwards (an agent or server restart, a snapshot restore) resets
   the index to 0, restarting the loop with a non-blocking read, as the docs require;
+* a blocking query answered before half its wait with the same index (what an agent that
+  is shutting down answers) is followed by a non-blocking read: a query blocking with the
+  old index at the restarted agent would wait out its whole wait, blind to changes;
   an index below 1 is set to 1 (the docs: it otherwise causes a busy loop);
 * queries are rate-limited to one per ``MIN_QUERY_INTERVAL`` per route;
 * on an error (agent down, ACL denial, unknown datacenter, ...) the last known set keeps
@@ -376,13 +379,16 @@ class _ConsulResolver(Resolver):
         backoff = Backoff(self.rng, BACKOFF_FIRST, BACKOFF_MAX)
         last_query = -MIN_QUERY_INTERVAL
         notes = Notes(log, source)
+        settled = True  # False: the next query reads without blocking (see below)
         while True:
             pause = last_query + MIN_QUERY_INTERVAL - trio.current_time()
             if pause > 0:
                 await trio.sleep(pause)  # rate limit: at most one query per interval
             last_query = trio.current_time()
+            asked = index if settled else 0
+            wait = self.options.consul_wait if asked else None
             try:
-                new_index, backends, skipped = await self._read(index, self.options.consul_wait if index else None)
+                new_index, backends, skipped = await self._read(asked, wait)
                 self.answered_at = time.time()
             except TemporaryFailure as exc:
                 self.failures += 1
@@ -396,6 +402,12 @@ class _ConsulResolver(Resolver):
                 continue
             backoff.reset()
             notes.report(skipped)
+            # An agent that is shutting down answers every blocking query at once, nothing
+            # changed. Were the next query to block with that index at the agent that comes
+            # back (its indexes start low again), it would block for its whole wait, blind to
+            # every change. So after an early answer with the same index, the next query does
+            # not block; its index tells whether the agent is still the one we knew.
+            settled = not (asked and new_index == asked and trio.current_time() - last_query < wait / 2)
             if new_index < index:
                 log.info("%s: index went backwards (%d -> %d): restarting the blocking loop", source, index, new_index)
                 index = 0

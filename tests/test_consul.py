@@ -360,8 +360,8 @@ B = {"Node": {"Node": "n", "Address": "10.1.0.1"}, "Service": {"ID": "b", "Addre
 
 
 class ScriptedResolver(ConsulServiceResolver):
-    """A service resolver whose agent answers from a script: (index, entries) or an exception.
-    Records each fetch as (time, index, wait); when the script runs out, fetch blocks."""
+    """A service resolver whose agent answers from a script: (index, entries), optionally with
+    the seconds it takes to answer, or an exception. Records each fetch as (time, index, wait); when the script runs out, fetch blocks."""
 
     def __init__(self, script, wait=30.0):
         super().__init__(ConsulServiceSpec.parse("consul:///web"), ResolverOptions(consul_wait=wait))
@@ -378,6 +378,9 @@ class ScriptedResolver(ConsulServiceResolver):
         step = self.script.pop(0)
         if isinstance(step, BaseException):
             raise step
+        if len(step) == 3:  # (index, entries, seconds the agent takes to answer)
+            await trio.sleep(step[2])
+            return step[:2]
         return step
 
 
@@ -408,6 +411,32 @@ async def test_watch_loop_blocks_on_the_index_and_resets_it_when_it_goes_backwar
     # rate limit: at most one query per MIN_QUERY_INTERVAL, even when every answer is instant
     gaps = [b[0] - a[0] for a, b in zip(r.calls, r.calls[1:])]
     assert min(gaps) >= consul_backend.MIN_QUERY_INTERVAL - 1e-9, gaps
+
+
+async def test_an_early_answer_with_nothing_changed_is_followed_by_a_read_that_does_not_block(autojump_clock):
+    """An agent that is shutting down answers every blocking query at once, nothing changed
+    (Consul 1.8 does, on SIGTERM). Were the next query to block with that index at the agent
+    that comes back (its indexes start low again), it would block for its whole wait, blind
+    to every change: a full test run missed changes for 10 s so. The next read does not
+    block, and its index tells which agent answered. A blocking query that ran its whole
+    wait with nothing changed is the usual case and costs no extra read."""
+    r = ScriptedResolver([(100, [A]), (100, [A], 0.5), (7, [A]), (7, [A]), (8, [A, B]), (8, [A, B], 30.0),
+                          (8, [A, B], 1.0), (8, [A, B]), (9, [A])])
+    published = await run_script(r)
+    assert [(index, wait) for _, index, wait in r.calls] == [
+        (0, None),
+        (100, 30.0),  # answered after 0.5 s of 30, nothing changed: an agent stopping?
+        (0, None),    # so this read does not block -> 7: another agent, the index went backwards
+        (0, None),    # ... and the loop starts over (Consul's rule) -> 7
+        (7, 30.0),    # -> 8
+        (8, 30.0),    # -> 8 after the whole wait: nothing changed, no extra read
+        (8, 30.0),    # -> 8 after 1 s: early, so
+        (0, None),    # a read that does not block -> 8: the same agent, blocking again
+        (8, 30.0),    # -> 9
+        (9, 30.0),
+    ]
+    assert [addrs(s) for s in published] == [{("10.0.0.1", 1)}, {("10.0.0.1", 1), ("10.0.0.2", 2)},
+                                            {("10.0.0.1", 1)}]
 
 
 async def test_watch_loop_keeps_the_last_set_stale_and_backs_off_with_jitter(autojump_clock):
