@@ -23,10 +23,10 @@ Watching follows Consul's blocking-query rules
   as the result changes, so a change reaches the route in well under a second;
 * an index that goes backwards (an agent or server restart, a snapshot restore) resets
   the index to 0, restarting the loop with a non-blocking read, as the docs require;
+  an index below 1 is set to 1 (the docs: it otherwise causes a busy loop);
 * a blocking query answered before half its wait with the same index (what an agent that
   is shutting down answers) is followed by a non-blocking read: a query blocking with the
   old index at the restarted agent would wait out its whole wait, blind to changes;
-  an index below 1 is set to 1 (the docs: it otherwise causes a busy loop);
 * queries are rate-limited to one per ``MIN_QUERY_INTERVAL`` per route;
 * on an error (agent down, ACL denial, unknown datacenter, ...) the last known set keeps
   serving, marked stale; the failure is logged and counted, the index is reset (the agent

@@ -361,7 +361,8 @@ B = {"Node": {"Node": "n", "Address": "10.1.0.1"}, "Service": {"ID": "b", "Addre
 
 class ScriptedResolver(ConsulServiceResolver):
     """A service resolver whose agent answers from a script: (index, entries), optionally with
-    the seconds it takes to answer, or an exception. Records each fetch as (time, index, wait); when the script runs out, fetch blocks."""
+    the seconds it takes to answer, or an exception. Records each fetch as (time, index,
+    wait); when the script runs out, fetch blocks."""
 
     def __init__(self, script, wait=30.0):
         super().__init__(ConsulServiceSpec.parse("consul:///web"), ResolverOptions(consul_wait=wait))
