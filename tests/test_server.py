@@ -29,6 +29,9 @@ from ambassadord import server as server_mod
 from tests.trio_servers import echo, tcp_server
 from ambassadord.logs import Throttled
 from ambassadord.relay import KernelRelay, SockmapError
+from ambassadord.relay.contract import RelayResult, pass_reset
+from ambassadord.relay.tcp_abi import LINGER_RESET
+from ambassadord.relay.user import relay_user
 from ambassadord.routes import Keepalive, Route, RouteConfig, RouteTable
 from ambassadord.server import ListenAddress, Server, bind_listeners, intended_port
 from ambassadord.backends import parse_spec
@@ -256,10 +259,6 @@ async def test_a_reset_reaches_the_other_side_as_a_reset_with_no_eof_before_it(r
     and must not reach the other side as one: a server that sees its input end cleanly may
     act on a request that was cut short. Each order of the two wake-ups is met (trio
     shuffles them), so 20 rounds meet both."""
-    from ambassadord.relay.contract import RelayResult, pass_reset
-    from ambassadord.relay.tcp_abi import LINGER_RESET
-    from ambassadord.relay.user import relay_user
-
     seen = []
     for _ in range(20):
         client_peer, client = _tcp_pair()
