@@ -245,15 +245,17 @@ def test_a_backend_set_changes_atomically_under_connects(net, cgroup, plane):
                 wanted.append(i // 10 % 2 == 1)
                 assert reached.wait(10), "the swapper stopped swapping"
                 reached.clear()
+            got = None
             with contextlib.closing(s):
                 s.settimeout(5)
                 try:
                     s.connect(("127.0.0.1", MAPPED))
-                    ok.append(served_by(s))
+                    got = served_by(s)
+                    ok.append(got)
                 except OSError as exc:
                     failed.append(type(exc).__name__)
             if i % 10 == 0:
-                firsts.append(ok[-1] if ok else None)
+                firsts.append(got)  # None: it failed
                 resume.set()
     finally:
         stop.set()

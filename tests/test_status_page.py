@@ -182,6 +182,9 @@ def measure(locator, js: str):
     return values[0]
 
 
+BACKGROUND = "(e) => getComputedStyle(e).backgroundColor"  # for measure()
+
+
 def json_backend(admin: int, route: int, backend: str) -> dict | None:
     r = next(r for r in get_routes(admin)["routes"] if r["name"] == str(route))
     return next((b for b in r["backends"] if b["name"] == backend), None)
@@ -337,9 +340,8 @@ def test_page_shows_an_ejected_backend(page, tmp_path):
         expect(route_field(page, listen, "health")).to_have_attribute("data-health", "degraded")
         expect(route_field(page, listen, "state")).to_have_text("resolved")  # discovery is fine
         # and it is coloured apart from an up backend
-        colour = "el => getComputedStyle(el).backgroundColor"
-        assert (measure(backend_field(page, listen, b2, "state"), colour)
-                != measure(backend_field(page, listen, b1, "state"), colour))
+        assert (measure(backend_field(page, listen, b2, "state"), BACKGROUND)
+                != measure(backend_field(page, listen, b1, "state"), BACKGROUND))
 
 
 def test_page_shows_health_checks(page, tmp_path):
@@ -359,9 +361,8 @@ def test_page_shows_health_checks(page, tmp_path):
         expect(backend_field(page, listen, b1, "check")).to_have_text(re.compile(r"^up · ok \d+s ago$"))
         expect(route_field(page, listen, "health")).to_have_attribute("data-health", "degraded")
         expect(route_field(page, listen, "health_why")).to_contain_text("1 down by health checks")
-        colour = "el => getComputedStyle(el).backgroundColor"
-        assert (measure(backend_field(page, listen, b2, "state"), colour)
-                != measure(backend_field(page, listen, b1, "state"), colour))
+        assert (measure(backend_field(page, listen, b2, "state"), BACKGROUND)
+                != measure(backend_field(page, listen, b1, "state"), BACKGROUND))
 
         r2 = stack.enter_context(RedisProcess(b2_port))  # up after two checks
         expect(backend_row(page, listen, b2)).to_have_attribute("data-state", "up")
@@ -544,8 +545,7 @@ def test_health_rolls_up_from_the_backends_and_the_summary_has_a_line_per_route(
         expect(route_field(page, degraded, "health")).to_have_text("degraded")
         expect(route_field(page, degraded, "health_why")).to_have_text("1 of 2 up (1 ejected)")
         expect(route_field(page, ok, "health")).to_have_text("ok")
-        colour = "el => getComputedStyle(el).backgroundColor"
-        badges = {route: measure(route_field(page, route, "health"), colour) for route in (ok, degraded, down)}
+        badges = {route: measure(route_field(page, route, "health"), BACKGROUND) for route in (ok, degraded, down)}
         assert len(set(badges.values())) == 3, badges
 
         # The summary: one line per route, in the daemon's order, with the same health.
